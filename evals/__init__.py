@@ -1,0 +1,1 @@
+"""evals: evaluators that score a live model: native fast paths and the lm-eval backend."""

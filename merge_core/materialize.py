@@ -1,0 +1,154 @@
+"""In-memory materialization for the search loop: sources resident on the worker's device, each candidate written into a live model in place."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from merge_core.checkpoint import Checkpoint
+from merge_core.errors import EvomergeError
+from merge_core.merge import (
+    DTYPES,
+    check_recipe,
+    compute_tensor,
+    load_as_float32,
+    method_spec,
+    open_models,
+    output_dtype,
+    plan_tensor,
+    resolve_device,
+)
+from merge_core.recipe import MergeRecipe
+
+log = logging.getLogger(__name__)
+
+Resident = Literal["auto", "task_vectors", "sources"]
+
+
+class Materializer:
+    """Built once per worker from a template recipe (method, base, models); ``apply`` writes any candidate
+    with the same models into a live model, tensor by tensor, with no file reads.
+
+    Resident state: each model's tensors cast to the recipe's ``dtype`` (as the on-disk merge loads them);
+    for task-arithmetic-family methods, the float32 task vectors instead of the sources when they fit
+    (``resident="task_vectors"``), so per candidate only the candidate-dependent work remains. Either way
+    the values fed to the merge are the ones the on-disk merge computes, so results are bit-identical.
+    """
+
+    def __init__(
+        self,
+        template: MergeRecipe,
+        *,
+        device: str | None = "auto",
+        resident: Resident = "auto",
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
+    ):
+        t0 = time.perf_counter()
+        self.template = template
+        self.device = resolve_device(device)
+        self.trust_remote_code = trust_remote_code
+        ckpts = open_models(template, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        self.reference: Checkpoint = ckpts[template.base_model or template.models[0]]
+        self.num_layers = self.reference.num_layers
+        check_recipe(template, self.num_layers)
+        self.out_dtype = output_dtype(template, self.reference)
+        self.spec = method_spec(template)
+        load_dtype = DTYPES.get(template.dtype or "")
+        self.names = list(self.reference.names)
+        self._name_set = set(self.names)
+        keep_deltas = self.spec.kind == "gta" and self._choose_task_vectors(resident, ckpts)
+        self._tensors: dict[tuple[str, str], torch.Tensor] = {}
+        self._deltas: dict[tuple[str, str], torch.Tensor] = {}
+        base = template.base_model
+        for name in self.names:
+            stored = {m: _resident(ck.tensor(name), load_dtype, self.device) for m, ck in ckpts.items()}
+            if keep_deltas:
+                assert base is not None
+                base_f32 = stored[base].float()
+                for m in template.sources:
+                    self._deltas[(m, name)] = stored[m].float() - base_f32
+                self._tensors[(base, name)] = stored[base]
+            else:
+                for m, t in stored.items():
+                    self._tensors[(m, name)] = t
+        self.resident_bytes = sum(t.numel() * t.element_size() for t in (*self._tensors.values(), *self._deltas.values()))
+        self.build_seconds = time.perf_counter() - t0
+        log.info("materializer: %d tensors resident on %s (%.1f MiB, %s) in %.1fs", len(self.names), self.device,
+                 self.resident_bytes / 2**20, "task vectors" if keep_deltas else "sources", self.build_seconds)
+
+    # ---- TensorInputs ---------------------------------------------------------------------------
+    def tensor(self, model: str, name: str) -> torch.Tensor:
+        return self._tensors[(model, name)].float()
+
+    def delta(self, model: str, name: str) -> torch.Tensor:
+        cached = self._deltas.get((model, name))
+        if cached is not None:
+            return cached
+        assert self.template.base_model is not None
+        return self.tensor(model, name) - self.tensor(self.template.base_model, name)
+
+    # ---- the live model -------------------------------------------------------------------------
+    def new_model(self) -> PreTrainedModel:
+        """The worker's live model (the reference checkpoint's architecture and weights, output dtype, on device)."""
+        model = AutoModelForCausalLM.from_pretrained(
+            str(self.reference.path), dtype=self.out_dtype, trust_remote_code=self.trust_remote_code
+        )
+        return model.to(self.device).eval()
+
+    @torch.no_grad()
+    def apply(self, recipe: MergeRecipe, model: PreTrainedModel) -> None:
+        """Write the merge of ``recipe`` into ``model``'s parameters in place, one tensor at a time."""
+        self._check_same_models(recipe)
+        params = dict(model.named_parameters())
+        missing = [n for n in params if n not in self._name_set]
+        if missing:
+            raise EvomergeError(f"live model parameter {missing[0]} has no tensor in {self.reference.name}")
+        for name, param in params.items():
+            plan = plan_tensor(recipe, name, self.num_layers)
+            param.copy_(compute_tensor(recipe, plan, self, self.device))
+
+    def _check_same_models(self, recipe: MergeRecipe) -> None:
+        t = self.template
+        if (recipe.models, recipe.base_model, recipe.dtype) != (t.models, t.base_model, t.dtype):
+            raise EvomergeError("recipe: a Materializer applies recipes over the models, base and dtype it was built with")
+        spec = method_spec(recipe)
+        if spec.kind != self.spec.kind:
+            raise EvomergeError(f"recipe: merge_method {spec.name} needs a Materializer built for a {spec.kind} method, not {self.spec.name}")
+        check_recipe(recipe, self.num_layers)
+
+    def _choose_task_vectors(self, resident: Resident, ckpts: dict[str, Checkpoint]) -> bool:
+        if resident != "auto":
+            return resident == "task_vectors"
+        ref = self.reference
+        f32_bytes = sum(4 * _numel(ref.shape(n)) for n in ref.names) * len(self.template.sources)
+        return f32_bytes < 0.5 * _free_bytes(self.device)
+
+
+def _resident(t: torch.Tensor, load_dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """A tensor as it lives on the worker: on device, in the load dtype (exactly what load_as_float32 upcasts)."""
+    t = t.to(device)
+    out = t.to(load_dtype) if load_dtype is not None else t
+    return out.clone() if out.data_ptr() == t.data_ptr() and device.type == "cpu" else out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+__all__ = ["Materializer", "load_as_float32"]

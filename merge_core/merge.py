@@ -1,0 +1,223 @@
+"""Apply a MergeRecipe tensor by tensor: one planning step and one compute step shared by the on-disk merge and the in-memory Materializer."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+import torch
+
+from merge_core import methods
+from merge_core.checkpoint import Checkpoint, ShardedWriter, copy_model_files, validate_compatible
+from merge_core.errors import EvomergeError
+from merge_core.recipe import MergeRecipe, locate, resolve_parameter, validate_layout
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """Everything needed to compute one output tensor: resolved global and per-model parameters."""
+
+    name: str
+    params: Mapping[str, Any]
+    model_params: Mapping[str, Mapping[str, Any]]  # model -> resolved per-model parameters
+
+
+class TensorInputs(Protocol):
+    """Where a tensor's inputs come from: checkpoints on disk, or tensors resident on a device."""
+
+    def tensor(self, model: str, name: str) -> torch.Tensor:
+        """The model's tensor, float32, on the compute device."""
+
+    def delta(self, model: str, name: str) -> torch.Tensor:
+        """The task vector (model - base), float32, on the compute device."""
+
+
+def method_spec(recipe: MergeRecipe) -> "methods.MethodSpec":
+    spec = methods.METHODS.get(recipe.merge_method)
+    if spec is None:
+        raise EvomergeError(f"merge_method: '{recipe.merge_method}' is not supported (choose from {', '.join(sorted(methods.METHODS))})")
+    return spec
+
+
+def check_recipe(recipe: MergeRecipe, num_layers: int, where: str = "recipe") -> None:
+    """Structural checks that need no tensors: method, base, models, parameter names, slice layout."""
+    spec = method_spec(recipe)
+    validate_layout(recipe, num_layers, where)
+    if spec.needs_base and recipe.base_model is None:
+        raise EvomergeError(f"{where}: base_model: required by {spec.name}")
+    if spec.kind == "slerp" and (len(recipe.models) != 2 or recipe.base_model not in recipe.models):
+        raise EvomergeError(f"{where}: slerp merges exactly two models, one of them the base_model (got {len(recipe.models)})")
+    if spec.kind == "model_stock" and len(recipe.sources) < 2:
+        raise EvomergeError(f"{where}: model_stock needs a base_model and at least two other models")
+    if spec.kind == "gta" and not recipe.sources:
+        raise EvomergeError(f"{where}: {spec.name} needs at least one model besides the base_model")
+    known = set(spec.global_params) | set(spec.tensor_params)
+    for where_p, params in _all_param_sets(recipe, where):
+        for key, _ in params:
+            if key not in known:
+                raise EvomergeError(f"{where_p}.{key}: not a parameter of {spec.name} (known: {', '.join(sorted(known))})")
+
+
+def _all_param_sets(recipe: MergeRecipe, where: str) -> Iterable[tuple[str, Any]]:
+    yield f"{where}: parameters", recipe.parameters
+    for i, sl in enumerate(recipe.slices):
+        yield f"{where}: slices[{i}].parameters", sl.parameters
+        for j, s in enumerate(sl.sources):
+            yield f"{where}: {'models' if recipe.models_form else f'slices[{i}].sources'}[{j}].parameters", s.parameters
+
+
+def plan_tensor(recipe: MergeRecipe, name: str, num_layers: int) -> TensorPlan:
+    """Resolve every parameter the method needs for this tensor (defaults filled, required ones checked)."""
+    spec = method_spec(recipe)
+    site = locate(recipe, name, num_layers)
+    params = {}
+    for key, default in spec.global_params.items():
+        value = resolve_parameter(recipe, site, name, key, None)
+        params[key] = default if value is None else value
+    model_params: dict[str, dict[str, Any]] = {}
+    for model in recipe.models:
+        mp = {}
+        for key, default in spec.tensor_params.items():
+            value = resolve_parameter(recipe, site, name, key, model)
+            if value is None and default is None and _needs(spec, model, recipe):
+                raise EvomergeError(f"recipe: parameter '{key}' is required for model '{model}' (tensor {name})")
+            mp[key] = default if value is None else value
+        model_params[model] = mp
+    return TensorPlan(name=name, params=params, model_params=model_params)
+
+
+def _needs(spec: "methods.MethodSpec", model: str, recipe: MergeRecipe) -> bool:
+    """Per-model parameters are required for every model that contributes a weight (not the GTA/slerp base)."""
+    return spec.kind == "linear" or (spec.kind == "gta" and model != recipe.base_model)
+
+
+def compute_tensor(recipe: MergeRecipe, plan: TensorPlan, inputs: TensorInputs, device: torch.device) -> torch.Tensor:
+    """The merged tensor (float32) for one plan."""
+    spec = method_spec(recipe)
+    name, p, mp = plan.name, plan.params, plan.model_params
+    if spec.kind == "linear":
+        models = recipe.models
+        return methods.linear([inputs.tensor(m, name) for m in models], [mp[m]["weight"] for m in models],
+                              normalize=bool(p.get("normalize", True)))
+    base = recipe.base_model
+    assert base is not None
+    if spec.kind == "slerp":
+        other = next(m for m in recipe.models if m != base)
+        return methods.slerp(float(p["t"]), inputs.tensor(base, name), inputs.tensor(other, name))
+    srcs = recipe.sources
+    if spec.kind == "model_stock":
+        return methods.model_stock(inputs.tensor(base, name), [inputs.tensor(m, name) for m in srcs],
+                                   filter_wise=bool(p.get("filter_wise", False)))
+    generators = None
+    if spec.sparsification in ("random", "rank_magnitude"):
+        generators = [methods.dare_generator(recipe.seed, name, m, device) for m in srcs]
+    return methods.generalized_task_arithmetic(
+        inputs.tensor(base, name),
+        [inputs.delta(m, name) for m in srcs],
+        [float(mp[m]["weight"]) for m in srcs],
+        [float(mp[m].get("density", 1.0)) for m in srcs],
+        sparsification=spec.sparsification,
+        consensus=spec.consensus,
+        normalize=bool(p.get("normalize", False)),
+        rescale=bool(p.get("rescale", False)),
+        lambda_=float(p.get("lambda", 1.0)),
+        gammas=[float(mp[m].get("gamma", 0.01)) for m in srcs] if "gamma" in spec.tensor_params else None,
+        epsilons=[float(mp[m].get("epsilon", 0.15)) for m in srcs] if "epsilon" in spec.tensor_params else None,
+        generators=generators,
+    )
+
+
+# ---- inputs from checkpoints on disk ----------------------------------------------------------
+
+
+class CheckpointInputs:
+    """Tensors read from checkpoints per output tensor (the on-disk merge): load, cast to the recipe dtype, upcast."""
+
+    def __init__(self, checkpoints: Mapping[str, Checkpoint], base: str | None, load_dtype: torch.dtype | None, device: torch.device):
+        self.checkpoints, self.base, self.load_dtype, self.device = checkpoints, base, load_dtype, device
+        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    def tensor(self, model: str, name: str) -> torch.Tensor:
+        key = (model, name)
+        if key not in self._cache:
+            self._cache[key] = load_as_float32(self.checkpoints[model].tensor(name), self.load_dtype, self.device)
+        return self._cache[key]
+
+    def delta(self, model: str, name: str) -> torch.Tensor:
+        assert self.base is not None
+        return self.tensor(model, name) - self.tensor(self.base, name)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+def load_as_float32(t: torch.Tensor, load_dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """mergekit casts inputs to the recipe's ``dtype`` on load; we then compute in float32."""
+    t = t.to(device)
+    if load_dtype is not None:
+        t = t.to(load_dtype)
+    return t.float()
+
+
+def open_models(recipe: MergeRecipe, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict[str, Checkpoint]:
+    """Open every model the recipe names and check they can be merged."""
+    ckpts = {m: Checkpoint.open(m, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for m in recipe.models}
+    validate_compatible(ckpts, recipe.base_model)
+    return ckpts
+
+
+def output_dtype(recipe: MergeRecipe, reference: Checkpoint) -> torch.dtype:
+    name = recipe.out_dtype or recipe.dtype
+    if name is not None:
+        return DTYPES[name]
+    return reference.dtype(next(n for n in reference.names if n.endswith(".weight")))
+
+
+def run_merge(
+    recipe: MergeRecipe,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+    progress: Callable[[Iterable[str]], Iterable[str]] = lambda it: it,
+) -> Path:
+    """Merge on disk: stream every tensor through compute_tensor into a sharded safetensors HF checkpoint."""
+    ckpts = open_models(recipe, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    reference = ckpts[recipe.base_model or recipe.models[0]]
+    check_recipe(recipe, reference.num_layers)
+    dev = resolve_device(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    out_dtype = output_dtype(recipe, reference)
+    inputs = CheckpointInputs(ckpts, recipe.base_model, DTYPES.get(recipe.dtype or ""), dev)
+    writer = ShardedWriter(out, max_shard_bytes=max_shard_bytes)
+    for name in progress(reference.names):
+        plan = plan_tensor(recipe, name, reference.num_layers)
+        merged = compute_tensor(recipe, plan, inputs, dev)
+        writer.add(name, merged.to(out_dtype).cpu())
+        inputs.clear()
+    writer.finalize()
+    tokenizer_src = ckpts.get(recipe.tokenizer_source) if recipe.tokenizer_source not in (None, "base") else None
+    if recipe.tokenizer_source not in (None, "base") and tokenizer_src is None:
+        tokenizer_src = Checkpoint.open(recipe.tokenizer_source, trust_remote_code=trust_remote_code)
+    copy_model_files(reference, out, out_dtype, tokenizer_src=tokenizer_src)
+    (out / "evomerge_recipe.yaml").write_text(recipe.to_yaml())
+    return out
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'cuda' when asked for (error if absent), 'cpu', or None/'auto' for cuda-when-present."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvomergeError(f"device: '{device}' was asked for but no CUDA device is available (use --device cpu)")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise EvomergeError(f"device: '{device}' is not cpu, cuda, cuda:N or auto")
+    return torch.device(device)

@@ -1,0 +1,429 @@
+"""Merge methods as pure functions over one tensor name's tensors, with mergekit 0.1.5's semantics.
+
+Every function upcasts its inputs to float32, computes in float32 and returns float32; the caller
+casts to the storage dtype. Randomness (DARE, DELLA) comes only from explicit `torch.Generator`s,
+seeded per (seed, tensor name, model) by `dare_generator`. No I/O.
+
+Conventions shared with mergekit 0.1.5 (read from its source, not paraphrased from memory):
+- `rescale=True` multiplies a sparsified task vector by ||delta||_1 / ||masked||_1 for every
+  sparsification (magnitude, random/DARE, magnitude_outliers, della); skipped when either norm < 1e-7.
+- a magnitude mask keeps k = max(1, int(density * n)) elements; density <= 0 keeps none, >= 1 all.
+- `lambda` scales the merged task vector after the optional normalization, for every GTA method.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from merge_core.errors import EvomergeError
+
+Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
+Consensus = Literal["sum", "count"]
+SPARSIFICATIONS: tuple[str, ...] = ("magnitude", "random", "magnitude_outliers", "della_magprune")
+CONSENSUS_METHODS: tuple[str, ...] = ("sum", "count")
+RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale when either L1 norm is below this
+
+
+def _f32(tensor: Tensor) -> Tensor:
+    """x -> float32(x) (no copy when already float32; never modify the result in place)."""
+    return tensor.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- linear, slerp
+
+
+def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool = True) -> Tensor:
+    """sum_i w_i x_i, divided by sum_i w_i when normalize."""
+    if len(tensors) != len(weights) or not tensors:
+        raise EvomergeError(f"linear needs one weight per tensor; got {len(tensors)} tensors and {len(weights)} weights")
+    total = float(sum(weights))
+    if normalize and total == 0.0:
+        raise EvomergeError(f"linear with normalize=true needs weights that do not sum to 0; got {list(weights)}")
+    merged = torch.zeros_like(tensors[0], dtype=torch.float32)
+    for tensor, weight in zip(tensors, weights):
+        merged.add_(_f32(tensor), alpha=float(weight))
+    return merged.div_(total) if normalize else merged
+
+
+def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+    """sin((1-t)θ)/sinθ · v0 + sin(tθ)/sinθ · v1 with cosθ = <v0/|v0|, v1/|v1|>; lerp when |cosθ| > dot_threshold."""
+    if v0.shape != v1.shape:
+        raise EvomergeError(f"slerp needs tensors of one shape; got {tuple(v0.shape)} and {tuple(v1.shape)}")
+    a, b = _f32(v0), _f32(v1)
+    norm_a, norm_b = a.norm().item(), b.norm().item()
+    norm_a, norm_b = (norm_a if norm_a > eps else 1.0), (norm_b if norm_b > eps else 1.0)
+    dot = 0.0 if a.numel() == 0 else min(1.0, max(-1.0, (a.reshape(-1) @ b.reshape(-1)).item() / (norm_a * norm_b)))
+    if a.numel() == 0 or abs(dot) > dot_threshold:
+        coef_a, coef_b = 1.0 - t, t
+    else:
+        theta = math.acos(dot)
+        coef_a, coef_b = math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    return a.mul(coef_a).add_(b, alpha=coef_b)
+
+
+# ----------------------------------------------------------------------------- sparsification masks
+
+
+def _top_k_mask(magnitudes: Tensor, k: int) -> Tensor:
+    """Bool mask of the first k entries of a stable descending sort of `magnitudes` (ties: lower flat index wins)."""
+    flat = magnitudes.reshape(-1)
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
+    if k >= n:
+        return torch.ones(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
+    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest value
+    keep = flat > threshold
+    missing = k - int(keep.sum())
+    ties = torch.nonzero(flat == threshold).squeeze(1)
+    keep[ties[:missing]] = True
+    return keep.reshape(magnitudes.shape)
+
+
+def magnitude_mask(delta: Tensor, density: float) -> Tensor:
+    """Keep the k = max(1, int(density·n)) largest |delta| (ties: lower flat index); density ≤ 0 keeps none, ≥ 1 all."""
+    if density >= 1:
+        return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+    return _top_k_mask(_f32(delta).abs(), max(1, int(density * delta.numel())))
+
+
+def magnitude_outliers_mask(delta: Tensor, density: float, gamma: float = 0.01) -> Tensor:
+    """Drop the top min(int(γ·n), n - int(density·n)) |delta|, keep the next int(density·n) (breadcrumbs)."""
+    if density >= 1:
+        return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
+    n = delta.numel()
+    target = int(density * n)
+    if target <= 0:
+        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+    outliers = min(int(gamma * n), n - target)
+    magnitudes = _f32(delta).abs()
+    return _top_k_mask(magnitudes, outliers + target) & ~_top_k_mask(magnitudes, outliers)
+
+
+def bernoulli_mask(
+    shape: Sequence[int], density: float, generator: torch.Generator | None, device: torch.device | str = "cpu"
+) -> Tensor:
+    """m_j ~ Bernoulli(density), as float32 0/1 (density clamped to [0, 1])."""
+    probability = min(1.0, max(0.0, float(density)))
+    return torch.empty(tuple(shape), dtype=torch.float32, device=device).bernoulli_(probability, generator=generator)
+
+
+def rescaled(delta: Tensor, mask: Tensor, rescale: bool) -> Tensor:
+    """delta ⊙ m, times ||delta||_1 / ||delta ⊙ m||_1 when rescale (unless either norm < 1e-7)."""
+    masked = _f32(delta) * mask
+    if not rescale:
+        return masked
+    before, after = _f32(delta).abs().sum().item(), masked.abs().sum().item()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return masked
+    return masked.mul_(before / after)
+
+
+def _della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """p = density - ε + 2ε·(rank - 1)/(n - 1), rank ascending in |delta| along dim 1 (1-D: one row)."""
+    rows = _f32(delta).abs()
+    rows = rows.unsqueeze(0) if rows.dim() < 2 else rows
+    n = rows.shape[1]
+    order = torch.sort(rows, dim=1, descending=True, stable=True).indices  # ties: lower index ranks higher
+    position = torch.arange(n, dtype=torch.float32, device=rows.device).expand_as(rows)
+    rank_norm = torch.empty_like(rows).scatter_(1, order, 1.0 - position / max(n - 1, 1))
+    if n == 1:  # mergekit divides 0 by 0 here and fails; one element per row gets the mid probability
+        rank_norm.fill_(0.5)
+    return rank_norm.mul_(2 * epsilon).add_(density - epsilon).reshape(delta.shape)
+
+
+def rank_magnitude_sample(
+    delta: Tensor, density: float, epsilon: float, generator: torch.Generator | None, rescale: bool
+) -> Tensor:
+    """DELLA: delta ⊙ Bernoulli(p), p ∈ [density-ε, density+ε] rising with |delta|'s rank per row; L1-rescaled if rescale."""
+    if density >= 1:
+        return _f32(delta)
+    if density <= 0:
+        return torch.zeros_like(delta, dtype=torch.float32)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise EvomergeError(
+            f"della epsilon must keep density ± epsilon inside (0, 1); got density={density}, epsilon={epsilon}"
+        )
+    mask = torch.bernoulli(_della_probabilities(delta, density, epsilon), generator=generator)
+    return rescaled(delta, mask, rescale)
+
+
+def sparsify(
+    delta: Tensor,
+    density: float,
+    method: str | None,
+    *,
+    rescale: bool = False,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """delta ⊙ mask(method, density) (optionally L1-rescaled); density ≥ 1 or no method returns delta unchanged."""
+    if method is None or (density >= 1 and method in SPARSIFICATIONS):
+        return _f32(delta)
+    if method == "magnitude":
+        return rescaled(delta, magnitude_mask(delta, density), rescale)
+    if method == "random":
+        return rescaled(delta, bernoulli_mask(delta.shape, density, generator, delta.device), rescale)
+    if method == "magnitude_outliers":
+        return rescaled(delta, magnitude_outliers_mask(delta, density, gamma), rescale)
+    if method == "della_magprune":
+        return rank_magnitude_sample(delta, density, epsilon, generator, rescale)
+    raise EvomergeError(f"unknown sparsification {method!r}; use one of {', '.join(SPARSIFICATIONS)}")
+
+
+# ----------------------------------------------------------------------------- sign consensus, GTA
+
+
+def _majority_positive(weighted_deltas: Sequence[Tensor], method: str) -> Tensor:
+    """Elected sign is + where sum_i d_i ≥ 0 ("sum") or sum_i sign(d_i) ≥ 0 ("count")."""
+    if method not in CONSENSUS_METHODS:
+        raise EvomergeError(f"unknown consensus {method!r}; use one of {', '.join(CONSENSUS_METHODS)}")
+    total = torch.zeros_like(weighted_deltas[0], dtype=torch.float32)
+    for delta in weighted_deltas:
+        total.add_(_f32(delta) if method == "sum" else torch.sign(delta).to(torch.float32))
+    return total >= 0
+
+
+def _agrees(delta: Tensor, majority_positive: Tensor) -> Tensor:
+    """sign(d) == elected sign (sign(0) never agrees)."""
+    return torch.where(majority_positive, delta > 0, delta < 0)
+
+
+def sign_consensus(weighted_deltas: Sequence[Tensor], method: str = "sum") -> list[Tensor]:
+    """m_i = [sign(d_i) == sign-election(d)], per element; sign(0) never agrees."""
+    majority = _majority_positive(weighted_deltas, method)
+    return [_agrees(delta, majority) for delta in weighted_deltas]
+
+
+def _per_source(values: Sequence[Any] | None, count: int, default: Any, name: str) -> list[Any]:
+    """values as a list of length count, or [default] * count when None."""
+    if values is None:
+        return [default] * count
+    if len(values) != count:
+        raise EvomergeError(f"{name} needs one value per source ({count}); got {len(values)}")
+    return list(values)
+
+
+def generalized_task_arithmetic(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float] | None = None,
+    *,
+    sparsification: str | None,
+    consensus: str | None,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float = 1.0,
+    gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
+    generators: Sequence[torch.Generator | None] | None = None,
+) -> Tensor:
+    """base + λ·(Σ_i m_i w_i s(δ_i)) / (Σ_i m_i w_i if normalize), s = sparsify, m = sign consensus (or 1)."""
+    count = len(deltas)
+    if count == 0:
+        return _f32(base)
+    weights = _per_source(weights, count, None, "weights")
+    densities = _per_source(densities, count, 1.0, "densities")
+    gammas = _per_source(gammas, count, 0.01, "gammas")
+    epsilons = _per_source(epsilons, count, 0.15, "epsilons")
+    generators = _per_source(generators, count, None, "generators")
+    weighted = [
+        sparsify(d, p, sparsification, rescale=rescale, gamma=g, epsilon=e, generator=r) * float(w)
+        for d, w, p, g, e, r in zip(deltas, weights, densities, gammas, epsilons, generators)
+    ]
+    mixed, divisor = _consensus_sum(weighted, weights, consensus)
+    if normalize:
+        mixed.div_(divisor)
+    if lambda_ != 1:
+        mixed.mul_(lambda_)
+    return mixed.add_(_f32(base))
+
+
+def _consensus_sum(weighted: list[Tensor], weights: Sequence[float], consensus: str | None) -> tuple[Tensor, Tensor | float]:
+    """(Σ_i m_i w_i δ_i, Σ_i m_i w_i) with zeros -> 1; without consensus m_i = 1 and |Σ w_i| < 1e-8 -> 1."""
+    mixed = torch.zeros_like(weighted[0])
+    if consensus is None:
+        for delta in weighted:
+            mixed.add_(delta)
+        total = float(sum(float(w) for w in weights))
+        return mixed, (1.0 if abs(total) < 1e-8 else total)
+    majority = _majority_positive(weighted, consensus)
+    divisor = torch.zeros_like(mixed)
+    for delta, weight in zip(weighted, weights):
+        agree = _agrees(delta, majority)
+        mixed.add_(delta * agree)
+        divisor.add_(agree.to(torch.float32), alpha=float(weight))
+    return mixed, divisor.masked_fill_(divisor == 0, 1.0)
+
+
+# ----------------------------------------------------------------------------- model stock
+
+
+def model_stock(base: Tensor, tensors: Sequence[Tensor], filter_wise: bool = False) -> Tensor:
+    """t·mean(w_i) + (1-t)·w_0, t = N·cos/(1+(N-1)·cos), cos = mean pairwise cosine of (w_i - w_0); t = 0 where 1+(N-1)cos ≈ 0."""
+    if len(tensors) < 2:
+        raise EvomergeError(f"model_stock needs a base and at least 2 other models; got {len(tensors)} besides the base")
+    w0 = _f32(base)
+    rows = (lambda x: x.unsqueeze(0) if x.dim() == 1 else x) if filter_wise else (lambda x: x.reshape(-1))
+    offsets = [rows(_f32(w)) - rows(w0) for w in tensors]
+    cosines = [_cosine(a, b) for i, a in enumerate(offsets) for b in offsets[i + 1 :]]
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(tensors)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(cos), denominator))
+    average = sum(offsets) / n + rows(w0)
+    return (t * average + (1 - t) * rows(w0)).reshape(base.shape)
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    """<a, b> / max(|a|·|b|, 1e-6) along the last dim, clamped to [-1, 1]."""
+    return ((a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-6)).clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def dare_generator(seed: int, tensor_name: str, model: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded with sha256(seed, tensor name, model) (stable across processes, unlike hash())."""
+    digest = hashlib.sha256(f"{int(seed)}\x00{tensor_name}\x00{model}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+# ----------------------------------------------------------------------------- registry and dispatch
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A merge method as mergekit 0.1.5 declares it: its kind, its parameters and their defaults (None = required)."""
+
+    name: str
+    kind: Literal["linear", "slerp", "gta", "model_stock"]
+    sparsification: str | None = None
+    consensus: str | None = None
+    needs_base: bool = True
+    global_params: dict[str, Any] = field(default_factory=dict)
+    tensor_params: dict[str, Any] = field(default_factory=dict)
+
+
+def _gta_spec(name: str, sparsification: str | None, consensus: str | None, normalize: bool, rescale: bool) -> MethodSpec:
+    """A GTA method's spec with mergekit's shared and per-model parameters."""
+    extra = {"magnitude_outliers": {"gamma": 0.01}, "della_magprune": {"epsilon": 0.15}}.get(sparsification or "", {})
+    return MethodSpec(
+        name=name,
+        kind="gta",
+        sparsification=sparsification,
+        consensus=consensus,
+        global_params={"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0},
+        tensor_params={"weight": None, "density": 1.0, **extra},
+    )
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("linear", "linear", needs_base=False, global_params={"normalize": True}, tensor_params={"weight": None}),
+        MethodSpec("slerp", "slerp", global_params={"t": None}),
+        MethodSpec("model_stock", "model_stock", global_params={"filter_wise": False}),
+        _gta_spec("task_arithmetic", None, None, normalize=False, rescale=False),
+        _gta_spec("ties", "magnitude", "sum", normalize=True, rescale=False),
+        _gta_spec("dare_ties", "random", "sum", normalize=False, rescale=True),
+        _gta_spec("dare_linear", "random", None, normalize=False, rescale=True),
+        _gta_spec("breadcrumbs", "magnitude_outliers", None, normalize=False, rescale=False),
+        _gta_spec("breadcrumbs_ties", "magnitude_outliers", "sum", normalize=False, rescale=False),
+        _gta_spec("della", "della_magprune", "sum", normalize=True, rescale=True),
+        _gta_spec("della_linear", "della_magprune", None, normalize=False, rescale=True),
+    )
+}
+
+
+def _gta_method(name: str) -> Callable[..., Tensor]:
+    """generalized_task_arithmetic with METHODS[name]'s sparsification, consensus and normalize/rescale defaults."""
+    spec = METHODS[name]
+
+    def merge(
+        base: Tensor,
+        deltas: Sequence[Tensor],
+        weights: Sequence[float],
+        densities: Sequence[float] | None = None,
+        *,
+        normalize: bool = spec.global_params["normalize"],
+        rescale: bool = spec.global_params["rescale"],
+        lambda_: float = 1.0,
+        gammas: Sequence[float] | None = None,
+        epsilons: Sequence[float] | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> Tensor:
+        return generalized_task_arithmetic(
+            base, deltas, weights, densities, sparsification=spec.sparsification, consensus=spec.consensus,
+            normalize=normalize, rescale=rescale, lambda_=lambda_, gammas=gammas, epsilons=epsilons,
+            generators=generators,
+        )  # fmt: skip
+
+    merge.__name__ = merge.__qualname__ = name
+    merge.__doc__ = (
+        f"mergekit's {name}: generalized_task_arithmetic with sparsification={spec.sparsification}, "
+        f"consensus={spec.consensus}, normalize={spec.global_params['normalize']}, rescale={spec.global_params['rescale']}."
+    )
+    return merge
+
+
+task_arithmetic = _gta_method("task_arithmetic")
+ties = _gta_method("ties")
+dare_ties = _gta_method("dare_ties")
+dare_linear = _gta_method("dare_linear")
+breadcrumbs = _gta_method("breadcrumbs")
+breadcrumbs_ties = _gta_method("breadcrumbs_ties")
+della = _gta_method("della")
+della_linear = _gta_method("della_linear")
+
+
+def _resolved(defaults: dict[str, Any], given: dict[str, Any], method: str) -> dict[str, Any]:
+    """given over defaults; a default of None marks a required parameter."""
+    values = {**defaults, **given}
+    missing = [name for name, value in values.items() if value is None and name in defaults]
+    if missing:
+        raise EvomergeError(f"merge method {method!r} needs parameter(s) {', '.join(missing)}")
+    return values
+
+
+def merge_tensor(
+    spec: MethodSpec,
+    *,
+    base: Tensor | None,
+    tensors: Sequence[Tensor],
+    deltas: Sequence[Tensor] | None = None,
+    params: dict[str, Any],
+    tensor_params: Sequence[dict[str, Any]],
+    generators: Sequence[torch.Generator | None] | None = None,
+) -> Tensor:
+    """Run spec's method on one tensor name: tensors are the non-base sources (linear: every listed input), deltas = source - base."""
+    glob = _resolved(spec.global_params, params, spec.name)
+    per = [_resolved(spec.tensor_params, p, spec.name) for p in tensor_params]
+    if spec.needs_base and base is None:
+        raise EvomergeError(f"merge method {spec.name!r} needs a base model")
+    if spec.kind == "linear":
+        return linear(tensors, [p["weight"] for p in per], glob["normalize"])
+    if spec.kind == "slerp":
+        if len(tensors) != 1:
+            raise EvomergeError(f"slerp merges the base with exactly one other model; got {len(tensors)}")
+        return slerp(float(glob["t"]), base, tensors[0])
+    if spec.kind == "model_stock":
+        return model_stock(base, tensors, bool(glob["filter_wise"]))
+    if deltas is None:
+        raise EvomergeError(f"merge method {spec.name!r} needs task vectors (source - base)")
+    return generalized_task_arithmetic(
+        base, deltas, [p["weight"] for p in per], [p["density"] for p in per],
+        sparsification=spec.sparsification, consensus=spec.consensus, normalize=bool(glob["normalize"]),
+        rescale=bool(glob["rescale"]), lambda_=float(glob["lambda"]), gammas=[p.get("gamma", 0.01) for p in per],
+        epsilons=[p.get("epsilon", 0.15) for p in per], generators=generators,
+    )  # fmt: skip

@@ -1,0 +1,404 @@
+"""MergeRecipe: plain, hashable merge recipes in mergekit's YAML format, and per-tensor parameter resolution.
+
+A recipe is mergekit's configuration (``merge_method``, ``base_model``, ``models`` or ``slices``,
+``parameters`` with filters and gradient lists, ``dtype``...) plus one evomerge field, ``seed``
+(DARE / DELLA masks). Parameters resolve per tensor exactly as mergekit does:
+
+* precedence: the model's entry in its slice (or ``models``) > the slice's ``parameters`` > global ``parameters``;
+* a list of numbers is a gradient over the layers of a slice: ``t = i / (n - 1)`` for the i-th of n layers,
+  ``scaled = t * (len - 1)``, ``i0 = int(scaled)``, linear interpolation between entries i0 and i0 + 1;
+* a list of ``{filter, value}`` conditions takes the first whose filter is a substring of the tensor name
+  (``None`` or ``"*"`` matches everything); no match falls through to the next level;
+* tensors outside the layers: the embedding resolves in the first slice at t = 0, the final norm and the head
+  in the last slice at t = 1.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from merge_core.errors import EvomergeError
+
+# A parameter setting, frozen: scalar | tuple of scalars (gradient) | tuple of Cond (filters).
+Setting = Any
+Params = tuple[tuple[str, Setting], ...]
+
+EVOMERGE_ONLY_KEYS = ("seed",)
+
+
+@dataclass(frozen=True)
+class Cond:
+    """A conditional parameter: applies when ``filter`` is a substring of the tensor name."""
+
+    value: Setting
+    filter: str | None = None
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    model: str
+    layer_range: tuple[int, int] | None = None  # None: all layers (the `models:` form)
+    parameters: Params = ()
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    sources: tuple[SliceSource, ...]
+    parameters: Params = ()
+
+
+@dataclass(frozen=True)
+class MergeRecipe:
+    """One merge, as data. ``slices`` holds one slice with ``layer_range=None`` for the ``models:`` form."""
+
+    merge_method: str
+    slices: tuple[OutputSlice, ...]
+    base_model: str | None = None
+    parameters: Params = ()
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    seed: int = 0
+    models_form: bool = field(default=True, compare=True)
+
+    # ---- construction -------------------------------------------------------------------------
+    @staticmethod
+    def from_dict(d: Mapping[str, Any], where: str = "recipe") -> "MergeRecipe":
+        return _recipe_from_dict(d, where)
+
+    @staticmethod
+    def from_yaml(text: str, where: str = "recipe") -> "MergeRecipe":
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise EvomergeError(f"{where}: not valid YAML ({_one_line(e)})") from None
+        if not isinstance(d, dict):
+            raise EvomergeError(f"{where}: expected a mapping with merge_method and models or slices")
+        return _recipe_from_dict(d, where)
+
+    @staticmethod
+    def load(path: str | Path) -> "MergeRecipe":
+        p = Path(path)
+        if not p.is_file():
+            raise EvomergeError(f"{p}: recipe file not found")
+        return MergeRecipe.from_yaml(p.read_text(), where=str(p))
+
+    # ---- serialization ------------------------------------------------------------------------
+    def to_dict(self, mergekit: bool = False) -> dict[str, Any]:
+        """Plain data in mergekit's layout; ``mergekit=True`` drops evomerge-only keys."""
+        d: dict[str, Any] = {"merge_method": self.merge_method}
+        if self.base_model is not None:
+            d["base_model"] = self.base_model
+        if self.models_form:
+            d["models"] = [_source_dict(s) for s in self.slices[0].sources]
+        else:
+            d["slices"] = [_slice_dict(s) for s in self.slices]
+        if self.parameters:
+            d["parameters"] = _thaw_params(self.parameters)
+        for key in ("dtype", "out_dtype", "tokenizer_source"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        if not mergekit:
+            d["seed"] = self.seed
+        return d
+
+    def to_yaml(self, mergekit: bool = False) -> str:
+        return yaml.dump(self.to_dict(mergekit=mergekit), Dumper=_FlowListDumper, sort_keys=False)
+
+    def save(self, path: str | Path, mergekit: bool = False) -> None:
+        Path(path).write_text(self.to_yaml(mergekit=mergekit))
+
+    def hash(self) -> str:
+        """A stable content hash (the search loop's cache key)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=repr)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    # ---- structure ----------------------------------------------------------------------------
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Every model a tensor is gathered from, in mergekit's order (slice sources, then base if absent)."""
+        names = [s.model for s in self.slices[0].sources]
+        if self.base_model is not None and self.base_model not in names:
+            names.append(self.base_model)
+        return tuple(names)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The models other than the base."""
+        return tuple(m for m in self.models if m != self.base_model)
+
+    def replace(self, **changes: Any) -> "MergeRecipe":
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+# ---- resolution -------------------------------------------------------------------------------
+
+
+def evaluate_setting(tensor_name: str, setting: Setting, t: float) -> Any:
+    """mergekit's evaluate_setting: scalar, gradient over t, or first matching filter (None: no match)."""
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if isinstance(setting, tuple):
+        if setting and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        if setting and all(isinstance(e, (bool, int, float, str)) for e in setting):
+            return setting[int(t * (len(setting) - 1))]
+        for cond in setting:
+            if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
+                return evaluate_setting(tensor_name, cond.value, t)
+        return None
+    raise EvomergeError(f"unexpected parameter setting {setting!r}")
+
+
+@dataclass(frozen=True)
+class TensorSite:
+    """Where a tensor sits in the output: which slice, which input layer per source, and its t."""
+
+    slice_index: int
+    t: float
+    source_layers: tuple[int | None, ...]  # input layer index per slice source (None outside layers)
+
+
+def locate(recipe: MergeRecipe, tensor_name: str, num_layers: int) -> TensorSite:
+    """Place an output tensor: the slice holding its layer and t (embeddings t=0 first slice; norm/head t=1 last)."""
+    from merge_core.checkpoint import layer_index
+
+    layer = layer_index(tensor_name)
+    if layer is None:
+        pre = "embed" in tensor_name
+        i = 0 if pre else len(recipe.slices) - 1
+        return TensorSite(i, 0.0 if pre else 1.0, (None,) * len(recipe.slices[i].sources))
+    start = 0
+    for i, sl in enumerate(recipe.slices):
+        n = _slice_len(sl, num_layers)
+        if start <= layer < start + n:
+            idx = layer - start
+            t = idx / (n - 1) if n > 1 else 1.0
+            src_layers = tuple((s.layer_range[0] if s.layer_range else 0) + idx for s in sl.sources)
+            return TensorSite(i, t, src_layers)
+        start += n
+    raise EvomergeError(f"tensor {tensor_name}: layer {layer} is not covered by the recipe's slices ({start} layers)")
+
+
+def resolve_parameter(
+    recipe: MergeRecipe, site: TensorSite, tensor_name: str, name: str, model: str | None
+) -> Any:
+    """One parameter for one tensor (and model, for per-model parameters), None when unset anywhere."""
+    sl = recipe.slices[site.slice_index]
+    levels: list[Params] = []
+    if model is not None:
+        levels += [s.parameters for s in sl.sources if s.model == model]
+    levels += [sl.parameters, recipe.parameters]
+    for params in levels:
+        for key, setting in params:
+            if key == name:
+                value = evaluate_setting(tensor_name, setting, site.t)
+                if value is not None:
+                    return value
+    return None
+
+
+def validate_layout(recipe: MergeRecipe, num_layers: int, where: str = "recipe") -> None:
+    """Slices must cover the layers in order, each source using the same layers it outputs (no rearranging)."""
+    total = 0
+    for i, sl in enumerate(recipe.slices):
+        n = _slice_len(sl, num_layers)
+        for j, s in enumerate(sl.sources):
+            if s.layer_range is None:
+                continue
+            lo, hi = s.layer_range
+            if hi - lo != n:
+                raise EvomergeError(f"{where}: slices[{i}].sources[{j}].layer_range: all sources of a slice must have the same length")
+            if lo != total:
+                raise EvomergeError(
+                    f"{where}: slices[{i}].sources[{j}].layer_range {list(s.layer_range)} rearranges layers "
+                    f"(output position {total}); layer stacking is data-flow merging, not a parameter merge"
+                )
+        if {s.model for s in sl.sources} != {s.model for s in recipe.slices[0].sources}:
+            raise EvomergeError(f"{where}: slices[{i}]: every slice must draw on the same models")
+        total += n
+    if total != num_layers:
+        raise EvomergeError(f"{where}: slices cover {total} layers but the models have {num_layers}")
+
+
+# ---- dict <-> frozen data ----------------------------------------------------------------------
+
+
+def _recipe_from_dict(d: Mapping[str, Any], where: str) -> MergeRecipe:
+    known = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+             "tokenizer_source", "seed", "tokenizer", "chat_template"}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise EvomergeError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+    method = d.get("merge_method")
+    if not isinstance(method, str):
+        raise EvomergeError(f"{where}: merge_method: required, a method name such as ties or dare_ties")
+    if ("models" in d) == ("slices" in d):
+        raise EvomergeError(f"{where}: give exactly one of 'models' or 'slices'")
+    if "models" in d:
+        models = _as_list(d["models"], f"{where}: models")
+        if not models:
+            raise EvomergeError(f"{where}: models: at least one model is required")
+        sources = tuple(_source(m, f"{where}: models[{i}]", with_range=False) for i, m in enumerate(models))
+        slices = (OutputSlice(sources=sources),)
+    else:
+        raw = _as_list(d["slices"], f"{where}: slices")
+        if not raw:
+            raise EvomergeError(f"{where}: slices: at least one slice is required")
+        slices = tuple(_slice(s, f"{where}: slices[{i}]") for i, s in enumerate(raw))
+    seed = d.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise EvomergeError(f"{where}: seed: must be an integer, got {seed!r}")
+    for key in ("base_model", "dtype", "out_dtype", "tokenizer_source"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise EvomergeError(f"{where}: {key}: must be a string, got {d[key]!r}")
+    for key in ("dtype", "out_dtype"):
+        if d.get(key) is not None and d[key] not in DTYPES:
+            raise EvomergeError(f"{where}: {key}: '{d[key]}' is not one of {', '.join(DTYPES)}")
+    return MergeRecipe(
+        merge_method=method,
+        slices=slices,
+        base_model=d.get("base_model"),
+        parameters=_freeze_params(d.get("parameters"), f"{where}: parameters"),
+        dtype=d.get("dtype"),
+        out_dtype=d.get("out_dtype"),
+        tokenizer_source=d.get("tokenizer_source"),
+        seed=seed,
+        models_form="models" in d,
+    )
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _slice(d: Any, where: str) -> OutputSlice:
+    if not isinstance(d, dict) or "sources" not in d:
+        raise EvomergeError(f"{where}: a slice needs 'sources' (a list of {{model, layer_range}})")
+    sources = tuple(_source(s, f"{where}.sources[{i}]", with_range=True) for i, s in enumerate(_as_list(d["sources"], f"{where}.sources")))
+    return OutputSlice(sources=sources, parameters=_freeze_params(d.get("parameters"), f"{where}.parameters"))
+
+
+def _source(d: Any, where: str, with_range: bool) -> SliceSource:
+    if isinstance(d, str):
+        return SliceSource(model=d)
+    if not isinstance(d, dict) or not isinstance(d.get("model"), str):
+        raise EvomergeError(f"{where}: needs 'model' (a local path or hub id)")
+    layer_range = None
+    if with_range:
+        lr = d.get("layer_range")
+        if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr) and lr[0] < lr[1]):
+            raise EvomergeError(f"{where}.layer_range: must be [start, end) with start < end, got {lr!r}")
+        layer_range = (lr[0], lr[1])
+    return SliceSource(model=d["model"], layer_range=layer_range,
+                       parameters=_freeze_params(d.get("parameters"), f"{where}.parameters"))
+
+
+def _freeze_params(p: Any, where: str) -> Params:
+    if p is None:
+        return ()
+    if not isinstance(p, dict):
+        raise EvomergeError(f"{where}: must be a mapping of parameter name to value")
+    return tuple(sorted((str(k), _freeze_setting(v, f"{where}.{k}")) for k, v in p.items()))
+
+
+def _freeze_setting(v: Any, where: str) -> Setting:
+    if isinstance(v, (bool, int, float, str)):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise EvomergeError(f"{where}: must be finite, got {v}")
+        return v
+    if isinstance(v, dict):
+        if "value" not in v:
+            raise EvomergeError(f"{where}: a conditional parameter needs 'value' (and optionally 'filter')")
+        f = v.get("filter")
+        if f is not None and not isinstance(f, str):
+            raise EvomergeError(f"{where}.filter: must be a string")
+        return (Cond(value=_freeze_setting(v["value"], f"{where}.value"), filter=f),)
+    if isinstance(v, list):
+        if not v:
+            raise EvomergeError(f"{where}: an empty list is not a parameter value")
+        if all(isinstance(e, dict) for e in v):
+            return tuple(_freeze_setting(e, f"{where}[{i}]")[0] for i, e in enumerate(v))
+        if all(isinstance(e, (bool, int, float, str)) for e in v):
+            return tuple(_freeze_setting(e, f"{where}[{i}]") for i, e in enumerate(v))
+    raise EvomergeError(f"{where}: expected a number, a list of numbers (gradient) or a list of {{filter, value}}; got {v!r}")
+
+
+def _thaw_setting(s: Setting) -> Any:
+    if isinstance(s, tuple):
+        if s and all(isinstance(e, Cond) for e in s):
+            return [_cond_dict(c) for c in s]
+        return list(s)
+    return s
+
+
+def _cond_dict(c: Cond) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    if c.filter is not None:
+        d["filter"] = c.filter
+    d["value"] = _thaw_setting(c.value)
+    return d
+
+
+def _thaw_params(p: Params) -> dict[str, Any]:
+    return {k: _thaw_setting(v) for k, v in p}
+
+
+def _source_dict(s: SliceSource) -> dict[str, Any]:
+    d: dict[str, Any] = {"model": s.model}
+    if s.layer_range is not None:
+        d["layer_range"] = list(s.layer_range)
+    if s.parameters:
+        d["parameters"] = _thaw_params(s.parameters)
+    return d
+
+
+def _slice_dict(s: OutputSlice) -> dict[str, Any]:
+    d: dict[str, Any] = {"sources": [_source_dict(x) for x in s.sources]}
+    if s.parameters:
+        d["parameters"] = _thaw_params(s.parameters)
+    return d
+
+
+def _slice_len(sl: OutputSlice, num_layers: int) -> int:
+    lr = sl.sources[0].layer_range
+    return num_layers if lr is None else lr[1] - lr[0]
+
+
+def _as_list(v: Any, where: str) -> list:
+    if not isinstance(v, list):
+        raise EvomergeError(f"{where}: must be a list")
+    return v
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+class _FlowListDumper(yaml.SafeDumper):
+    """Numbers lists (gradients) in flow style, like mergekit's dumper."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(isinstance(e, (int, float)) for e in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_FlowListDumper.add_representer(list, _represent_list)
+
+
+def per_layer_conditions(values_by_filter: Sequence[tuple[str | None, Any]]) -> tuple[Cond, ...]:
+    """Build a filter-condition setting from (filter, value) pairs, in order (first match wins)."""
+    return tuple(Cond(value=v, filter=f) for f, v in values_by_filter)
+

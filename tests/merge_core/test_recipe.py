@@ -1,0 +1,155 @@
+"""MergeRecipe: mergekit YAML round trip, per-tensor parameter resolution (gradients, filters, precedence), errors."""
+import pytest
+
+from merge_core.errors import EvomergeError
+from merge_core.recipe import MergeRecipe, locate, resolve_parameter, validate_layout
+
+MERGEKIT_YAML = """
+merge_method: dare_ties
+base_model: org/base
+models:
+  - model: org/ja
+    parameters:
+      weight: [0.0, 0.5, 1.0]
+      density:
+        - filter: self_attn
+          value: 0.2
+        - filter: mlp
+          value: 0.8
+  - model: org/math
+    parameters:
+      weight: 0.7
+parameters:
+  density: 0.5
+  normalize: false
+dtype: bfloat16
+"""
+
+
+def param(recipe, tensor, name, model=None, num_layers=5):
+    site = locate(recipe, tensor, num_layers)
+    return resolve_parameter(recipe, site, tensor, name, model)
+
+
+def test_mergekit_yaml_round_trip_is_lossless():
+    r = MergeRecipe.from_yaml(MERGEKIT_YAML)
+    again = MergeRecipe.from_yaml(r.to_yaml())
+    assert again == r and again.hash() == r.hash()
+    exported = MergeRecipe.from_yaml(r.to_yaml(mergekit=True))
+    assert "seed" not in r.to_dict(mergekit=True)
+    assert exported == r  # seed defaults to 0 on re-import
+    assert r.models == ("org/ja", "org/math", "org/base") and r.sources == ("org/ja", "org/math")
+
+
+def test_recipe_is_hashable_and_hash_changes_with_values():
+    r = MergeRecipe.from_yaml(MERGEKIT_YAML)
+    r2 = MergeRecipe.from_yaml(MERGEKIT_YAML.replace("weight: 0.7", "weight: 0.71"))
+    assert len({r, r2, MergeRecipe.from_yaml(MERGEKIT_YAML)}) == 2
+    assert r.hash() != r2.hash()
+
+
+def test_gradient_spreads_over_layers_like_mergekit():
+    r = MergeRecipe.from_yaml(MERGEKIT_YAML)
+    # 5 layers: t = i/4, scaled = t*2 over [0, 0.5, 1]
+    got = [param(r, f"model.layers.{i}.mlp.up_proj.weight", "weight", "org/ja") for i in range(5)]
+    assert got == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert param(r, "model.embed_tokens.weight", "weight", "org/ja") == 0.0  # pre-weights: t = 0
+    assert param(r, "lm_head.weight", "weight", "org/ja") == 1.0  # post-weights: t = 1
+    assert param(r, "model.norm.weight", "weight", "org/ja") == 1.0
+
+
+def test_gradient_interpolates_between_entries():
+    r = MergeRecipe.from_yaml(MERGEKIT_YAML.replace("[0.0, 0.5, 1.0]", "[0.0, 1.0, 0.0, 1.0]"))
+    # 5 layers, 4 entries: scaled = i/4*3 -> 0, 0.75, 1.5, 2.25, 3
+    got = [param(r, f"model.layers.{i}.self_attn.q_proj.weight", "weight", "org/ja") for i in range(5)]
+    assert got == pytest.approx([0.0, 0.75, 0.5, 0.25, 1.0])
+
+
+def test_filters_first_match_and_fallthrough_to_global():
+    r = MergeRecipe.from_yaml(MERGEKIT_YAML)
+    assert param(r, "model.layers.1.self_attn.k_proj.weight", "density", "org/ja") == 0.2
+    assert param(r, "model.layers.1.mlp.down_proj.weight", "density", "org/ja") == 0.8
+    # no filter matches a norm: falls through to the global density
+    assert param(r, "model.layers.1.input_layernorm.weight", "density", "org/ja") == 0.5
+    assert param(r, "model.layers.1.mlp.down_proj.weight", "density", "org/math") == 0.5
+    assert param(r, "model.layers.1.mlp.down_proj.weight", "normalize") is False
+    assert param(r, "model.layers.1.mlp.down_proj.weight", "lambda") is None
+
+
+def test_slices_give_each_slice_its_own_t_and_parameters():
+    text = """
+merge_method: ties
+base_model: b
+slices:
+  - sources:
+      - {model: a, layer_range: [0, 2], parameters: {weight: [0.0, 1.0]}}
+      - {model: b, layer_range: [0, 2]}
+    parameters: {density: 0.3}
+  - sources:
+      - {model: a, layer_range: [2, 5], parameters: {weight: [1.0, 2.0]}}
+      - {model: b, layer_range: [2, 5]}
+    parameters: {density: 0.9}
+"""
+    r = MergeRecipe.from_yaml(text)
+    validate_layout(r, 5)
+    w = [param(r, f"model.layers.{i}.mlp.up_proj.weight", "weight", "a") for i in range(5)]
+    assert w == pytest.approx([0.0, 1.0, 1.0, 1.5, 2.0])
+    d = [param(r, f"model.layers.{i}.mlp.up_proj.weight", "density", "a") for i in range(5)]
+    assert d == [0.3, 0.3, 0.9, 0.9, 0.9]
+    assert param(r, "model.embed_tokens.weight", "density", "a") == 0.3  # first slice
+    assert param(r, "lm_head.weight", "weight", "a") == 2.0  # last slice, t = 1
+    assert MergeRecipe.from_yaml(r.to_yaml()) == r
+
+
+def test_per_layer_filters_select_exact_layers():
+    text = """
+merge_method: task_arithmetic
+base_model: b
+models:
+  - model: a
+    parameters:
+      weight:
+        - {filter: "layers.1.", value: 0.1}
+        - {filter: "layers.10.", value: 1.0}
+        - {value: 0.5}
+"""
+    r = MergeRecipe.from_yaml(text)
+    assert param(r, "model.layers.1.mlp.up_proj.weight", "weight", "a", num_layers=12) == 0.1
+    assert param(r, "model.layers.10.mlp.up_proj.weight", "weight", "a", num_layers=12) == 1.0
+    assert param(r, "model.layers.11.mlp.up_proj.weight", "weight", "a", num_layers=12) == 0.5
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("models: [{model: a}]", "recipe: merge_method: required"),
+        ("merge_method: ties\nbase_model: b\n", "recipe: give exactly one of 'models' or 'slices'"),
+        ("merge_method: ties\nmodels: []\n", "recipe: models: at least one model is required"),
+        ("merge_method: ties\nmodels: [{model: a}]\nmodel_stock: 1\n", "recipe: unknown key 'model_stock'"),
+        ("merge_method: ties\nmodels: [{parameters: {}}]\n", "recipe: models[0]: needs 'model'"),
+        ("merge_method: ties\nmodels: [{model: a, parameters: {weight: .nan}}]\n", "recipe: models[0].parameters.weight: must be finite"),
+        ("merge_method: ties\nmodels: [{model: a, parameters: {weight: {filter: mlp}}}]\n", "a conditional parameter needs 'value'"),
+        ("merge_method: ties\nslices: [{sources: [{model: a, layer_range: [3, 1]}]}]\n", "recipe: slices[0].sources[0].layer_range: must be [start, end)"),
+        ("merge_method: ties\nmodels: [{model: a}]\ndtype: fp8\n", "recipe: dtype: 'fp8' is not one of"),
+        ("merge_method: ties\nmodels: [{model: a}]\nseed: x\n", "recipe: seed: must be an integer"),
+        ("[1, 2", "recipe: not valid YAML"),
+    ],
+)
+def test_malformed_recipes_give_one_line_errors(text, message):
+    with pytest.raises(EvomergeError) as e:
+        MergeRecipe.from_yaml(text)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_rearranging_slices_are_refused():
+    text = """
+merge_method: passthrough
+slices:
+  - sources: [{model: a, layer_range: [2, 4]}]
+  - sources: [{model: a, layer_range: [0, 2]}]
+"""
+    r = MergeRecipe.from_yaml(text)
+    with pytest.raises(EvomergeError, match="rearranges layers"):
+        validate_layout(r, 4)
+    with pytest.raises(EvomergeError, match="slices cover 4 layers but the models have 6"):
+        validate_layout(MergeRecipe.from_yaml(text.replace("[2, 4]", "[0, 2]").replace("[0, 2]}]\n  - sources: [{model: a, layer_range: [0, 2]", "[0, 2]}]\n  - sources: [{model: a, layer_range: [2, 4]")), 6)
