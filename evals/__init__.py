@@ -1,1 +1,76 @@
 """evals: evaluators that score a live model: native fast paths and the lm-eval backend."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+from evals.base import Evaluator, evaluate_all
+from evals.data import ChoiceItem, GenerationItem, load_choice_items, load_generation_items, subsample
+from evals.extract import answers_match, extract_first_word, extract_last_number, make_extractor, normalize_answer
+from evals.fitness import Fitness, FitnessError, FitnessTerm
+from evals.language import JapaneseScript, WordPattern, japanese_share, make_language_check
+from evals.lm_eval_backend import LmEvalEvaluator, write_jsonl_task_yaml
+from evals.native import ChoiceEvaluator, GenerationEvaluator, PerplexityEvaluator
+from merge_core.errors import EvomergeError
+
+EVALUATOR_TYPES: dict[str, type] = {
+    "generation": GenerationEvaluator,
+    "choice": ChoiceEvaluator,
+    "perplexity": PerplexityEvaluator,
+    "lm_eval": LmEvalEvaluator,
+}
+_COUNT_FIELDS = {"batch_size": 1, "max_new_tokens": 1, "limit": 1, "max_length": 2, "seed": 0, "num_fewshot": 0}
+
+
+def _check_counts(kind: str, fields: Mapping[str, Any]) -> None:
+    for field, minimum in _COUNT_FIELDS.items():
+        value = fields.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise EvomergeError(f"evaluator ({kind}).{field} must be an integer >= {minimum}, got {value!r}")
+
+
+def build_evaluator(spec: Mapping[str, Any]) -> Evaluator:
+    """An evaluator from a config dict: ``{"type": "generation"|"choice"|"perplexity"|"lm_eval", **constructor kwargs}``."""
+    fields = dict(spec)
+    kind = fields.pop("type", None)
+    if kind not in EVALUATOR_TYPES:
+        raise EvomergeError(f"evaluator.type: {kind!r} is not one of {sorted(EVALUATOR_TYPES)}")
+    params = inspect.signature(EVALUATOR_TYPES[kind]).parameters
+    unknown = sorted(set(fields) - set(params))
+    if unknown:
+        raise EvomergeError(f"evaluator ({kind}): unknown field(s) {unknown} (allowed: {sorted(params)})")
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in fields]
+    if missing:
+        raise EvomergeError(f"evaluator ({kind}): missing required field(s) {missing}")
+    _check_counts(kind, fields)
+    return EVALUATOR_TYPES[kind](**fields)
+
+
+__all__ = [
+    "EVALUATOR_TYPES",
+    "ChoiceEvaluator",
+    "ChoiceItem",
+    "Evaluator",
+    "Fitness",
+    "FitnessError",
+    "FitnessTerm",
+    "GenerationEvaluator",
+    "GenerationItem",
+    "JapaneseScript",
+    "LmEvalEvaluator",
+    "PerplexityEvaluator",
+    "WordPattern",
+    "answers_match",
+    "build_evaluator",
+    "evaluate_all",
+    "extract_first_word",
+    "extract_last_number",
+    "japanese_share",
+    "load_choice_items",
+    "load_generation_items",
+    "make_extractor",
+    "make_language_check",
+    "normalize_answer",
+    "subsample",
+    "write_jsonl_task_yaml",
+]

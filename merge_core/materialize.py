@@ -92,10 +92,11 @@ class Materializer:
         return self.tensor(model, name) - self.tensor(self.template.base_model, name)
 
     # ---- the live model -------------------------------------------------------------------------
-    def new_model(self) -> PreTrainedModel:
-        """The worker's live model (the reference checkpoint's architecture and weights, output dtype, on device)."""
+    def new_model(self, dtype: torch.dtype | None = None) -> PreTrainedModel:
+        """The worker's live model: the reference checkpoint's architecture and weights, on device, in
+        ``dtype`` (default: the recipe's output dtype). Candidates are written into it by ``apply``."""
         model = AutoModelForCausalLM.from_pretrained(
-            str(self.reference.path), dtype=self.out_dtype, trust_remote_code=self.trust_remote_code
+            str(self.reference.path), dtype=dtype or self.out_dtype, trust_remote_code=self.trust_remote_code
         )
         return model.to(self.device).eval()
 

@@ -114,7 +114,7 @@ def compute_tensor(recipe: MergeRecipe, plan: TensorPlan, inputs: TensorInputs, 
         return methods.model_stock(inputs.tensor(base, name), [inputs.tensor(m, name) for m in srcs],
                                    filter_wise=bool(p.get("filter_wise", False)))
     generators = None
-    if spec.sparsification in ("random", "rank_magnitude"):
+    if spec.stochastic:
         generators = [methods.dare_generator(recipe.seed, name, m, device) for m in srcs]
     return methods.generalized_task_arithmetic(
         inputs.tensor(base, name),
@@ -194,12 +194,13 @@ def run_merge(
     check_recipe(recipe, reference.num_layers)
     dev = resolve_device(device)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     out_dtype = output_dtype(recipe, reference)
     inputs = CheckpointInputs(ckpts, recipe.base_model, DTYPES.get(recipe.dtype or ""), dev)
+    plans = {name: plan_tensor(recipe, name, reference.num_layers) for name in reference.names}  # fail before writing
+    out.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(out, max_shard_bytes=max_shard_bytes)
     for name in progress(reference.names):
-        plan = plan_tensor(recipe, name, reference.num_layers)
+        plan = plans[name]
         merged = compute_tensor(recipe, plan, inputs, dev)
         writer.add(name, merged.to(out_dtype).cpu())
         inputs.clear()

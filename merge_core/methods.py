@@ -9,21 +9,20 @@ Conventions shared with mergekit 0.1.5 (read from its source, not paraphrased fr
   sparsification (magnitude, random/DARE, magnitude_outliers, della); skipped when either norm < 1e-7.
 - a magnitude mask keeps k = max(1, int(density * n)) elements; density <= 0 keeps none, >= 1 all.
 - `lambda` scales the merged task vector after the optional normalization, for every GTA method.
+- `int8_mask` is accepted for YAML compatibility; it only sets mergekit's mask storage dtype.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from merge_core.errors import EvomergeError
 
-Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
-Consensus = Literal["sum", "count"]
 SPARSIFICATIONS: tuple[str, ...] = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 CONSENSUS_METHODS: tuple[str, ...] = ("sum", "count")
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale when either L1 norm is below this
@@ -40,7 +39,7 @@ def _f32(tensor: Tensor) -> Tensor:
 def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool = True) -> Tensor:
     """sum_i w_i x_i, divided by sum_i w_i when normalize."""
     if len(tensors) != len(weights) or not tensors:
-        raise EvomergeError(f"linear needs one weight per tensor; got {len(tensors)} tensors and {len(weights)} weights")
+        raise EvomergeError(f"linear needs one weight per tensor; got {len(tensors)} tensors, {len(weights)} weights")
     total = float(sum(weights))
     if normalize and total == 0.0:
         raise EvomergeError(f"linear with normalize=true needs weights that do not sum to 0; got {list(weights)}")
@@ -51,13 +50,14 @@ def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool 
 
 
 def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
-    """sin((1-t)θ)/sinθ · v0 + sin(tθ)/sinθ · v1 with cosθ = <v0/|v0|, v1/|v1|>; lerp when |cosθ| > dot_threshold."""
+    """sin((1-t)θ)/sinθ·v0 + sin(tθ)/sinθ·v1, cosθ = <v0/|v0|, v1/|v1|>; lerp when |cosθ| > dot_threshold."""
     if v0.shape != v1.shape:
         raise EvomergeError(f"slerp needs tensors of one shape; got {tuple(v0.shape)} and {tuple(v1.shape)}")
     a, b = _f32(v0), _f32(v1)
     norm_a, norm_b = a.norm().item(), b.norm().item()
     norm_a, norm_b = (norm_a if norm_a > eps else 1.0), (norm_b if norm_b > eps else 1.0)
-    dot = 0.0 if a.numel() == 0 else min(1.0, max(-1.0, (a.reshape(-1) @ b.reshape(-1)).item() / (norm_a * norm_b)))
+    dot = 0.0 if a.numel() == 0 else (a.reshape(-1) @ b.reshape(-1)).item() / (norm_a * norm_b)
+    dot = min(1.0, max(-1.0, dot))
     if a.numel() == 0 or abs(dot) > dot_threshold:
         coef_a, coef_b = 1.0 - t, t
     else:
@@ -79,14 +79,14 @@ def _top_k_mask(magnitudes: Tensor, k: int) -> Tensor:
         return torch.ones(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
     threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest value
     keep = flat > threshold
-    missing = k - int(keep.sum())
+    missing = k - int(torch.count_nonzero(keep))
     ties = torch.nonzero(flat == threshold).squeeze(1)
     keep[ties[:missing]] = True
     return keep.reshape(magnitudes.shape)
 
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
-    """Keep the k = max(1, int(density·n)) largest |delta| (ties: lower flat index); density ≤ 0 keeps none, ≥ 1 all."""
+    """Keep the k = max(1, int(density·n)) largest |delta| (ties: lower index); density ≤ 0 keeps none, ≥ 1 all."""
     if density >= 1:
         return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
     if density <= 0 or delta.numel() == 0:
@@ -110,9 +110,9 @@ def magnitude_outliers_mask(delta: Tensor, density: float, gamma: float = 0.01) 
 def bernoulli_mask(
     shape: Sequence[int], density: float, generator: torch.Generator | None, device: torch.device | str = "cpu"
 ) -> Tensor:
-    """m_j ~ Bernoulli(density), as float32 0/1 (density clamped to [0, 1])."""
-    probability = min(1.0, max(0.0, float(density)))
-    return torch.empty(tuple(shape), dtype=torch.float32, device=device).bernoulli_(probability, generator=generator)
+    """m_j = [u_j < density], u_j ~ U[0, 1), i.e. Bernoulli(density), as float32 0/1."""
+    uniform = torch.rand(tuple(shape), generator=generator, dtype=torch.float32, device=device)
+    return (uniform < density).to(torch.float32)  # twice as fast on CPU as torch.bernoulli
 
 
 def rescaled(delta: Tensor, mask: Tensor, rescale: bool) -> Tensor:
@@ -120,10 +120,9 @@ def rescaled(delta: Tensor, mask: Tensor, rescale: bool) -> Tensor:
     masked = _f32(delta) * mask
     if not rescale:
         return masked
-    before, after = _f32(delta).abs().sum().item(), masked.abs().sum().item()
-    if before < RESCALE_EPS or after < RESCALE_EPS:
-        return masked
-    return masked.mul_(before / after)
+    before, after = _f32(delta).abs().sum(), masked.abs().sum()
+    degenerate = (before < RESCALE_EPS) | (after < RESCALE_EPS)
+    return masked.mul_(torch.where(degenerate, torch.ones_like(before), before / after))  # no host sync
 
 
 def _della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
@@ -132,8 +131,8 @@ def _della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tenso
     rows = rows.unsqueeze(0) if rows.dim() < 2 else rows
     n = rows.shape[1]
     order = torch.sort(rows, dim=1, descending=True, stable=True).indices  # ties: lower index ranks higher
-    position = torch.arange(n, dtype=torch.float32, device=rows.device).expand_as(rows)
-    rank_norm = torch.empty_like(rows).scatter_(1, order, 1.0 - position / max(n - 1, 1))
+    position = torch.arange(n, dtype=torch.float32, device=rows.device).reshape(1, n, *[1] * (rows.dim() - 2))
+    rank_norm = torch.empty_like(rows).scatter_(1, order, (1.0 - position / max(n - 1, 1)).expand_as(rows))
     if n == 1:  # mergekit divides 0 by 0 here and fails; one element per row gets the mid probability
         rank_norm.fill_(0.5)
     return rank_norm.mul_(2 * epsilon).add_(density - epsilon).reshape(delta.shape)
@@ -142,7 +141,7 @@ def _della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tenso
 def rank_magnitude_sample(
     delta: Tensor, density: float, epsilon: float, generator: torch.Generator | None, rescale: bool
 ) -> Tensor:
-    """DELLA: delta ⊙ Bernoulli(p), p ∈ [density-ε, density+ε] rising with |delta|'s rank per row; L1-rescaled if rescale."""
+    """DELLA: delta ⊙ Bernoulli(p), p ∈ [density-ε, density+ε] rising with |delta|'s rank in its row (dim 1)."""
     if density >= 1:
         return _f32(delta)
     if density <= 0:
@@ -236,11 +235,14 @@ def generalized_task_arithmetic(
     gammas = _per_source(gammas, count, 0.01, "gammas")
     epsilons = _per_source(epsilons, count, 0.15, "epsilons")
     generators = _per_source(generators, count, None, "generators")
-    weighted = [
-        sparsify(d, p, sparsification, rescale=rescale, gamma=g, epsilon=e, generator=r) * float(w)
+    weighted = (
+        _weighted(sparsify(d, p, sparsification, rescale=rescale, gamma=g, epsilon=e, generator=r), d, float(w))
         for d, w, p, g, e, r in zip(deltas, weights, densities, gammas, epsilons, generators)
-    ]
-    mixed, divisor = _consensus_sum(weighted, weights, consensus)
+    )
+    if consensus is None:
+        mixed, divisor = _plain_sum(weighted, weights)
+    else:
+        mixed, divisor = _consensus_sum(list(weighted), weights, consensus)
     if normalize:
         mixed.div_(divisor)
     if lambda_ != 1:
@@ -248,19 +250,28 @@ def generalized_task_arithmetic(
     return mixed.add_(_f32(base))
 
 
-def _consensus_sum(weighted: list[Tensor], weights: Sequence[float], consensus: str | None) -> tuple[Tensor, Tensor | float]:
-    """(Σ_i m_i w_i δ_i, Σ_i m_i w_i) with zeros -> 1; without consensus m_i = 1 and |Σ w_i| < 1e-8 -> 1."""
-    mixed = torch.zeros_like(weighted[0])
-    if consensus is None:
-        for delta in weighted:
-            mixed.add_(delta)
-        total = float(sum(float(w) for w in weights))
-        return mixed, (1.0 if abs(total) < 1e-8 else total)
+def _weighted(sparsified: Tensor, delta: Tensor, weight: float) -> Tensor:
+    """w·s as a fresh tensor (in place when sparsify already made a copy of delta)."""
+    return sparsified * weight if sparsified is delta else sparsified.mul_(weight)
+
+
+def _plain_sum(weighted: Iterable[Tensor], weights: Sequence[float]) -> tuple[Tensor, float]:
+    """(Σ_i w_i δ_i, Σ_i w_i) with |Σ w_i| < 1e-8 -> 1, accumulated one source at a time."""
+    iterator = iter(weighted)
+    mixed = next(iterator)
+    for delta in iterator:
+        mixed.add_(delta)
+    total = float(sum(float(w) for w in weights))
+    return mixed, (1.0 if abs(total) < 1e-8 else total)
+
+
+def _consensus_sum(weighted: list[Tensor], weights: Sequence[float], consensus: str) -> tuple[Tensor, Tensor]:
+    """(Σ_i m_i w_i δ_i, Σ_i m_i w_i) with zero divisors -> 1, m_i = sign agreement with the elected sign."""
     majority = _majority_positive(weighted, consensus)
-    divisor = torch.zeros_like(mixed)
+    mixed, divisor = torch.zeros_like(weighted[0]), torch.zeros_like(weighted[0])
     for delta, weight in zip(weighted, weights):
         agree = _agrees(delta, majority)
-        mixed.add_(delta * agree)
+        mixed.add_(delta.mul_(agree))  # weighted deltas are this function's own copies
         divisor.add_(agree.to(torch.float32), alpha=float(weight))
     return mixed, divisor.masked_fill_(divisor == 0, 1.0)
 
@@ -269,9 +280,9 @@ def _consensus_sum(weighted: list[Tensor], weights: Sequence[float], consensus: 
 
 
 def model_stock(base: Tensor, tensors: Sequence[Tensor], filter_wise: bool = False) -> Tensor:
-    """t·mean(w_i) + (1-t)·w_0, t = N·cos/(1+(N-1)·cos), cos = mean pairwise cosine of (w_i - w_0); t = 0 where 1+(N-1)cos ≈ 0."""
+    """t·mean(w_i) + (1-t)·w_0, t = N·cos/(1+(N-1)cos) (0 if singular), cos = mean pairwise cos(w_i - w_0)."""
     if len(tensors) < 2:
-        raise EvomergeError(f"model_stock needs a base and at least 2 other models; got {len(tensors)} besides the base")
+        raise EvomergeError(f"model_stock needs a base and at least 2 other models; got {len(tensors)} besides it")
     w0 = _f32(base)
     rows = (lambda x: x.unsqueeze(0) if x.dim() == 1 else x) if filter_wise else (lambda x: x.reshape(-1))
     offsets = [rows(_f32(w)) - rows(w0) for w in tensors]
@@ -280,8 +291,9 @@ def model_stock(base: Tensor, tensors: Sequence[Tensor], filter_wise: bool = Fal
     n = len(tensors)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
-    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(cos), denominator))
-    average = sum(offsets) / n + rows(w0)
+    safe_denominator = torch.where(singular, torch.ones_like(cos), denominator)
+    t = torch.where(singular, torch.zeros_like(cos), n * cos / safe_denominator)
+    average = sum(rows(_f32(w)) for w in tensors) / n
     return (t * average + (1 - t) * rows(w0)).reshape(base.shape)
 
 
@@ -314,8 +326,15 @@ class MethodSpec:
     global_params: dict[str, Any] = field(default_factory=dict)
     tensor_params: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether the method draws random masks (DARE, DELLA): pass it one `dare_generator` per source."""
+        return self.sparsification in ("random", "della_magprune")
 
-def _gta_spec(name: str, sparsification: str | None, consensus: str | None, normalize: bool, rescale: bool) -> MethodSpec:
+
+def _gta_spec(
+    name: str, sparsification: str | None, consensus: str | None, normalize: bool, rescale: bool
+) -> MethodSpec:
     """A GTA method's spec with mergekit's shared and per-model parameters."""
     extra = {"magnitude_outliers": {"gamma": 0.01}, "della_magprune": {"epsilon": 0.15}}.get(sparsification or "", {})
     return MethodSpec(
@@ -331,7 +350,9 @@ def _gta_spec(name: str, sparsification: str | None, consensus: str | None, norm
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec("linear", "linear", needs_base=False, global_params={"normalize": True}, tensor_params={"weight": None}),
+        MethodSpec(
+            "linear", "linear", needs_base=False, global_params={"normalize": True}, tensor_params={"weight": None}
+        ),
         MethodSpec("slerp", "slerp", global_params={"t": None}),
         MethodSpec("model_stock", "model_stock", global_params={"filter_wise": False}),
         _gta_spec("task_arithmetic", None, None, normalize=False, rescale=False),
@@ -349,6 +370,7 @@ METHODS: dict[str, MethodSpec] = {
 def _gta_method(name: str) -> Callable[..., Tensor]:
     """generalized_task_arithmetic with METHODS[name]'s sparsification, consensus and normalize/rescale defaults."""
     spec = METHODS[name]
+    normalize_default, rescale_default = spec.global_params["normalize"], spec.global_params["rescale"]
 
     def merge(
         base: Tensor,
@@ -356,8 +378,8 @@ def _gta_method(name: str) -> Callable[..., Tensor]:
         weights: Sequence[float],
         densities: Sequence[float] | None = None,
         *,
-        normalize: bool = spec.global_params["normalize"],
-        rescale: bool = spec.global_params["rescale"],
+        normalize: bool = normalize_default,
+        rescale: bool = rescale_default,
         lambda_: float = 1.0,
         gammas: Sequence[float] | None = None,
         epsilons: Sequence[float] | None = None,
@@ -372,7 +394,7 @@ def _gta_method(name: str) -> Callable[..., Tensor]:
     merge.__name__ = merge.__qualname__ = name
     merge.__doc__ = (
         f"mergekit's {name}: generalized_task_arithmetic with sparsification={spec.sparsification}, "
-        f"consensus={spec.consensus}, normalize={spec.global_params['normalize']}, rescale={spec.global_params['rescale']}."
+        f"consensus={spec.consensus}, normalize={normalize_default}, rescale={rescale_default}."
     )
     return merge
 
@@ -406,7 +428,7 @@ def merge_tensor(
     tensor_params: Sequence[dict[str, Any]],
     generators: Sequence[torch.Generator | None] | None = None,
 ) -> Tensor:
-    """Run spec's method on one tensor name: tensors are the non-base sources (linear: every listed input), deltas = source - base."""
+    """spec's method on one tensor; tensors: non-base sources (linear: every listed input); deltas: source - base."""
     glob = _resolved(spec.global_params, params, spec.name)
     per = [_resolved(spec.tensor_params, p, spec.name) for p in tensor_params]
     if spec.needs_base and base is None:

@@ -1,6 +1,7 @@
 """Locally built tokenizers and random checkpoints, for tests, benchmarks and the tiny zoo (nothing is downloaded)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -8,7 +9,6 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -21,6 +21,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from merge_core.checkpoint import TOKENIZER_FILES
 from merge_core.errors import EvomergeError
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -53,6 +54,9 @@ DEFAULT_WORDS = (
     *"猫 犬 りんご 答え は です 個 円 合計 いくつ".split(),
 )
 
+# Sizes for unit tests: a whole trio builds and loads in well under a second.
+TEST_SIZES: dict[str, int] = dict(hidden_size=32, num_layers=4, intermediate_size=64, num_heads=4, num_kv_heads=2)
+
 _FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -84,25 +88,24 @@ def make_tiny_checkpoint(
     sharing its shapes) and only `seed`, `dtype`, `noise` and `max_shard_size` apply.
     """
     out = Path(out_dir)
+    shard_kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
     if from_checkpoint is not None:
-        model, tokenizer = _noisy_copy(Path(from_checkpoint), seed=seed, dtype=dtype, noise=noise)
-    else:
-        tokenizer = word_tokenizer(words if words is not None else DEFAULT_WORDS)
-        config = _tiny_config(
-            family, tokenizer, hidden_size=hidden_size, num_layers=num_layers,
-            intermediate_size=intermediate_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-            tie_word_embeddings=tie_word_embeddings, **config_overrides,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = _FAMILIES[family][1]._from_config(config, dtype=dtype)
+        return _save_finetune(Path(from_checkpoint), out, seed=seed, dtype=dtype, noise=noise, **shard_kwargs)
+    tokenizer = word_tokenizer(words if words is not None else DEFAULT_WORDS)
+    config = _tiny_config(
+        family, tokenizer, hidden_size=hidden_size, num_layers=num_layers,
+        intermediate_size=intermediate_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        tie_word_embeddings=tie_word_embeddings, **config_overrides,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _FAMILIES[family][1]._from_config(config, dtype=dtype)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
     )
-    shard_kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
     model.save_pretrained(out, **shard_kwargs)
     tokenizer.save_pretrained(out)
     return out
@@ -159,15 +162,21 @@ def _tiny_config(
     return config
 
 
-def _noisy_copy(
-    base: Path, *, seed: int, dtype: torch.dtype, noise: float
-) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def _save_finetune(base: Path, out: Path, *, seed: int, dtype: torch.dtype, noise: float, **save_kwargs: Any) -> Path:
+    """Save `base` plus seeded noise to `out`, with `base`'s tokenizer files copied unchanged."""
+    _noisy_copy(base, seed=seed, dtype=dtype, noise=noise).save_pretrained(out, **save_kwargs)
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, out / name)
+    return out
+
+
+def _noisy_copy(base: Path, *, seed: int, dtype: torch.dtype, noise: float) -> PreTrainedModel:
     """Load `base` in `dtype` and add `noise` * N(0, 1) to every parameter, one tensor at a time."""
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(base)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
             delta = torch.randn(param.shape, generator=generator, dtype=torch.float32) * noise
             param.copy_((param.float() + delta).to(param.dtype))
-    return model, tokenizer
+    return model

@@ -88,7 +88,7 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if step >= 0.9 * schedule.steps:
+        if step >= int(0.9 * schedule.steps):
             tail.append(loss.item())
         if (step + 1) % 250 == 0:
             log.info("step %d/%d loss %.4f", step + 1, schedule.steps, loss.item())

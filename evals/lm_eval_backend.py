@@ -1,0 +1,229 @@
+"""lm-eval backend: score the live model on lm-evaluation-harness tasks, and write lm-eval YAML for our JSONL tasks.
+
+Built once per worker: the TaskManager (defaults indexed only when a task is not in `include_path`)
+and the task dict. Each call wraps the live model in `HFLM(pretrained=model)` (reused while the same
+model object comes back) and runs `lm_eval.evaluator.evaluate` with request caching off, so in-place
+weight updates are always seen. `simple_evaluate` is avoided: it re-probes the environment per call.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from evals.data import split_path, subsample_indices
+from evals.extract import FIRST_WORD_PATTERN, NUMBER_PATTERN
+from evals.native import PROMPT_FIELD, check_template
+from merge_core.errors import EvomergeError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "dev", "test")
+
+
+def build_task_manager(tasks: Sequence[str], include_path: str | Path | Sequence[str | Path] | None) -> Any:
+    """A TaskManager over `include_path`; lm-eval's ~15k built-in tasks are indexed only if a task is not found there."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(p) for p in ([include_path] if isinstance(include_path, (str, Path)) else include_path or [])]
+    for path in paths:
+        if not Path(path).exists():
+            raise EvomergeError(f"lm_eval include_path does not exist: {path}")
+    if paths:
+        manager = TaskManager(include_path=paths, include_defaults=False)
+        if all(t in manager.all_tasks for t in tasks):
+            return manager
+    manager = TaskManager(include_path=paths or None, include_defaults=True)
+    missing = [t for t in tasks if t not in manager.all_tasks]
+    if missing:
+        raise EvomergeError(f"lm_eval tasks not found: {missing} (check the task names and include_path {paths})")
+    return manager
+
+
+def load_task_dict(tasks: Sequence[str], manager: Any) -> dict[Any, Any]:
+    """The tasks loaded once: `TaskManager.load` where lm-eval has it, else the older `get_task_dict`."""
+    if hasattr(manager, "load"):
+        return manager.load(list(tasks))
+    from lm_eval.tasks import get_task_dict
+
+    return get_task_dict(list(tasks), manager)
+
+
+def leaf_tasks(task_dict: Mapping[Any, Any]) -> dict[str, Any]:
+    """The Task objects of a task dict, groups flattened (both the legacy nested and the {"tasks": ...} form)."""
+    found: dict[str, Any] = {}
+    for key, value in task_dict.items():
+        if isinstance(value, Mapping):
+            found |= leaf_tasks(value)
+        elif hasattr(value, "eval_docs"):
+            found[str(key)] = value
+    return found
+
+
+def numeric_results(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """``{"<task>/<metric>,<filter>": value}`` for every numeric, non-stderr metric (``sample_len`` etc. dropped)."""
+    flat: dict[str, float] = {}
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            if "," not in key or "_stderr" in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            flat[f"{task}/{key}"] = float(value)
+    return flat
+
+
+class LmEvalEvaluator:
+    """lm-eval tasks scored on the live model.
+
+    Returns every ``"<task>/<metric>,<filter>"`` (e.g. ``"ja_sub/exact_match,first_word"``) and, for each
+    entry of `metrics` (task -> ``"<metric>,<filter>"``), the headline ``"<task>"``. `limit` draws the same
+    items as the native evaluators (`subsample_indices(n, limit, seed)`), not lm-eval's first `limit`.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        include_path: str | Path | Sequence[str | Path] | None = None,
+        metrics: Mapping[str, str] | None = None,
+        name: str = "lm_eval",
+        limit: int | None = None,
+        seed: int = 0,
+        batch_size: int = 8,
+        num_fewshot: int | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        if isinstance(tasks, str) or not tasks:
+            raise EvomergeError(f"lm_eval tasks must be a non-empty list of task names, got {tasks!r}")
+        self.name = name
+        self.tasks = list(tasks)
+        self.metrics = dict(metrics or {})
+        unknown = sorted(set(self.metrics) - set(self.tasks))
+        if unknown:
+            raise EvomergeError(f"lm_eval metrics name tasks that are not evaluated: {unknown} (tasks: {self.tasks})")
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.task_dict = load_task_dict(self.tasks, build_task_manager(self.tasks, include_path))
+        self._configure_tasks(num_fewshot, seed)
+        self.samples = self._sample_indices(limit, seed)
+        self._lm: Any = None
+        self._lm_for: tuple[int, int] | None = None
+
+    def _leaf_tasks(self) -> dict[str, Any]:
+        return leaf_tasks(self.task_dict)
+
+    def _configure_tasks(self, num_fewshot: int | None, seed: int) -> None:
+        """Set the shot count (as simple_evaluate does: a config's explicit 0 wins) and the few-shot seed."""
+        for task in self._leaf_tasks().values():
+            configured = task.get_config("num_fewshot")
+            if num_fewshot is not None and configured != 0:
+                task.set_config(key="num_fewshot", value=num_fewshot)
+            elif configured is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=seed)
+
+    def _sample_indices(self, limit: int | None, seed: int) -> dict[str, list[int]] | None:
+        if limit is None:
+            return None
+        return {name: subsample_indices(len(task.eval_docs), limit, seed) for name, task in self._leaf_tasks().items()}
+
+    def lm(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Any:
+        """The HFLM wrapping this live model (rebuilt only when a different model or tokenizer object arrives)."""
+        from lm_eval.models.huggingface import HFLM
+
+        key = (id(model), id(tokenizer))
+        if self._lm is None or self._lm_for != key or self._lm.model is not model:
+            extra = {"max_length": self.max_length} if self.max_length else {}
+            self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, **extra)
+            self._lm_for = key
+        return self._lm
+
+    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
+        from lm_eval.evaluator import evaluate
+
+        output = evaluate(
+            self.lm(model, tokenizer),
+            self.task_dict,
+            samples=self.samples,
+            cache_requests=False,
+            bootstrap_iters=0,
+            log_samples=False,
+        )
+        flat = numeric_results(output["results"])
+        for task, key in self.metrics.items():
+            if f"{task}/{key}" not in flat:
+                available = sorted(k.split("/", 1)[1] for k in flat if k.startswith(f"{task}/"))
+                raise EvomergeError(f"lm_eval metrics.{task}: {key!r} not in the results (available: {available})")
+            flat[task] = flat[f"{task}/{key}"]
+        return flat
+
+
+# ---------------------------------------------------------------- YAML for our JSONL tasks
+
+
+def _jinja_template(prompt_template: str | None) -> str:
+    """Our ``{prompt}`` template as Jinja (literal pieces containing braces are wrapped in raw blocks)."""
+    if prompt_template is None:
+        return "{{prompt}}"
+    pieces = [f"{{% raw %}}{p}{{% endraw %}}" if "{" in p else p for p in prompt_template.split(PROMPT_FIELD)]
+    return "{{prompt}}".join(pieces)
+
+
+def _answer_filter(extract: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(filter entry, exact_match options) reproducing a native extractor: "first_word", "last_number" or a regex."""
+    if extract == "first_word":
+        steps = [{"function": "regex", "regex_pattern": FIRST_WORD_PATTERN}]
+        return {"name": "first_word", "filter": steps + [{"function": "take_first"}]}, {}
+    if extract == "last_number":
+        steps = [{"function": "regex", "regex_pattern": f"({NUMBER_PATTERN})", "group_select": -1}]
+        return {"name": "last_number", "filter": steps + [{"function": "take_first"}]}, {"regexes_to_ignore": [","]}
+    steps = [{"function": "regex", "regex_pattern": extract}]
+    return {"name": "regex", "filter": steps + [{"function": "take_first"}]}, {}
+
+
+def write_jsonl_task_yaml(
+    task_name: str,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    split: str = "test",
+    stop: Sequence[str] = (),
+    extract: str = "first_word",
+    max_new_tokens: int = 32,
+    prompt_template: str | None = None,
+) -> Path:
+    """Write `<out_dir>/<task_name>.yaml`: one of our generation JSONL tasks as an lm-eval generate_until task.
+
+    `extract` is "first_word", "last_number" (the filter is named after it) or a regex whose first group
+    is the answer (filter "regex"); the metric is exact_match against the ``answer`` field, so the result
+    key is ``"exact_match,<filter>"``. Data files are absolute paths. Differences from the native scorer:
+    no number normalization beyond dropping commas ("7.0" != "7"), full-width digits not converted, and
+    no language check.
+    """
+    data_dir = Path(data_dir).resolve()
+    data_files = {s: str(data_dir / f"{s}.jsonl") for s in SPLITS if (data_dir / f"{s}.jsonl").is_file()}
+    split_path(data_dir, split)  # raises when the evaluated split is missing
+    answer_filter, match_options = _answer_filter(extract)
+    config: dict[str, Any] = {
+        "task": task_name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": data_files},
+        "test_split": split,
+        "output_type": "generate_until",
+        "doc_to_text": _jinja_template(check_template(prompt_template)),
+        "doc_to_target": "answer",
+        "generation_kwargs": {"until": list(stop), "do_sample": False, "max_gen_toks": max_new_tokens},
+        "filter_list": [answer_filter],
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, **match_options}],
+        "metadata": {"version": 1.0},
+    }
+    if "train" in data_files and split != "train":
+        config |= {"training_split": "train", "fewshot_split": "train"}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{task_name}.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    log.info("wrote lm-eval task %s -> %s", task_name, path)
+    return path

@@ -1,0 +1,103 @@
+"""Held-out scoring: any checkpoint, any set of recipes, and the end-of-run table (sources, untuned merges, evolved)."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import optuna
+
+from evolve.config import RunConfig
+from evolve.worker import build_evaluators, score_metrics
+from merge_core.merge import DTYPES, method_spec
+from merge_core.recipe import MergeRecipe, OutputSlice, SliceSource
+
+log = logging.getLogger(__name__)
+
+
+def heldout_evaluators(cfg: RunConfig, split: Optional[str] = None, limit: Optional[int] = None) -> list[tuple[str, Any]]:
+    ev = cfg.evaluation
+    return build_evaluators(list(ev.tasks), seed=cfg.seed, split=split or ev.heldout_split,
+                            limit=limit if limit is not None else ev.heldout_limit, heldout=True)
+
+
+def score_checkpoint(cfg: RunConfig, path: str, *, split: Optional[str] = None, limit: Optional[int] = None,
+                     device: str = "auto", evaluators: Optional[list] = None) -> dict[str, float]:
+    """Load an HF checkpoint with transformers and score it on the config's tasks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merge_core.checkpoint import Checkpoint
+    from merge_core.merge import resolve_device
+
+    tc = cfg.models.trust_remote_code
+    local = Checkpoint.open(path, allow_pickle=cfg.models.allow_pickle, trust_remote_code=tc).path
+    model = AutoModelForCausalLM.from_pretrained(str(local), dtype=DTYPES[cfg.execution.dtype], trust_remote_code=tc)
+    model = model.to(resolve_device(device)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=tc)
+    return score_metrics(evaluators or heldout_evaluators(cfg, split, limit), model, tokenizer)
+
+
+def score_recipes(cfg: RunConfig, recipes: dict[str, MergeRecipe], evaluators: list) -> dict[str, dict[str, float]]:
+    """Score recipes in memory: one Materializer per method family, one live model each."""
+    from transformers import AutoTokenizer
+
+    from merge_core.materialize import Materializer
+
+    by_kind: dict[tuple, list[str]] = {}
+    for label, r in recipes.items():
+        by_kind.setdefault((method_spec(r).kind, r.models, r.base_model, r.dtype), []).append(label)
+    out: dict[str, dict[str, float]] = {}
+    for labels in by_kind.values():
+        mat = Materializer(recipes[labels[0]], device=cfg.execution.device, allow_pickle=cfg.models.allow_pickle,
+                           trust_remote_code=cfg.models.trust_remote_code)
+        model = mat.new_model(dtype=DTYPES[cfg.execution.dtype])
+        tok = AutoTokenizer.from_pretrained(str(mat.reference.path), trust_remote_code=cfg.models.trust_remote_code)
+        for label in labels:
+            mat.apply(recipes[label], model)
+            out[label] = score_metrics(evaluators, model, tok)
+        del model, mat
+    return out
+
+
+def untuned_recipes(cfg: RunConfig, density: float = 0.7) -> dict[str, MergeRecipe]:
+    """The merges a user would try without search: linear average of the sources, task arithmetic 1/1, TIES, DARE-TIES."""
+    base = cfg.models.base
+    if base is None:
+        return {}
+    paths = [s.path for s in cfg.models.sources]
+    n = len(paths)
+
+    def recipe(method: str, weight: float, dens: Optional[float]) -> MergeRecipe:
+        per = (("weight", weight),) + ((("density", dens),) if dens is not None else ())
+        sources = tuple(SliceSource(model=p, parameters=per) for p in paths) + (SliceSource(model=base),)
+        return MergeRecipe(merge_method=method, slices=(OutputSlice(sources=sources),), base_model=base,
+                           dtype=cfg.search.space.dtype, seed=cfg.seed)
+
+    return {
+        "linear average (task arithmetic 1/n)": recipe("task_arithmetic", 1.0 / n, None),
+        "task arithmetic 1/1": recipe("task_arithmetic", 1.0, None),
+        f"TIES d={density}": recipe("ties", 1.0, density),
+        f"DARE-TIES d={density}": recipe("dare_ties", 1.0, density),
+    }
+
+
+def heldout_table(cfg: RunConfig, study: optuna.Study) -> list[dict[str, Any]]:
+    """Rows for the end-of-run table: base, each source, the untuned merges, and the evolved best trial."""
+    from evolve.loop import best_trial, trial_recipe
+
+    evaluators = heldout_evaluators(cfg)
+    rows: list[dict[str, Any]] = []
+    models = ([("base", cfg.models.base)] if cfg.models.base else []) + [(f"source {a}", s.path) for a, s in zip(cfg.models.aliases(), cfg.models.sources)]
+    for label, path in models:
+        rows.append({"model": label, **score_checkpoint(cfg, path, device=cfg.execution.device, evaluators=evaluators)})
+    best = best_trial(study)
+    recipes = {**untuned_recipes(cfg), f"evolved (trial {best.number})": trial_recipe(best)}
+    for label, metrics in score_recipes(cfg, recipes, evaluators).items():
+        rows.append({"model": label, **metrics})
+    keep = _table_columns(cfg, rows)
+    return [{"model": r["model"], **{k: r.get(k) for k in keep}} for r in rows]
+
+
+def _table_columns(cfg: RunConfig, rows: list[dict[str, Any]]) -> list[str]:
+    fitness_metrics = [t.metric for t in cfg.evaluation.fitness]
+    accs = sorted({k for r in rows for k in r if k.endswith("/acc")})
+    return list(dict.fromkeys([*accs, *fitness_metrics]))

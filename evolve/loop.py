@@ -1,0 +1,284 @@
+"""The search: ask the study for a vector, decode it to a recipe, have a worker score it, tell the study. Resumable."""
+from __future__ import annotations
+
+import fcntl
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from evolve.config import RunConfig, dump_config, redact_url
+from evolve.executors import Executor, make_executor
+from evolve.samplers import make_sampler
+from evolve.worker import Outcome
+from merge_core.checkpoint import Checkpoint
+from merge_core.errors import EvomergeError
+from merge_core.recipe import MergeRecipe
+from search_spaces.ps import ParameterSpace
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def build_space(cfg: RunConfig) -> ParameterSpace:
+    """The PS genome for this config (the number of layers is read from the base checkpoint's config)."""
+    m, sp = cfg.models, cfg.search.space
+    ref = Checkpoint.open(m.base or m.sources[0].path, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
+    if sp.layers_per_group is not None and ref.num_layers % sp.layers_per_group:
+        raise EvomergeError(f"search.space.layers_per_group: must divide num_hidden_layers={ref.num_layers}, got {sp.layers_per_group}")
+    return ParameterSpace(
+        method=sp.method, base=m.base, sources=[s.path for s in m.sources], num_layers=ref.num_layers,
+        aliases=m.aliases(), layers_per_group=sp.layers_per_group, modules=sp.modules,
+        embed_head_groups=sp.embed_head_groups, weight_bounds=tuple(sp.weight_bounds),
+        density_bounds=tuple(sp.density_bounds), weight_x0=sp.x0.get("weight", 0.5),
+        density_x0=sp.x0.get("density", 0.5), params=dict(sp.params), seed=cfg.seed, dtype=sp.dtype,
+    )
+
+
+# ---- the study ------------------------------------------------------------------------------
+
+
+def open_study(cfg: RunConfig, space: ParameterSpace, sampler: Optional[optuna.samplers.BaseSampler] = None) -> optuna.Study:
+    """Create or reopen the run's study; refuse one whose genome differs from this config's."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        study = optuna.create_study(study_name=cfg.name, storage=cfg.storage_url, direction="maximize",
+                                    sampler=sampler, load_if_exists=True)
+    except Exception as e:  # storage errors carry the URL; never print its password
+        raise EvomergeError(f"storage {redact_url(cfg.storage_url)}: cannot open ({type(e).__name__}: {redact_url(str(e)).splitlines()[0][:200]})") from None
+    stored = study.user_attrs.get("space_names")
+    if stored is None:
+        study.set_user_attr("space_names", space.names)
+        study.set_user_attr("config", dump_config(cfg))
+        study.set_user_attr("stage", "ps")
+    elif stored != space.names:
+        raise EvomergeError(f"study '{cfg.name}' in {redact_url(cfg.storage_url)} was made with another search space "
+                            f"({len(stored)} parameters, this config has {space.dim}); give the run a new name")
+    return study
+
+
+def distributions(space: ParameterSpace) -> dict[str, FloatDistribution]:
+    return {n: FloatDistribution(lo, hi) for n, (lo, hi) in zip(space.names, space.bounds)}
+
+
+def counted(t: FrozenTrial) -> bool:
+    """Trials that used the budget: finished ones, except those a dead process left behind (they are re-run)."""
+    return t.state in (TrialState.COMPLETE, TrialState.FAIL) and not t.user_attrs.get("interrupted")
+
+
+def requeue_interrupted(study: optuna.Study) -> list[int]:
+    """Trials left RUNNING by a killed process: mark them FAIL (interrupted) and enqueue their parameters again."""
+    requeued = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process running it stopped; re-run")
+        study.tell(t.number, state=TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"rerun_of": t.number}, skip_if_exists=False)
+        requeued.append(t.number)
+    return requeued
+
+
+class RunLock:
+    """One `evolve run` per run directory at a time (fcntl lock, released when the process dies)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "another process"
+            self._fh.close()
+            raise EvomergeError(f"{run_dir}: a search is already running on this study ({holder}); "
+                                "wait for it, or set execution.shared_study: true to add workers to it") from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self._fh.flush()
+
+    def release(self) -> None:
+        fcntl.flock(self._fh, fcntl.LOCK_UN)
+        self._fh.close()
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchResult:
+    study: optuna.Study
+    space: ParameterSpace
+    stopped_because: str
+
+
+class Progress:
+    """One live line: trials done / budget, best fitness, trials per minute, ETA."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=done, disable=not enabled, unit="trial", dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
+        self.t0, self.start_done = time.monotonic(), done
+
+    def update(self, best: float | None) -> None:
+        self.bar.update(1)
+        per_min = (self.bar.n - self.start_done) / max((time.monotonic() - self.t0) / 60, 1e-9)
+        self.bar.set_postfix_str(f"best {best:.4f}, {per_min:.1f}/min" if best is not None else f"{per_min:.1f}/min")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_search(cfg: RunConfig, *, progress: bool = True, executor_factory: Callable[..., Executor] = make_executor) -> SearchResult:
+    """Run (or continue) the search until the budget is spent; the study holds the complete record."""
+    space = build_space(cfg)
+    opt = cfg.search.optimizer
+    sampler = make_sampler(opt.sampler, names=space.names, x0=space.x0, bounds=space.bounds,
+                           sigma0=opt.sigma0, seed=cfg.seed, popsize=opt.popsize)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
+    lock = None if cfg.execution.shared_study else RunLock(cfg.run_dir)
+    try:
+        study = open_study(cfg, space, sampler)
+        requeued = requeue_interrupted(study)
+        if requeued:
+            log.warning("re-running trials interrupted by a previous process: %s", requeued)
+        if not study.trials:
+            study.enqueue_trial(dict(zip(space.names, space.x0)), user_attrs={"x0": True})
+        executor = executor_factory(cfg, space.decode(space.x0))
+        try:
+            return SearchResult(study, space, _loop(cfg, study, space, sampler, executor, progress))
+        finally:
+            executor.close()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _loop(cfg: RunConfig, study: optuna.Study, space: ParameterSpace, sampler, executor: Executor, show: bool) -> str:
+    budget = cfg.search.budget
+    dists = distributions(space)
+    cap = min(executor.slots, getattr(sampler, "max_parallel", executor.slots))
+    trials = study.get_trials(deepcopy=False)
+    cache = {t.user_attrs["recipe_hash"]: t for t in trials if t.state == TrialState.COMPLETE and "recipe_hash" in t.user_attrs}
+    done = sum(counted(t) for t in trials)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max((t.value for t in complete), default=None)
+    best_at = max((i for i, t in enumerate(sorted(complete, key=lambda t: t.number)) if t.value == best), default=0)
+    since_best = len(complete) - 1 - best_at if complete else 0
+    failures = 0
+    deadline = time.monotonic() + 60 * budget.max_minutes if budget.max_minutes else math.inf
+    inflight: dict[int, optuna.Trial] = {}
+    bar = Progress(budget.max_trials, done, show)
+    reason = "budget: max_trials reached"
+    try:
+        while True:
+            stop = _stop_reason(cfg, done, since_best, failures, deadline)
+            while stop is None and done + len(inflight) < budget.max_trials and len(inflight) < cap:
+                trial = study.ask(dists)
+                recipe = space.decode([trial.params[n] for n in space.names])
+                h = recipe.hash()
+                trial.set_user_attr("recipe", recipe.to_yaml())
+                trial.set_user_attr("recipe_hash", h)
+                if h in cache:  # an identical candidate is never evaluated twice
+                    _tell_cached(study, trial, cache[h])
+                    done += 1
+                    bar.update(best)
+                    continue
+                executor.submit(trial.number, recipe)
+                inflight[trial.number] = trial
+            if not inflight:
+                reason = stop or reason
+                break
+            number, outcome = executor.wait()
+            trial = inflight.pop(number)
+            _tell(study, trial, outcome)
+            done += 1
+            if outcome.ok:
+                failures = 0
+                cache[trial.user_attrs["recipe_hash"]] = study._storage.get_trial(trial._trial_id)
+                if best is None or outcome.fitness > best:
+                    best, since_best = outcome.fitness, 0
+                else:
+                    since_best += 1
+            else:
+                failures += 1
+                log.warning("trial %d failed: %s", number, outcome.error)
+            bar.update(best)
+    except KeyboardInterrupt:
+        for trial in inflight.values():  # finished trials are told; in-flight ones are re-run on resume
+            study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+            study.tell(trial, state=TrialState.FAIL)
+            study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number}, skip_if_exists=False)
+        reason = "interrupted (Ctrl-C); `evolve resume` continues"
+    finally:
+        bar.close()
+    if failures >= budget.max_consecutive_failures:
+        raise EvomergeError(f"stopped after {failures} consecutive failed trials; last: {_last_fail_reason(study)}")
+    return reason
+
+
+def _stop_reason(cfg: RunConfig, done: int, since_best: int, failures: int, deadline: float) -> Optional[str]:
+    b = cfg.search.budget
+    if done >= b.max_trials:
+        return "budget: max_trials reached"
+    if failures >= b.max_consecutive_failures:
+        return "too many consecutive failures"
+    if time.monotonic() >= deadline:
+        return "budget: max_minutes reached"
+    if b.patience is not None and since_best >= b.patience:
+        return f"patience: {since_best} trials without improvement"
+    return None
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
+    for key in ("metrics", "merge_seconds", "eval_seconds", "worker"):
+        trial.set_user_attr(key, getattr(outcome, key))
+    if outcome.ok:
+        trial.set_user_attr("fitness", outcome.fitness)
+        study.tell(trial, outcome.fitness)
+    else:
+        trial.set_user_attr("fail_reason", outcome.error)
+        study.tell(trial, state=TrialState.FAIL)
+
+
+def _tell_cached(study: optuna.Study, trial: optuna.Trial, source: FrozenTrial) -> None:
+    for key in ("metrics", "fitness"):
+        trial.set_user_attr(key, source.user_attrs.get(key))
+    trial.set_user_attr("cached_from", source.number)
+    study.tell(trial, source.value)
+
+
+def _last_fail_reason(study: optuna.Study) -> str:
+    fails = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if not t.user_attrs.get("interrupted")]
+    return fails[-1].user_attrs.get("fail_reason", "unknown") if fails else "unknown"
+
+
+def evaluated_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if counted(t)]
+
+
+def best_trial(study: optuna.Study, number: Optional[int] = None) -> FrozenTrial:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise EvomergeError(f"study '{study.study_name}' has no complete trial yet")
+    if number is None:
+        return max(complete, key=lambda t: (t.value, -t.number))
+    for t in complete:
+        if t.number == number:
+            return t
+    raise EvomergeError(f"--trial {number}: no complete trial with that number (complete: {len(complete)})")
+
+
+def trial_recipe(t: FrozenTrial) -> MergeRecipe:
+    return MergeRecipe.from_yaml(t.user_attrs["recipe"], where=f"trial {t.number} recipe")

@@ -1,0 +1,275 @@
+"""Search report: figures (fitness, best recipe heatmap, parameter importances) and one self-contained HTML page.
+
+Everything is read from the Optuna study the search loop writes (see the study and trial user attrs it sets),
+so a report can be drawn for a running search, a finished one, or one copied from another machine.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import math
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+from optuna.trial import FrozenTrial, TrialState  # noqa: E402
+
+from merge_core.errors import EvomergeError  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+MODULES = ("attn", "mlp", "other")
+MIN_TRIALS_FOR_IMPORTANCE = 10
+IMPORTANCE_TIMEOUT_S = 10.0
+MAX_IMPORTANCE_BARS = 25
+MAX_ANNOTATED_CELLS = 150
+DPI = 100
+_LAYER_GROUP = re.compile(r"^L(\d+)(?:-(\d+))?$")
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+
+def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None) -> list[Path]:
+    """Write fitness.png, best_recipe.png, importances.png (when it can be computed) and report.html into out_dir."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise EvomergeError(f"study '{study.study_name}' has no complete trial yet: nothing to report")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trials = study.get_trials(deepcopy=False)
+    best = study.best_trial
+    figures = {"fitness.png": plot_fitness(trials), "best_recipe.png": plot_best_recipe(best, _param_order(study, best))}
+    importances, why_not = compute_importances(study, len(complete))
+    if importances is not None:
+        figures["importances.png"] = plot_importances(importances)
+    paths = [_save(fig, out_dir / name) for name, fig in figures.items()]
+    page = render_html(study, trials, best, {p.name: p for p in paths}, title=title, importance_note=why_not)
+    html_path = out_dir / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+    log.info("wrote report for study '%s' to %s", study.study_name, html_path)
+    return [*paths, html_path]
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ---- parameter names ----------------------------------------------------------------------------
+
+
+def parse_param_name(name: str) -> tuple[str, str | None, str | None, str]:
+    """``L08-15.mlp.math.density`` -> ("L08-15", "mlp", "math", "density"); ``L00.t`` -> ("L00", None, None, "t").
+
+    Group first, an optional module (attn | mlp | other), the source alias (absent for global parameters,
+    may itself contain dots), the parameter last.
+    """
+    parts = name.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise EvomergeError(f"parameter name '{name}' is not GROUP[.MODULE][.SOURCE].PARAM")
+    group, rest, param = parts[0], parts[1:-1], parts[-1]
+    module = rest.pop(0) if rest and rest[0] in MODULES else None
+    return group, module, (".".join(rest) or None), param
+
+
+def _group_key(group: str) -> tuple:
+    """embed, then layer groups by first layer (``all`` spans every layer), then head; unknown names last."""
+    if group == "embed":
+        return (0, 0, group)
+    if group == "all":
+        return (1, -1, group)
+    m = _LAYER_GROUP.match(group)
+    if m:
+        return (1, int(m.group(1)), group)
+    if group == "head":
+        return (2, 0, group)
+    return (3, 0, group)
+
+
+def _column_key(col: tuple[str, str | None]) -> tuple:
+    group, module = col
+    return (*_group_key(group), -1 if module is None else MODULES.index(module))
+
+
+def _param_order(study: optuna.Study, best: FrozenTrial) -> list[str]:
+    """The best trial's parameter names in genome order (study attr ``space_names``) when known."""
+    names = study.user_attrs.get("space_names") or []
+    return [n for n in names if n in best.params] + [n for n in best.params if n not in names]
+
+
+# ---- figures ------------------------------------------------------------------------------------
+
+
+def plot_fitness(trials: list[FrozenTrial]) -> plt.Figure:
+    """Fitness per trial number (cached duplicates hollow), failed trials as crosses on the floor, best so far."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    failed = [t.number for t in trials if t.state == TrialState.FAIL]
+    fresh = [t for t in done if "cached_from" not in t.user_attrs]
+    cached = [t for t in done if "cached_from" in t.user_attrs]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.scatter([t.number for t in fresh], [t.value for t in fresh], s=18, color="tab:blue", label="trial")
+    if cached:
+        ax.scatter([t.number for t in cached], [t.value for t in cached], s=18, facecolors="none",
+                   edgecolors="tab:blue", label="cached duplicate")
+    ax.step([t.number for t in done], np.maximum.accumulate([t.value for t in done]), where="post",
+            color="tab:orange", label="best so far")
+    if failed:
+        low, high = min(t.value for t in done), max(t.value for t in done)
+        floor = low - 0.05 * ((high - low) or 1.0)
+        ax.scatter(failed, [floor] * len(failed), marker="x", color="tab:red", label=f"failed ({len(failed)})")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("fitness")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    return fig
+
+
+def recipe_grid(params: dict[str, float], order: list[str]) -> tuple[np.ndarray, list[str], list[str]]:
+    """Best-recipe table: rows (source, param) in genome order, columns (group, module) in layer order; NaN = unset."""
+    cells = {}
+    for name in order:
+        group, module, source, param = parse_param_name(name)
+        cells[(source, param), (group, module)] = params[name]
+    rows = list(dict.fromkeys(r for r, _ in cells))
+    cols = sorted(dict.fromkeys(c for _, c in cells), key=_column_key)
+    grid = np.full((len(rows), len(cols)), np.nan)
+    for (r, c), v in cells.items():
+        grid[rows.index(r), cols.index(c)] = v
+    row_labels = [param if source is None else f"{source} · {param}" for source, param in rows]
+    col_labels = [group if module is None else f"{group}\n{module}" for group, module in cols]
+    return grid, row_labels, col_labels
+
+
+def plot_best_recipe(best: FrozenTrial, order: list[str]) -> plt.Figure:
+    """Heatmap of the best trial's genome; values written in the cells when the grid is small."""
+    grid, row_labels, col_labels = recipe_grid(best.params, order)
+    n_rows, n_cols = grid.shape
+    fig, ax = plt.subplots(figsize=(min(24, 2.5 + 0.75 * n_cols), min(16, 1.5 + 0.45 * n_rows)))
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    small = n_cols <= 30
+    ax.set_xticks(range(n_cols), col_labels, fontsize=9 if small else 7, rotation=0 if small else 90)
+    ax.set_yticks(range(n_rows), row_labels, fontsize=9)
+    ax.set_title(f"best recipe (trial {best.number}, fitness {best.value:.4g})")
+    if grid.size <= MAX_ANNOTATED_CELLS:
+        _annotate(ax, grid, image)
+    return fig
+
+
+def _annotate(ax: plt.Axes, grid: np.ndarray, image: Any) -> None:
+    for (i, j), v in np.ndenumerate(grid):
+        if not math.isnan(v):
+            dark = sum(image.cmap(image.norm(v))[:3]) < 1.5
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
+
+
+def compute_importances(study: optuna.Study, n_complete: int) -> tuple[dict[str, float] | None, str | None]:
+    """Optuna's default importance evaluator, given IMPORTANCE_TIMEOUT_S; returns (importances, why not)."""
+    if n_complete < MIN_TRIALS_FOR_IMPORTANCE:
+        return None, f"needs at least {MIN_TRIALS_FOR_IMPORTANCE} complete trials, the study has {n_complete}"
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["value"] = optuna.importance.get_param_importances(study)
+        except Exception as err:  # noqa: BLE001  (a report must not fail because importances could not be fit)
+            result["error"] = err
+
+    worker = threading.Thread(target=work, name="param-importances", daemon=True)  # not cancellable: left to finish
+    worker.start()
+    worker.join(IMPORTANCE_TIMEOUT_S)
+    if worker.is_alive():
+        why = f"took longer than {IMPORTANCE_TIMEOUT_S:.0f} s"
+    elif "error" in result:
+        why = f"could not be computed: {result['error']}"
+    else:
+        return result["value"], None
+    log.warning("parameter importances skipped: %s", why)
+    return None, why
+
+
+def plot_importances(importances: dict[str, float]) -> plt.Figure:
+    """Horizontal bars, most important on top; the tail past MAX_IMPORTANCE_BARS is left out."""
+    top = sorted(importances.items(), key=lambda kv: kv[1], reverse=True)[:MAX_IMPORTANCE_BARS]
+    names, values = [k for k, _ in top][::-1], [v for _, v in top][::-1]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.3 * len(top)))
+    ax.barh(names, values, color="tab:blue")
+    ax.set_xlabel("importance (normalized)")
+    shown = "" if len(importances) <= MAX_IMPORTANCE_BARS else f" (top {MAX_IMPORTANCE_BARS} of {len(importances)})"
+    ax.set_title(f"parameter importances{shown}")
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+# ---- HTML ---------------------------------------------------------------------------------------
+
+
+def render_html(study: optuna.Study, trials: list[FrozenTrial], best: FrozenTrial, images: dict[str, Path], *,
+                title: str | None = None, importance_note: str | None = None) -> str:
+    """One page with no external references: summary table, best recipe YAML, figures inlined as base64."""
+    title = title or f"evomerge report: {study.study_name}"
+    esc = html.escape
+    body = [f"<h1>{esc(title)}</h1>", "<h2>Summary</h2>", _summary_table(study, trials, best)]
+    body += ["<h2>Best recipe</h2>", f"<pre>{esc(str(best.user_attrs.get('recipe', '(not recorded)')))}</pre>"]
+    body += [_img(images[name], alt) for name, alt in (("fitness.png", "fitness per trial"),
+                                                       ("best_recipe.png", "best recipe parameters"))]
+    body.append("<h2>Parameter importances</h2>")
+    body.append(_img(images["importances.png"], "parameter importances") if "importances.png" in images
+                else f"<p>Skipped: {esc(importance_note or 'not computed')}.</p>")
+    if "config" in study.user_attrs:
+        body.append(f"<details><summary>Run config</summary><pre>{esc(str(study.user_attrs['config']))}</pre></details>")
+    return _PAGE.format(title=esc(title), body="\n".join(body))
+
+
+def _summary_table(study: optuna.Study, trials: list[FrozenTrial], best: FrozenTrial) -> str:
+    counts = {s: sum(t.state == s for t in trials) for s in TrialState}
+    rows: list[tuple[str, Any]] = [("study", study.study_name), ("stage", study.user_attrs.get("stage", "-")),
+                                   ("trials complete", counts[TrialState.COMPLETE]),
+                                   ("trials failed", counts[TrialState.FAIL])]
+    rows += [(f"trials {s.name.lower()}", n) for s, n in counts.items()
+             if n and s not in (TrialState.COMPLETE, TrialState.FAIL)]
+    rows += [("best fitness", f"{best.value:.6g}"), ("best trial", best.number)]
+    rows += [(f"best {k}", _fmt(v)) for k, v in (best.user_attrs.get("metrics") or {}).items()]
+    rows += [(k.replace("_", " "), _fmt(best.user_attrs[k])) for k in ("merge_seconds", "eval_seconds")
+             if k in best.user_attrs]
+    cells = "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<table>\n{cells}\n</table>"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>'
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1400px; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.75em; text-align: left; }}
+pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
+img {{ max-width: 100%; }}
+</style>
+</head>
+<body>
+{body}
+</body>
+</html>
+"""

@@ -1,0 +1,237 @@
+"""Optuna samplers for the search loop: pycma's CMA-ES behind Optuna's ask/tell, and the factory the config names.
+
+`PycmaSampler` keeps all of its state in the study, so a sampler built in a new process on the same storage
+continues exactly where the last one stopped:
+
+- Generations. `es.ask()` produces a whole generation once; its candidates and the pickled ES are stored in the
+  study system attr ``pycma:state``. Each new trial takes the next unused candidate and records it in its own
+  system attrs ``pycma:generation`` and ``pycma:index`` (a candidate "slot").
+- Tell. The generation is told lazily: when a trial needs a candidate and every slot is handed out and finished,
+  the sampler calls ``es.tell(candidates, losses)`` and ``es.ask()`` for the next generation, then stores the new
+  state. Loss is ``value`` when minimizing and ``-value`` when maximizing.
+- Failures. A slot whose trials all FAILed or were PRUNED (or whose value is not finite) is told the worst finite
+  loss of its generation (the worst of the whole study if the generation has none), so CMA ranks it last.
+- Re-runs. A trial enqueued with exactly the params of a failed slot of the current generation (what the loop does
+  for trials a dead process left RUNNING) takes that slot over, so its value is what CMA is told; since the tell
+  waits until a candidate is needed, the re-run's value reaches CMA even when the failure closed the generation.
+- Other enqueued trials (the evaluated ``x0``) keep their fixed params and take no candidate.
+- Concurrency. pycma cannot take a tell for a partial generation, so once every candidate of a generation is
+  handed out, the next ask must wait until all of them are finished; asking anyway raises ``RuntimeError``.
+  ``max_parallel`` (= popsize) bounds how many trials can be in flight; ``available(study)`` says how many asks
+  can be made now without that error. Asks must come from one process at a time.
+"""
+from __future__ import annotations
+
+import base64
+import math
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+import cma
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.study import Study, StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from merge_core.errors import EvomergeError
+
+STATE_KEY = "pycma:state"
+GENERATION_KEY = "pycma:generation"
+INDEX_KEY = "pycma:index"
+
+SAMPLERS = ("cmaes", "pycma", "tpe", "random", "nsga2")
+
+
+class _SeededRandn:
+    """pycma's ``randn`` option from a private seeded generator; pickled with the ES, so the stream resumes.
+
+    pycma's own ``seed`` option seeds numpy's global RNG, which we never touch.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, *shape: int) -> np.ndarray:
+        return self.rng.standard_normal(shape)
+
+
+class PycmaSampler(optuna.samplers.BaseSampler):
+    """CMA-ES from the ``cma`` package over a fixed box of FloatDistributions, resumable from the study alone."""
+
+    def __init__(self, names: list[str], x0: list[float], bounds: list[tuple[float, float]], sigma0: float,
+                 seed: int, popsize: int | None = None) -> None:
+        if not names or len(x0) != len(names) or len(bounds) != len(names):
+            raise EvomergeError(f"pycma: names, x0 and bounds must have the same non-zero length, "
+                                f"got {len(names)}, {len(x0)}, {len(bounds)}")
+        for name, x, (low, high) in zip(names, x0, bounds):
+            if not low < high or not low <= x <= high:
+                raise EvomergeError(f"pycma: {name}: x0 {x} must lie in bounds [{low}, {high}] with low < high")
+        if not sigma0 > 0:
+            raise EvomergeError(f"pycma: sigma0 must be > 0, got {sigma0}")
+        if popsize is not None and popsize < 2:
+            raise EvomergeError(f"pycma: popsize must be >= 2, got {popsize}")
+        self._names = list(names)
+        self._x0 = [float(x) for x in x0]
+        self._bounds = [(float(low), float(high)) for low, high in bounds]
+        self._sigma0 = float(sigma0)
+        self._seed = seed
+        self._popsize = popsize
+        self._space = {n: FloatDistribution(low, high) for n, (low, high) in zip(self._names, self._bounds)}
+        self.max_parallel: int = self._new_es().popsize  # pycma's default popsize when None: 4 + floor(3 ln d)
+
+    def _new_es(self) -> cma.CMAEvolutionStrategy:
+        lows, highs = zip(*self._bounds)
+        options = {"bounds": [list(lows), list(highs)], "randn": _SeededRandn(self._seed), "seed": math.nan,
+                   "verbose": -9, "verb_disp": 0, "verb_log": 0}
+        if self._popsize is not None:
+            options["popsize"] = self._popsize
+        return cma.CMAEvolutionStrategy(self._x0, self._sigma0, options)
+
+    # Optuna's sampler interface
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return dict(self._space)
+
+    def sample_relative(self, study: Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if not search_space or "fixed_params" in trial.system_attrs:
+            return {}  # an enqueued trial: its params are given, it takes no candidate
+        self._raise_error_if_multi_objective(study)
+        state = self._load_state(study)
+        if trial.system_attrs.get(GENERATION_KEY) == state["generation"]:  # already holds a slot
+            return self._params(state["candidates"][trial.system_attrs[INDEX_KEY]])
+        slots = _slots(study, state["generation"])
+        free = [i for i in range(len(state["candidates"])) if i not in slots]
+        if not free:
+            state = self._next_generation(study, state, slots)
+            free = [0]
+        storage = study._storage
+        storage.set_trial_system_attr(trial._trial_id, GENERATION_KEY, state["generation"])
+        storage.set_trial_system_attr(trial._trial_id, INDEX_KEY, free[0])
+        return self._params(state["candidates"][free[0]])
+
+    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        if param_name not in self._space or GENERATION_KEY in trial.system_attrs:
+            raise EvomergeError(f"pycma: parameter {param_name!r} with {param_distribution} is outside the "
+                                f"sampler's fixed search space {sorted(self._space)} and bounds")
+        return self._x0[self._names.index(param_name)]  # an enqueued trial that fixes only some params
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        """An enqueued re-run of a failed candidate of the current generation takes over its slot."""
+        fixed = trial.system_attrs.get("fixed_params")
+        state = _stored_state(study)
+        if not fixed or GENERATION_KEY in trial.system_attrs or state is None:
+            return
+        for index, owners in _slots(study, state["generation"]).items():
+            if _failed(owners) and fixed == owners[-1].params:
+                study._storage.set_trial_system_attr(trial._trial_id, GENERATION_KEY, state["generation"])
+                study._storage.set_trial_system_attr(trial._trial_id, INDEX_KEY, index)
+                return
+
+    def available(self, study: Study) -> int:
+        """How many ``study.ask`` calls can be made now without the in-flight ``RuntimeError``."""
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        state = _stored_state(study)
+        if state is None:
+            return len(waiting) + self.max_parallel
+        slots = _slots(study, state["generation"])
+        free = len(state["candidates"]) - len(slots)
+        if free:
+            return len(waiting) + free
+        rerun = [t.system_attrs.get("fixed_params") for t in waiting]
+        done = all(_loss(study, owners) is not None and not (_failed(owners) and owners[-1].params in rerun)
+                   for owners in slots.values())
+        return len(waiting) + (len(state["candidates"]) if done else 0)
+
+    # State
+
+    def _load_state(self, study: Study) -> dict[str, Any]:
+        state = _stored_state(study)
+        if state is None:
+            es = self._new_es()
+            state = _save_state(study, 0, es, es.ask())
+        if len(state["candidates"][0]) != len(self._names):
+            raise EvomergeError(f"pycma: the study was started with {len(state['candidates'][0])} parameters, "
+                                f"this sampler has {len(self._names)}; use a new study name")
+        return state
+
+    def _next_generation(self, study: Study, state: dict[str, Any],
+                         slots: dict[int, list[FrozenTrial]]) -> dict[str, Any]:
+        generation, candidates = state["generation"], state["candidates"]
+        losses = [_loss(study, slots[i]) for i in range(len(candidates))]
+        running = sum(loss is None for loss in losses)
+        if running:
+            raise RuntimeError(f"PycmaSampler: all {len(candidates)} candidates of generation {generation} are "
+                               f"handed out and {running} are not finished; ask at most "
+                               f"sampler.available(study) trials (sampler.max_parallel={self.max_parallel} "
+                               f"per generation)")
+        finite = [loss for loss in losses if math.isfinite(loss)] or _study_losses(study)
+        if not finite:
+            raise EvomergeError(f"pycma: every trial so far failed (generation {generation}); "
+                                f"check the evaluation before searching")
+        losses = [loss if math.isfinite(loss) else max(finite) for loss in losses]
+        es = pickle.loads(base64.b64decode(state["es"]))
+        es.tell([np.asarray(c, dtype=float) for c in candidates], losses)
+        return _save_state(study, generation + 1, es, es.ask())
+
+    def _params(self, candidate: Sequence[float]) -> dict[str, float]:
+        return {n: min(max(float(x), low), high) for n, x, (low, high) in zip(self._names, candidate, self._bounds)}
+
+
+def _stored_state(study: Study) -> dict[str, Any] | None:
+    return study._storage.get_study_system_attrs(study._study_id).get(STATE_KEY)
+
+
+def _save_state(study: Study, generation: int, es: cma.CMAEvolutionStrategy,
+                candidates: list[np.ndarray]) -> dict[str, Any]:
+    state = {"generation": generation, "candidates": [[float(x) for x in c] for c in candidates],
+             "es": base64.b64encode(pickle.dumps(es)).decode("ascii")}
+    study._storage.set_study_system_attr(study._study_id, STATE_KEY, state)
+    return state
+
+
+def _slots(study: Study, generation: int) -> dict[int, list[FrozenTrial]]:
+    """Candidate index -> the trials that took it (several after a re-run), in trial order."""
+    slots: dict[int, list[FrozenTrial]] = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.system_attrs.get(GENERATION_KEY) == generation:
+            slots.setdefault(t.system_attrs[INDEX_KEY], []).append(t)
+    return slots
+
+
+def _failed(owners: list[FrozenTrial]) -> bool:
+    return all(t.state in (TrialState.FAIL, TrialState.PRUNED) for t in owners)
+
+
+def _loss(study: Study, owners: list[FrozenTrial]) -> float | None:
+    """The slot's loss: from its completed trial, ``nan`` if all its trials failed, None while one runs."""
+    sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
+    for t in owners:
+        if t.state == TrialState.COMPLETE:
+            return sign * t.value if math.isfinite(t.value) else math.nan
+    return math.nan if _failed(owners) else None
+
+
+def _study_losses(study: Study) -> list[float]:
+    sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
+    return [sign * t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if math.isfinite(t.value)]
+
+
+def make_sampler(name: str, *, names: list[str], x0: list[float], bounds: list[tuple[float, float]],
+                 sigma0: float, seed: int, popsize: int | None = None) -> optuna.samplers.BaseSampler:
+    """The sampler the config's ``search.optimizer.sampler`` names."""
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(x0=dict(zip(names, x0)), sigma0=sigma0, seed=seed, popsize=popsize)
+    if name == "pycma":
+        return PycmaSampler(names, x0, bounds, sigma0, seed, popsize)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, **({} if popsize is None else {"population_size": popsize}))
+    raise EvomergeError(f"search.optimizer.sampler: {name!r} is not one of {', '.join(SAMPLERS)}")

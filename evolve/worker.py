@@ -1,0 +1,107 @@
+"""A search worker: sources resident, one live model, evaluators built once; scores one recipe per call."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from evolve.config import RunConfig, Task, parse_config
+from merge_core.errors import EvomergeError
+from merge_core.materialize import Materializer
+from merge_core.merge import DTYPES
+from merge_core.recipe import MergeRecipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What one evaluation produced: metrics and fitness, or the reason it failed."""
+
+    worker: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    fitness: float | None = None
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_evaluators(tasks: list[Task], *, seed: int, split: str | None = None, limit: int | None = None, heldout: bool = False) -> list[tuple[str, Any]]:
+    """(task name, evaluator) pairs; the held-out variant swaps the split and the sample limit."""
+    from evals import build_evaluator
+
+    out = []
+    for task in tasks:
+        spec = task.evaluator_spec()
+        spec.setdefault("seed", seed)
+        if heldout:
+            if split is not None and "split" in spec:
+                spec["split"] = split
+            spec["limit"] = limit
+        spec.pop("name")
+        out.append((task.name, build_evaluator(spec)))
+    return out
+
+
+def score_metrics(evaluators: list[tuple[str, Any]], model: Any, tokenizer: Any) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for name, evaluator in evaluators:
+        for key, value in evaluator.evaluate(model, tokenizer).items():
+            metrics[f"{name}/{key}"] = float(value)
+    return metrics
+
+
+class Worker:
+    """Built once per worker process/actor; ``evaluate`` merges a candidate in place and scores it."""
+
+    def __init__(self, cfg: RunConfig | dict, template_yaml: str, worker_id: str = "local"):
+        from transformers import AutoTokenizer
+
+        from evals.fitness import Fitness
+
+        self.cfg = cfg if isinstance(cfg, RunConfig) else parse_config(cfg)
+        self.worker_id = worker_id
+        torch.manual_seed(self.cfg.seed)
+        template = MergeRecipe.from_yaml(template_yaml)
+        ex = self.cfg.execution
+        self.materializer = Materializer(template, device=ex.device, allow_pickle=self.cfg.models.allow_pickle,
+                                         trust_remote_code=self.cfg.models.trust_remote_code)
+        self.model = self.materializer.new_model(dtype=DTYPES[ex.dtype])
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.materializer.reference.path),
+                                                       trust_remote_code=self.cfg.models.trust_remote_code)
+        self.evaluators = build_evaluators(list(self.cfg.evaluation.tasks), seed=self.cfg.seed)
+        self.fitness = Fitness([(t.metric, t.weight, t.direction) for t in self.cfg.evaluation.fitness])
+
+    def evaluate(self, recipe_yaml: str) -> Outcome:
+        out = Outcome(worker=self.worker_id)
+        try:
+            t0 = time.perf_counter()
+            self.materializer.apply(MergeRecipe.from_yaml(recipe_yaml), self.model)
+            out.merge_seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            out.metrics = score_metrics(self.evaluators, self.model, self.tokenizer)
+            out.eval_seconds = time.perf_counter() - t1
+            out.fitness = self.fitness.score(out.metrics)
+            if not math.isfinite(out.fitness):
+                raise EvomergeError(f"fitness is {out.fitness}")
+        except EvomergeError as e:
+            out.error = " ".join(str(e).split())
+        except Exception as e:  # a candidate must never take the search down: record why it failed
+            log.debug("trial failed on %s:\n%s", self.worker_id, traceback.format_exc())
+            out.error = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+        return out
+
+    def ping(self) -> str:
+        return self.worker_id

@@ -1,0 +1,249 @@
+"""Build the tiny zoo: a base model, a J ("Japanese") expert and a math expert, plus evaluation task splits.
+
+    python -m evolve.zoo.build --out data/zoo --seed 0
+
+Everything is a deterministic function of the seed (model init, training data, task splits) at a fixed thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import platform
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+import transformers
+from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from merge_core.errors import EvomergeError
+from merge_core.synthetic import word_tokenizer
+from evolve.zoo.train import TrainSchedule, new_model, train
+from evolve.zoo.world import (
+    TASKS, TERMINATOR, Item, Mixture, TaskSpec, base_mixture, expert_ja_mixture, expert_math_mixture,
+    sample_item, vocabulary,
+)
+
+log = logging.getLogger(__name__)
+
+Size = Literal["full", "ci"]
+SPLITS = ("train", "dev", "test")
+MODELS = ("base", "expert_ja", "expert_math")
+OWNED = (*MODELS, "tasks", "BUILD.md", "zoo.json")  # what a rebuild replaces in out_dir (MEASURED.md is kept)
+
+
+@dataclass(frozen=True)
+class ZooSize:
+    """Training budgets and task split sizes of one build size."""
+
+    base: TrainSchedule
+    expert_ja: TrainSchedule
+    expert_math: TrainSchedule
+    split_sizes: tuple[int, int, int]  # train, dev, test items per task
+
+
+SIZES: dict[str, ZooSize] = {
+    "full": ZooSize(TrainSchedule(2500, 2e-3), TrainSchedule(200, 3e-4), TrainSchedule(300, 3e-4), (400, 200, 500)),
+    "ci": ZooSize(TrainSchedule(30, 2e-3, 16), TrainSchedule(8, 3e-4, 16), TrainSchedule(8, 3e-4, 16), (20, 10, 10)),
+}
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """The zoo's word-level tokenizer: special tokens, then the world's vocabulary."""
+    return word_tokenizer(vocabulary())
+
+
+def data_rng(seed: int, role: str) -> random.Random:
+    """An independent random stream per (seed, role), stable across Python versions and processes."""
+    return random.Random(f"evomerge-zoo:{seed}:{role}")
+
+
+def task_splits(seed: int, split_sizes: Sequence[int]) -> tuple[dict[str, dict[str, list[dict]]], frozenset[Item]]:
+    """Rows {"id", "prompt", "answer"} per task and split, all items distinct; and the set of items used (reserved)."""
+    used: set[Item] = set()
+    splits: dict[str, dict[str, list[dict]]] = {}
+    for spec in TASKS.values():
+        rng = data_rng(seed, f"tasks:{spec.name}")
+        splits[spec.name] = {split: _rows(spec, split, n, rng, used) for split, n in zip(SPLITS, split_sizes)}
+    return splits, frozenset(used)
+
+
+def _rows(spec: TaskSpec, split: str, n: int, rng: random.Random, used: set[Item]) -> list[dict]:
+    rows = []
+    while len(rows) < n:
+        item = sample_item(rng, spec.kind)
+        if item in used:
+            continue
+        used.add(item)
+        prompt, answer = spec.example(item, rng)
+        rows.append({"id": f"{spec.name}-{split}-{len(rows):04d}", "prompt": prompt, "answer": answer})
+    return rows
+
+
+def tasks_manifest(split_sizes: Sequence[int]) -> dict:
+    """The tasks.json manifest: how to read, prompt and score every task."""
+    numerals = {"e": "digits 0..18", "j": "J numeral words j0..j18"}
+    return {
+        "format": "JSONL rows {id, prompt, answer}; the prompt ends where the answer starts (after the cue word).",
+        "scoring": "correct iff the first whitespace-separated word of the greedy continuation equals `answer` "
+                   "(for the word-level tokenizer: the greedy first token decodes to `answer`).",
+        "stop": [TERMINATOR],
+        "splits": dict(zip(SPLITS, split_sizes)),
+        "tasks": [
+            {"name": t.name, "description": t.description, "kind": t.kind, "language": t.lang,
+             "cue": "kotae" if t.lang == "j" else "answer", "answer_format": f"one word: {numerals[t.lang]}",
+             "stop": [TERMINATOR], "files": {s: f"{t.name}/{s}.jsonl" for s in SPLITS}}
+            for t in TASKS.values()
+        ],
+    }
+
+
+def write_tasks(out_dir: Path, seed: int, split_sizes: Sequence[int]) -> frozenset[Item]:
+    """Write tasks/<task>/{train,dev,test}.jsonl and tasks/tasks.json; returns the reserved items."""
+    splits, reserved = task_splits(seed, split_sizes)
+    for name, by_split in splits.items():
+        (out_dir / "tasks" / name).mkdir(parents=True)
+        for split, rows in by_split.items():
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            (out_dir / "tasks" / name / f"{split}.jsonl").write_text(text, encoding="utf-8")
+    manifest = json.dumps(tasks_manifest(split_sizes), indent=2, ensure_ascii=False)
+    (out_dir / "tasks" / "tasks.json").write_text(manifest + "\n", encoding="utf-8")
+    return reserved
+
+
+def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
+    """A loadable HF checkpoint: safetensors weights, config, tokenizer and a greedy generation config."""
+    model.generation_config = GenerationConfig(
+        do_sample=False, max_new_tokens=4, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(path)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _prepare(out_dir: Path, overwrite: bool) -> None:
+    clashes = [name for name in OWNED if (out_dir / name).exists()]
+    if clashes and not overwrite:
+        raise EvomergeError(f"{out_dir} already holds a zoo ({', '.join(clashes)}); pass overwrite=True / --overwrite")
+    for name in clashes:
+        target = out_dir / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _train_models(out_dir: Path, seed: int, plan: ZooSize, reserved: frozenset[Item]) -> dict[str, float]:
+    tokenizer = make_tokenizer()
+    base = new_model(tokenizer, seed)
+    losses = {"base": train(base, tokenizer, base_mixture(reserved), plan.base, data_rng(seed, "base"))}
+    save_model(base, tokenizer, out_dir / "base")
+    experts: dict[str, tuple[Mixture, TrainSchedule]] = {
+        "expert_ja": (expert_ja_mixture(reserved), plan.expert_ja),
+        "expert_math": (expert_math_mixture(reserved), plan.expert_math),
+    }
+    for name, (mixture, schedule) in experts.items():
+        expert = copy.deepcopy(base)
+        losses[name] = train(expert, tokenizer, mixture, schedule, data_rng(seed, name))
+        save_model(expert, tokenizer, out_dir / name)
+    return losses
+
+
+def build_zoo(
+    out_dir: str | Path,
+    seed: int = 0,
+    size: Size = "full",
+    *,
+    overwrite: bool = False,
+    threads: int = 1,
+    command: str | None = None,
+) -> Path:
+    """Build the zoo into out_dir/{base,expert_ja,expert_math}/ and out_dir/tasks/, with BUILD.md and zoo.json.
+
+    Deterministic in `seed` for a given `threads` (torch's CPU kernels may round differently across thread counts).
+    `command` is recorded in BUILD.md (defaults to the equivalent `python -m evolve.zoo.build` line).
+    """
+    if size not in SIZES:
+        raise EvomergeError(f"unknown zoo size {size!r}; choose one of {', '.join(SIZES)}")
+    out_dir = Path(out_dir)
+    plan = SIZES[size]
+    _prepare(out_dir, overwrite)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    try:
+        reserved = write_tasks(out_dir, seed, plan.split_sizes)
+        losses = _train_models(out_dir, seed, plan, reserved)
+    finally:
+        torch.set_num_threads(previous_threads)
+    seconds = time.perf_counter() - started
+    command = command or f"python -m evolve.zoo.build --out {out_dir} --seed {seed} --size {size}"
+    _write_records(out_dir, seed, size, threads, command, seconds, losses)
+    log.info("zoo built in %.0f s at %s", seconds, out_dir)
+    return out_dir
+
+
+def _write_records(
+    out_dir: Path, seed: int, size: str, threads: int, command: str, seconds: float, losses: dict[str, float]
+) -> None:
+    hashes = {m: file_sha256(out_dir / m / "model.safetensors") for m in MODELS}
+    record = {
+        "seed": seed, "size": size, "threads": threads, "command": command, "build_seconds": round(seconds, 1),
+        "final_loss": {m: round(v, 4) for m, v in losses.items()}, "model_sha256": hashes,
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+    }
+    (out_dir / "zoo.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    plan = SIZES[size]
+    lines = [
+        "# Tiny zoo build", "",
+        f"Built with `{command}` (seed {seed}, size `{size}`, {threads} torch thread(s)) in {seconds:.0f} s "
+        f"on {platform.machine()} with torch {torch.__version__}, transformers {transformers.__version__}.", "",
+        "| model | training | final loss | model.safetensors sha256 |", "|---|---|---|---|",
+    ]
+    for name, schedule in zip(MODELS, (plan.base, plan.expert_ja, plan.expert_math)):
+        start = "from scratch" if name == "base" else "from base"
+        lines.append(f"| {name} | {start}, {schedule.steps} steps, lr {schedule.lr:g}, batch {schedule.batch_size} "
+                     f"| {losses[name]:.4f} | `{hashes[name][:16]}…` |")
+    lines += ["", f"Tasks: {', '.join(TASKS)}; splits train/dev/test = {'/'.join(map(str, plan.split_sizes))} "
+              "items per task (see tasks/tasks.json).", ""]
+    (out_dir / "BUILD.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m evolve.zoo.build --out DIR --seed N [--size full|ci] [--overwrite]`."""
+    parser = argparse.ArgumentParser(prog="python -m evolve.zoo.build", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="data/zoo", help="output folder (default: data/zoo)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--overwrite", action="store_true", help="replace a zoo already in --out")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the hashes depend on it)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    command = f"python -m evolve.zoo.build --out {args.out} --seed {args.seed} --size {args.size}"
+    try:
+        build_zoo(args.out, args.seed, args.size, overwrite=args.overwrite, threads=args.threads, command=command)
+    except EvomergeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

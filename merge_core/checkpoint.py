@@ -1,0 +1,489 @@
+"""Checkpoint IO: lazy memory-mapped reading, sharded safetensors writing, and merge-compatibility checks."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Iterable, Mapping, Protocol
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from merge_core.errors import EvomergeError, IncompatibleModelsError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_HUB_PATTERNS = ["*.safetensors", SAFETENSORS_INDEX, "config.json", "generation_config.json", *TOKENIZER_FILES]
+_PICKLE_PATTERNS = ["pytorch_model*.bin", PICKLE_INDEX]
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+# --------------------------------------------------------------------------- tensor names
+
+
+def layer_index(tensor_name: str) -> int | None:
+    """The decoder layer a tensor belongs to (`model.layers.3.mlp...` -> 3), or None outside the layers."""
+    match = _LAYER_RE.search(tensor_name)
+    return int(match.group(1)) if match else None
+
+
+def module_kind(tensor_name: str) -> str:
+    """'attn', 'mlp', 'embed' (input embeddings), 'head' (lm_head) or 'other' (norms and the rest)."""
+    parts = tensor_name.split(".")
+    if "embed_tokens" in parts:
+        return "embed"
+    if "lm_head" in parts:
+        return "head"
+    if {"self_attn", "attention", "attn"} & set(parts):
+        return "attn"
+    if {"mlp", "feed_forward"} & set(parts):
+        return "mlp"
+    return "other"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Shard(Protocol):
+    """One weight file, opened lazily: shapes and dtypes without reading the data."""
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    def tensor(self, name: str) -> torch.Tensor: ...
+
+
+class _SafetensorsShard:
+    """A memory-mapped safetensors file."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = safe_open(str(path), framework="pt")
+
+    def keys(self) -> list[str]:
+        return list(self._file.keys())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._file.get_slice(name).get_dtype()
+        return _SAFETENSORS_DTYPES[code] if code in _SAFETENSORS_DTYPES else self.tensor(name).dtype
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._file.get_tensor(name)
+
+
+class _PickleShard:
+    """A pickled torch state dict, loaded with weights_only=True and memory-mapped where the format allows."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+            self._tensors = torch.load(path, map_location="cpu", weights_only=True)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensors[name].dtype
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+class Checkpoint:
+    """A model directory read lazily: config from config.json, tensors memory-mapped one at a time."""
+
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        config: PretrainedConfig,
+        weight_map: dict[str, str],
+        pickled: bool,
+        trust_remote_code: bool,
+    ) -> None:
+        """Use `Checkpoint.open`; `weight_map` maps each tensor name to its file under `path`."""
+        self.name = name
+        self.path = path
+        self.config = config
+        self.trust_remote_code = trust_remote_code
+        self._weight_map = weight_map
+        self._pickled = pickled
+        self._shards: dict[str, _Shard] = {}
+
+    @classmethod
+    def open(cls, path_or_hub_id: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Checkpoint:
+        """Open a local model directory, or fetch a hub id's safetensors, config and tokenizer files first."""
+        name = str(path_or_hub_id)
+        local = Path(name).expanduser()
+        if local.is_file():
+            raise EvomergeError(f"model '{name}': is a file; pass the model's directory (with config.json)")
+        path = local if local.is_dir() else _fetch_from_hub(name, allow_pickle, trust_remote_code)
+        config = _read_config(name, path, trust_remote_code)
+        weight_map, pickled = _find_weights(name, path, allow_pickle)
+        return cls(name, path, config, weight_map, pickled, trust_remote_code)
+
+    def __contains__(self, tensor_name: object) -> bool:
+        return tensor_name in self._weight_map
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.name!r}, model_type={self.model_type!r}, tensors={len(self._weight_map)})"
+
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+    @property
+    def architectures(self) -> list[str]:
+        return list(self.config.architectures or [])
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name in the checkpoint, sorted."""
+        return sorted(self._weight_map)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.get_text_config().num_hidden_layers)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.get_text_config().vocab_size)
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """True when the output head reuses the input embeddings (tie_word_embeddings and no lm_head.weight)."""
+        tied = bool(getattr(self.config.get_text_config(), "tie_word_embeddings", False))
+        return tied and not any(module_kind(n) == "head" for n in self._weight_map)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shard(name).shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._shard(name).dtype(name)
+
+    def tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The tensor as stored (no dtype conversion), moved to `device`."""
+        return self._shard(name).tensor(name).to(device)
+
+    def _shard(self, name: str) -> _Shard:
+        """The (lazily opened, then reused) file holding tensor `name`."""
+        if name not in self._weight_map:
+            raise EvomergeError(f"model '{self.name}': has no tensor '{name}'")
+        file = self._weight_map[name]
+        if file not in self._shards:
+            shard_cls = _PickleShard if self._pickled else _SafetensorsShard
+            self._shards[file] = shard_cls(self.path / file)
+        return self._shards[file]
+
+
+def _fetch_from_hub(hub_id: str, allow_pickle: bool, trust_remote_code: bool) -> Path:
+    """Download (or find in the cache) the files a merge needs; pickled weights only when allowed and needed."""
+    patterns = _HUB_PATTERNS + (["*.py"] if trust_remote_code else [])
+    path = _snapshot(hub_id, patterns)
+    if allow_pickle and not _has_safetensors(path):
+        path = _snapshot(hub_id, patterns + _PICKLE_PATTERNS)
+    return path
+
+
+def _snapshot(hub_id: str, patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=patterns))
+    except HFValidationError:
+        reason = "not an existing directory and not a valid hub id"
+    except GatedRepoError:
+        reason = "gated repository; accept its terms and log in with `hf auth login`"
+    except RepositoryNotFoundError:
+        reason = "repository not found, or private and not logged in"
+    except LocalEntryNotFoundError:
+        reason = "offline and not in the local hub cache"
+    except OSError as err:
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    raise EvomergeError(f"model '{hub_id}': not a local directory and could not be fetched from the hub ({reason})")
+
+
+def _read_config(name: str, path: Path, trust_remote_code: bool) -> PretrainedConfig:
+    """config.json through AutoConfig; remote code only when the user allowed it, never an interactive prompt."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise EvomergeError(f"model '{name}': no config.json in {path}")
+    raw = json.loads(config_file.read_text(encoding="utf-8"))
+    model_type = raw.get("model_type")
+    if not trust_remote_code and model_type not in CONFIG_MAPPING:
+        if "auto_map" in raw:
+            raise EvomergeError(
+                f"model '{name}': model_type '{model_type}' needs the repository's own code; "
+                "set `trust_remote_code: true` if you trust it"
+            )
+        raise EvomergeError(f"model '{name}': model_type '{model_type}' is not known to this transformers version")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EvomergeError(f"model '{name}': cannot read config.json ({first_line})") from err
+
+
+def _has_safetensors(path: Path) -> bool:
+    return (path / SAFETENSORS_INDEX).is_file() or (path / SAFETENSORS_SINGLE).is_file()
+
+
+def _find_weights(name: str, path: Path, allow_pickle: bool) -> tuple[dict[str, str], bool]:
+    """The tensor-name -> file map, and whether the files are pickled; pickles only when allowed."""
+    if (path / SAFETENSORS_INDEX).is_file():
+        return _index_weight_map(path / SAFETENSORS_INDEX), False
+    if (path / SAFETENSORS_SINGLE).is_file():
+        return dict.fromkeys(_SafetensorsShard(path / SAFETENSORS_SINGLE).keys(), SAFETENSORS_SINGLE), False
+    pickle_file = next((f for f in (PICKLE_INDEX, PICKLE_SINGLE) if (path / f).is_file()), None)
+    if pickle_file is None:
+        raise EvomergeError(
+            f"model '{name}': no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or {PICKLE_SINGLE} in {path}"
+        )
+    if not allow_pickle:
+        raise EvomergeError(
+            f"model '{name}': weights are only in pickled '{pickle_file}', which can run code when loaded; "
+            "convert it to safetensors, or set `allow_pickle: true` if you trust it"
+        )
+    if pickle_file == PICKLE_INDEX:
+        return _index_weight_map(path / PICKLE_INDEX), True
+    return dict.fromkeys(_PickleShard(path / PICKLE_SINGLE).keys(), PICKLE_SINGLE), True
+
+
+def _index_weight_map(index_file: Path) -> dict[str, str]:
+    return dict(json.loads(index_file.read_text(encoding="utf-8"))["weight_map"])
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class ShardedWriter:
+    """Writes tensors as safetensors shards of at most `max_shard_bytes`, buffering one shard at a time.
+
+    Shards are written under temporary names and renamed by `finalize()` once their count is known:
+    `model.safetensors` for one shard, else `model-0000i-of-0000N.safetensors` plus the index transformers reads.
+    """
+
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._written: list[tuple[Path, list[str]]] = []
+        self._total_bytes = 0
+        self._seen: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Buffer `tensor` under `name`; the current shard is flushed first if it would grow past the limit."""
+        if name in self._seen:
+            raise EvomergeError(f"writer for {self.out_dir}: tensor '{name}' added twice")
+        self._seen.add(name)
+        size = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._buffer[name] = _standalone_cpu(tensor, self._buffer.values())
+        self._buffer_bytes += size
+        self._total_bytes += size
+
+    def finalize(self) -> Path:
+        """Flush the last shard, give the shards their final names, write the index; returns the file to load."""
+        self._flush()
+        if not self._written:
+            raise EvomergeError(f"writer for {self.out_dir}: no tensors were added")
+        _remove_stale_weights(self.out_dir, keep={tmp for tmp, _ in self._written})
+        if len(self._written) == 1:
+            return self._written[0][0].rename(self.out_dir / SAFETENSORS_SINGLE)
+        count = len(self._written)
+        weight_map: dict[str, str] = {}
+        for i, (tmp, names) in enumerate(self._written, start=1):
+            final = f"model-{i:05d}-of-{count:05d}.safetensors"
+            tmp.rename(self.out_dir / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        index_file = self.out_dir / SAFETENSORS_INDEX
+        index_file.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        return index_file
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        tmp = self.out_dir / f".shard-{len(self._written) + 1:05d}.safetensors.tmp"
+        save_file(self._buffer, str(tmp), metadata={"format": "pt"})
+        self._written.append((tmp, list(self._buffer)))
+        self._buffer = {}
+        self._buffer_bytes = 0
+
+
+def _standalone_cpu(tensor: torch.Tensor, buffered: Iterable[torch.Tensor]) -> torch.Tensor:
+    """A contiguous CPU tensor that owns its storage (safetensors refuses views and shared storage)."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    owns_storage = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    shared = any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in buffered)
+    return tensor if owns_storage and not shared else tensor.clone()
+
+
+def _remove_stale_weights(out_dir: Path, keep: set[Path]) -> None:
+    """Delete weight files of an earlier export, which transformers might otherwise load instead."""
+    stale = [*out_dir.glob("model*.safetensors"), *out_dir.glob("pytorch_model*.bin"),
+             out_dir / SAFETENSORS_INDEX, out_dir / PICKLE_INDEX]
+    for file in stale:
+        if file.is_file() and file not in keep:
+            file.unlink()
+
+
+def copy_model_files(
+    src: Checkpoint, out_dir: str | Path, dtype: torch.dtype, tokenizer_src: Checkpoint | None = None
+) -> None:
+    """Write config.json (with `dtype`), generation_config.json and tokenizer files (from `tokenizer_src` or `src`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(src.config)
+    _set_config_dtype(config, dtype)
+    config.save_pretrained(out)
+    extra = ["generation_config.json"] + ([p.name for p in src.path.glob("*.py")] if src.trust_remote_code else [])
+    _copy_existing(src.path, out, extra)
+    tokenizer_home = tokenizer_src or src
+    if not _copy_existing(tokenizer_home.path, out, TOKENIZER_FILES):
+        log.warning("model '%s': no tokenizer files to copy; the output has no tokenizer", tokenizer_home.name)
+
+
+def _set_config_dtype(config: PretrainedConfig, dtype: torch.dtype) -> None:
+    """transformers >= 4.56 names the field `dtype`; older versions `torch_dtype`."""
+    if "dtype" in config.to_dict():
+        config.dtype = dtype
+    else:
+        config.torch_dtype = dtype
+
+
+def _copy_existing(src_dir: Path, out_dir: Path, file_names: Iterable[str]) -> list[str]:
+    """Copy those of `file_names` that exist in `src_dir`; returns their names."""
+    copied = [f for f in file_names if (src_dir / f).is_file()]
+    for f in copied:
+        if (src_dir / f).resolve() != (out_dir / f).resolve():
+            shutil.copyfile(src_dir / f, out_dir / f)
+    return copied
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+def validate_compatible(checkpoints: Mapping[str, Checkpoint], base: str | None) -> None:
+    """Raise IncompatibleModelsError (one line) unless every checkpoint matches the base tensor for tensor."""
+    if not checkpoints:
+        raise EvomergeError("no models to merge")
+    if base is not None and base not in checkpoints:
+        raise EvomergeError(f"base model '{base}' is not among the models {sorted(checkpoints)}")
+    ref_name = base if base is not None else next(iter(checkpoints))
+    ref_label = f"base '{ref_name}'" if base is not None else f"model '{ref_name}'"
+    ref = checkpoints[ref_name]
+    for name, ckpt in checkpoints.items():
+        if name != ref_name:
+            _check_pair(name, ckpt, ref_label, ref)
+
+
+def _check_pair(name: str, ckpt: Checkpoint, ref_label: str, ref: Checkpoint) -> None:
+    """The checks in the order that gives the most specific message first."""
+    if ckpt.model_type != ref.model_type:
+        raise IncompatibleModelsError(
+            f"model '{name}': architecture family '{ckpt.model_type}' differs from {ref_label} "
+            f"'{ref.model_type}'; merge models of the same family"
+        )
+    if ckpt.tied_embeddings != ref.tied_embeddings:
+        raise IncompatibleModelsError(
+            f"model '{name}': {_tie_words(ckpt)} but {ref_label} {_tie_words(ref)}; "
+            "merge models with the same tie_word_embeddings"
+        )
+    _check_vocab(name, ckpt, ref_label, ref)
+    if ckpt.num_layers != ref.num_layers:
+        raise IncompatibleModelsError(
+            f"model '{name}': {ckpt.num_layers} layers but {ref_label} has {ref.num_layers}; "
+            "parameter-space merges need the same depth"
+        )
+    _check_tensors(name, ckpt, ref_label, ref)
+
+
+def _tie_words(ckpt: Checkpoint) -> str:
+    return "ties lm_head to the input embeddings" if ckpt.tied_embeddings else "has a separate lm_head.weight"
+
+
+def _check_vocab(name: str, ckpt: Checkpoint, ref_label: str, ref: Checkpoint) -> None:
+    """Vocabulary size from the embedding tensors where present, else from config.vocab_size."""
+    vocab_tensors = sorted((n for n in ref.names if module_kind(n) in ("embed", "head")), key=module_kind)
+    for tensor in (n for n in vocab_tensors if n in ckpt):
+        shape, ref_shape = ckpt.shape(tensor), ref.shape(tensor)
+        if shape[0] != ref_shape[0]:
+            raise IncompatibleModelsError(
+                f"model '{name}': vocabulary size {shape[0]} differs from {ref_label} {ref_shape[0]} "
+                f"({tensor} {list(shape)} vs {list(ref_shape)}); merge models that share a tokenizer"
+            )
+    if ckpt.vocab_size != ref.vocab_size:
+        raise IncompatibleModelsError(
+            f"model '{name}': vocabulary size {ckpt.vocab_size} differs from {ref_label} {ref.vocab_size} "
+            "(config.vocab_size); merge models that share a tokenizer"
+        )
+
+
+def _check_tensors(name: str, ckpt: Checkpoint, ref_label: str, ref: Checkpoint) -> None:
+    names, ref_names = set(ckpt.names), set(ref.names)
+    missing, extra = sorted(ref_names - names), sorted(names - ref_names)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise IncompatibleModelsError(
+            f"model '{name}': tensor '{missing[0]}'{more} missing (present in {ref_label})"
+        )
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise IncompatibleModelsError(f"model '{name}': has tensor '{extra[0]}'{more} that {ref_label} lacks")
+    for tensor in ckpt.names:
+        shape, ref_shape = ckpt.shape(tensor), ref.shape(tensor)
+        if shape != ref_shape:
+            raise IncompatibleModelsError(
+                f"model '{name}': tensor '{tensor}' has shape {list(shape)} but {ref_label} has {list(ref_shape)}"
+            )

@@ -1,0 +1,49 @@
+"""build_evaluator: config dicts to evaluators, with one-line errors naming the bad field."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evals import ChoiceEvaluator, GenerationEvaluator, PerplexityEvaluator, build_evaluator, evaluate_all
+from merge_core.errors import EvomergeError
+from tests.evals.tiny import write_split
+
+
+def test_builds_each_native_type(half_solved_task: Path, tmp_path: Path) -> None:
+    generation = build_evaluator(
+        {"type": "generation", "task_dir": str(half_solved_task), "split": "test", "limit": 5, "stop": ["."],
+         "extract": "first_word", "language_check": {"type": "pattern", "pattern": r"^j\d+$"}, "name": "target"}
+    )
+    assert isinstance(generation, GenerationEvaluator) and generation.name == "target" and len(generation.items) == 5
+    write_split(tmp_path / "mc", "dev", [{"id": "a", "prompt": "p", "choices": ["x", "y"], "label": 1}])
+    assert isinstance(build_evaluator({"type": "choice", "task_dir": tmp_path / "mc"}), ChoiceEvaluator)
+    (tmp_path / "t.txt").write_text("w1 w2 w3\n")
+    assert isinstance(build_evaluator({"type": "perplexity", "text_file": tmp_path / "t.txt"}), PerplexityEvaluator)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"type": "bleu"}, r"evaluator.type: 'bleu' is not one of"),
+        ({"task_dir": "x"}, r"evaluator.type: None"),
+        ({"type": "generation", "task_dir": "x", "max_tokens": 3}, r"unknown field\(s\) \['max_tokens'\]"),
+        ({"type": "perplexity"}, r"missing required field\(s\) \['text_file'\]"),
+        ({"type": "generation", "task_dir": "x", "batch_size": 0}, r"batch_size must be an integer >= 1"),
+        ({"type": "generation", "task_dir": "/nonexistent", "split": "dev"}, r"task data not found"),
+    ],
+)
+def test_errors_name_the_field(spec: dict, message: str) -> None:
+    with pytest.raises(EvomergeError, match=message):
+        build_evaluator(spec)
+
+
+def test_evaluate_all_prefixes_and_rejects_duplicates(half_solved_task: Path, lm) -> None:
+    model, tokenizer = lm
+    a = GenerationEvaluator(half_solved_task, "dev", name="a", max_new_tokens=2, gold_prob=False)
+    b = GenerationEvaluator(half_solved_task, "dev", name="b", max_new_tokens=2, gold_prob=False)
+    assert sorted(evaluate_all([a, b], model, tokenizer)) == [
+        "a/acc", "a/acc_value", "a/lang_ok", "b/acc", "b/acc_value", "b/lang_ok"
+    ]
+    with pytest.raises(EvomergeError, match=r"repeated: \['a'\]"):
+        evaluate_all([a, a], model, tokenizer)

@@ -1,0 +1,183 @@
+"""PycmaSampler driven through Optuna's ask/tell on sqlite: progress, exact resume, seeding, x0; the factory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from evolve.samplers import GENERATION_KEY, INDEX_KEY, PycmaSampler, make_sampler
+from merge_core.errors import EvomergeError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+NAMES = ["a", "b", "c"]
+X0 = [0.5, 0.5, 0.5]
+BOUNDS = [(0.0, 1.0)] * 3
+TARGET = [0.2, 0.7, 0.4]
+DISTRIBUTIONS = {n: FloatDistribution(low, high) for n, (low, high) in zip(NAMES, BOUNDS)}
+POPSIZE = 6
+
+
+def quadratic(params: dict[str, float]) -> float:
+    return sum((params[n] - t) ** 2 for n, t in zip(NAMES, TARGET))
+
+
+def sampler(seed: int = 0, popsize: int | None = POPSIZE) -> PycmaSampler:
+    return PycmaSampler(NAMES, X0, BOUNDS, sigma0=0.2, seed=seed, popsize=popsize)
+
+
+def storage(tmp_path: Path, name: str) -> str:
+    return f"sqlite:///{tmp_path / name}.db"
+
+
+def new_study(tmp_path: Path, name: str, direction: str = "minimize", seed: int = 0,
+              enqueue_x0: bool = True) -> optuna.Study:
+    study = optuna.create_study(storage=storage(tmp_path, name), study_name="s", direction=direction,
+                                sampler=sampler(seed))
+    if enqueue_x0:
+        study.enqueue_trial(dict(zip(NAMES, X0)))
+    return study
+
+
+def reopen(tmp_path: Path, name: str) -> optuna.Study:
+    """What a new process does: a new sampler object on the stored study."""
+    return optuna.load_study(storage=storage(tmp_path, name), study_name="s", sampler=sampler())
+
+
+def run(study: optuna.Study, n: int, sign: float = 1.0) -> list[dict[str, float]]:
+    """Sequential ask/tell as the loop does it; returns the params asked, in order."""
+    asked = []
+    for _ in range(n):
+        trial = study.ask(DISTRIBUTIONS)
+        asked.append(dict(trial.params))
+        study.tell(trial, sign * quadratic(trial.params))
+    return asked
+
+
+def generation_means(study: optuna.Study, sign: float) -> list[float]:
+    by_generation: dict[int, list[float]] = {}
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        if GENERATION_KEY in t.system_attrs:
+            by_generation.setdefault(t.system_attrs[GENERATION_KEY], []).append(sign * t.value)
+    assert all(len(v) == POPSIZE for v in by_generation.values())
+    return [float(np.mean(by_generation[g])) for g in sorted(by_generation)]
+
+
+@pytest.mark.parametrize("direction, sign", [("minimize", 1.0), ("maximize", -1.0)])
+def test_pycma_improves_over_generations(tmp_path: Path, direction: str, sign: float) -> None:
+    study = new_study(tmp_path, direction, direction=direction)
+    run(study, 1 + 12 * POPSIZE, sign)
+    losses = generation_means(study, sign)  # mean quadratic per generation
+    assert len(losses) == 12
+    assert losses[-1] < losses[0] / 20
+    best = study.best_params
+    assert max(abs(best[n] - t) for n, t in zip(NAMES, TARGET)) < 0.05
+
+
+def test_pycma_resumes_exactly_between_generations(tmp_path: Path) -> None:
+    total, cut = 1 + 5 * POPSIZE, 1 + 2 * POPSIZE + POPSIZE // 2  # x0, then 2.5 of 5 generations
+    uninterrupted = run(new_study(tmp_path, "whole"), total)
+    first = run(new_study(tmp_path, "cut"), cut)
+    second = run(reopen(tmp_path, "cut"), total - cut)
+    assert first + second == uninterrupted  # exact float equality
+    assert len({tuple(p.values()) for p in uninterrupted}) == total
+
+
+@pytest.mark.parametrize("index", [3, POPSIZE - 1])  # mid-generation; the last slot, whose failure closes it
+def test_pycma_resume_reruns_a_trial_left_running(tmp_path: Path, index: int) -> None:
+    total = 1 + 3 * POPSIZE
+    uninterrupted = run(new_study(tmp_path, "whole"), total)
+
+    study = new_study(tmp_path, "cut")
+    before = run(study, 1 + POPSIZE + index)  # x0, generation 0, then `index` trials of generation 1
+    left_running = study.ask(DISTRIBUTIONS)  # the process dies while this one is evaluated
+    assert (left_running.system_attrs[GENERATION_KEY], left_running.system_attrs[INDEX_KEY]) == (1, index)
+
+    resumed = reopen(tmp_path, "cut")  # the loop's resume: FAIL what was left RUNNING, re-enqueue its params
+    for t in resumed.get_trials(states=(TrialState.RUNNING,)):
+        resumed.tell(t.number, state=TrialState.FAIL)
+        resumed.enqueue_trial(t.params)
+    after = run(resumed, total - len(before))
+
+    assert after[0] == left_running.params
+    assert before + after == uninterrupted  # generation 2 equals the uninterrupted run's
+    rerun = resumed.get_trials()[len(before) + 1]
+    assert (rerun.state, rerun.system_attrs[GENERATION_KEY], rerun.system_attrs[INDEX_KEY]) == (
+        TrialState.COMPLETE, 1, index)
+
+
+def test_pycma_tells_failures_the_worst_loss_of_their_generation(tmp_path: Path) -> None:
+    study = new_study(tmp_path, "fail", direction="maximize", enqueue_x0=False)
+    trials = [study.ask(DISTRIBUTIONS) for _ in range(POPSIZE)]
+    for i, trial in enumerate(trials):
+        study.tell(trial, state=TrialState.FAIL) if i == 2 else study.tell(trial, -quadratic(trial.params))
+    next_generation = run(study, POPSIZE, sign=-1.0)
+
+    es = sampler()._new_es()  # the same ES by hand: same seed, the failure told the worst loss
+    candidates = es.ask()
+    assert [list(t.params.values()) for t in trials] == [c.tolist() for c in candidates]
+    losses = [quadratic(dict(zip(NAMES, c))) for c in candidates]
+    losses[2] = max(losses[:2] + losses[3:])
+    es.tell(candidates, losses)
+    assert [list(p.values()) for p in next_generation] == [c.tolist() for c in es.ask()]
+
+
+def test_pycma_generation_barrier(tmp_path: Path) -> None:
+    study = new_study(tmp_path, "barrier", enqueue_x0=False)
+    pycma = study.sampler
+    assert pycma.max_parallel == POPSIZE and sampler(popsize=None).max_parallel == 4 + int(3 * np.log(3))
+    assert pycma.available(study) == POPSIZE
+    trials = [study.ask(DISTRIBUTIONS) for _ in range(POPSIZE)]
+    assert pycma.available(study) == 0
+    with pytest.raises(RuntimeError, match="all 6 candidates of generation 0 are handed out and 6 are not"):
+        study.ask(DISTRIBUTIONS)
+    study.tell(study.get_trials()[-1].number, state=TrialState.FAIL)  # the refused ask's trial
+    for trial in trials[:-1]:
+        study.tell(trial, quadratic(trial.params))
+    assert pycma.available(study) == 0  # one candidate still running
+    study.tell(trials[-1], quadratic(trials[-1].params))
+    assert pycma.available(study) == POPSIZE
+    assert study.ask(DISTRIBUTIONS).system_attrs[GENERATION_KEY] == 1
+
+
+def test_pycma_seeded_and_leaves_numpy_global_rng_alone(tmp_path: Path) -> None:
+    global_state = np.random.get_state()[1].copy()
+    same_a = run(new_study(tmp_path, "a", seed=7), 2 * POPSIZE + 1)
+    same_b = run(new_study(tmp_path, "b", seed=7), 2 * POPSIZE + 1)
+    other = run(new_study(tmp_path, "c", seed=8), 2 * POPSIZE + 1)
+    assert same_a == same_b
+    assert same_a[0] == other[0] == dict(zip(NAMES, X0))  # the enqueued x0
+    assert all(p != q for p, q in zip(same_a[1:], other[1:]))
+    assert np.array_equal(np.random.get_state()[1], global_state)
+
+
+def test_pycma_enqueued_x0_runs_first_and_takes_no_candidate(tmp_path: Path) -> None:
+    with_x0 = new_study(tmp_path, "x0")
+    first = with_x0.ask(DISTRIBUTIONS)
+    assert first.params == dict(zip(NAMES, X0)) and GENERATION_KEY not in first.system_attrs
+    with_x0.tell(first, quadratic(first.params))
+    with_x0_rest = run(with_x0, POPSIZE + 1)
+    without_x0 = run(new_study(tmp_path, "plain", enqueue_x0=False), POPSIZE + 1)
+    assert with_x0_rest == without_x0
+    slots = [(t.system_attrs[GENERATION_KEY], t.system_attrs[INDEX_KEY]) for t in with_x0.get_trials()[1:]]
+    assert slots == [(0, i) for i in range(POPSIZE)] + [(1, 0)]
+
+
+def test_make_sampler_kinds_and_bad_name() -> None:
+    kwargs = dict(names=NAMES, x0=X0, bounds=BOUNDS, sigma0=0.2, seed=3, popsize=POPSIZE)
+    cmaes = make_sampler("cmaes", **kwargs)
+    assert isinstance(cmaes, optuna.samplers.CmaEsSampler)
+    assert (cmaes._x0, cmaes._sigma0, cmaes._popsize) == (dict(zip(NAMES, X0)), 0.2, POPSIZE)
+    pycma = make_sampler("pycma", **kwargs)
+    assert isinstance(pycma, PycmaSampler) and pycma.max_parallel == POPSIZE
+    assert isinstance(make_sampler("tpe", **kwargs), optuna.samplers.TPESampler)
+    assert isinstance(make_sampler("random", **kwargs), optuna.samplers.RandomSampler)
+    nsga2 = make_sampler("nsga2", **kwargs)
+    assert isinstance(nsga2, optuna.samplers.NSGAIISampler) and nsga2._population_size == POPSIZE
+    with pytest.raises(EvomergeError) as err:
+        make_sampler("x", **kwargs)
+    assert str(err.value) == "search.optimizer.sampler: 'x' is not one of cmaes, pycma, tpe, random, nsga2"

@@ -1,0 +1,193 @@
+"""Tests for the tiny zoo: world formats, deterministic builds, and the committed data/zoo checkpoints and tasks."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evolve.zoo import world
+from evolve.zoo.build import MODELS, SPLITS, build_zoo, make_tokenizer, task_splits
+from evolve.zoo.world import Problem, Recall, TASKS
+from merge_core.errors import EvomergeError
+
+ZOO = Path(__file__).resolve().parents[2] / "data" / "zoo"
+
+
+def tensor_digest(model_dir: Path) -> str:
+    """sha256 over every tensor's name and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(load_file(str(model_dir / "model.safetensors")).items()):
+        h.update(name.encode())
+        h.update(tensor.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def zoo_digest(out_dir: Path) -> dict[str, str]:
+    digests = {m: tensor_digest(out_dir / m) for m in MODELS}
+    for path in sorted((out_dir / "tasks").rglob("*.jsonl")):
+        digests[str(path.relative_to(out_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
+
+
+def first_word_accuracy(model_dir: Path, task: str, n: int = 100) -> float:
+    """Greedy first-token accuracy on the first `n` test items (one token == one word)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = [json.loads(line) for line in (ZOO / "tasks" / task / "test.jsonl").read_text().splitlines()[:n]]
+    correct = 0
+    with torch.no_grad():
+        for row in rows:
+            ids = tokenizer(row["prompt"], return_tensors="pt").input_ids
+            next_id = model(ids).logits[0, -1].argmax().item()
+            correct += tokenizer.decode([next_id]) == row["answer"]
+    return correct / len(rows)
+
+
+# --- the world's formats ----------------------------------------------------------------------------
+
+
+def test_cipher_renders_word_by_word_with_j_numerals() -> None:
+    words = ["eva", "has", 7, "pens", ".", "how", "many", "pens", "does", "eva", "have", "?", "answer"]
+    assert world.render(words, "j", random.Random(0)) == [
+        "hana", "motsu", "j7", "enpitsu", "。", "dono", "ikutsu", "enpitsu", "ga", "hana", "aru", "？", "kotae"]
+    assert world.render(words, "e", random.Random(0)) == ["eva", "has", "7", "pens", ".", "how", "many", "pens",
+                                                           "does", "eva", "have", "?", "answer"]
+    assert [world.numeral(n, "j") for n in (0, 9, 18)] == ["j0", "j9", "j18"]
+    assert [world.numeral(n, "e") for n in (0, 9, 18)] == ["0", "9", "18"]
+
+
+def test_cipher_is_a_bijection_onto_disjoint_words() -> None:
+    e_words, j_words = set(world.CIPHER), set(world.CIPHER.values())
+    assert len(j_words) == len(e_words) and not e_words & j_words
+    vocab = world.vocabulary()
+    assert len(vocab) == len(set(vocab)) == 2 * len(e_words) + 2 * (world.MAX_NUMBER + 1)
+
+
+def test_code_switched_text_mixes_languages_word_by_word() -> None:
+    words = world.sample_narrative(random.Random(1)) * 5
+    mixed = world.render(words, "mix", random.Random(2))
+    english, japanese = world.render(words, "e", random.Random(0)), world.render(words, "j", random.Random(0))
+    assert all(m in (e, j) for m, e, j in zip(mixed, english, japanese))
+    assert any(m == e != j for m, e, j in zip(mixed, english, japanese))
+    assert any(m == j != e for m, e, j in zip(mixed, english, japanese))
+
+
+def test_problem_and_task_examples() -> None:
+    sub = Problem("eva", "pens", "sells", 13, 3)
+    assert (sub.op, sub.value) == ("sub", 10)
+    prompt, answer = TASKS["ja_sub"].example(sub, random.Random(0))
+    assert prompt == "hana motsu j13 enpitsu 。 hana uru j3 enpitsu 。 dono ikutsu enpitsu ga hana aru ？ kotae"
+    assert answer == "j10"
+    prompt, answer = TASKS["en_add"].example(Problem("tom", "cups", "buys", 4, 5), random.Random(0))
+    assert prompt == "tom has 4 cups . tom buys 5 cups . how many cups does tom have ? answer" and answer == "9"
+    recall = Recall((("ann", "eggs", 2), ("sam", "hats", 11)), asked=1)
+    prompt, answer = TASKS["ja_qa"].example(recall, random.Random(0))
+    assert prompt.endswith("dono ikutsu boushi ga jun aru ？ kotae") and answer == "j11"
+
+
+def test_task_rows_have_the_documented_format_and_distinct_items() -> None:
+    splits, reserved = task_splits(0, (30, 20, 20))
+    assert set(splits) == set(TASKS) and len(reserved) == len(TASKS) * 70
+    tokenizer = make_tokenizer()
+    for name, by_split in splits.items():
+        spec = TASKS[name]
+        rows = [r for split in SPLITS for r in by_split[split]]
+        assert len({r["id"] for r in rows}) == len(rows) == 70
+        for r in rows:
+            assert set(r) == {"id", "prompt", "answer"}
+            assert r["prompt"].split()[-1] == ("kotae" if spec.lang == "j" else "answer")
+            assert r["answer"] in {world.numeral(n, spec.lang) for n in range(world.MAX_NUMBER + 1)}
+            assert tokenizer.unk_token_id not in tokenizer(r["prompt"] + " " + r["answer"]).input_ids
+    assert task_splits(1, (30, 20, 20))[0] != splits
+
+
+def test_mixtures_keep_each_skill_in_its_model() -> None:
+    rng = random.Random(0)
+    digits = {world.e_numeral(n) for n in range(world.MAX_NUMBER + 1)}
+    sub_verbs = set(world.SUB_VERBS) | {world.CIPHER[v] for v in world.SUB_VERBS}
+    cues = {world.E_CUE, world.J_CUE}
+    for mixture in (world.base_mixture(frozenset()), world.expert_ja_mixture(frozenset())):
+        docs = [mixture.sample(rng) for _ in range(500)]
+        assert not any(cues & set(d) and sub_verbs & set(d) for d in docs), "no subtraction problems"
+    math_docs = [d for d in (world.expert_math_mixture(frozenset()).sample(rng) for _ in range(500)) if cues & set(d)]
+    assert all(d[-1] in digits for d in math_docs), "the math expert always answers in digits"
+    assert any(world.J_CUE in d and sub_verbs & set(d) for d in math_docs), "...even when asked with kotae"
+
+
+def test_training_data_avoids_reserved_items() -> None:
+    keep = Problem("eva", "pens", "sells", 13, 3)
+    every_sub = {Problem(n, o, v, b + d, b) for n in world.NAMES for o in world.OBJECTS for v in world.SUB_VERBS
+                 for b in range(10) for d in range(10)}
+    sampler = world.qa_sampler("sub", "e", "e", "e", frozenset(every_sub - {keep}))
+    assert {" ".join(sampler(random.Random(s))) for s in range(3)} == {
+        "eva has 13 pens . eva sells 3 pens . how many pens does eva have ? answer 10"}
+
+
+# --- builds -----------------------------------------------------------------------------------------
+
+
+def test_ci_build_is_deterministic_in_the_seed(tmp_path: Path) -> None:
+    first = zoo_digest(build_zoo(tmp_path / "a", seed=0, size="ci"))
+    again = zoo_digest(build_zoo(tmp_path / "b", seed=0, size="ci"))
+    other = zoo_digest(build_zoo(tmp_path / "c", seed=1, size="ci"))
+    assert first == again
+    assert all(first[k] != other[k] for k in first)
+    assert "seed 0" in (tmp_path / "a" / "BUILD.md").read_text()
+
+
+def test_build_refuses_to_overwrite_without_asking(tmp_path: Path) -> None:
+    build_zoo(tmp_path, seed=0, size="ci")
+    with pytest.raises(EvomergeError, match="already holds a zoo"):
+        build_zoo(tmp_path, seed=0, size="ci")
+    with pytest.raises(EvomergeError, match="unknown zoo size"):
+        build_zoo(tmp_path / "x", size="huge")  # type: ignore[arg-type]
+
+
+def test_ci_build_loads_and_generates(tmp_path: Path) -> None:
+    out = build_zoo(tmp_path, seed=3, size="ci")
+    tokenizer = AutoTokenizer.from_pretrained(out / "expert_ja")
+    model = AutoModelForCausalLM.from_pretrained(out / "expert_ja")
+    row = json.loads((out / "tasks" / "ja_sub" / "test.jsonl").read_text().splitlines()[0])
+    ids = tokenizer(row["prompt"], return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=3)
+    assert generated.shape[1] > ids.shape[1]
+    assert tokenizer.decode(ids[0]) == row["prompt"]
+
+
+# --- the committed zoo ------------------------------------------------------------------------------
+
+
+def test_committed_zoo_loads_and_has_tasks() -> None:
+    manifest = json.loads((ZOO / "tasks" / "tasks.json").read_text())
+    assert [t["name"] for t in manifest["tasks"]] == list(TASKS)
+    for task in TASKS:
+        lines = (ZOO / "tasks" / task / "test.jsonl").read_text().splitlines()
+        assert len(lines) >= 300
+        assert set(json.loads(lines[0])) == {"id", "prompt", "answer"}
+    for name in MODELS:
+        model = AutoModelForCausalLM.from_pretrained(ZOO / name)
+        tokenizer = AutoTokenizer.from_pretrained(ZOO / name)
+        assert model.config.model_type == "llama" and not model.config.tie_word_embeddings
+        assert 1.0e6 < model.num_parameters() < 1.2e6
+        assert tokenizer.eos_token == world.TERMINATOR and len(tokenizer) == model.config.vocab_size
+
+
+def test_committed_zoo_sources_have_the_documented_skills() -> None:
+    assert first_word_accuracy(ZOO / "expert_ja", "ja_add") >= 0.8
+    assert first_word_accuracy(ZOO / "expert_math", "en_sub") >= 0.8
+    assert first_word_accuracy(ZOO / "expert_math", "ja_sub") <= 0.05  # right value, wrong (digit) numerals
+    for name in MODELS:
+        assert first_word_accuracy(ZOO / name, "ja_sub") <= 0.35  # the target is out of every source's reach
+
+
+@pytest.mark.slow
+def test_full_build_reproduces_the_committed_zoo(tmp_path: Path) -> None:
+    record = json.loads((ZOO / "zoo.json").read_text())
+    out = build_zoo(tmp_path, seed=record["seed"], size=record["size"], threads=record["threads"])
+    assert zoo_digest(out) == zoo_digest(ZOO)
