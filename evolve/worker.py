@@ -47,7 +47,7 @@ def build_evaluators(tasks: list[Task], *, seed: int, split: str | None = None, 
         spec = task.evaluator_spec()
         spec.setdefault("seed", seed)
         if heldout:
-            if split is not None and "split" in spec:
+            if split is not None and task.type in ("generation", "choice"):
                 spec["split"] = split
             spec["limit"] = limit
         spec.pop("name")

@@ -1,0 +1,135 @@
+"""Benchmark: items/s of the native generation evaluator vs the lm-eval backend on one JSONL task.
+
+Both score the same live model on the same items (first-word exact match, greedy, same stop strings)
+at each batch size; each is warmed up once, then timed `--repeats` times (median reported). lm-eval's
+one-time setup (TaskManager + task load) is reported apart, since a worker pays it once.
+
+    python bench/eval_speed.py [--task-dir data/zoo/tasks/ja_sub] [--model data/zoo/base]
+
+Without a task directory (and no zoo), a tiny task and a random tiny Llama are generated in a temp dir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from evals.data import load_generation_items  # noqa: E402
+from evals.lm_eval_backend import LmEvalEvaluator, write_jsonl_task_yaml  # noqa: E402
+from evals.native import GenerationEvaluator  # noqa: E402
+from merge_core.synthetic import word_tokenizer  # noqa: E402
+
+log = logging.getLogger("bench.eval_speed")
+ZOO_TASK = Path("data/zoo/tasks/ja_sub")
+ZOO_MODEL = Path("data/zoo/base")
+
+
+def generated_task(out: Path, n: int = 128, seed: int = 0) -> Path:
+    """A tiny word task: random prompts ending in "kotae", one-word J-numeral answers."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(40)]
+    task_dir = out / "tiny_task"
+    task_dir.mkdir(parents=True)
+    with open(task_dir / "test.jsonl", "w", encoding="utf-8") as handle:
+        for i in range(n):
+            prompt = " ".join(rng.choice(words) for _ in range(rng.randint(4, 24))) + " kotae"
+            handle.write(json.dumps({"id": str(i), "prompt": prompt, "answer": f"j{rng.randint(0, 18)}"}) + "\n")
+    return task_dir
+
+
+def random_model(task_dir: Path, split: str) -> tuple[Any, Any]:
+    """A random 2-layer Llama over the words of the task (word-level tokenizer)."""
+    items = load_generation_items(task_dir, split)
+    vocab = sorted({w for item in items for w in (item.prompt + " " + item.answer).split()})
+    tokenizer = word_tokenizer(vocab)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def median_seconds(run: Callable[[], dict[str, float]], repeats: int) -> tuple[float, dict[str, float]]:
+    """Warm up once, then the median wall time of `repeats` runs (and the last metrics)."""
+    metrics = run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        metrics = run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task-dir", type=Path, default=ZOO_TASK if ZOO_TASK.is_dir() else None)
+    parser.add_argument("--model", type=Path, default=ZOO_MODEL if ZOO_MODEL.is_dir() else None)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int, default=128, help="items per evaluation (a fixed subsample)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-new-tokens", type=int, default=4)
+    parser.add_argument("--stop", nargs="*", default=None, help="stop strings (default: </s>, the zoo's terminator)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    workdir = Path(tempfile.mkdtemp(prefix="eval_speed_"))
+    task_dir = args.task_dir or generated_task(workdir)
+    split = args.split if args.task_dir else "test"
+    if args.model:
+        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tokenizer = random_model(task_dir, split)
+    stop = ["</s>"] if args.stop is None else args.stop
+    yaml_dir = workdir / "yaml"
+    write_jsonl_task_yaml("bench_task", task_dir, yaml_dir, split=split, stop=stop, max_new_tokens=args.max_new_tokens)
+
+    start = time.perf_counter()
+    LmEvalEvaluator(["bench_task"], include_path=yaml_dir)
+    setup = time.perf_counter() - start
+    rows = []
+    for batch_size in args.batch_sizes:
+        native = GenerationEvaluator(
+            task_dir, split, limit=args.limit, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
+            stop=stop, extract="first_word", gold_prob=False,
+        )
+        backend = LmEvalEvaluator(
+            ["bench_task"], include_path=yaml_dir, limit=args.limit, batch_size=batch_size,
+            metrics={"bench_task": "exact_match,first_word"},
+        )
+        n = len(native.items)
+        native_s, native_metrics = median_seconds(lambda: native.evaluate(model, tokenizer), args.repeats)
+        lm_s, lm_metrics = median_seconds(lambda: backend.evaluate(model, tokenizer), args.repeats)
+        rows.append((batch_size, n / native_s, n / lm_s, lm_s / native_s, native_metrics["acc"], lm_metrics["bench_task"]))
+
+    params = sum(p.numel() for p in model.parameters())
+    print(f"task `{task_dir}` ({split}, {n} items), model `{args.model or 'random tiny Llama'}` ({params / 1e6:.2f}M params), "
+          f"{args.threads} thread(s), max_new_tokens {args.max_new_tokens}, stop {stop}; "
+          f"lm-eval one-time setup {setup:.2f} s\n")
+    print("| batch size | native items/s | lm-eval items/s | native speedup | native acc | lm-eval acc |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for batch_size, native_rate, lm_rate, speedup, native_acc, lm_acc in rows:
+        print(f"| {batch_size} | {native_rate:.1f} | {lm_rate:.1f} | {speedup:.2f}x | {native_acc:.3f} | {lm_acc:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

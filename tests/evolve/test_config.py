@@ -1,0 +1,96 @@
+"""Run config validation: each malformed config gives one line naming the YAML path of the field."""
+import copy
+
+import pytest
+import yaml
+
+from evolve.cli import main
+from evolve.config import load_config, parse_config, redact_url
+from merge_core.errors import EvomergeError
+
+GOOD = {
+    "name": "demo",
+    "models": {"base": "zoo/base", "sources": [{"path": "zoo/expert_ja", "alias": "ja"}, "zoo/expert_math"]},
+    "search": {"space": {"method": "task_arithmetic", "layers_per_group": 1, "weight_bounds": [0, 2.5], "x0": {"weight": 1.0}},
+               "budget": {"max_trials": 10}},
+    "evaluation": {"tasks": [{"name": "ja_sub", "type": "generation", "data": "zoo/tasks/ja_sub", "split": "dev", "limit": 50}],
+                   "fitness": [{"metric": "ja_sub/acc"}, {"metric": "ja_sub/gold_prob", "weight": 0.5}]},
+}
+
+
+def mutate(path, value):
+    d = copy.deepcopy(GOOD)
+    *keys, last = path
+    node = d
+    for k in keys:
+        node = node[k]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return d
+
+
+DELETE = object()
+
+CASES = [
+    (("name",), DELETE, "name: required field is missing"),
+    (("name",), "my run!", "name: 'my run!' must be letters"),
+    (("models", "sources"), [], "models.sources: List should have at least 1 item"),
+    (("models", "sources"), ["a/x", "b/x"], "models.sources: aliases ['x', 'x'] collide"),
+    (("models", "sources", 0, "alias"), "j a", "models.sources.0.alias: 'j a' must be letters"),
+    (("models", "bsae"), "x", "models.bsae: unknown field"),
+    (("search", "space", "weight_bounds"), [2, 1], "search.space.weight_bounds: low 2.0 must be below high 1.0"),
+    (("search", "space", "density_bounds"), [0, 1], "search.space.density_bounds: need 0 < low < high <= 1"),
+    (("search", "space", "x0"), {"weight": 5.0}, "search.space.x0.weight: 5.0 is outside weight_bounds"),
+    (("search", "space", "layers_per_group"), 0, "search.space.layers_per_group: Input should be greater than or equal to 1"),
+    (("search", "space", "type"), "dfs2", "search.space.type: Input should be 'ps'"),
+    (("search", "budget", "max_trials"), 0, "search.budget.max_trials: Input should be greater than or equal to 1"),
+    (("search", "optimizer"), {"sampler": "ga"}, "search.optimizer.sampler: Input should be 'cmaes'"),
+    (("search", "optimizer"), {"sigma0": -1}, "search.optimizer.sigma0: Input should be greater than 0"),
+    (("evaluation", "tasks"), [], "evaluation.tasks: List should have at least 1 item"),
+    (("evaluation", "fitness", 0, "metric"), "acc", "evaluation.fitness[0].metric: 'acc' must be '<task>/<metric>'"),
+    (("evaluation", "fitness", 1, "direction"), "up", "evaluation.fitness.1.direction: Input should be 'max' or 'min'"),
+    (("evaluation", "tasks", 0, "type"), "bleu", "evaluation.tasks.0.type: Input should be"),
+    (("execution",), {"backend": "local", "workers": 3}, "execution.workers: the local backend runs one in-process worker"),
+    (("execution",), {"backend": "spark"}, "execution.backend: Input should be 'local' or 'ray'"),
+    (("execution",), {"device": "tpu"}, "execution.device: 'tpu' is not auto, cpu, cuda or cuda:N"),
+    (("storage",), "redis://u:hunter2@h/0", "storage: 'redis://u:***@h/0' is not an Optuna RDB URL"),
+    (("seed",), "zero", "seed: Input should be a valid integer"),
+]
+
+
+def test_the_good_config_parses():
+    cfg = parse_config(GOOD)
+    assert cfg.models.aliases() == ["ja", "expert_math"]
+    assert cfg.storage_url == "sqlite:///runs/demo/study.db"
+
+
+@pytest.mark.parametrize("path, value, message", CASES, ids=[".".join(map(str, c[0])) + f"={c[1]!r}"[:30] for c in CASES])
+def test_malformed_config_gives_one_line_naming_the_field(path, value, message):
+    with pytest.raises(EvomergeError) as e:
+        parse_config(mutate(path, value))
+    text = str(e.value)
+    assert message in text and "\n" not in text, text
+    assert "hunter2" not in text
+
+
+def test_passwords_are_redacted():
+    assert redact_url("postgresql://evo:s3cret@db.example:5432/evo") == "postgresql://evo:***@db.example:5432/evo"
+    assert redact_url("sqlite:///runs/x/study.db") == "sqlite:///runs/x/study.db"
+
+
+def test_check_command_reports_yaml_errors_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(mutate(("search", "space", "weight_bounds"), [3, 1])))
+    assert main(["check", str(bad), "--offline"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "search.space.weight_bounds" in err and str(bad) in err
+    (tmp_path / "broken.yaml").write_text("name: [unclosed")
+    assert main(["check", str(tmp_path / "broken.yaml"), "--offline"]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["check", str(tmp_path / "missing.yaml"), "--offline"]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(GOOD))
+    assert load_config(good).name == "demo"
