@@ -78,7 +78,7 @@ class LmEvalEvaluator:
     """lm-eval tasks scored on the live model.
 
     Returns every ``"<task>/<metric>,<filter>"`` (e.g. ``"ja_sub/exact_match,first_word"``) and, for each
-    entry of `metrics` (task -> ``"<metric>,<filter>"``), the headline ``"<task>"``. `limit` draws the same
+    entry of `metrics` (task -> ``"<metric>,<filter>"`` or ``[metric, filter]``), the headline ``"<task>"``. `limit` draws the same
     items as the native evaluators (`subsample_indices(n, limit, seed)`), not lm-eval's first `limit`.
     """
 
@@ -87,7 +87,7 @@ class LmEvalEvaluator:
         tasks: Sequence[str],
         *,
         include_path: str | Path | Sequence[str | Path] | None = None,
-        metrics: Mapping[str, str] | None = None,
+        metrics: Mapping[str, str | Sequence[str]] | None = None,
         name: str = "lm_eval",
         limit: int | None = None,
         seed: int = 0,
@@ -99,7 +99,7 @@ class LmEvalEvaluator:
             raise EvomergeError(f"lm_eval tasks must be a non-empty list of task names, got {tasks!r}")
         self.name = name
         self.tasks = list(tasks)
-        self.metrics = dict(metrics or {})
+        self.metrics = {t: m if isinstance(m, str) else ",".join(m) for t, m in (metrics or {}).items()}
         unknown = sorted(set(self.metrics) - set(self.tasks))
         if unknown:
             raise EvomergeError(f"lm_eval metrics name tasks that are not evaluated: {unknown} (tasks: {self.tasks})")

@@ -1,13 +1,11 @@
 """Native fast-path evaluators: batched greedy generation + extraction, log-likelihood choice, perplexity.
 
 All run the live model in eval mode under `torch.inference_mode` on the model's device and batch
-items by length (results do not depend on the batch size). Prompts are
-tokenized with the tokenizer's default special tokens (as lm-eval's HFLM does), so both backends
-see the same token ids.
+items by length (results do not depend on the batch size). Prompts are tokenized with the
+tokenizer's default special tokens (as lm-eval's HFLM does), so both backends see the same ids.
 """
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -31,8 +29,6 @@ from evals.data import (
 from evals.extract import Extractor, answers_match, make_extractor
 from evals.language import LanguageCheck, make_language_check
 from merge_core.errors import EvomergeError
-
-log = logging.getLogger(__name__)
 
 PROMPT_FIELD = "{prompt}"
 

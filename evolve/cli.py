@@ -112,5 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m evolve.cli`: run the imported module, where subcommands register
+    from evolve.cli import main as _main
+
+    sys.exit(_main())

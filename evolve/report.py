@@ -138,7 +138,10 @@ def recipe_grid(params: dict[str, float], order: list[str]) -> tuple[np.ndarray,
     """Best-recipe table: rows (source, param) in genome order, columns (group, module) in layer order; NaN = unset."""
     cells = {}
     for name in order:
-        group, module, source, param = parse_param_name(name)
+        try:
+            group, module, source, param = parse_param_name(name)
+        except EvomergeError:  # a space with other naming (e.g. data-flow): one column per parameter
+            group, module, source, param = name, None, None, "value"
         cells[(source, param), (group, module)] = params[name]
     rows = list(dict.fromkeys(r for r, _ in cells))
     cols = sorted(dict.fromkeys(c for _, c in cells), key=_column_key)
@@ -155,7 +158,8 @@ def plot_best_recipe(best: FrozenTrial, order: list[str]) -> plt.Figure:
     grid, row_labels, col_labels = recipe_grid(best.params, order)
     n_rows, n_cols = grid.shape
     fig, ax = plt.subplots(figsize=(min(24, 2.5 + 0.75 * n_cols), min(16, 1.5 + 0.45 * n_rows)))
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")  # grey: not in the genome
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto")
     fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
     small = n_cols <= 30
     ax.set_xticks(range(n_cols), col_labels, fontsize=9 if small else 7, rotation=0 if small else 90)

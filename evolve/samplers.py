@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import math
 import pickle
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -225,7 +226,9 @@ def make_sampler(name: str, *, names: list[str], x0: list[float], bounds: list[t
                  sigma0: float, seed: int, popsize: int | None = None) -> optuna.samplers.BaseSampler:
     """The sampler the config's ``search.optimizer.sampler`` names."""
     if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(x0=dict(zip(names, x0)), sigma0=sigma0, seed=seed, popsize=popsize)
+        with warnings.catch_warnings():  # x0 and sigma0 are deprecated since Optuna 4.9 (removal planned for 6.0)
+            warnings.filterwarnings("ignore", message="`(x0|sigma0)` has been deprecated", category=FutureWarning)
+            return optuna.samplers.CmaEsSampler(x0=dict(zip(names, x0)), sigma0=sigma0, seed=seed, popsize=popsize)
     if name == "pycma":
         return PycmaSampler(names, x0, bounds, sigma0, seed, popsize)
     if name == "tpe":

@@ -193,7 +193,7 @@ def _majority_positive(weighted_deltas: Sequence[Tensor], method: str) -> Tensor
 
 def _agrees(delta: Tensor, majority_positive: Tensor) -> Tensor:
     """sign(d) == elected sign (sign(0) never agrees)."""
-    return torch.where(majority_positive, delta > 0, delta < 0)
+    return ((delta > 0) == majority_positive) & (delta != 0)
 
 
 def sign_consensus(weighted_deltas: Sequence[Tensor], method: str = "sum") -> list[Tensor]:
@@ -270,9 +270,9 @@ def _consensus_sum(weighted: list[Tensor], weights: Sequence[float], consensus: 
     majority = _majority_positive(weighted, consensus)
     mixed, divisor = torch.zeros_like(weighted[0]), torch.zeros_like(weighted[0])
     for delta, weight in zip(weighted, weights):
-        agree = _agrees(delta, majority)
+        agree = _agrees(delta, majority).to(torch.float32)
         mixed.add_(delta.mul_(agree))  # weighted deltas are this function's own copies
-        divisor.add_(agree.to(torch.float32), alpha=float(weight))
+        divisor.add_(agree, alpha=float(weight))
     return mixed, divisor.masked_fill_(divisor == 0, 1.0)
 
 

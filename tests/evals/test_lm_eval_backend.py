@@ -32,7 +32,7 @@ def test_lm_eval_agrees_with_native(half_solved_task: Path, tmp_path: Path, lm) 
     model, tokenizer = lm
     write_jsonl_task_yaml("tiny_gen", half_solved_task, tmp_path / "yaml", stop=["."], max_new_tokens=4)
     backend = LmEvalEvaluator(
-        ["tiny_gen"], include_path=tmp_path / "yaml", metrics={"tiny_gen": "exact_match,first_word"}, batch_size=8
+        ["tiny_gen"], include_path=tmp_path / "yaml", metrics={"tiny_gen": ["exact_match", "first_word"]}, batch_size=8
     )
     native = GenerationEvaluator(half_solved_task, "test", extract="first_word", stop=["."], max_new_tokens=4)
     lm_acc = backend.evaluate(model, tokenizer)["tiny_gen"]
@@ -44,6 +44,7 @@ def test_lm_eval_agrees_with_native(half_solved_task: Path, tmp_path: Path, lm) 
         for param in model.parameters():
             param.mul_(0.7)
     lm_after = backend.evaluate(model, tokenizer)
+    assert lm_after["tiny_gen"] == lm_after["tiny_gen/exact_match,first_word"]
     native_after = native.evaluate(model, tokenizer)["acc"]
     assert native_after != native_acc
     assert abs(lm_after["tiny_gen/exact_match,first_word"] - native_after) <= 1 / 30 + 1e-9

@@ -4,13 +4,14 @@ from __future__ import annotations
 import base64
 import re
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution
-from optuna.trial import TrialState
+from optuna.trial import TrialState, create_trial
 
 from evolve import report
 from evolve.report import parse_param_name, recipe_grid, write_report
@@ -30,30 +31,36 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])  # IHDR width, height
 
 
-def make_study(tmp_path: Path, n_trials: int = 15, fail_at: int | None = 5) -> optuna.Study:
-    study = optuna.create_study(study_name="ps-test", storage=f"sqlite:///{tmp_path / 'study.db'}",
-                                direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+def make_study(storage: str | None, n_trials: int = 15, fail_at: int | None = 5) -> optuna.Study:
+    """The search loop's layout: study attrs, one trial per genome with its user attrs; trial `fail_at` failed.
+
+    Trials are added whole (`create_trial`), which leaves the storage as ask/tell does in one commit per trial.
+    """
+    study = optuna.create_study(study_name="ps-test", storage=storage, direction="maximize")
     study.set_user_attr("space_names", NAMES)
     study.set_user_attr("config", "run:\n  name: ps-test\n")
     study.set_user_attr("stage", "ps")
     dists = {n: FloatDistribution(0.0, 1.0) for n in NAMES}
+    rng = np.random.default_rng(0)
+    trials = []
     for i in range(n_trials):
-        trial = study.ask(dists)
+        params = {n: float(v) for n, v in zip(NAMES, rng.uniform(size=len(NAMES)))}
         if i == fail_at:
-            trial.set_user_attr("fail_reason", "merge failed: out of memory")
-            study.tell(trial, state=TrialState.FAIL)
+            trials.append(create_trial(state=TrialState.FAIL, params=params, distributions=dists,
+                                       user_attrs={"fail_reason": "merge failed: out of memory"}))
             continue
-        fitness = float(np.mean([v for k, v in trial.params.items() if k.endswith("ja.weight")]))
-        trial.set_user_attr("recipe", f"merge_method: dare_ties  # trial {i}\n")
-        trial.set_user_attr("metrics", {"ja_acc": fitness, "math_acc": 1 - fitness})
-        trial.set_user_attr("fitness", fitness)
-        trial.set_user_attr("merge_seconds", 1.5)
-        trial.set_user_attr("eval_seconds", 3.25)
-        trial.set_user_attr("worker", "w0")
-        if i == 7:
-            trial.set_user_attr("cached_from", 3)
-        study.tell(trial, fitness)
+        fitness = float(np.mean([v for k, v in params.items() if k.endswith("ja.weight")]))
+        attrs = {"recipe": f"merge_method: dare_ties  # trial {i}\n", "recipe_hash": f"h{i}",
+                 "metrics": {"ja_acc": fitness, "math_acc": 1 - fitness}, "fitness": fitness,
+                 "merge_seconds": 1.5, "eval_seconds": 3.25, "worker": "w0", **({"cached_from": 3} if i == 7 else {})}
+        trials.append(create_trial(value=fitness, params=params, distributions=dists, user_attrs=attrs))
+    study.add_trials(trials)
     return study
+
+
+@pytest.fixture(scope="module")
+def sqlite_study(tmp_path_factory: pytest.TempPathFactory) -> optuna.Study:
+    return make_study(f"sqlite:///{tmp_path_factory.mktemp('study') / 'study.db'}")
 
 
 @pytest.mark.parametrize("name, parts", [
@@ -87,8 +94,13 @@ def test_recipe_grid_orders_columns_by_layer_then_module():
     assert grid[1, 1] == 0.5 and np.isnan(grid[1]).sum() == 5
 
 
-def test_write_report(tmp_path):
-    study = make_study(tmp_path)
+def test_recipe_grid_keeps_names_outside_the_scheme():
+    grid, rows, cols = recipe_grid({"scale": 0.3, "L00.ja.weight": 0.7}, ["scale", "L00.ja.weight"])
+    assert rows == ["value", "ja · weight"] and cols == ["L00", "scale"]
+
+
+def test_write_report(sqlite_study, tmp_path):
+    study = sqlite_study
     paths = write_report(study, tmp_path / "report", title="PS search <test>")
     assert [p.name for p in paths] == ["fitness.png", "best_recipe.png", "importances.png", "report.html"]
     for p in paths:
@@ -105,25 +117,25 @@ def test_write_report(tmp_path):
     assert "best ja_acc" in page and "<td>1</td>" in page  # one failed trial
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(images) == 3 and all(base64.b64decode(i)[:8] == PNG_MAGIC for i in images)
-    assert "http" not in page  # self-contained
+    assert not re.search(r'(src|href)="(?!data:)', page)  # self-contained
 
 
 def test_importances_skipped_below_threshold(tmp_path):
-    study = make_study(tmp_path, n_trials=6, fail_at=None)
+    study = make_study(None, n_trials=6, fail_at=None)
     paths = write_report(study, tmp_path / "report")
     assert "importances.png" not in [p.name for p in paths]
     assert "Skipped: needs at least 10 complete trials, the study has 6" in paths[-1].read_text(encoding="utf-8")
 
 
-def test_importances_skipped_when_too_slow(tmp_path, monkeypatch):
+def test_importances_skipped_when_too_slow(sqlite_study, tmp_path, monkeypatch):
     monkeypatch.setattr(report, "IMPORTANCE_TIMEOUT_S", 0.0)
-    monkeypatch.setattr(optuna.importance, "get_param_importances", lambda study: __import__("time").sleep(0.5))
-    paths = write_report(make_study(tmp_path), tmp_path / "report")
+    monkeypatch.setattr(optuna.importance, "get_param_importances", lambda study: time.sleep(0.5))
+    paths = write_report(sqlite_study, tmp_path / "report")
     assert "importances.png" not in [p.name for p in paths]
     assert "took longer than 0 s" in paths[-1].read_text(encoding="utf-8")
 
 
 def test_empty_study_is_an_error(tmp_path):
-    study = make_study(tmp_path, n_trials=1, fail_at=0)
+    study = make_study(None, n_trials=1, fail_at=0)
     with pytest.raises(EvomergeError, match="^study 'ps-test' has no complete trial yet: nothing to report$"):
         write_report(study, tmp_path / "report")
