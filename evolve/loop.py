@@ -184,7 +184,8 @@ def _loop(cfg: RunConfig, study: optuna.Study, space: ParameterSpace, sampler, e
     try:
         while True:
             stop = _stop_reason(cfg, done, since_best, failures, deadline)
-            while stop is None and done + len(inflight) < budget.max_trials and len(inflight) < cap:
+            while (stop is None and done + len(inflight) < budget.max_trials and len(inflight) < cap
+                   and _can_ask(sampler, study)):
                 trial = study.ask(dists)
                 recipe = space.decode([trial.params[n] for n in space.names])
                 h = recipe.hash()
@@ -226,6 +227,12 @@ def _loop(cfg: RunConfig, study: optuna.Study, space: ParameterSpace, sampler, e
     if failures >= budget.max_consecutive_failures:
         raise EvomergeError(f"stopped after {failures} consecutive failed trials; last: {_last_fail_reason(study)}")
     return reason
+
+
+def _can_ask(sampler, study: optuna.Study) -> bool:
+    """Generational samplers (pycma) hand out a generation at a time: ask only when a candidate is free."""
+    available = getattr(sampler, "available", None)
+    return available is None or available(study) > 0
 
 
 def _stop_reason(cfg: RunConfig, done: int, since_best: int, failures: int, deadline: float) -> Optional[str]:

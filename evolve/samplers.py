@@ -13,12 +13,16 @@ continues exactly where the last one stopped:
   loss of its generation (the worst of the whole study if the generation has none), so CMA ranks it last.
 - Re-runs. A trial enqueued with exactly the params of a failed slot of the current generation (what the loop does
   for trials a dead process left RUNNING) takes that slot over, so its value is what CMA is told; since the tell
-  waits until a candidate is needed, the re-run's value reaches CMA even when the failure closed the generation.
+  waits until a candidate is needed, the re-run's value reaches CMA even when the failure closed the generation
+  (as long as it is enqueued before the next ask; later, it is only an extra evaluation).
 - Other enqueued trials (the evaluated ``x0``) keep their fixed params and take no candidate.
+- Randomness. pycma's ``randn`` option gets a private generator seeded with ``seed`` and pickled with the ES
+  (pycma's own ``seed`` option would seed numpy's global RNG).
 - Concurrency. pycma cannot take a tell for a partial generation, so once every candidate of a generation is
-  handed out, the next ask must wait until all of them are finished; asking anyway raises ``RuntimeError``.
-  ``max_parallel`` (= popsize) bounds how many trials can be in flight; ``available(study)`` says how many asks
-  can be made now without that error. Asks must come from one process at a time.
+  handed out, the next ask must wait until all of them are finished; asking anyway raises ``RuntimeError`` (and
+  leaves the refused trial RUNNING, without params). ``max_parallel`` (= popsize) bounds how many trials can be
+  in flight, but capping at it is not enough: ``available(study)`` says how many asks can be made now without
+  that error. Asks must come from one thread and one process at a time.
 """
 from __future__ import annotations
 
@@ -97,7 +101,7 @@ class PycmaSampler(optuna.samplers.BaseSampler):
 
     def sample_relative(self, study: Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        if not search_space or "fixed_params" in trial.system_attrs:
+        if not search_space or trial.system_attrs.get("fixed_params"):
             return {}  # an enqueued trial: its params are given, it takes no candidate
         self._raise_error_if_multi_objective(study)
         state = self._load_state(study)
@@ -115,7 +119,7 @@ class PycmaSampler(optuna.samplers.BaseSampler):
 
     def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
-        if param_name not in self._space or GENERATION_KEY in trial.system_attrs:
+        if param_name not in self._space or not trial.system_attrs.get("fixed_params"):
             raise EvomergeError(f"pycma: parameter {param_name!r} with {param_distribution} is outside the "
                                 f"sampler's fixed search space {sorted(self._space)} and bounds")
         return self._x0[self._names.index(param_name)]  # an enqueued trial that fixes only some params
@@ -123,8 +127,8 @@ class PycmaSampler(optuna.samplers.BaseSampler):
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         """An enqueued re-run of a failed candidate of the current generation takes over its slot."""
         fixed = trial.system_attrs.get("fixed_params")
-        state = _stored_state(study)
-        if not fixed or GENERATION_KEY in trial.system_attrs or state is None:
+        state = _stored_state(study) if fixed and GENERATION_KEY not in trial.system_attrs else None
+        if state is None:
             return
         for index, owners in _slots(study, state["generation"]).items():
             if _failed(owners) and fixed == owners[-1].params:
@@ -154,9 +158,11 @@ class PycmaSampler(optuna.samplers.BaseSampler):
         if state is None:
             es = self._new_es()
             state = _save_state(study, 0, es, es.ask())
-        if len(state["candidates"][0]) != len(self._names):
-            raise EvomergeError(f"pycma: the study was started with {len(state['candidates'][0])} parameters, "
-                                f"this sampler has {len(self._names)}; use a new study name")
+        started = (len(state["candidates"][0]), len(state["candidates"]))
+        if started != (len(self._names), self.max_parallel):
+            raise EvomergeError(f"pycma: the study was started with {started[0]} parameters and popsize "
+                                f"{started[1]}, this sampler has {len(self._names)} and {self.max_parallel}; "
+                                f"use a new study name")
         return state
 
     def _next_generation(self, study: Study, state: dict[str, Any],

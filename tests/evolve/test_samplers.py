@@ -126,7 +126,7 @@ def test_pycma_resume_reruns_a_trial_left_running(tmp_path: Path, index: int) ->
         TrialState.COMPLETE, 1, index)
 
 
-def test_pycma_tells_failures_the_worst_loss_of_their_generation(tmp_path: Path) -> None:
+def test_pycma_tells_failures_the_worst_loss_of_their_generation() -> None:
     study = new_study(None, direction="maximize", enqueue_x0=False)
     trials = [study.ask(DISTRIBUTIONS) for _ in range(POPSIZE)]
     for i, trial in enumerate(trials):
@@ -142,7 +142,7 @@ def test_pycma_tells_failures_the_worst_loss_of_their_generation(tmp_path: Path)
     assert [list(p.values()) for p in next_generation] == [c.tolist() for c in es.ask()]
 
 
-def test_pycma_generation_barrier(tmp_path: Path) -> None:
+def test_pycma_generation_barrier() -> None:
     study = new_study(None, enqueue_x0=False)
     pycma = study.sampler
     assert pycma.max_parallel == POPSIZE and sampler(popsize=None).max_parallel == 4 + int(3 * np.log(3))
@@ -181,6 +181,17 @@ def test_pycma_enqueued_x0_runs_first_and_takes_no_candidate(tmp_path: Path) -> 
     assert with_x0_rest == without_x0
     slots = [(t.system_attrs[GENERATION_KEY], t.system_attrs[INDEX_KEY]) for t in with_x0.get_trials()[1:]]
     assert slots == [(0, i) for i in range(POPSIZE)] + [(1, 0)]
+
+
+def test_pycma_rejects_another_popsize_and_a_foreign_parameter() -> None:
+    study = new_study(None)
+    run(study, 2)
+    study.sampler = PycmaSampler(NAMES, X0, BOUNDS, sigma0=0.2, seed=1, popsize=POPSIZE + 1)
+    with pytest.raises(EvomergeError, match="started with 3 parameters and popsize 6, this sampler has 3 and 7"):
+        study.ask(DISTRIBUTIONS)
+    study.sampler = sampler(seed=1)
+    with pytest.raises(EvomergeError, match="parameter 'z' with .* is outside the sampler's fixed search space"):
+        study.ask({"z": FloatDistribution(0.0, 1.0)})
 
 
 def test_make_sampler_kinds_and_bad_name() -> None:

@@ -58,6 +58,7 @@ def write_config(tmp_path, world, **overrides):
         for k in keys:
             node = node.setdefault(k, {})
         node[last] = value
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -159,7 +160,8 @@ def test_a_second_concurrent_run_is_refused(tmp_path, world, capsys):
     cfg_path = write_config(tmp_path, world)
     from evolve.loop import RunLock
 
-    lock = RunLock((tmp_path / "run").resolve() if (tmp_path / "run").mkdir() is None else tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    lock = RunLock(tmp_path / "run")
     try:
         assert main(["run", str(cfg_path), "--no-progress"]) == 2
         err = capsys.readouterr().err
@@ -213,3 +215,12 @@ def test_ray_executor_survives_a_killed_actor_and_records_every_trial(tmp_path, 
     assert {t.user_attrs["worker"] for t in trials} == {"ray-0", "ray-1"}
     local = run_search(load_config(write_config(tmp_path / "local", world, **{"search.budget.max_trials": 10})), progress=False).study
     assert study.best_value >= local.best_value - 0.25
+
+
+def test_pycma_sampler_runs_the_loop_to_budget(tmp_path, world):
+    cfg = load_config(write_config(tmp_path, world, **{"search.optimizer": {"sampler": "pycma", "sigma0": 0.3, "popsize": 4},
+                                                       "search.budget.max_trials": 7}))
+    study = run_search(cfg, progress=False).study
+    trials = study.get_trials()
+    assert sum(counted(t) for t in trials) == 7
+    assert "pycma:state" in study._storage.get_study_system_attrs(study._study_id)
