@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def heldout_evaluators(cfg: RunConfig, split: Optional[str] = None, limit: Optional[int] = None) -> list[tuple[str, Any]]:
     ev = cfg.evaluation
-    return build_evaluators(list(ev.tasks), seed=cfg.seed, split=split or ev.heldout_split,
+    return build_evaluators([*ev.tasks, *ev.heldout_tasks], seed=cfg.seed, split=split or ev.heldout_split,
                             limit=limit if limit is not None else ev.heldout_limit, heldout=True)
 
 

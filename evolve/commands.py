@@ -172,7 +172,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if cfg.search.space.method not in METHODS:
         raise EvomergeError(f"search.space.method: '{cfg.search.space.method}' is not supported (choose from {', '.join(sorted(METHODS))})")
     for i, task in enumerate(cfg.evaluation.tasks):
-        _check_task(task, i, offline=args.offline)
+        _check_task(task, f"evaluation.tasks[{i}]", offline=args.offline)
+    for i, task in enumerate(cfg.evaluation.heldout_tasks):
+        _check_task(task, f"evaluation.heldout_tasks[{i}]", offline=args.offline)
     if args.offline:
         print(f"{args.config}: config OK (offline: checkpoints not opened)")
         return 0
@@ -187,11 +189,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_task(task, i: int, offline: bool) -> None:
+def _check_task(task, where: str, offline: bool) -> None:
+    """Field names against the evaluator's constructor (no data loaded); data paths when online."""
+    import inspect
+
+    from evals import EVALUATOR_TYPES
+
     spec = task.evaluator_spec()
-    data = spec.get("data")
-    if task.type == "generation" and not offline and data and not Path(data).exists():
-        raise EvomergeError(f"evaluation.tasks[{i}].data: {data} does not exist")
+    params = inspect.signature(EVALUATOR_TYPES[task.type]).parameters
+    unknown = sorted(set(spec) - set(params) - {"type"})
+    if unknown:
+        raise EvomergeError(f"{where}.{unknown[0]}: not a field of {task.type} tasks (allowed: {', '.join(sorted(params))})")
+    data = spec.get("task_dir")
+    if not offline and isinstance(data, str) and not Path(data).exists():
+        raise EvomergeError(f"{where}.task_dir: {data} does not exist")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:

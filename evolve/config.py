@@ -117,14 +117,16 @@ class Task(BaseModel):
 class Evaluation(_Strict):
     tasks: list[Task] = Field(min_length=1)
     fitness: list[FitnessTerm] = Field(min_length=1)
+    heldout_tasks: list[Task] = Field(default_factory=list, description="scored only for the final table and export")
     heldout_split: Optional[str] = "test"
     heldout_limit: Optional[int] = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _metrics_name_tasks(self) -> "Evaluation":
         names = [t.name for t in self.tasks]
-        if len(set(names)) != len(names):
-            raise ValueError(f"tasks: task names must be unique, got {names}")
+        all_names = names + [t.name for t in self.heldout_tasks]
+        if len(set(all_names)) != len(all_names):
+            raise ValueError(f"tasks: task names must be unique across tasks and heldout_tasks, got {all_names}")
         for i, term in enumerate(self.fitness):
             task = term.metric.split("/", 1)[0]
             if "/" not in term.metric or task not in names:

@@ -94,3 +94,20 @@ def test_check_command_reports_yaml_errors_in_one_line(tmp_path, capsys):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(GOOD))
     assert load_config(good).name == "demo"
+
+
+def test_shipped_configs_pass_offline_check(capsys):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    for name in ("jp_math.yaml", "tiny_jp_math.yaml"):
+        assert main(["check", str(root / "configs" / name), "--offline"]) == 0
+        assert "config OK" in capsys.readouterr().out
+
+
+def test_check_names_a_misspelled_task_field(tmp_path, capsys):
+    d = copy.deepcopy(GOOD)
+    d["evaluation"]["tasks"][0]["max_new_tokns"] = 3
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    assert main(["check", str(tmp_path / "c.yaml"), "--offline"]) == 2
+    assert "evaluation.tasks[0].max_new_tokns: not a field of generation tasks" in capsys.readouterr().err
