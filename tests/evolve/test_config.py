@@ -13,7 +13,7 @@ GOOD = {
     "models": {"base": "zoo/base", "sources": [{"path": "zoo/expert_ja", "alias": "ja"}, "zoo/expert_math"]},
     "search": {"space": {"method": "task_arithmetic", "layers_per_group": 1, "weight_bounds": [0, 2.5], "x0": {"weight": 1.0}},
                "budget": {"max_trials": 10}},
-    "evaluation": {"tasks": [{"name": "ja_sub", "type": "generation", "data": "zoo/tasks/ja_sub", "split": "dev", "limit": 50}],
+    "evaluation": {"tasks": [{"name": "ja_sub", "type": "generation", "task_dir": "zoo/tasks/ja_sub", "split": "dev", "limit": 50}],
                    "fitness": [{"metric": "ja_sub/acc"}, {"metric": "ja_sub/gold_prob", "weight": 0.5}]},
 }
 
