@@ -97,38 +97,24 @@ def _needs(spec: "methods.MethodSpec", model: str, recipe: MergeRecipe) -> bool:
 
 
 def compute_tensor(recipe: MergeRecipe, plan: TensorPlan, inputs: TensorInputs, device: torch.device) -> torch.Tensor:
-    """The merged tensor (float32) for one plan."""
+    """The merged tensor (float32) for one plan: gather the method's inputs, then methods.merge_tensor."""
     spec = method_spec(recipe)
-    name, p, mp = plan.name, plan.params, plan.model_params
+    name, base = plan.name, recipe.base_model
     if spec.kind == "linear":
-        models = recipe.models
-        return methods.linear([inputs.tensor(m, name) for m in models], [mp[m]["weight"] for m in models],
-                              normalize=bool(p.get("normalize", True)))
-    base = recipe.base_model
-    assert base is not None
-    if spec.kind == "slerp":
-        other = next(m for m in recipe.models if m != base)
-        return methods.slerp(float(p["t"]), inputs.tensor(base, name), inputs.tensor(other, name))
-    srcs = recipe.sources
-    if spec.kind == "model_stock":
-        return methods.model_stock(inputs.tensor(base, name), [inputs.tensor(m, name) for m in srcs],
-                                   filter_wise=bool(p.get("filter_wise", False)))
-    generators = None
-    if spec.stochastic:
-        generators = [methods.dare_generator(recipe.seed, name, m, device) for m in srcs]
-    return methods.generalized_task_arithmetic(
-        inputs.tensor(base, name),
-        [inputs.delta(m, name) for m in srcs],
-        [float(mp[m]["weight"]) for m in srcs],
-        [float(mp[m].get("density", 1.0)) for m in srcs],
-        sparsification=spec.sparsification,
-        consensus=spec.consensus,
-        normalize=bool(p.get("normalize", False)),
-        rescale=bool(p.get("rescale", False)),
-        lambda_=float(p.get("lambda", 1.0)),
-        gammas=[float(mp[m].get("gamma", 0.01)) for m in srcs] if "gamma" in spec.tensor_params else None,
-        epsilons=[float(mp[m].get("epsilon", 0.15)) for m in srcs] if "epsilon" in spec.tensor_params else None,
-        generators=generators,
+        contributors = recipe.models
+    elif spec.kind == "slerp":
+        contributors = tuple(m for m in recipe.models if m != base)
+    else:
+        contributors = recipe.sources
+    gta = spec.kind == "gta"
+    return methods.merge_tensor(
+        spec,
+        base=inputs.tensor(base, name) if base is not None and spec.kind != "linear" else None,
+        tensors=[] if gta else [inputs.tensor(m, name) for m in contributors],
+        deltas=[inputs.delta(m, name) for m in contributors] if gta else None,
+        params=dict(plan.params),
+        tensor_params=[plan.model_params[m] for m in contributors],
+        generators=[methods.dare_generator(recipe.seed, name, m, device) for m in contributors] if spec.stochastic else None,
     )
 
 
