@@ -49,11 +49,19 @@ class ZooSize:
     expert_ja: TrainSchedule
     expert_math: TrainSchedule
     split_sizes: tuple[int, int, int]  # train, dev, test items per task
+    qa_split_sizes: tuple[int, int, int]  # for ja_qa, whose item space is small (1216 questions)
+
+    def splits_of(self, task: str) -> tuple[int, int, int]:
+        return self.qa_split_sizes if TASKS[task].kind == "recall" else self.split_sizes
 
 
 SIZES: dict[str, ZooSize] = {
-    "full": ZooSize(TrainSchedule(2500, 2e-3), TrainSchedule(200, 3e-4), TrainSchedule(300, 3e-4), (400, 200, 500)),
-    "ci": ZooSize(TrainSchedule(30, 2e-3, 16), TrainSchedule(8, 3e-4, 16), TrainSchedule(8, 3e-4, 16), (20, 10, 10)),
+    "full": ZooSize(
+        TrainSchedule(2500, 2e-3), TrainSchedule(200, 1e-3), TrainSchedule(300, 1e-3), (400, 200, 500), (100, 100, 300)
+    ),
+    "ci": ZooSize(
+        TrainSchedule(30, 2e-3, 16), TrainSchedule(8, 1e-3, 16), TrainSchedule(8, 1e-3, 16), (20, 10, 10), (10, 10, 10)
+    ),
 }
 
 
@@ -67,13 +75,14 @@ def data_rng(seed: int, role: str) -> random.Random:
     return random.Random(f"evomerge-zoo:{seed}:{role}")
 
 
-def task_splits(seed: int, split_sizes: Sequence[int]) -> tuple[dict[str, dict[str, list[dict]]], frozenset[Item]]:
+def task_splits(seed: int, plan: ZooSize) -> tuple[dict[str, dict[str, list[dict]]], frozenset[Item]]:
     """Rows {"id", "prompt", "answer"} per task and split, all items distinct; and the set of items used (reserved)."""
     used: set[Item] = set()
     splits: dict[str, dict[str, list[dict]]] = {}
     for spec in TASKS.values():
         rng = data_rng(seed, f"tasks:{spec.name}")
-        splits[spec.name] = {split: _rows(spec, split, n, rng, used) for split, n in zip(SPLITS, split_sizes)}
+        sizes = plan.splits_of(spec.name)
+        splits[spec.name] = {split: _rows(spec, split, n, rng, used) for split, n in zip(SPLITS, sizes)}
     return splits, frozenset(used)
 
 
@@ -89,7 +98,7 @@ def _rows(spec: TaskSpec, split: str, n: int, rng: random.Random, used: set[Item
     return rows
 
 
-def tasks_manifest(split_sizes: Sequence[int]) -> dict:
+def tasks_manifest(plan: ZooSize) -> dict:
     """The tasks.json manifest: how to read, prompt and score every task."""
     numerals = {"e": "digits 0..18", "j": "J numeral words j0..j18"}
     return {
@@ -97,25 +106,25 @@ def tasks_manifest(split_sizes: Sequence[int]) -> dict:
         "scoring": "correct iff the first whitespace-separated word of the greedy continuation equals `answer` "
                    "(for the word-level tokenizer: the greedy first token decodes to `answer`).",
         "stop": [TERMINATOR],
-        "splits": dict(zip(SPLITS, split_sizes)),
         "tasks": [
             {"name": t.name, "description": t.description, "kind": t.kind, "language": t.lang,
              "cue": "kotae" if t.lang == "j" else "answer", "answer_format": f"one word: {numerals[t.lang]}",
-             "stop": [TERMINATOR], "files": {s: f"{t.name}/{s}.jsonl" for s in SPLITS}}
+             "stop": [TERMINATOR], "splits": dict(zip(SPLITS, plan.splits_of(t.name))),
+             "files": {s: f"{t.name}/{s}.jsonl" for s in SPLITS}}
             for t in TASKS.values()
         ],
     }
 
 
-def write_tasks(out_dir: Path, seed: int, split_sizes: Sequence[int]) -> frozenset[Item]:
+def write_tasks(out_dir: Path, seed: int, plan: ZooSize) -> frozenset[Item]:
     """Write tasks/<task>/{train,dev,test}.jsonl and tasks/tasks.json; returns the reserved items."""
-    splits, reserved = task_splits(seed, split_sizes)
+    splits, reserved = task_splits(seed, plan)
     for name, by_split in splits.items():
         (out_dir / "tasks" / name).mkdir(parents=True)
         for split, rows in by_split.items():
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
             (out_dir / "tasks" / name / f"{split}.jsonl").write_text(text, encoding="utf-8")
-    manifest = json.dumps(tasks_manifest(split_sizes), indent=2, ensure_ascii=False)
+    manifest = json.dumps(tasks_manifest(plan), indent=2, ensure_ascii=False)
     (out_dir / "tasks" / "tasks.json").write_text(manifest + "\n", encoding="utf-8")
     return reserved
 
@@ -189,7 +198,7 @@ def build_zoo(
     torch.set_num_threads(threads)
     started = time.perf_counter()
     try:
-        reserved = write_tasks(out_dir, seed, plan.split_sizes)
+        reserved = write_tasks(out_dir, seed, plan)
         losses = _train_models(out_dir, seed, plan, reserved)
     finally:
         torch.set_num_threads(previous_threads)
@@ -221,8 +230,8 @@ def _write_records(
         start = "from scratch" if name == "base" else "from base"
         lines.append(f"| {name} | {start}, {schedule.steps} steps, lr {schedule.lr:g}, batch {schedule.batch_size} "
                      f"| {losses[name]:.4f} | `{hashes[name][:16]}…` |")
-    lines += ["", f"Tasks: {', '.join(TASKS)}; splits train/dev/test = {'/'.join(map(str, plan.split_sizes))} "
-              "items per task (see tasks/tasks.json).", ""]
+    sizes = ", ".join(f"{t} {'/'.join(map(str, plan.splits_of(t)))}" for t in TASKS)
+    lines += ["", f"Tasks (train/dev/test items): {sizes}; see tasks/tasks.json.", ""]
     (out_dir / "BUILD.md").write_text("\n".join(lines), encoding="utf-8")
 
 

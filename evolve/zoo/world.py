@@ -112,21 +112,19 @@ class Problem:
 
 @dataclass(frozen=True)
 class Recall:
-    """Retrieval QA: a few 'NAME has N OBJ .' facts, then a question about fact number `asked`."""
+    """Question answering: 'NAME has N OBJ . how many OBJ does NAME have ?' -> N (copy, and translate the numeral)."""
 
-    facts: tuple[tuple[str, str, int], ...]
-    asked: int
+    name: str
+    obj: str
+    count: int
 
     @property
     def value(self) -> int:
-        return self.facts[self.asked][2]
+        return self.count
 
     def words(self) -> list[Word]:
-        words: list[Word] = []
-        for name, obj, count in self.facts:
-            words += [name, "has", count, obj, "."]
-        name, obj, _ = self.facts[self.asked]
-        return words + ["how", "many", obj, "does", name, "have", "?"]
+        n, o = self.name, self.obj
+        return [n, "has", self.count, o, ".", "how", "many", o, "does", n, "have", "?"]
 
 
 Item = Problem | Recall
@@ -143,10 +141,8 @@ def sample_problem(rng: random.Random, op: Literal["add", "sub"]) -> Problem:
 
 
 def sample_recall(rng: random.Random) -> Recall:
-    """Two or three facts about distinct people, and a question about one of them."""
-    names = rng.sample(NAMES, rng.randint(2, 3))
-    facts = tuple((n, rng.choice(OBJECTS), rng.randint(0, MAX_NUMBER)) for n in names)
-    return Recall(facts, rng.randrange(len(facts)))
+    """A fact about one person and a question about it."""
+    return Recall(rng.choice(NAMES), rng.choice(OBJECTS), rng.randint(0, MAX_NUMBER))
 
 
 def sample_item(rng: random.Random, kind: Literal["add", "sub", "recall"]) -> Item:

@@ -1,0 +1,366 @@
+"""Benchmark: `evolve merge` vs mergekit 0.1.5's `mergekit-yaml` on three ~336M-parameter bf16 Llamas, and the
+in-memory re-merge (`Materializer.apply`) against a memory-bandwidth bound.
+
+    .venv/bin/python bench/merge_speed.py [--methods linear ties dare_ties] [--repeats 2] [--skip-mergekit]
+
+1. Builds (once, cached under --work) a random base and two noisy "fine-tunes" of it.
+2. Per method, one recipe YAML fed to both CLIs; each run is a subprocess timed by wall clock, its peak RSS
+   from wait4's rusage (file-backed mmap pages included); `--repeats` runs each, interleaved, min reported.
+   The two outputs are compared tensor by tensor (linear, ties: max |difference|; dare_ties: names and shapes,
+   since both draw random masks).
+3. In memory: one Materializer per method, then `apply` of a few candidates into a live model, against
+   (resident bytes read + output bytes written) / copy bandwidth (torch `copy_` of a 1 GiB float32 buffer).
+4. Prints the tables and writes them into the "## Merge speed" section of bench/RESULTS.md.
+
+mergekit lives in its own venv (created on first use under --work with the project's CPU constraints).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from merge_core.materialize import Materializer  # noqa: E402
+from merge_core.recipe import MergeRecipe  # noqa: E402
+from merge_core.synthetic import make_tiny_checkpoint  # noqa: E402
+
+RESULTS = REPO / "bench" / "RESULTS.md"
+SECTION = "## Merge speed"
+MERGEKIT = "mergekit==0.1.5"
+CONSTRAINTS = REPO / "constraints-cpu.txt"
+MK_VENV = REPO / "bench" / "_work" / "mk-venv"
+# Llama-like proportions: GQA (16 heads, 4 KV heads), a 32000-token vocabulary (Llama-2's), untied head.
+SIZES: dict[str, Any] = dict(
+    hidden_size=1024, num_layers=24, intermediate_size=2816, num_heads=16, num_kv_heads=4, vocab_size=32000
+)
+WEIGHTS, DENSITY = (0.6, 0.4), 0.5
+# In-memory candidates: (weight_a, weight_b, density_a, density_b); density ignored by linear.
+CANDIDATES = [(0.6, 0.4, 0.5, 0.5), (0.3, 0.7, 0.4, 0.6), (0.5, 0.5, 0.7, 0.3), (0.8, 0.2, 0.5, 0.5)]
+TARGETS = {"linear": 1.0, "ties": 0.5, "dare_ties": 0.5}  # our wall time / mergekit's, at most
+INMEM_TARGET = 2.0  # apply time / bandwidth bound, at most
+MIB = 2**20
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+
+def ensure_checkpoints(work: Path) -> dict[str, Path]:
+    """base, ft_a, ft_b under work/models (built once; a stamp records the sizes they were built with)."""
+    root = work / "models"
+    stamp = root / "sizes.json"
+    paths = {name: root / name for name in ("base", "ft_a", "ft_b")}
+    if stamp.is_file() and json.loads(stamp.read_text()) == SIZES and all((p / "config.json").is_file() for p in paths.values()):
+        return paths
+    shutil.rmtree(root, ignore_errors=True)
+    t0 = time.perf_counter()
+    make_tiny_checkpoint(paths["base"], "llama", seed=0, dtype=torch.bfloat16, **SIZES)
+    for seed, name in ((1, "ft_a"), (2, "ft_b")):
+        make_tiny_checkpoint(paths[name], seed=seed, dtype=torch.bfloat16, from_checkpoint=paths["base"], noise=0.02)
+    stamp.write_text(json.dumps(SIZES))
+    print(f"built 3 checkpoints in {time.perf_counter() - t0:.0f}s under {root}", flush=True)
+    return paths
+
+
+def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def recipe_dict(method: str, models: dict[str, Path], weights=WEIGHTS, densities=(DENSITY, DENSITY)) -> dict[str, Any]:
+    """The mergekit YAML both tools read: linear over the two fine-tunes; ties/dare_ties on the base."""
+    entries = []
+    for (name, w), d in zip(zip(("ft_a", "ft_b"), weights), densities):
+        params: dict[str, Any] = {"weight": w}
+        if method != "linear":
+            params["density"] = d
+        entries.append({"model": str(models[name]), "parameters": params})
+    recipe: dict[str, Any] = {"merge_method": method}
+    if method != "linear":
+        recipe["base_model"] = str(models["base"])
+    recipe["models"] = entries
+    recipe["dtype"] = "bfloat16"
+    return recipe
+
+
+# ---- timed subprocesses -----------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_rss_mib: float
+
+
+def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run:
+    """Wall time and peak RSS (wait4's ru_maxrss: the child and its waited-for descendants) of one command."""
+    with open(log, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"command failed ({proc.returncode}): {shlex.join(cmd)}\n--- {log} ---\n{log.read_text()[-3000:]}")
+    return Run(seconds, usage.ru_maxrss / 1024)
+
+
+def ensure_mergekit(python: str | None) -> Path:
+    """The python of a venv with mergekit 0.1.5 and the CPU torch wheel (bench/_work/mk-venv, created on first use)."""
+    if python:
+        return Path(python)
+    venv = MK_VENV
+    py = venv / "bin" / "python"
+    if not py.is_file():
+        print(f"creating {venv} with {MERGEKIT} (about a minute)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(CONSTRAINTS), MERGEKIT], check=True)
+    listing = subprocess.run([str(py), "-m", "pip", "list"], capture_output=True, text=True, check=True).stdout
+    cuda = [line.split()[0] for line in listing.splitlines() if re.match(r"(nvidia-|triton|cuda)", line, re.I)]
+    torch_line = next((line for line in listing.splitlines() if line.split()[:1] == ["torch"]), "torch ?")
+    if cuda or "+cpu" not in torch_line:
+        sys.exit(f"{venv}: expected a CPU-only torch; found {torch_line!r} and {cuda}")
+    return py
+
+
+def package_version(python: Path, package: str) -> str:
+    code = f"import importlib.metadata as m; print(m.version({package!r}))"
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def compare_outputs(ours: Path, theirs: Path, exact: bool) -> str:
+    """linear/ties: max |ours - mergekit| over all tensors and how many elements differ; else names and shapes."""
+    a, b = checkpoint_shapes(ours), checkpoint_shapes(theirs)
+    if a != b:
+        only = sorted(set(a) ^ set(b))[:3]
+        bad = [n for n in a if n in b and a[n] != b[n]][:3]
+        return f"MISMATCH: names only in one {only}, shapes differ {bad}"
+    if not exact:
+        return f"{len(a)} tensors, names and shapes match"
+    files_a = {n: f for f in ours.glob("*.safetensors") for n in safe_open(str(f), "pt").keys()}
+    files_b = {n: f for f in theirs.glob("*.safetensors") for n in safe_open(str(f), "pt").keys()}
+    max_diff, differing, total = 0.0, 0, 0
+    for name in a:
+        with safe_open(str(files_a[name]), "pt") as fa, safe_open(str(files_b[name]), "pt") as fb:
+            x, y = fa.get_tensor(name).float(), fb.get_tensor(name).float()
+        diff = (x - y).abs()
+        max_diff = max(max_diff, float(diff.max()))
+        differing += int(torch.count_nonzero(diff))
+        total += x.numel()
+    return f"max abs diff {max_diff:.3g}; {differing} of {total} elements differ ({100 * differing / total:.4f}%)"
+
+
+# ---- in memory --------------------------------------------------------------------------------
+
+
+def copy_bandwidth_gbs(repeats: int = 5) -> float:
+    """(bytes read + bytes written) / s of `dst.copy_(src)` on a 1 GiB float32 buffer, best of `repeats`."""
+    src = torch.ones(2**28, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+@dataclass
+class InMemory:
+    method: str
+    resident_mib: float
+    resident_kind: str
+    build_s: float
+    rss_growth_mib: float
+    apply_s: list[float]
+    bound_s: float
+
+
+def in_memory(method: str, models: dict[str, Path], bandwidth_gbs: float, repeats: int) -> InMemory:
+    """Build a Materializer once, then time `apply` of each candidate `repeats` times."""
+    gc.collect()
+    proc = psutil.Process()
+    rss0 = proc.memory_info().rss
+    template = MergeRecipe.from_dict(recipe_dict(method, models))
+    mat = Materializer(template, device="cpu")
+    build_s = mat.build_seconds
+    rss_growth = (proc.memory_info().rss - rss0) / MIB
+    model = mat.new_model()
+    out_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    times = []
+    for _ in range(repeats):
+        for wa, wb, da, db in CANDIDATES:
+            candidate = MergeRecipe.from_dict(recipe_dict(method, models, (wa, wb), (da, db)))
+            t0 = time.perf_counter()
+            mat.apply(candidate, model)
+            times.append(time.perf_counter() - t0)
+    kind = "float32 task vectors + bf16 base" if mat._deltas else "bf16 sources"
+    result = InMemory(method, mat.resident_bytes / MIB, kind, build_s, rss_growth, times,
+                      (mat.resident_bytes + out_bytes) / (bandwidth_gbs * 1e9))
+    del mat, model
+    gc.collect()
+    return result
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+
+def machine_facts(mergekit_version: str | None) -> list[str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    facts = [
+        f"CPU: {cpu}, {os.cpu_count()} logical cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM; "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); Python {platform.python_version()}",
+        f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (the CPU is shared; each figure is "
+        f"the min of its repeats)",
+    ]
+    if mergekit_version:
+        facts.append(f"mergekit {mergekit_version} in its own venv, CLI defaults (`mergekit-yaml RECIPE OUT`)")
+    return facts
+
+
+def fmt_ratio(ours: float, theirs: float, target: float) -> str:
+    ratio = ours / theirs
+    return f"{ratio:.2f}× ({'met' if ratio <= target else 'MISSED'}, ≤ {target:g}×)"
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) the '## Merge speed' section of bench/RESULTS.md, leaving other sections alone."""
+    current = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    block = text.rstrip() + "\n\n"
+    if pattern.search(current):
+        updated = pattern.sub(lambda _: block, current, count=1)
+    else:
+        updated = current.rstrip() + "\n\n" + block
+    RESULTS.write_text(updated.rstrip() + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=REPO / "bench" / "_work" / "merge_speed")
+    parser.add_argument("--methods", nargs="+", default=["linear", "ties", "dare_ties"], choices=sorted(TARGETS))
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each timing (min reported)")
+    parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--mergekit-python", help="python of an existing venv with mergekit 0.1.5")
+    parser.add_argument("--threads", type=int, help="torch threads here and OMP/MKL threads of both CLIs (default: torch's)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    args = parser.parse_args()
+    command = shlex.join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else sys.executable,
+                          os.path.relpath(__file__, REPO), *sys.argv[1:]])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    facts_start = machine_facts(None)
+    work: Path = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+
+    models = ensure_checkpoints(work)
+    shapes = checkpoint_shapes(models["base"])
+    n_params = sum(numel(s) for s in shapes.values())
+    print(f"{n_params:,} parameters per checkpoint ({len(shapes)} tensors, bf16)", flush=True)
+
+    mk_python = None if args.skip_mergekit else ensure_mergekit(args.mergekit_python)
+    mk_version = package_version(mk_python, "mergekit") if mk_python else None
+
+    rows = []
+    for method in args.methods:
+        recipe = work / f"{method}.yaml"
+        recipe.write_text(yaml.safe_dump(recipe_dict(method, models), sort_keys=False))
+        ours_out, mk_out = work / "out" / f"evolve_{method}", work / "out" / f"mergekit_{method}"
+        ours, theirs = [], []
+        for rep in range(args.repeats):
+            shutil.rmtree(ours_out, ignore_errors=True)
+            ours.append(timed([sys.executable, "-m", "evolve.cli", "merge", str(recipe), "--out", str(ours_out),
+                               "--device", "cpu"], work / f"evolve_{method}.log", env))
+            print(f"{method} evolve merge #{rep + 1}: {ours[-1].seconds:.1f}s, peak RSS {ours[-1].peak_rss_mib:.0f} MiB", flush=True)
+            if mk_python:
+                shutil.rmtree(mk_out, ignore_errors=True)
+                theirs.append(timed([str(mk_python.parent / "mergekit-yaml"), str(recipe), str(mk_out)],
+                                    work / f"mergekit_{method}.log", env))
+                print(f"{method} mergekit-yaml #{rep + 1}: {theirs[-1].seconds:.1f}s, peak RSS {theirs[-1].peak_rss_mib:.0f} MiB", flush=True)
+        agreement = compare_outputs(ours_out, mk_out, exact=method != "dare_ties") if mk_python else "—"
+        rows.append((method, min(r.seconds for r in ours), max(r.peak_rss_mib for r in ours),
+                     min(r.seconds for r in theirs) if theirs else None,
+                     max(r.peak_rss_mib for r in theirs) if theirs else None, agreement))
+
+    bandwidth = copy_bandwidth_gbs()
+    print(f"copy bandwidth: {bandwidth:.1f} GB/s (read + write)", flush=True)
+    inmem = []
+    for method in args.methods:
+        r = in_memory(method, models, bandwidth, args.repeats)
+        inmem.append(r)
+        print(f"{method} in memory: build {r.build_s:.1f}s, apply min {min(r.apply_s):.2f}s, bound {r.bound_s:.2f}s", flush=True)
+
+    lines = [SECTION, "", f"Command (from the repository root): `{command}`", ""]
+    lines += [f"- {fact}" for fact in facts_start + ([machine_facts(mk_version)[-1]] if mk_version else [])]
+    lines.append(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    lines += [f"- checkpoints: 3 random Llamas (base + two fine-tunes = base + 0.02·N(0,1)), {n_params:,} parameters "
+              f"each ({len(shapes)} tensors, bf16, {n_params * 2 / 2**30:.2f} GiB): "
+              + ", ".join(f"{k} {v}" for k, v in SIZES.items()),
+              f"- recipe: weights {WEIGHTS[0]}/{WEIGHTS[1]}, density {DENSITY} (ties, dare_ties), dtype bfloat16; linear merges "
+              "the two fine-tunes, ties/dare_ties use the base as base_model; the same YAML is fed to both tools",
+              f"- wall time of the whole CLI process (imports included), min of {args.repeats}; peak RSS from wait4 "
+              "(includes file-backed pages of memory-mapped inputs)", ""]
+    lines += ["| method | evolve merge (s) | mergekit-yaml (s) | ours / mergekit | evolve peak RSS (MiB) | mergekit peak RSS (MiB) | outputs agree |",
+              "|---|---|---|---|---|---|---|"]
+    for method, ours_s, ours_rss, mk_s, mk_rss, agreement in rows:
+        ratio = fmt_ratio(ours_s, mk_s, TARGETS[method]) if mk_s else "—"
+        lines.append(f"| {method} | {ours_s:.1f} | {f'{mk_s:.1f}' if mk_s else 'skipped'} | {ratio} | {ours_rss:.0f} | "
+                     f"{f'{mk_rss:.0f}' if mk_rss else '—'} | {agreement} |")
+    lines += ["", f"In-memory re-merge (`Materializer.apply` into a live bf16 model, {len(CANDIDATES)} candidates × "
+              f"{args.repeats} = {len(CANDIDATES) * args.repeats} applies per method, varying weights and densities). Bound = "
+              f"(resident bytes, all read once per candidate + output bytes written) / copy bandwidth {bandwidth:.1f} GB/s "
+              "(torch `copy_` of a 1 GiB float32 buffer, read + write bytes counted).", "",
+              "| method | resident (MiB, what) | build (s) | RSS growth at build (MiB) | apply min / median (s) | bound (s) | apply / bound |",
+              "|---|---|---|---|---|---|---|"]
+    for r in inmem:
+        ratio = min(r.apply_s) / r.bound_s
+        verdict = "met" if ratio <= INMEM_TARGET else "MISSED"
+        lines.append(f"| {r.method} | {r.resident_mib:.0f} ({r.resident_kind}) | {r.build_s:.1f} | {r.rss_growth_mib:.0f} | "
+                     f"{min(r.apply_s):.2f} / {statistics.median(r.apply_s):.2f} | {r.bound_s:.2f} | "
+                     f"{ratio:.1f}× ({verdict}, ≤ {INMEM_TARGET:g}×) |")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if not args.no_write:
+        write_section(text)
+        print(f"wrote the '{SECTION}' section of {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
