@@ -8,8 +8,9 @@ import optuna
 
 from evolve.config import RunConfig
 from evolve.worker import build_evaluators, score_metrics
-from merge_core.merge import DTYPES, method_spec
+from merge_core.merge import method_spec
 from merge_core.recipe import MergeRecipe, OutputSlice, SliceSource
+from search_spaces.dfs import DataFlowRecipe
 
 log = logging.getLogger(__name__)
 
@@ -23,38 +24,35 @@ def heldout_evaluators(cfg: RunConfig, split: Optional[str] = None, limit: Optio
 def score_checkpoint(cfg: RunConfig, path: str, *, split: Optional[str] = None, limit: Optional[int] = None,
                      device: str = "auto", evaluators: Optional[list] = None) -> dict[str, float]:
     """Load an HF checkpoint with transformers and score it on the config's tasks."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from evolve.worker import load_live_model
     from merge_core.checkpoint import Checkpoint
-    from merge_core.merge import resolve_device
 
-    tc = cfg.models.trust_remote_code
-    local = Checkpoint.open(path, allow_pickle=cfg.models.allow_pickle, trust_remote_code=tc).path
-    model = AutoModelForCausalLM.from_pretrained(str(local), dtype=DTYPES[cfg.execution.dtype], trust_remote_code=tc)
-    model = model.to(resolve_device(device)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=tc)
+    cfg = cfg.model_copy(update={"execution": cfg.execution.model_copy(update={"device": device})})
+    model = load_live_model(cfg, path)
+    tokenizer = AutoTokenizer.from_pretrained(str(Checkpoint.open(path).path), trust_remote_code=cfg.models.trust_remote_code)
     return score_metrics(evaluators or heldout_evaluators(cfg, split, limit), model, tokenizer)
 
 
-def score_recipes(cfg: RunConfig, recipes: dict[str, MergeRecipe], evaluators: list) -> dict[str, dict[str, float]]:
-    """Score recipes in memory: one Materializer per method family, one live model each."""
+def score_recipes(cfg: RunConfig, recipes: dict[str, Any], evaluators: list) -> dict[str, dict[str, float]]:
+    """Score recipes in memory: one backend (Materializer, or models A and B) per group of compatible recipes."""
     from transformers import AutoTokenizer
 
-    from merge_core.materialize import Materializer
+    from evolve.worker import make_backend
 
-    by_kind: dict[tuple, list[str]] = {}
+    groups: dict[tuple, list[str]] = {}
     for label, r in recipes.items():
-        by_kind.setdefault((method_spec(r).kind, r.models, r.base_model, r.dtype), []).append(label)
+        key = (r.model_a, r.model_b) if isinstance(r, DataFlowRecipe) else (method_spec(r).kind, r.models, r.base_model, r.dtype)
+        groups.setdefault(key, []).append(label)
     out: dict[str, dict[str, float]] = {}
-    for labels in by_kind.values():
-        mat = Materializer(recipes[labels[0]], device=cfg.execution.device, allow_pickle=cfg.models.allow_pickle,
-                           trust_remote_code=cfg.models.trust_remote_code)
-        model = mat.new_model(dtype=DTYPES[cfg.execution.dtype])
-        tok = AutoTokenizer.from_pretrained(str(mat.reference.path), trust_remote_code=cfg.models.trust_remote_code)
+    for labels in groups.values():
+        backend = make_backend(cfg, recipes[labels[0]])
+        tok = AutoTokenizer.from_pretrained(backend.tokenizer_path, trust_remote_code=cfg.models.trust_remote_code)
         for label in labels:
-            mat.apply(recipes[label], model)
-            out[label] = score_metrics(evaluators, model, tok)
-        del model, mat
+            backend.apply(recipes[label])
+            out[label] = score_metrics(evaluators, backend.model, tok)
+        del backend
     return out
 
 
@@ -80,17 +78,21 @@ def untuned_recipes(cfg: RunConfig, density: float = 0.7) -> dict[str, MergeReci
     }
 
 
-def heldout_table(cfg: RunConfig, study: optuna.Study) -> list[dict[str, Any]]:
-    """Rows for the end-of-run table: base, each source, the untuned merges, and the evolved best trial."""
-    from evolve.loop import best_trial, trial_recipe
+def heldout_table(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Rows for the end-of-run table: base, each source, the untuned merges, and each stage's best trial."""
+    from evolve.loop import best_trial, study_name, trial_recipe
 
     evaluators = heldout_evaluators(cfg)
     rows: list[dict[str, Any]] = []
     models = ([("base", cfg.models.base)] if cfg.models.base else []) + [(f"source {a}", s.path) for a, s in zip(cfg.models.aliases(), cfg.models.sources)]
     for label, path in models:
         rows.append({"model": label, **score_checkpoint(cfg, path, device=cfg.execution.device, evaluators=evaluators)})
-    best = best_trial(study)
-    recipes = {**untuned_recipes(cfg), f"evolved (trial {best.number})": trial_recipe(best)}
+    recipes: dict[str, Any] = dict(untuned_recipes(cfg))
+    labels = {"ps": "evolved PS", "dfs": "evolved PS+DFS" if cfg.search.stages == ["ps", "dfs"] else "evolved DFS"}
+    for stage in cfg.search.stages:
+        study = optuna.load_study(study_name=study_name(cfg, stage), storage=cfg.storage_url)
+        best = best_trial(study)
+        recipes[f"{labels[stage]} (trial {best.number})"] = trial_recipe(best)
     for label, metrics in score_recipes(cfg, recipes, evaluators).items():
         rows.append({"model": label, **metrics})
     keep = _table_columns(cfg, rows)

@@ -71,7 +71,7 @@ def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
     if not args.no_final_table and cfg.evaluation.heldout_split:
         from evolve.baselines import heldout_table
 
-        rows = heldout_table(cfg, result.study)
+        rows = heldout_table(cfg)
         print(f"\nheld-out ({cfg.evaluation.heldout_split} split):")
         _print_table(rows, ["model", *[k for k in rows[0] if k != "model"]])
     return 0
@@ -87,6 +87,7 @@ def _metrics_line(metrics: dict | None) -> str:
 def _run_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory or config file")
     p.add_argument("--top", type=int, default=10, help="how many of the best trials to list")
+    p.add_argument("--stage", choices=["ps", "dfs"], default=None, help="which stage's study (default: the last)")
 
 
 @command("status", "table of the best trials of a search")(_run_target_args)
@@ -97,7 +98,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from evolve.loop import counted
 
     cfg = resolve_run(args.run)
-    study = _load_study(cfg)
+    study = _load_study(cfg, args.stage)
     trials = study.get_trials(deepcopy=False)
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
     print(f"study '{cfg.name}' ({redact_url(cfg.storage_url)}): {sum(counted(t) for t in trials)}/"
@@ -119,19 +120,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     from evolve.report import write_report
 
     cfg = resolve_run(args.run)
-    paths = write_report(_load_study(cfg), cfg.run_dir / "report", title=cfg.name)
+    stage = args.stage or cfg.search.stages[-1]
+    paths = write_report(_load_study(cfg, stage), cfg.run_dir / ("report" if stage == cfg.search.stages[0] else f"report-{stage}"), title=f"{cfg.name} ({stage})")
     for p in paths:
         print(f"wrote {p}")
     return 0
 
 
-def _load_study(cfg: RunConfig):
+def _load_study(cfg: RunConfig, stage: str | None = None):
     import optuna
 
+    from evolve.loop import study_name
+
+    name = study_name(cfg, stage or cfg.search.stages[-1])
     try:
-        return optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+        return optuna.load_study(study_name=name, storage=cfg.storage_url)
     except KeyError:
-        raise EvomergeError(f"no study '{cfg.name}' in {redact_url(cfg.storage_url)}; run `evolve run` first") from None
+        raise EvomergeError(f"no study '{name}' in {redact_url(cfg.storage_url)}; run `evolve run` first") from None
 
 
 # ---- export -----------------------------------------------------------------------------------
@@ -143,6 +148,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trial", type=int, default=None, help="trial number (default: the best)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-heldout", action="store_true", help="skip scoring the export on the held-out split")
+    p.add_argument("--stage", choices=["ps", "dfs"], default=None, help="which stage's study (default: the last)")
 
 
 @command("export", "write the best (or a chosen) trial as an HF checkpoint + recipes + model card")(_export_args)
@@ -150,7 +156,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from evolve.export import export_trial
 
     cfg = resolve_run(args.run)
-    out = export_trial(cfg, _load_study(cfg), Path(args.out), trial_number=args.trial, device=args.device,
+    out = export_trial(cfg, _load_study(cfg, args.stage), Path(args.out), trial_number=args.trial, device=args.device,
                        heldout=not args.no_heldout)
     print(f"wrote {out}")
     return 0

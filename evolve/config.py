@@ -71,6 +71,24 @@ class Space(_Strict):
         return self
 
 
+class DataFlow(_Strict):
+    """The data-flow (DFS) space: A's and B's layers repeated `repeats` times, an indicator per slot, hop scales."""
+
+    model_a: Optional[str] = Field(default=None, description="path/hub id or source alias; default: the base (PS result in a hybrid)")
+    model_b: str = Field(description="path/hub id or source alias")
+    repeats: int = Field(default=3, ge=1)
+    scales: Literal["matrix", "model_pair", "slot", "none"] = "matrix"
+    max_path_length: Optional[int] = Field(default=None, ge=2)
+    scale_bounds: tuple[float, float] = (0.0, 2.0)
+
+    @model_validator(mode="after")
+    def _scale_bounds(self) -> "DataFlow":
+        lo, hi = self.scale_bounds
+        if not lo < hi:
+            raise ValueError(f"scale_bounds: low {lo} must be below high {hi}")
+        return self
+
+
 class Optimizer(_Strict):
     sampler: Literal["cmaes", "pycma", "tpe", "random", "nsga2"] = "cmaes"
     sigma0: float = Field(default=1 / 6, gt=0)
@@ -84,10 +102,33 @@ class Budget(_Strict):
     max_consecutive_failures: int = Field(default=10, ge=1)
 
 
+class DataFlowStage(_Strict):
+    space: DataFlow
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    budget: Budget = Field(default_factory=Budget)
+
+
 class Search(_Strict):
+    stages: list[Literal["ps", "dfs"]] = Field(default_factory=lambda: ["ps"])
     space: Space = Field(default_factory=Space)
     optimizer: Optimizer = Field(default_factory=Optimizer)
     budget: Budget = Field(default_factory=Budget)
+    dfs: Optional[DataFlowStage] = None
+
+    @model_validator(mode="after")
+    def _stages(self) -> "Search":
+        if not self.stages or len(set(self.stages)) != len(self.stages) or (self.stages[0] == "dfs" and len(self.stages) > 1):
+            raise ValueError(f"stages: one of [ps], [dfs] or [ps, dfs], got {self.stages}")
+        if "dfs" in self.stages and self.dfs is None:
+            raise ValueError("dfs: a dfs stage needs a `search.dfs` section (space: {model_b, repeats, scales, ...})")
+        return self
+
+    def stage(self, name: str) -> tuple[Any, Optimizer, Budget]:
+        """(space settings, optimizer, budget) of one stage."""
+        if name == "dfs":
+            assert self.dfs is not None
+            return self.dfs.space, self.dfs.optimizer, self.dfs.budget
+        return self.space, self.optimizer, self.budget
 
 
 class FitnessTerm(_Strict):

@@ -21,14 +21,49 @@ from evolve.samplers import make_sampler
 from evolve.worker import Outcome
 from merge_core.checkpoint import Checkpoint
 from merge_core.errors import EvomergeError
-from merge_core.recipe import MergeRecipe
+from search_spaces.dfs import DataFlowSpace, load_recipe
 from search_spaces.ps import ParameterSpace
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def build_space(cfg: RunConfig) -> ParameterSpace:
+def build_space(cfg: RunConfig, stage: str = "ps"):
+    """The genome of one stage: PS over the sources, or DFS over models A and B."""
+    return build_ps_space(cfg) if stage == "ps" else build_dfs_space(cfg)
+
+
+def resolve_model(cfg: RunConfig, ref: str) -> str:
+    """A source alias -> its path; anything else is a path or hub id."""
+    aliases = dict(zip(cfg.models.aliases(), (s.path for s in cfg.models.sources)))
+    return aliases.get(ref, ref)
+
+
+def dfs_model_a(cfg: RunConfig) -> str:
+    """Model A of the DFS stage: as configured, else the PS stage's best merge (hybrid), else the base."""
+    assert cfg.search.dfs is not None
+    if cfg.search.dfs.space.model_a is not None:
+        return resolve_model(cfg, cfg.search.dfs.space.model_a)
+    if "ps" in cfg.search.stages:
+        return str(cfg.run_dir / "ps_best")
+    if cfg.models.base is None:
+        raise EvomergeError("search.dfs.space.model_a: required when there is no base model and no ps stage")
+    return cfg.models.base
+
+
+def build_dfs_space(cfg: RunConfig) -> DataFlowSpace:
+    assert cfg.search.dfs is not None
+    d = cfg.search.dfs.space
+    a, b = dfs_model_a(cfg), resolve_model(cfg, d.model_b)
+    opts = dict(allow_pickle=cfg.models.allow_pickle, trust_remote_code=cfg.models.trust_remote_code)
+    not_merged_yet = a == str(cfg.run_dir / "ps_best") and not Path(a).exists()  # the PS merge has the base's shape
+    layers_a = Checkpoint.open(cfg.models.base or cfg.models.sources[0].path if not_merged_yet else a, **opts).num_layers
+    cb = Checkpoint.open(b, **opts)
+    return DataFlowSpace(model_a=a, model_b=b, layers_a=layers_a, layers_b=cb.num_layers, repeats=d.repeats,
+                         scales=d.scales, max_path_length=d.max_path_length, scale_bounds=tuple(d.scale_bounds))
+
+
+def build_ps_space(cfg: RunConfig) -> ParameterSpace:
     """The PS genome for this config (the number of layers is read from the base checkpoint's config)."""
     m, sp = cfg.models, cfg.search.space
     ref = Checkpoint.open(m.base or m.sources[0].path, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
@@ -46,11 +81,17 @@ def build_space(cfg: RunConfig) -> ParameterSpace:
 # ---- the study ------------------------------------------------------------------------------
 
 
-def open_study(cfg: RunConfig, space: ParameterSpace, sampler: Optional[optuna.samplers.BaseSampler] = None) -> optuna.Study:
-    """Create or reopen the run's study; refuse one whose genome differs from this config's."""
+def study_name(cfg: RunConfig, stage: str) -> str:
+    """The first stage's study is named after the run; later stages get a suffix (`NAME-dfs`)."""
+    return cfg.name if stage == cfg.search.stages[0] else f"{cfg.name}-{stage}"
+
+
+def open_study(cfg: RunConfig, space, sampler: Optional[optuna.samplers.BaseSampler] = None, stage: str = "ps") -> optuna.Study:
+    """Create or reopen a stage's study; refuse one whose genome differs from this config's."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    name = study_name(cfg, stage)
     try:
-        study = optuna.create_study(study_name=cfg.name, storage=cfg.storage_url, direction="maximize",
+        study = optuna.create_study(study_name=name, storage=cfg.storage_url, direction="maximize",
                                     sampler=sampler, load_if_exists=True)
     except Exception as e:  # storage errors carry the URL; never print its password
         raise EvomergeError(f"storage {redact_url(cfg.storage_url)}: cannot open ({type(e).__name__}: {redact_url(str(e)).splitlines()[0][:200]})") from None
@@ -58,9 +99,9 @@ def open_study(cfg: RunConfig, space: ParameterSpace, sampler: Optional[optuna.s
     if stored is None:
         study.set_user_attr("space_names", space.names)
         study.set_user_attr("config", dump_config(cfg))
-        study.set_user_attr("stage", "ps")
+        study.set_user_attr("stage", stage)
     elif stored != space.names:
-        raise EvomergeError(f"study '{cfg.name}' in {redact_url(cfg.storage_url)} was made with another search space "
+        raise EvomergeError(f"study '{name}' in {redact_url(cfg.storage_url)} was made with another search space "
                             f"({len(stored)} parameters, this config has {space.dim}); give the run a new name")
     return study
 
@@ -140,33 +181,58 @@ class Progress:
 
 
 def run_search(cfg: RunConfig, *, progress: bool = True, executor_factory: Callable[..., Executor] = make_executor) -> SearchResult:
-    """Run (or continue) the search until the budget is spent; the study holds the complete record."""
-    space = build_space(cfg)
-    opt = cfg.search.optimizer
-    sampler = make_sampler(opt.sampler, names=space.names, x0=space.x0, bounds=space.bounds,
-                           sigma0=opt.sigma0, seed=cfg.seed, popsize=opt.popsize)
+    """Run (or continue) every stage of the search until its budget is spent; the studies hold the record."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
     lock = None if cfg.execution.shared_study else RunLock(cfg.run_dir)
     try:
-        study = open_study(cfg, space, sampler)
-        requeued = requeue_interrupted(study)
-        if requeued:
-            log.warning("re-running trials interrupted by a previous process: %s", requeued)
-        if not study.trials:
-            study.enqueue_trial(dict(zip(space.names, space.x0)), user_attrs={"x0": True})
-        executor = executor_factory(cfg, space.decode(space.x0))
-        try:
-            return SearchResult(study, space, _loop(cfg, study, space, sampler, executor, progress))
-        finally:
-            executor.close()
+        result = None
+        for stage in cfg.search.stages:
+            if stage == "dfs" and "ps" in cfg.search.stages and cfg.search.dfs.space.model_a is None:
+                export_ps_best(cfg)
+            result = run_stage(cfg, stage, progress=progress, executor_factory=executor_factory)
+        assert result is not None
+        return result
     finally:
         if lock is not None:
             lock.release()
 
 
-def _loop(cfg: RunConfig, study: optuna.Study, space: ParameterSpace, sampler, executor: Executor, show: bool) -> str:
-    budget = cfg.search.budget
+def run_stage(cfg: RunConfig, stage: str, *, progress: bool, executor_factory: Callable[..., Executor]) -> SearchResult:
+    space = build_space(cfg, stage)
+    _, opt, budget = cfg.search.stage(stage)
+    sampler = make_sampler(opt.sampler, names=space.names, x0=space.x0, bounds=space.bounds,
+                           sigma0=opt.sigma0, seed=cfg.seed, popsize=opt.popsize)
+    study = open_study(cfg, space, sampler, stage)
+    requeued = requeue_interrupted(study)
+    if requeued:
+        log.warning("re-running trials interrupted by a previous process: %s", requeued)
+    if not study.trials:
+        study.enqueue_trial(dict(zip(space.names, space.x0)), user_attrs={"x0": True})
+    if sum(counted(t) for t in study.get_trials(deepcopy=False)) >= budget.max_trials:
+        return SearchResult(study, space, "budget: max_trials reached (already)")
+    executor = executor_factory(cfg, space.decode(space.x0))
+    try:
+        return SearchResult(study, space, _loop(budget, study, space, sampler, executor, progress))
+    finally:
+        executor.close()
+
+
+def export_ps_best(cfg: RunConfig) -> Path:
+    """Write the PS stage's best merge to RUN_DIR/ps_best (model A of a hybrid's DFS stage), once per best trial."""
+    from merge_core.merge import run_merge
+
+    study = optuna.load_study(study_name=study_name(cfg, "ps"), storage=cfg.storage_url)
+    recipe = trial_recipe(best_trial(study))
+    out = cfg.run_dir / "ps_best"
+    marker = out / "evomerge_recipe.yaml"
+    if not (marker.is_file() and load_recipe(marker.read_text()) == recipe):
+        run_merge(recipe, out, device=cfg.execution.device, allow_pickle=cfg.models.allow_pickle,
+                  trust_remote_code=cfg.models.trust_remote_code)
+    return out
+
+
+def _loop(budget, study: optuna.Study, space, sampler, executor: Executor, show: bool) -> str:
     dists = distributions(space)
     cap = min(executor.slots, getattr(sampler, "max_parallel", executor.slots))
     trials = study.get_trials(deepcopy=False)
@@ -183,7 +249,7 @@ def _loop(cfg: RunConfig, study: optuna.Study, space: ParameterSpace, sampler, e
     reason = "budget: max_trials reached"
     try:
         while True:
-            stop = _stop_reason(cfg, done, since_best, failures, deadline)
+            stop = _stop_reason(budget, done, since_best, failures, deadline)
             while (stop is None and done + len(inflight) < budget.max_trials and len(inflight) < cap
                    and _can_ask(sampler, study)):
                 trial = study.ask(dists)
@@ -235,8 +301,7 @@ def _can_ask(sampler, study: optuna.Study) -> bool:
     return available is None or available(study) > 0
 
 
-def _stop_reason(cfg: RunConfig, done: int, since_best: int, failures: int, deadline: float) -> Optional[str]:
-    b = cfg.search.budget
+def _stop_reason(b, done: int, since_best: int, failures: int, deadline: float) -> Optional[str]:
     if done >= b.max_trials:
         return "budget: max_trials reached"
     if failures >= b.max_consecutive_failures:
@@ -287,5 +352,6 @@ def best_trial(study: optuna.Study, number: Optional[int] = None) -> FrozenTrial
     raise EvomergeError(f"--trial {number}: no complete trial with that number (complete: {len(complete)})")
 
 
-def trial_recipe(t: FrozenTrial) -> MergeRecipe:
-    return MergeRecipe.from_yaml(t.user_attrs["recipe"], where=f"trial {t.number} recipe")
+def trial_recipe(t: FrozenTrial):
+    """The trial's recipe: a MergeRecipe (ps) or a DataFlowRecipe (dfs)."""
+    return load_recipe(t.user_attrs["recipe"], where=f"trial {t.number} recipe")

@@ -11,10 +11,12 @@ from typing import Any
 import torch
 
 from evolve.config import RunConfig, Task, parse_config
+from merge_core.checkpoint import Checkpoint
 from merge_core.errors import EvomergeError
 from merge_core.materialize import Materializer
 from merge_core.merge import DTYPES
 from merge_core.recipe import MergeRecipe
+from search_spaces.dfs import DataFlowRecipe, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,61 @@ def score_metrics(evaluators: list[tuple[str, Any]], model: Any, tokenizer: Any)
     return metrics
 
 
+class MergeBackend:
+    """Parameter-space candidates: a Materializer and one live model written in place per candidate."""
+
+    def __init__(self, cfg: RunConfig, template: MergeRecipe):
+        self.materializer = Materializer(template, device=cfg.execution.device, allow_pickle=cfg.models.allow_pickle,
+                                         trust_remote_code=cfg.models.trust_remote_code)
+        self.model = self.materializer.new_model(dtype=DTYPES[cfg.execution.dtype])
+        self.tokenizer_path = str(self.materializer.reference.path)
+
+    def apply(self, recipe: MergeRecipe) -> None:
+        self.materializer.apply(recipe, self.model)
+
+
+class DataFlowBackend:
+    """Data-flow candidates: models A and B live (weights shared, never copied), the layer path swapped per candidate."""
+
+    def __init__(self, cfg: RunConfig, template: DataFlowRecipe):
+        from merge_core.dataflow import DataFlowModel
+
+        self.model_a = load_live_model(cfg, template.model_a)
+        self.model_b = load_live_model(cfg, template.model_b)
+        self.model = DataFlowModel(self.model_a, self.model_b, _layer_path(template))
+        self.tokenizer_path = str(Checkpoint.open(template.model_a).path)
+        self.template = template
+
+    def apply(self, recipe: DataFlowRecipe) -> None:
+        if (recipe.model_a, recipe.model_b) != (self.template.model_a, self.template.model_b):
+            raise EvomergeError("recipe: a data-flow worker applies paths over the models A and B it was built with")
+        self.model.set_path(_layer_path(recipe))
+
+
+def _layer_path(recipe: DataFlowRecipe):
+    from merge_core.dataflow import LayerPath
+
+    return LayerPath(hops=recipe.hops, scales=recipe.scales)
+
+
+def load_live_model(cfg: RunConfig, ref: str):
+    """An HF checkpoint loaded with transformers onto the execution device and dtype, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from merge_core.merge import resolve_device
+
+    tc = cfg.models.trust_remote_code
+    local = Checkpoint.open(ref, allow_pickle=cfg.models.allow_pickle, trust_remote_code=tc).path
+    model = AutoModelForCausalLM.from_pretrained(str(local), dtype=DTYPES[cfg.execution.dtype], trust_remote_code=tc)
+    return model.to(resolve_device(cfg.execution.device)).eval()
+
+
+def make_backend(cfg: RunConfig, template: MergeRecipe | DataFlowRecipe) -> MergeBackend | DataFlowBackend:
+    return DataFlowBackend(cfg, template) if isinstance(template, DataFlowRecipe) else MergeBackend(cfg, template)
+
+
 class Worker:
-    """Built once per worker process/actor; ``evaluate`` merges a candidate in place and scores it."""
+    """Built once per worker process/actor; ``evaluate`` puts a candidate into the live model and scores it."""
 
     def __init__(self, cfg: RunConfig | dict, template_yaml: str, worker_id: str = "local"):
         from transformers import AutoTokenizer
@@ -74,12 +129,9 @@ class Worker:
         self.cfg = cfg if isinstance(cfg, RunConfig) else parse_config(cfg)
         self.worker_id = worker_id
         torch.manual_seed(self.cfg.seed)
-        template = MergeRecipe.from_yaml(template_yaml)
-        ex = self.cfg.execution
-        self.materializer = Materializer(template, device=ex.device, allow_pickle=self.cfg.models.allow_pickle,
-                                         trust_remote_code=self.cfg.models.trust_remote_code)
-        self.model = self.materializer.new_model(dtype=DTYPES[ex.dtype])
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.materializer.reference.path),
+        self.backend = make_backend(self.cfg, load_recipe(template_yaml))
+        self.model = self.backend.model
+        self.tokenizer = AutoTokenizer.from_pretrained(self.backend.tokenizer_path,
                                                        trust_remote_code=self.cfg.models.trust_remote_code)
         self.evaluators = build_evaluators(list(self.cfg.evaluation.tasks), seed=self.cfg.seed)
         self.fitness = Fitness([(t.metric, t.weight, t.direction) for t in self.cfg.evaluation.fitness])
@@ -88,7 +140,7 @@ class Worker:
         out = Outcome(worker=self.worker_id)
         try:
             t0 = time.perf_counter()
-            self.materializer.apply(MergeRecipe.from_yaml(recipe_yaml), self.model)
+            self.backend.apply(load_recipe(recipe_yaml))
             out.merge_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             out.metrics = score_metrics(self.evaluators, self.model, self.tokenizer)

@@ -78,7 +78,7 @@ def test_end_to_end_run_status_export_report(tmp_path, world):
     cfg_path = write_config(tmp_path, world)
     proc = evolve_cli("run", str(cfg_path), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "held-out (test split)" in proc.stdout and "evolved (trial" in proc.stdout and "source ja" in proc.stdout
+    assert "held-out (test split)" in proc.stdout and "evolved PS (trial" in proc.stdout and "source ja" in proc.stdout
     study = study_of(cfg_path)
     trials = study.get_trials()
     assert sum(counted(t) for t in trials) == 6  # exactly the budget
