@@ -183,6 +183,72 @@ def compare_outputs(ours: Path, theirs: Path, exact: bool) -> str:
     return f"max abs diff {max_diff:.3g}; {differing} of {total} elements differ ({100 * differing / total:.4f}%)"
 
 
+# mergekit 0.1.5's own GTA code (merge_group of generalized_task_arithmetic.py, replicated line by line around its
+# `magnitude` and `get_mask`) on a few tensors, run in the storage dtype (what mergekit does) and in float32 (what we do).
+GTA_REPLICA = r"""
+import glob, json, sys, torch
+from safetensors import safe_open
+from mergekit.sparsify import magnitude
+from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+args = json.loads(sys.argv[1])
+def load(directory, name):
+    for f in glob.glob(directory + "/*.safetensors"):
+        with safe_open(f, "pt") as h:
+            if name in h.keys():
+                return h.get_tensor(name)
+def ties(base, sources, weights, densities):
+    deltas = base.new_empty((len(sources), *base.shape))
+    for i, s in enumerate(sources):
+        deltas[i] = magnitude(s - base, density=densities[i])
+    w = torch.tensor(weights, dtype=deltas.dtype)
+    while deltas.dim() > w.dim():
+        w.unsqueeze_(-1)
+    deltas.mul_(w)
+    mask = get_mask(deltas, method="sum", mask_dtype=base.dtype)
+    mixed, divisor = (deltas * mask).sum(dim=0), (w * mask).sum(dim=0)
+    divisor[divisor == 0] = 1
+    return (base + mixed / divisor).to(base.dtype)
+def compare(x, y):
+    d = (x.float() - y.float()).abs()
+    return float(d.max()), int(torch.count_nonzero(d))
+out = {"n": 0, "bf16_vs_mergekit": [0.0, 0], "f32_vs_ours": [0.0, 0], "f32_stable_vs_ours": [0.0, 0]}
+for name in args["names"]:
+    base, *sources = (load(args["models"][m], name) for m in ("base", "ft_a", "ft_b"))
+    in_dtype = ties(base, sources, args["weights"], args["densities"])
+    in_f32 = ties(base.float(), [s.float() for s in sources], args["weights"], args["densities"]).to(base.dtype)
+    argsort = torch.argsort  # then with ties in |delta| broken by lower index, as ours does
+    torch.argsort = lambda t, descending=False: argsort(t, descending=descending, stable=True)
+    in_f32_stable = ties(base.float(), [s.float() for s in sources], args["weights"], args["densities"]).to(base.dtype)
+    torch.argsort = argsort
+    ours = load(args["ours"], name)
+    for key, (x, y) in {"bf16_vs_mergekit": (in_dtype, load(args["mergekit"], name)),
+                        "f32_vs_ours": (in_f32, ours), "f32_stable_vs_ours": (in_f32_stable, ours)}.items():
+        m, c = compare(x, y)
+        out[key] = [max(out[key][0], m), out[key][1] + c]
+    out["n"] += base.numel()
+print(json.dumps(out))
+"""
+REPLICA_TENSORS = ["model.layers.0.mlp.down_proj.weight", "model.layers.11.self_attn.q_proj.weight", "model.norm.weight"]
+
+
+def ties_replica_check(mk_python: Path, models: dict[str, Path], ours: Path, theirs: Path) -> str:
+    """Where ties outputs differ: mergekit's GTA code in bf16 vs its output, and in float32 vs ours."""
+    args = dict(names=REPLICA_TENSORS, models={k: str(v) for k, v in models.items()}, ours=str(ours),
+                mergekit=str(theirs), weights=list(WEIGHTS), densities=[DENSITY, DENSITY])
+    done = subprocess.run([str(mk_python), "-c", GTA_REPLICA, json.dumps(args)], capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"replica check failed: {done.stderr.strip().splitlines()[-1:]}"
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    pct = lambda c: 100 * c / r["n"]  # noqa: E731
+    return (f"mergekit's own ties code on {len(REPLICA_TENSORS)} tensors ({r['n']:,} elements): run in bf16 it reproduces "
+            f"mergekit's output (max diff {r['bf16_vs_mergekit'][0]:.3g}, {pct(r['bf16_vs_mergekit'][1]):.4f}% differ); "
+            f"run in float32 it is within magnitude-tie order of ours (max diff {r['f32_vs_ours'][0]:.3g}, "
+            f"{pct(r['f32_vs_ours'][1]):.4f}% differ), and with a stable argsort (equal |delta|: lower index first, as ours) "
+            f"max diff {r['f32_stable_vs_ours'][0]:.3g}, {pct(r['f32_stable_vs_ours'][1]):.4f}% differ"
+            + (". So the gap is mergekit's GTA arithmetic in the storage dtype (bf16), where ours computes in float32"
+               if r["bf16_vs_mergekit"][1] == 0 and r["f32_stable_vs_ours"][1] == 0 else ""))
+
+
 # ---- in memory --------------------------------------------------------------------------------
 
 
@@ -298,7 +364,7 @@ def main() -> None:
     mk_python = None if args.skip_mergekit else ensure_mergekit(args.mergekit_python)
     mk_version = package_version(mk_python, "mergekit") if mk_python else None
 
-    rows = []
+    rows, notes = [], []
     for method in args.methods:
         recipe = work / f"{method}.yaml"
         recipe.write_text(yaml.safe_dump(recipe_dict(method, models), sort_keys=False))
@@ -315,6 +381,8 @@ def main() -> None:
                                     work / f"mergekit_{method}.log", env))
                 print(f"{method} mergekit-yaml #{rep + 1}: {theirs[-1].seconds:.1f}s, peak RSS {theirs[-1].peak_rss_mib:.0f} MiB", flush=True)
         agreement = compare_outputs(ours_out, mk_out, exact=method != "dare_ties") if mk_python else "—"
+        if mk_python and method == "ties":
+            notes.append(f"ties outputs: {ties_replica_check(mk_python, models, ours_out, mk_out)}.")
         rows.append((method, min(r.seconds for r in ours), max(r.peak_rss_mib for r in ours),
                      min(r.seconds for r in theirs) if theirs else None,
                      max(r.peak_rss_mib for r in theirs) if theirs else None, agreement))
@@ -343,6 +411,7 @@ def main() -> None:
         ratio = fmt_ratio(ours_s, mk_s, TARGETS[method]) if mk_s else "—"
         lines.append(f"| {method} | {ours_s:.1f} | {f'{mk_s:.1f}' if mk_s else 'skipped'} | {ratio} | {ours_rss:.0f} | "
                      f"{f'{mk_rss:.0f}' if mk_rss else '—'} | {agreement} |")
+    lines += [""] + [f"- {note}" for note in notes] if notes else []
     lines += ["", f"In-memory re-merge (`Materializer.apply` into a live bf16 model, {len(CANDIDATES)} candidates × "
               f"{args.repeats} = {len(CANDIDATES) * args.repeats} applies per method, varying weights and densities). Bound = "
               f"(resident bytes, all read once per candidate + output bytes written) / copy bandwidth {bandwidth:.1f} GB/s "

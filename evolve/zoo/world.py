@@ -234,7 +234,7 @@ def expert_math_mixture(reserved: frozenset[Item]) -> Mixture:
     return Mixture((
         (0.20 * 0.7, narrative_sampler("e")),
         (0.20 * 0.3, qa_sampler("recall", "e", "e", "e", reserved)),
-        (problems * 0.25, qa_sampler("sub", "j", "mix", "e", reserved)),
+        (problems * 0.25, qa_sampler("sub", "j", "j", "e", reserved)),
         (problems * 0.25, qa_sampler("sub", "mix", "mix", "e", reserved)),
         (problems * 0.25, qa_sampler("sub", "e", "e", "e", reserved)),
         (problems * 0.25, qa_sampler("add", "e", "e", "e", reserved)),
