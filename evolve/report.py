@@ -47,7 +47,11 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
     best = study.best_trial
-    figures = {"fitness.png": plot_fitness(trials), "best_recipe.png": plot_best_recipe(best, _param_order(study, best))}
+    figures = {"fitness.png": plot_fitness(trials)}
+    if "layer_path:" in best.user_attrs.get("recipe", ""):  # a data-flow trial: draw its path
+        figures["best_path.png"] = plot_layer_path(best)
+    else:
+        figures["best_recipe.png"] = plot_best_recipe(best, _param_order(study, best))
     importances, why_not = compute_importances(study, len(complete))
     if importances is not None:
         figures["importances.png"] = plot_importances(importances)
@@ -57,6 +61,24 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
     html_path.write_text(page, encoding="utf-8")
     log.info("wrote report for study '%s' to %s", study.study_name, html_path)
     return [*paths, html_path]
+
+
+def plot_layer_path(trial: FrozenTrial) -> plt.Figure:
+    """The best data-flow path: one box per hop, coloured by model, labelled with its layer and input scale."""
+    import yaml
+
+    hops = yaml.safe_load(trial.user_attrs["recipe"])["layer_path"]
+    fig, ax = plt.subplots(figsize=(min(max(4.0, 0.55 * len(hops) + 1), 24), 1.9))
+    colors = {"A": "#4C72B0", "B": "#DD8452"}
+    for i, hop in enumerate(hops):
+        ax.add_patch(plt.Rectangle((i + 0.05, 0.1), 0.9, 0.8, color=colors[hop["model"]]))
+        ax.text(i + 0.5, 0.62, f"{hop['model']}{hop['layer']}", ha="center", va="center", color="white", fontsize=9, weight="bold")
+        ax.text(i + 0.5, 0.3, f"x{hop['scale']:.2f}", ha="center", va="center", color="white", fontsize=7)
+    ax.set_xlim(0, len(hops))
+    ax.set_ylim(0, 1)
+    ax.axis("off")
+    ax.set_title(f"trial {trial.number}: {len(hops)} hops (A blue, B orange; scale multiplies the previous MLP output)", fontsize=9)
+    return fig
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -226,7 +248,8 @@ def render_html(study: optuna.Study, trials: list[FrozenTrial], best: FrozenTria
     body = [f"<h1>{esc(title)}</h1>", "<h2>Summary</h2>", _summary_table(study, trials, best)]
     body += ["<h2>Best recipe</h2>", f"<pre>{esc(str(best.user_attrs.get('recipe', '(not recorded)')))}</pre>"]
     body += [_img(images[name], alt) for name, alt in (("fitness.png", "fitness per trial"),
-                                                       ("best_recipe.png", "best recipe parameters"))]
+                                                       ("best_recipe.png", "best recipe parameters"),
+                                                       ("best_path.png", "best data-flow layer path")) if name in images]
     body.append("<h2>Parameter importances</h2>")
     body.append(_img(images["importances.png"], "parameter importances") if "importances.png" in images
                 else f"<p>Skipped: {esc(importance_note or 'not computed')}.</p>")

@@ -78,3 +78,18 @@ def test_hybrid_resumes_in_the_dfs_stage_after_sigkill(tmp_path, world):  # noqa
     dfs_trials = optuna.load_study(study_name=study_name(cfg, "dfs"), storage=cfg.storage_url).get_trials()
     assert sum(counted(t) for t in dfs_trials) == 12
     assert any("rerun_of" in t.user_attrs for t in dfs_trials)
+
+
+def test_report_draws_the_best_layer_path(tmp_path):
+    from evolve.report import write_report
+    from search_spaces.dfs import DataFlowRecipe
+
+    study = optuna.create_study(direction="maximize")
+    recipe = DataFlowRecipe("a", "b", ((0, 0), (1, 1), (0, 1)), (1.0, 0.8, 1.2))
+    for v in (0.1, 0.3):
+        t = study.ask({"I.r0.A00": optuna.distributions.FloatDistribution(-1, 1)})
+        t.set_user_attr("recipe", recipe.to_yaml())
+        t.set_user_attr("metrics", {"x/acc": v})
+        study.tell(t, v)
+    paths = write_report(study, tmp_path)
+    assert (tmp_path / "best_path.png").stat().st_size > 1000 and tmp_path / "report.html" in paths
