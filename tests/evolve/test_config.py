@@ -100,7 +100,7 @@ def test_shipped_configs_pass_offline_check(capsys):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    for name in ("jp_math.yaml", "tiny_jp_math.yaml"):
+    for name in ("jp_math.yaml", "jp_math_hybrid.yaml", "tiny_jp_math.yaml", "tiny_jp_math_dfs.yaml", "tiny_jp_math_hybrid.yaml"):
         assert main(["check", str(root / "configs" / name), "--offline"]) == 0
         assert "config OK" in capsys.readouterr().out
 
