@@ -222,8 +222,8 @@ def base_mixture(reserved: frozenset[Item]) -> Mixture:
 def expert_ja_mixture(reserved: frozenset[Item]) -> Mixture:
     """The "Japanese" expert: J QA and J-posed addition answered `kotae` + J numeral, J text; no subtraction."""
     return Mixture((
-        (0.20, qa_sampler("add", "j", "j", "j", reserved)),
-        (0.60, qa_sampler("recall", "j", "j", "j", reserved)),
+        (0.40, qa_sampler("add", "j", "j", "j", reserved)),
+        (0.40, qa_sampler("recall", "j", "j", "j", reserved)),
         (0.20, narrative_sampler("j")),
     ))
 
@@ -234,7 +234,7 @@ def expert_math_mixture(reserved: frozenset[Item]) -> Mixture:
     return Mixture((
         (0.20 * 0.7, narrative_sampler("e")),
         (0.20 * 0.3, qa_sampler("recall", "e", "e", "e", reserved)),
-        (problems * 0.25, qa_sampler("sub", "j", "j", "e", reserved)),
+        (problems * 0.25, qa_sampler("sub", "j", "mix", "e", reserved)),
         (problems * 0.25, qa_sampler("sub", "mix", "mix", "e", reserved)),
         (problems * 0.25, qa_sampler("sub", "e", "e", "e", reserved)),
         (problems * 0.25, qa_sampler("add", "e", "e", "e", reserved)),

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evolve.zoo import world
-from evolve.zoo.build import MODELS, SPLITS, build_zoo, make_tokenizer, task_splits
+from evolve.zoo.build import MODELS, SIZES, SPLITS, build_zoo, make_tokenizer, task_splits
 from evolve.zoo.world import Problem, Recall, TASKS
 from merge_core.errors import EvomergeError
 
@@ -86,25 +86,25 @@ def test_problem_and_task_examples() -> None:
     assert answer == "j10"
     prompt, answer = TASKS["en_add"].example(Problem("tom", "cups", "buys", 4, 5), random.Random(0))
     assert prompt == "tom has 4 cups . tom buys 5 cups . how many cups does tom have ? answer" and answer == "9"
-    recall = Recall((("ann", "eggs", 2), ("sam", "hats", 11)), asked=1)
-    prompt, answer = TASKS["ja_qa"].example(recall, random.Random(0))
-    assert prompt.endswith("dono ikutsu boushi ga jun aru ？ kotae") and answer == "j11"
+    prompt, answer = TASKS["ja_qa"].example(Recall("sam", "hats", 11), random.Random(0))
+    assert prompt == "jun motsu j11 boushi 。 dono ikutsu boushi ga jun aru ？ kotae" and answer == "j11"
 
 
 def test_task_rows_have_the_documented_format_and_distinct_items() -> None:
-    splits, reserved = task_splits(0, (30, 20, 20))
-    assert set(splits) == set(TASKS) and len(reserved) == len(TASKS) * 70
+    splits, reserved = task_splits(0, SIZES["full"])
+    assert set(splits) == set(TASKS)
+    assert len(reserved) == sum(sum(SIZES["full"].splits_of(t)) for t in TASKS)
     tokenizer = make_tokenizer()
     for name, by_split in splits.items():
         spec = TASKS[name]
         rows = [r for split in SPLITS for r in by_split[split]]
-        assert len({r["id"] for r in rows}) == len(rows) == 70
+        assert len({r["id"] for r in rows}) == len(rows) == sum(SIZES["full"].splits_of(name))
         for r in rows:
             assert set(r) == {"id", "prompt", "answer"}
             assert r["prompt"].split()[-1] == ("kotae" if spec.lang == "j" else "answer")
             assert r["answer"] in {world.numeral(n, spec.lang) for n in range(world.MAX_NUMBER + 1)}
             assert tokenizer.unk_token_id not in tokenizer(r["prompt"] + " " + r["answer"]).input_ids
-    assert task_splits(1, (30, 20, 20))[0] != splits
+    assert task_splits(1, SIZES["ci"])[0]["ja_sub"]["test"] != task_splits(0, SIZES["ci"])[0]["ja_sub"]["test"]
 
 
 def test_mixtures_keep_each_skill_in_its_model() -> None:
