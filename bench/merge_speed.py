@@ -12,12 +12,11 @@ in-memory re-merge (`Materializer.apply`) against a memory-bandwidth bound.
    (resident bytes read + output bytes written) / copy bandwidth (torch `copy_` of a 1 GiB float32 buffer).
 4. Prints the tables and writes them into the "## Merge speed" section of bench/RESULTS.md.
 
-mergekit lives in its own venv (created on first use under --work with the project's CPU constraints).
+mergekit lives in its own venv, bench/_work/mk-venv (created on first use with constraints-cpu.txt; checked CPU-only).
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -271,22 +270,16 @@ class InMemory:
     resident_mib: float
     resident_kind: str
     build_s: float
-    rss_growth_mib: float
+    peak_rss_mib: float  # the worker process: build, live model and every apply
     apply_s: list[float]
     bound_s: float
 
 
-def in_memory(method: str, models: dict[str, Path], bandwidth_gbs: float, repeats: int) -> InMemory:
-    """Build a Materializer once, then time `apply` of each candidate `repeats` times."""
-    gc.collect()
-    proc = psutil.Process()
-    rss0 = proc.memory_info().rss
+def in_memory_worker(method: str, models: dict[str, Path], repeats: int, out: Path) -> None:
+    """(In a fresh process.) Build a Materializer once, then time `apply` of each candidate `repeats` times."""
     template = MergeRecipe.from_dict(recipe_dict(method, models))
     mat = Materializer(template, device="cpu")
-    build_s = mat.build_seconds
-    rss_growth = (proc.memory_info().rss - rss0) / MIB
     model = mat.new_model()
-    out_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     times = []
     for _ in range(repeats):
         for wa, wb, da, db in CANDIDATES:
@@ -294,12 +287,22 @@ def in_memory(method: str, models: dict[str, Path], bandwidth_gbs: float, repeat
             t0 = time.perf_counter()
             mat.apply(candidate, model)
             times.append(time.perf_counter() - t0)
-    kind = "float32 task vectors + bf16 base" if mat._deltas else "bf16 sources"
-    result = InMemory(method, mat.resident_bytes / MIB, kind, build_s, rss_growth, times,
-                      (mat.resident_bytes + out_bytes) / (bandwidth_gbs * 1e9))
-    del mat, model
-    gc.collect()
-    return result
+    out.write_text(json.dumps(dict(
+        resident_bytes=mat.resident_bytes,
+        output_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        kind="float32 task vectors + bf16 base" if mat._deltas else "bf16 sources",
+        build_s=mat.build_seconds, apply_s=times,
+    )))
+
+
+def in_memory(method: str, work: Path, repeats: int, bandwidth_gbs: float, env: dict[str, str]) -> InMemory:
+    """Run in_memory_worker in a fresh process (its peak RSS is the worker's alone)."""
+    out = work / f"in_memory_{method}.json"
+    run = timed([sys.executable, __file__, "--work", str(work), "--repeats", str(repeats), "--in-memory-worker", method],
+                work / f"in_memory_{method}.log", env)
+    r = json.loads(out.read_text())
+    bound = (r["resident_bytes"] + r["output_bytes"]) / (bandwidth_gbs * 1e9)
+    return InMemory(method, r["resident_bytes"] / MIB, r["kind"], r["build_s"], run.peak_rss_mib, r["apply_s"], bound)
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -344,6 +347,7 @@ def main() -> None:
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--mergekit-python", help="python of an existing venv with mergekit 0.1.5")
     parser.add_argument("--threads", type=int, help="torch threads here and OMP/MKL threads of both CLIs (default: torch's)")
+    parser.add_argument("--in-memory-worker", metavar="METHOD", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
     command = shlex.join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else sys.executable,
@@ -357,6 +361,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
 
     models = ensure_checkpoints(work)
+    if args.in_memory_worker:
+        return in_memory_worker(args.in_memory_worker, models, args.repeats, work / f"in_memory_{args.in_memory_worker}.json")
     shapes = checkpoint_shapes(models["base"])
     n_params = sum(numel(s) for s in shapes.values())
     print(f"{n_params:,} parameters per checkpoint ({len(shapes)} tensors, bf16)", flush=True)
@@ -391,7 +397,7 @@ def main() -> None:
     print(f"copy bandwidth: {bandwidth:.1f} GB/s (read + write)", flush=True)
     inmem = []
     for method in args.methods:
-        r = in_memory(method, models, bandwidth, args.repeats)
+        r = in_memory(method, work, args.repeats, bandwidth, env)
         inmem.append(r)
         print(f"{method} in memory: build {r.build_s:.1f}s, apply min {min(r.apply_s):.2f}s, bound {r.bound_s:.2f}s", flush=True)
 
@@ -412,16 +418,16 @@ def main() -> None:
         lines.append(f"| {method} | {ours_s:.1f} | {f'{mk_s:.1f}' if mk_s else 'skipped'} | {ratio} | {ours_rss:.0f} | "
                      f"{f'{mk_rss:.0f}' if mk_rss else '—'} | {agreement} |")
     lines += [""] + [f"- {note}" for note in notes] if notes else []
-    lines += ["", f"In-memory re-merge (`Materializer.apply` into a live bf16 model, {len(CANDIDATES)} candidates × "
+    lines += ["", f"In-memory re-merge (`Materializer.apply` into a live bf16 model, one fresh worker process per method, {len(CANDIDATES)} candidates × "
               f"{args.repeats} = {len(CANDIDATES) * args.repeats} applies per method, varying weights and densities). Bound = "
               f"(resident bytes, all read once per candidate + output bytes written) / copy bandwidth {bandwidth:.1f} GB/s "
               "(torch `copy_` of a 1 GiB float32 buffer, read + write bytes counted).", "",
-              "| method | resident (MiB, what) | build (s) | RSS growth at build (MiB) | apply min / median (s) | bound (s) | apply / bound |",
+              "| method | resident (MiB, what) | build (s) | worker peak RSS (MiB) | apply min / median (s) | bound (s) | apply / bound |",
               "|---|---|---|---|---|---|---|"]
     for r in inmem:
         ratio = min(r.apply_s) / r.bound_s
         verdict = "met" if ratio <= INMEM_TARGET else "MISSED"
-        lines.append(f"| {r.method} | {r.resident_mib:.0f} ({r.resident_kind}) | {r.build_s:.1f} | {r.rss_growth_mib:.0f} | "
+        lines.append(f"| {r.method} | {r.resident_mib:.0f} ({r.resident_kind}) | {r.build_s:.1f} | {r.peak_rss_mib:.0f} | "
                      f"{min(r.apply_s):.2f} / {statistics.median(r.apply_s):.2f} | {r.bound_s:.2f} | "
                      f"{ratio:.1f}× ({verdict}, ≤ {INMEM_TARGET:g}×) |")
     text = "\n".join(lines) + "\n"
