@@ -146,6 +146,7 @@ def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path
 
 
 def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -155,7 +156,10 @@ def _prepare(out_dir: Path, overwrite: bool) -> None:
         raise EvomergeError(f"{out_dir} already holds a zoo ({', '.join(clashes)}); pass overwrite=True / --overwrite")
     for name in clashes:
         target = out_dir / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -187,7 +191,7 @@ def build_zoo(
     """Build the zoo into out_dir/{base,expert_ja,expert_math}/ and out_dir/tasks/, with BUILD.md and zoo.json.
 
     Deterministic in `seed` for a given `threads` (torch's CPU kernels may round differently across thread counts).
-    `command` is recorded in BUILD.md (defaults to the equivalent `python -m evolve.zoo.build` line).
+    `command` is recorded in BUILD.md (the CLI passes its command line; defaults to this call).
     """
     if size not in SIZES:
         raise EvomergeError(f"unknown zoo size {size!r}; choose one of {', '.join(SIZES)}")
@@ -203,7 +207,7 @@ def build_zoo(
     finally:
         torch.set_num_threads(previous_threads)
     seconds = (time.perf_counter() - started, time.process_time() - cpu_started)
-    command = command or f"python -m evolve.zoo.build --out {out_dir} --seed {seed} --size {size}"
+    command = command or f"build_zoo({str(out_dir)!r}, seed={seed}, size={size!r}, threads={threads})"
     _write_records(out_dir, seed, size, threads, command, seconds, losses)
     log.info("zoo built in %.0f s (%.0f s CPU) at %s", *seconds, out_dir)
     return out_dir
@@ -216,7 +220,8 @@ def _write_records(
     wall, cpu = seconds
     hashes = {m: file_sha256(out_dir / m / "model.safetensors") for m in MODELS}
     record = {
-        "seed": seed, "size": size, "threads": threads, "command": command, "build_seconds": round(wall, 1), "build_cpu_seconds": round(cpu, 1),
+        "seed": seed, "size": size, "threads": threads, "command": command,
+        "build_seconds": round(wall, 1), "build_cpu_seconds": round(cpu, 1),
         "final_loss": {m: round(v, 4) for m, v in losses.items()}, "model_sha256": hashes,
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
     }
@@ -234,7 +239,11 @@ def _write_records(
         lines.append(f"| {name} | {start}, {schedule.steps} steps, lr {schedule.lr:g}, batch {schedule.batch_size} "
                      f"| {losses[name]:.4f} | `{hashes[name][:16]}…` |")
     sizes = ", ".join(f"{t} {'/'.join(map(str, plan.splits_of(t)))}" for t in TASKS)
-    lines += ["", f"Tasks (train/dev/test items): {sizes}; see tasks/tasks.json.", ""]
+    lines += [
+        "", f"Tasks (train/dev/test items): {sizes}; see tasks/tasks.json.", "",
+        "The same command (same seed, size and thread count) rebuilds these files bit for bit with the same torch "
+        "version on CPU; zoo.json lists the full hashes.", "",
+    ]
     (out_dir / "BUILD.md").write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -249,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = f"python -m evolve.zoo.build --out {args.out} --seed {args.seed} --size {args.size}"
+    if args.threads != 1:
+        command += f" --threads {args.threads}"
     try:
         build_zoo(args.out, args.seed, args.size, overwrite=args.overwrite, threads=args.threads, command=command)
     except EvomergeError as err:

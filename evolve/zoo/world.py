@@ -1,7 +1,7 @@
 """The tiny zoo's world: languages E and J (a word cipher of E), word problems, and the training mixtures.
 
-E is an English-like toy language ("eva has 13 pens . eva sells 3 pens . how many pens does eva have ?
-answer 10"); J is the same text with every word replaced by its cipher word (`CIPHER`), its own numerals
+E is an English-like toy language ("eva has 13 pens . eva sells 4 pens . how many pens does eva have ?
+answer 9"); J is the same text with every word replaced by its cipher word (`CIPHER`), its own numerals
 (`j0`..`j18`) and the answer cue `kotae`. Sentences are built in E as lists of words and integers, then
 rendered into E, J or code-switched text ("mix": every word independently E or J with probability 0.5).
 The answer's numeral language follows the cue word (`answer` -> digits, `kotae` -> J numerals) everywhere

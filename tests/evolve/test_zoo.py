@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evolve.zoo import world
-from evolve.zoo.build import MODELS, SIZES, SPLITS, build_zoo, make_tokenizer, task_splits
+from evolve.zoo.build import MODELS, SIZES, SPLITS, build_zoo, main, make_tokenizer, task_splits
 from evolve.zoo.world import Problem, Recall, TASKS
 from merge_core.errors import EvomergeError
 
@@ -79,11 +79,11 @@ def test_code_switched_text_mixes_languages_word_by_word() -> None:
 
 
 def test_problem_and_task_examples() -> None:
-    sub = Problem("eva", "pens", "sells", 13, 3)
-    assert (sub.op, sub.value) == ("sub", 10)
+    sub = Problem("eva", "pens", "sells", 13, 4)
+    assert (sub.op, sub.value) == ("sub", 9)
     prompt, answer = TASKS["ja_sub"].example(sub, random.Random(0))
-    assert prompt == "hana motsu j13 enpitsu 。 hana uru j3 enpitsu 。 dono ikutsu enpitsu ga hana aru ？ kotae"
-    assert answer == "j10"
+    assert prompt == "hana motsu j13 enpitsu 。 hana uru j4 enpitsu 。 dono ikutsu enpitsu ga hana aru ？ kotae"
+    assert answer == "j9"
     prompt, answer = TASKS["en_add"].example(Problem("tom", "cups", "buys", 4, 5), random.Random(0))
     assert prompt == "tom has 4 cups . tom buys 5 cups . how many cups does tom have ? answer" and answer == "9"
     prompt, answer = TASKS["ja_qa"].example(Recall("sam", "hats", 11), random.Random(0))
@@ -121,12 +121,12 @@ def test_mixtures_keep_each_skill_in_its_model() -> None:
 
 
 def test_training_data_avoids_reserved_items() -> None:
-    keep = Problem("eva", "pens", "sells", 13, 3)
+    keep = Problem("eva", "pens", "sells", 13, 4)
     every_sub = {Problem(n, o, v, b + d, b) for n in world.NAMES for o in world.OBJECTS for v in world.SUB_VERBS
                  for b in range(10) for d in range(10)}
     sampler = world.qa_sampler("sub", "e", "e", "e", frozenset(every_sub - {keep}))
     assert {" ".join(sampler(random.Random(s))) for s in range(3)} == {
-        "eva has 13 pens . eva sells 3 pens . how many pens does eva have ? answer 10"}
+        "eva has 13 pens . eva sells 4 pens . how many pens does eva have ? answer 9"}
 
 
 # --- builds -----------------------------------------------------------------------------------------
@@ -141,10 +141,13 @@ def test_ci_build_is_deterministic_in_the_seed(tmp_path: Path) -> None:
     assert "seed 0" in (tmp_path / "a" / "BUILD.md").read_text()
 
 
-def test_build_refuses_to_overwrite_without_asking(tmp_path: Path) -> None:
-    build_zoo(tmp_path, seed=0, size="ci")
+def test_build_refuses_to_overwrite_without_asking(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--out", str(tmp_path), "--seed", "0", "--size", "ci"]) == 0
+    assert "python -m evolve.zoo.build --out" in (tmp_path / "BUILD.md").read_text()
     with pytest.raises(EvomergeError, match="already holds a zoo"):
         build_zoo(tmp_path, seed=0, size="ci")
+    assert main(["--out", str(tmp_path), "--size", "ci"]) == 1
+    assert "already holds a zoo" in capsys.readouterr().err
     with pytest.raises(EvomergeError, match="unknown zoo size"):
         build_zoo(tmp_path / "x", size="huge")  # type: ignore[arg-type]
 
