@@ -90,11 +90,16 @@ def open_study(cfg: RunConfig, space, sampler: Optional[optuna.samplers.BaseSamp
     """Create or reopen a stage's study; refuse one whose genome differs from this config's."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     name = study_name(cfg, stage)
-    try:
-        study = optuna.create_study(study_name=name, storage=cfg.storage_url, direction="maximize",
-                                    sampler=sampler, load_if_exists=True)
-    except Exception as e:  # storage errors carry the URL; never print its password
-        raise EvomergeError(f"storage {redact_url(cfg.storage_url)}: cannot open ({type(e).__name__}: {redact_url(str(e)).splitlines()[0][:200]})") from None
+    for attempt in range(3):  # two processes creating one new storage's schema at once: the loser retries
+        try:
+            study = optuna.create_study(study_name=name, storage=cfg.storage_url, direction="maximize",
+                                        sampler=sampler, load_if_exists=True)
+            break
+        except Exception as e:  # storage errors carry the URL; never print its password
+            if attempt < 2 and "IntegrityError" in type(e).__name__ + str(e):
+                time.sleep(0.5)
+                continue
+            raise EvomergeError(f"storage {redact_url(cfg.storage_url)}: cannot open ({type(e).__name__}: {redact_url(str(e)).splitlines()[0][:200]})") from None
     stored = study.user_attrs.get("space_names")
     if stored is None:
         study.set_user_attr("space_names", space.names)

@@ -53,7 +53,7 @@ def test_hybrid_resumes_in_the_dfs_stage_after_sigkill(tmp_path, world):  # noqa
     db = tmp_path / "run" / "study.db"
     proc = subprocess.Popen([sys.executable, "-m", "evolve.cli", "run", str(cfg_path), "--no-progress", "--no-final-table"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
         try:
