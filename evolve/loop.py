@@ -120,15 +120,19 @@ def counted(t: FrozenTrial) -> bool:
     return t.state in (TrialState.COMPLETE, TrialState.FAIL) and not t.user_attrs.get("interrupted")
 
 
-def requeue_interrupted(study: optuna.Study) -> list[int]:
-    """Trials left RUNNING by a killed process: mark them FAIL (interrupted) and enqueue their parameters again."""
+def requeue_interrupted(study: optuna.Study, names: list[str]) -> list[int]:
+    """Trials left RUNNING by a killed process: mark them FAIL (interrupted) and enqueue their parameters again.
+    A trial killed while it was being asked (parameters incomplete) never ran: it is only marked."""
     requeued = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        complete = set(t.params) == set(names)
         study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process running it stopped; re-run")
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process running it stopped"
+                                           + ("; re-run" if complete else " while asking"))
         study.tell(t.number, state=TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"rerun_of": t.number}, skip_if_exists=False)
-        requeued.append(t.number)
+        if complete:
+            study.enqueue_trial(t.params, user_attrs={"rerun_of": t.number}, skip_if_exists=False)
+            requeued.append(t.number)
     return requeued
 
 
@@ -209,7 +213,7 @@ def run_stage(cfg: RunConfig, stage: str, *, progress: bool, executor_factory: C
     sampler = make_sampler(opt.sampler, names=space.names, x0=space.x0, bounds=space.bounds,
                            sigma0=opt.sigma0, seed=cfg.seed, popsize=opt.popsize)
     study = open_study(cfg, space, sampler, stage)
-    requeued = requeue_interrupted(study)
+    requeued = requeue_interrupted(study, space.names)
     if requeued:
         log.warning("re-running trials interrupted by a previous process: %s", requeued)
     if not study.trials:
