@@ -15,7 +15,9 @@ import json
 import logging
 import os
 import random
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,8 +36,9 @@ from evals.native import GenerationEvaluator  # noqa: E402
 from merge_core.synthetic import word_tokenizer  # noqa: E402
 
 log = logging.getLogger("bench.eval_speed")
-ZOO_TASK = Path("data/zoo/tasks/ja_sub")
-ZOO_MODEL = Path("data/zoo/base")
+ROOT = Path(__file__).resolve().parents[1]
+ZOO_TASK = ROOT / "data/zoo/tasks/ja_sub"
+ZOO_MODEL = ROOT / "data/zoo/base"
 
 
 def generated_task(out: Path, n: int = 128, seed: int = 0) -> Path:
@@ -87,6 +90,7 @@ def main() -> None:
     parser.add_argument("--stop", nargs="*", default=None, help="stop strings (default: </s>, the zoo's terminator)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--write", action="store_true", help="write the table to bench/RESULTS.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -122,13 +126,25 @@ def main() -> None:
         rows.append((batch_size, n / native_s, n / lm_s, lm_s / native_s, native_metrics["acc"], lm_metrics["bench_task"]))
 
     params = sum(p.numel() for p in model.parameters())
-    print(f"task `{task_dir}` ({split}, {n} items), model `{args.model or 'random tiny Llama'}` ({params / 1e6:.2f}M params), "
-          f"{args.threads} thread(s), max_new_tokens {args.max_new_tokens}, stop {stop}; "
-          f"lm-eval one-time setup {setup:.2f} s\n")
-    print("| batch size | native items/s | lm-eval items/s | native speedup | native acc | lm-eval acc |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    rel = lambda p: os.path.relpath(p, ROOT) if str(p).startswith(str(ROOT)) else str(p)  # noqa: E731
+    lines = [
+        f"Measured with `{shlex.join(['.venv/bin/python', 'bench/eval_speed.py', *sys.argv[1:]])}` "
+        f"({os.cpu_count()} CPUs, torch {torch.__version__}): task `{rel(task_dir)}` ({split}, {n} items), "
+        f"model `{rel(args.model) if args.model else 'random tiny Llama'}` ({params / 1e6:.2f}M params), "
+        f"{args.threads} thread(s), max_new_tokens {args.max_new_tokens}, stop {stop}; median of {args.repeats} after a warm-up; "
+        f"lm-eval one-time setup (task manager + task load, paid once per worker) {setup:.2f} s.",
+        "",
+        "| batch size | native items/s | lm-eval items/s | native speedup | native acc | lm-eval acc |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for batch_size, native_rate, lm_rate, speedup, native_acc, lm_acc in rows:
-        print(f"| {batch_size} | {native_rate:.1f} | {lm_rate:.1f} | {speedup:.2f}x | {native_acc:.3f} | {lm_acc:.3f} |")
+        lines.append(f"| {batch_size} | {native_rate:.1f} | {lm_rate:.1f} | {speedup:.2f}x | {native_acc:.3f} | {lm_acc:.3f} |")
+    print("\n".join(lines))
+    if args.write:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from search_throughput import write_section
+
+        write_section(ROOT / "bench" / "RESULTS.md", "Evaluator speed (native vs lm-eval backend)", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import optuna
 
 from evolve.config import RunConfig
 from evolve.worker import build_evaluators, score_metrics
+from merge_core.errors import EvomergeError
 from merge_core.merge import method_spec
 from merge_core.recipe import MergeRecipe, OutputSlice, SliceSource
 from search_spaces.dfs import DataFlowRecipe
@@ -56,25 +57,28 @@ def score_recipes(cfg: RunConfig, recipes: dict[str, Any], evaluators: list) -> 
     return out
 
 
-def untuned_recipes(cfg: RunConfig, density: float = 0.7) -> dict[str, MergeRecipe]:
-    """The merges a user would try without search: linear average of the sources, task arithmetic 1/1, TIES, DARE-TIES."""
+def global_recipe(cfg: RunConfig, method: str, weights: dict[str, float], density: Optional[float] = None) -> MergeRecipe:
+    """One coefficient per expert for the whole model (the sources named in ``weights``, by path), over the base."""
     base = cfg.models.base
     if base is None:
+        raise EvomergeError("models.base: a global merge of task vectors needs a base model")
+    per_density = (("density", density),) if density is not None else ()
+    sources = tuple(SliceSource(model=p, parameters=(("weight", w),) + per_density) for p, w in weights.items())
+    return MergeRecipe(merge_method=method, slices=(OutputSlice(sources=sources + (SliceSource(model=base),)),),
+                       base_model=base, dtype=cfg.search.space.dtype, seed=cfg.seed)
+
+
+def untuned_recipes(cfg: RunConfig, density: float = 0.7) -> dict[str, MergeRecipe]:
+    """The merges a user would try without search: linear average of the sources, task arithmetic 1/1, TIES, DARE-TIES."""
+    if cfg.models.base is None:
         return {}
     paths = [s.path for s in cfg.models.sources]
     n = len(paths)
-
-    def recipe(method: str, weight: float, dens: Optional[float]) -> MergeRecipe:
-        per = (("weight", weight),) + ((("density", dens),) if dens is not None else ())
-        sources = tuple(SliceSource(model=p, parameters=per) for p in paths) + (SliceSource(model=base),)
-        return MergeRecipe(merge_method=method, slices=(OutputSlice(sources=sources),), base_model=base,
-                           dtype=cfg.search.space.dtype, seed=cfg.seed)
-
     return {
-        "linear average (task arithmetic 1/n)": recipe("task_arithmetic", 1.0 / n, None),
-        "task arithmetic 1/1": recipe("task_arithmetic", 1.0, None),
-        f"TIES d={density}": recipe("ties", 1.0, density),
-        f"DARE-TIES d={density}": recipe("dare_ties", 1.0, density),
+        "linear average (task arithmetic 1/n)": global_recipe(cfg, "task_arithmetic", dict.fromkeys(paths, 1.0 / n)),
+        "task arithmetic 1/1": global_recipe(cfg, "task_arithmetic", dict.fromkeys(paths, 1.0)),
+        f"TIES d={density}": global_recipe(cfg, "ties", dict.fromkeys(paths, 1.0), density),
+        f"DARE-TIES d={density}": global_recipe(cfg, "dare_ties", dict.fromkeys(paths, 1.0), density),
     }
 
 

@@ -47,9 +47,31 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-final-table", action="store_true", help="skip the held-out table at the end")
 
 
-@command("run", "search merge recipes for a config (continues the study if it exists)")(_run_args)
+def _run_cmd_args(p: argparse.ArgumentParser) -> None:
+    _run_args(p)
+    p.add_argument("--seed", type=int, default=None,
+                   help="override the config's seed; the run is then named NAME-seedN unless --name is given")
+    p.add_argument("--name", default=None, help="override the config's name (and so its run directory and default storage)")
+
+
+@command("run", "search merge recipes for a config (continues the study if it exists)")(_run_cmd_args)
 def cmd_run(args: argparse.Namespace) -> int:
-    return _search(resolve_run(args.config), args)
+    return _search(with_overrides(resolve_run(args.config), seed=args.seed, name=args.name), args)
+
+
+def with_overrides(cfg: RunConfig, *, seed: int | None = None, name: str | None = None) -> RunConfig:
+    """`evolve run --seed/--name`: a changed seed gets its own run directory, so it never continues another seed's study."""
+    from evolve.config import parse_config
+
+    if seed is None and name is None:
+        return cfg
+    data = cfg.model_dump(mode="json")
+    if seed is not None and seed != cfg.seed:
+        data["seed"] = seed
+        data["name"] = f"{cfg.name}-seed{seed}"
+    if name is not None:
+        data["name"] = name
+    return parse_config(data, where="--seed/--name", base_dir=None)
 
 
 @command("resume", "continue a killed or finished search (RUN_DIR or config)")(_run_args)

@@ -66,6 +66,21 @@ def test_the_good_config_parses():
     assert cfg.storage_url == "sqlite:///runs/demo/study.db"
 
 
+def test_run_seed_override_gets_its_own_run_directory():
+    from evolve.commands import with_overrides
+
+    cfg = parse_config(GOOD)
+    assert with_overrides(cfg) is cfg
+    assert with_overrides(cfg, seed=cfg.seed).name == "demo"  # the config's own seed: the same study
+    other = with_overrides(cfg, seed=3)
+    assert (other.seed, other.name, other.storage_url) == (3, "demo-seed3", "sqlite:///runs/demo-seed3/study.db")
+    assert other.search == cfg.search and other.evaluation == cfg.evaluation
+    named = with_overrides(cfg, seed=3, name="mine")
+    assert (named.seed, named.name) == (3, "mine")
+    with pytest.raises(EvomergeError, match="name"):
+        with_overrides(cfg, name="bad name!")
+
+
 @pytest.mark.parametrize("path, value, message", CASES, ids=[".".join(map(str, c[0])) + f"={c[1]!r}"[:30] for c in CASES])
 def test_malformed_config_gives_one_line_naming_the_field(path, value, message):
     with pytest.raises(EvomergeError) as e:

@@ -194,3 +194,25 @@ def test_full_build_reproduces_the_committed_zoo(tmp_path: Path) -> None:
     record = json.loads((ZOO / "zoo.json").read_text())
     out = build_zoo(tmp_path, seed=record["seed"], size=record["size"], threads=record["threads"])
     assert zoo_digest(out) == zoo_digest(ZOO)
+
+
+README_ROWS = {"base": "base", "source: Japanese expert": "expert_ja", "source: math expert": "expert_math"}
+
+
+def test_each_source_scores_on_the_held_out_split_what_the_readme_table_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    from evolve.baselines import heldout_evaluators, score_checkpoint
+    from evolve.config import load_config
+
+    root = ZOO.parent.parent
+    monkeypatch.chdir(root)  # the demo config's paths are relative to the repo root, as the README runs it
+    table = {}
+    for line in (root / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0] in README_ROWS:
+            table[cells[0]] = float(cells[1])
+    assert set(table) == set(README_ROWS), "the README demo table lost a source row"
+    cfg = load_config("configs/tiny_jp_math.yaml")
+    evaluators = heldout_evaluators(cfg)  # the full test split, as the table was measured
+    for row, name in README_ROWS.items():
+        metrics = score_checkpoint(cfg, str(ZOO / name), device="cpu", evaluators=evaluators)
+        assert metrics["ja_sub/acc"] == pytest.approx(table[row], abs=0.01), row
