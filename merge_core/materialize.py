@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from merge_core import methods
 from merge_core.checkpoint import Checkpoint
 from merge_core.errors import EvomergeError
 from merge_core.merge import (
@@ -26,6 +27,7 @@ from merge_core.recipe import MergeRecipe
 log = logging.getLogger(__name__)
 
 Resident = Literal["auto", "task_vectors", "sources"]
+_CACHEABLE = ("magnitude", "magnitude_outliers", "random")  # sparsifications with a candidate-independent part
 
 
 class Materializer:
@@ -36,6 +38,11 @@ class Materializer:
     for task-arithmetic-family methods, the float32 task vectors instead of the sources when they fit
     (``resident="task_vectors"``), so per candidate only the candidate-dependent work remains. Either way
     the values fed to the merge are the ones the on-disk merge computes, so results are bit-identical.
+
+    With ``precompute`` (default: when the task vectors are resident and the cache fits in half the free
+    memory), sparsifying methods also keep, per task vector, what no candidate changes: the magnitude rank
+    of each element (TIES, breadcrumbs: the mask for any density is then one comparison), the DARE uniform
+    draws for the recipe's seed, and the L1 norm. They are filled during the first ``apply``.
     """
 
     def __init__(
@@ -44,6 +51,7 @@ class Materializer:
         *,
         device: str | None = "auto",
         resident: Resident = "auto",
+        precompute: bool | Literal["auto"] = "auto",
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
     ):
@@ -76,6 +84,9 @@ class Materializer:
                 for m, t in stored.items():
                     self._tensors[(m, name)] = t
         self.resident_bytes = sum(t.numel() * t.element_size() for t in (*self._tensors.values(), *self._deltas.values()))
+        self._precomputed: dict[tuple[str, str], tuple[methods.Precomputed, int | None]] = {}  # (cache, its DARE seed)
+        self.precompute = keep_deltas and self.spec.sparsification in _CACHEABLE and (
+            precompute is True or (precompute == "auto" and self._cache_fits()))
         self.build_seconds = time.perf_counter() - t0
         log.info("materializer: %d tensors resident on %s (%.1f MiB, %s) in %.1fs", len(self.names), self.device,
                  self.resident_bytes / 2**20, "task vectors" if keep_deltas else "sources", self.build_seconds)
@@ -90,6 +101,31 @@ class Materializer:
             return cached
         assert self.template.base_model is not None
         return self.tensor(model, name) - self.tensor(self.template.base_model, name)
+
+    def precomputed(self, model: str, name: str, spec: methods.MethodSpec, seed: int) -> methods.Precomputed | None:
+        """The cached rank / DARE uniforms / L1 norm of a task vector (computed on first use), or None when off."""
+        if not self.precompute or spec.sparsification not in _CACHEABLE:
+            return None
+        key = (model, name)
+        pre, pre_seed = self._precomputed.get(key, (methods.Precomputed(), None))
+        needs_rank = spec.sparsification in ("magnitude", "magnitude_outliers") and pre.rank is None
+        needs_uniform = spec.sparsification == "random" and (pre.uniform is None or pre_seed != seed)
+        if needs_rank or needs_uniform or pre.l1 is None:
+            delta = self.delta(model, name)
+            rank = methods.magnitude_rank(delta) if needs_rank else pre.rank
+            if needs_uniform:
+                generator = methods.dare_generator(seed, name, model, self.device)
+                uniform, pre_seed = methods.dare_uniform(delta.shape, generator, self.device), seed
+            else:
+                uniform = pre.uniform
+            pre = methods.Precomputed(rank=rank, uniform=uniform, l1=delta.abs().sum() if pre.l1 is None else pre.l1)
+            self._precomputed[key] = (pre, pre_seed)
+        return pre
+
+    def _cache_fits(self) -> bool:
+        per_element = 4  # int32 rank or float32 uniform per task-vector element
+        cache_bytes = per_element * sum(t.numel() for t in self._deltas.values())
+        return cache_bytes < 0.5 * _free_bytes(self.device)
 
     # ---- the live model -------------------------------------------------------------------------
     def new_model(self, dtype: torch.dtype | None = None) -> PreTrainedModel:

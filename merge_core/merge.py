@@ -36,6 +36,9 @@ class TensorInputs(Protocol):
     def delta(self, model: str, name: str) -> torch.Tensor:
         """The task vector (model - base), float32, on the compute device."""
 
+    # Optional: ``precomputed(model, name, spec, seed) -> methods.Precomputed | None``, candidate-independent
+    # sparsification inputs a worker caches across candidates (the Materializer has it; checkpoints do not).
+
 
 def method_spec(recipe: MergeRecipe) -> "methods.MethodSpec":
     spec = methods.METHODS.get(recipe.merge_method)
@@ -107,6 +110,7 @@ def compute_tensor(recipe: MergeRecipe, plan: TensorPlan, inputs: TensorInputs, 
     else:
         contributors = recipe.sources
     gta = spec.kind == "gta"
+    cache = getattr(inputs, "precomputed", None) if gta and spec.sparsification else None
     return methods.merge_tensor(
         spec,
         base=inputs.tensor(base, name) if base is not None and spec.kind != "linear" else None,
@@ -115,6 +119,7 @@ def compute_tensor(recipe: MergeRecipe, plan: TensorPlan, inputs: TensorInputs, 
         params=dict(plan.params),
         tensor_params=[plan.model_params[m] for m in contributors],
         generators=[methods.dare_generator(recipe.seed, name, m, device) for m in contributors] if spec.stochastic else None,
+        precomputed=[cache(m, name, spec, recipe.seed) for m in contributors] if cache is not None else None,
     )
 
 

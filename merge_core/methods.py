@@ -28,6 +28,31 @@ CONSENSUS_METHODS: tuple[str, ...] = ("sum", "count")
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale when either L1 norm is below this
 
 
+@dataclass(frozen=True)
+class Precomputed:
+    """Candidate-independent inputs of one task vector's sparsification, cached by a worker across candidates.
+
+    rank: each element's position in the stable descending sort of |delta| (magnitude masks become rank < k);
+    uniform: the U[0, 1) draws of its DARE generator (the random mask becomes uniform < density);
+    l1: ||delta||_1. Each gives bit-identical results to computing it afresh (see magnitude_rank).
+    """
+
+    rank: Tensor | None = None
+    uniform: Tensor | None = None
+    l1: Tensor | None = None
+
+
+def magnitude_rank(delta: Tensor) -> Tensor:
+    """rank[j] = position of |delta_j| in a stable descending sort (ties: lower flat index first), delta's shape."""
+    flat = _f32(delta).abs().reshape(-1)
+    n = flat.numel()
+    index_dtype = torch.int32 if n < 2**31 else torch.int64
+    order = torch.sort(flat, descending=True, stable=True).indices
+    rank = torch.empty(n, dtype=index_dtype, device=flat.device)
+    rank[order] = torch.arange(n, dtype=index_dtype, device=flat.device)
+    return rank.reshape(delta.shape)
+
+
 def _f32(tensor: Tensor) -> Tensor:
     """x -> float32(x) (no copy when already float32; never modify the result in place)."""
     return tensor.to(torch.float32)
@@ -85,16 +110,18 @@ def _top_k_mask(magnitudes: Tensor, k: int) -> Tensor:
     return keep.reshape(magnitudes.shape)
 
 
-def magnitude_mask(delta: Tensor, density: float) -> Tensor:
-    """Keep the k = max(1, int(density·n)) largest |delta| (ties: lower index); density ≤ 0 keeps none, ≥ 1 all."""
+def magnitude_mask(delta: Tensor, density: float, rank: Tensor | None = None) -> Tensor:
+    """Keep the k = max(1, int(density·n)) largest |delta| (ties: lower index); density ≤ 0 keeps none, ≥ 1 all.
+    With ``rank`` (magnitude_rank(delta)) the mask is rank < k: one pass, no selection."""
     if density >= 1:
         return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
     if density <= 0 or delta.numel() == 0:
         return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
-    return _top_k_mask(_f32(delta).abs(), max(1, int(density * delta.numel())))
+    k = max(1, int(density * delta.numel()))
+    return rank < k if rank is not None else _top_k_mask(_f32(delta).abs(), k)
 
 
-def magnitude_outliers_mask(delta: Tensor, density: float, gamma: float = 0.01) -> Tensor:
+def magnitude_outliers_mask(delta: Tensor, density: float, gamma: float = 0.01, rank: Tensor | None = None) -> Tensor:
     """Drop the top min(int(γ·n), n - int(density·n)) |delta|, keep the next int(density·n) (breadcrumbs)."""
     if density >= 1:
         return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
@@ -103,24 +130,33 @@ def magnitude_outliers_mask(delta: Tensor, density: float, gamma: float = 0.01) 
     if target <= 0:
         return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
     outliers = min(int(gamma * n), n - target)
+    if rank is not None:
+        return (rank < outliers + target) & (rank >= outliers)
     magnitudes = _f32(delta).abs()
     return _top_k_mask(magnitudes, outliers + target) & ~_top_k_mask(magnitudes, outliers)
 
 
 def bernoulli_mask(
-    shape: Sequence[int], density: float, generator: torch.Generator | None, device: torch.device | str = "cpu"
+    shape: Sequence[int], density: float, generator: torch.Generator | None, device: torch.device | str = "cpu",
+    uniform: Tensor | None = None,
 ) -> Tensor:
-    """m_j = [u_j < density], u_j ~ U[0, 1), i.e. Bernoulli(density), as float32 0/1."""
-    uniform = torch.rand(tuple(shape), generator=generator, dtype=torch.float32, device=device)
+    """m_j = [u_j < density], u_j ~ U[0, 1) (drawn from ``generator``, or the given draws), as float32 0/1."""
+    if uniform is None:
+        uniform = dare_uniform(shape, generator, device)
     return (uniform < density).to(torch.float32)  # twice as fast on CPU as torch.bernoulli
 
 
-def rescaled(delta: Tensor, mask: Tensor, rescale: bool) -> Tensor:
+def dare_uniform(shape: Sequence[int], generator: torch.Generator | None, device: torch.device | str = "cpu") -> Tensor:
+    """The U[0, 1) draws bernoulli_mask makes from ``generator`` (cacheable while the generator's seed is fixed)."""
+    return torch.rand(tuple(shape), generator=generator, dtype=torch.float32, device=device)
+
+
+def rescaled(delta: Tensor, mask: Tensor, rescale: bool, l1: Tensor | None = None) -> Tensor:
     """delta ⊙ m, times ||delta||_1 / ||delta ⊙ m||_1 when rescale (unless either norm < 1e-7)."""
     masked = _f32(delta) * mask
     if not rescale:
         return masked
-    before, after = _f32(delta).abs().sum(), masked.abs().sum()
+    before, after = (l1 if l1 is not None else _f32(delta).abs().sum()), masked.abs().sum()
     degenerate = (before < RESCALE_EPS) | (after < RESCALE_EPS)
     return masked.mul_(torch.where(degenerate, torch.ones_like(before), before / after))  # no host sync
 
@@ -163,16 +199,18 @@ def sparsify(
     gamma: float = 0.01,
     epsilon: float = 0.15,
     generator: torch.Generator | None = None,
+    precomputed: Precomputed | None = None,
 ) -> Tensor:
     """delta ⊙ mask(method, density) (optionally L1-rescaled); density ≥ 1 or no method returns delta unchanged."""
     if method is None or (density >= 1 and method in SPARSIFICATIONS):
         return _f32(delta)
+    pre = precomputed or Precomputed()
     if method == "magnitude":
-        return rescaled(delta, magnitude_mask(delta, density), rescale)
+        return rescaled(delta, magnitude_mask(delta, density, pre.rank), rescale, pre.l1)
     if method == "random":
-        return rescaled(delta, bernoulli_mask(delta.shape, density, generator, delta.device), rescale)
+        return rescaled(delta, bernoulli_mask(delta.shape, density, generator, delta.device, pre.uniform), rescale, pre.l1)
     if method == "magnitude_outliers":
-        return rescaled(delta, magnitude_outliers_mask(delta, density, gamma), rescale)
+        return rescaled(delta, magnitude_outliers_mask(delta, density, gamma, pre.rank), rescale, pre.l1)
     if method == "della_magprune":
         return rank_magnitude_sample(delta, density, epsilon, generator, rescale)
     raise EvomergeError(f"unknown sparsification {method!r}; use one of {', '.join(SPARSIFICATIONS)}")
@@ -225,6 +263,7 @@ def generalized_task_arithmetic(
     gammas: Sequence[float] | None = None,
     epsilons: Sequence[float] | None = None,
     generators: Sequence[torch.Generator | None] | None = None,
+    precomputed: Sequence[Precomputed | None] | None = None,
 ) -> Tensor:
     """base + λ·(Σ_i m_i w_i s(δ_i)) / (Σ_i m_i w_i if normalize), s = sparsify, m = sign consensus (or 1)."""
     count = len(deltas)
@@ -235,9 +274,10 @@ def generalized_task_arithmetic(
     gammas = _per_source(gammas, count, 0.01, "gammas")
     epsilons = _per_source(epsilons, count, 0.15, "epsilons")
     generators = _per_source(generators, count, None, "generators")
+    precomputed = _per_source(precomputed, count, None, "precomputed")
     weighted = (
-        _weighted(sparsify(d, p, sparsification, rescale=rescale, gamma=g, epsilon=e, generator=r), d, float(w))
-        for d, w, p, g, e, r in zip(deltas, weights, densities, gammas, epsilons, generators)
+        _weighted(sparsify(d, p, sparsification, rescale=rescale, gamma=g, epsilon=e, generator=r, precomputed=c), d, float(w))
+        for d, w, p, g, e, r, c in zip(deltas, weights, densities, gammas, epsilons, generators, precomputed)
     )
     if consensus is None:
         mixed, divisor = _plain_sum(weighted, weights)
@@ -427,8 +467,10 @@ def merge_tensor(
     params: dict[str, Any],
     tensor_params: Sequence[dict[str, Any]],
     generators: Sequence[torch.Generator | None] | None = None,
+    precomputed: Sequence[Precomputed | None] | None = None,
 ) -> Tensor:
-    """spec's method on one tensor; tensors: non-base sources (linear: every listed input); deltas: source - base."""
+    """spec's method on one tensor; tensors: non-base sources (linear: every listed input); deltas: source - base;
+    precomputed: per source, cached candidate-independent sparsification inputs (GTA methods; results unchanged)."""
     glob = _resolved(spec.global_params, params, spec.name)
     per = [_resolved(spec.tensor_params, p, spec.name) for p in tensor_params]
     if spec.needs_base and base is None:
@@ -447,5 +489,5 @@ def merge_tensor(
         base, deltas, [p["weight"] for p in per], [p["density"] for p in per],
         sparsification=spec.sparsification, consensus=spec.consensus, normalize=bool(glob["normalize"]),
         rescale=bool(glob["rescale"]), lambda_=float(glob["lambda"]), gammas=[p.get("gamma", 0.01) for p in per],
-        epsilons=[p.get("epsilon", 0.15) for p in per], generators=generators,
+        epsilons=[p.get("epsilon", 0.15) for p in per], generators=generators, precomputed=precomputed,
     )  # fmt: skip
