@@ -193,17 +193,20 @@ def write_jsonl_task_yaml(
     extract: str = "first_word",
     max_new_tokens: int = 32,
     prompt_template: str | None = None,
+    absolute: bool = True,
 ) -> Path:
     """Write `<out_dir>/<task_name>.yaml`: one of our generation JSONL tasks as an lm-eval generate_until task.
 
     `extract` is "first_word", "last_number" (the filter is named after it) or a regex whose first group
     is the answer (filter "regex"); the metric is exact_match against the ``answer`` field, so the result
-    key is ``"exact_match,<filter>"``. Data files are absolute paths. Differences from the native scorer:
-    no number normalization beyond dropping commas ("7.0" != "7"), full-width digits not converted, and
-    no language check.
+    key is ``"exact_match,<filter>"``. Data files are absolute paths, or with ``absolute=False`` written as
+    ``data_dir`` was given (a relative one then resolves from the working directory when lm-eval loads the
+    task, as run configs do: for YAMLs shipped in a repository). Differences from the native scorer: no
+    number normalization beyond dropping commas ("7.0" != "7"), full-width digits not converted, and no
+    language check.
     """
-    data_dir = Path(data_dir).resolve()
-    data_files = {s: str(data_dir / f"{s}.jsonl") for s in SPLITS if (data_dir / f"{s}.jsonl").is_file()}
+    data_dir = Path(data_dir).resolve() if absolute else Path(data_dir)
+    data_files = {s: (data_dir / f"{s}.jsonl").as_posix() for s in SPLITS if (data_dir / f"{s}.jsonl").is_file()}
     split_path(data_dir, split)  # raises when the evaluated split is missing
     answer_filter, match_options = _answer_filter(extract)
     config: dict[str, Any] = {

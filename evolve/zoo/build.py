@@ -126,7 +126,20 @@ def write_tasks(out_dir: Path, seed: int, plan: ZooSize) -> frozenset[Item]:
             (out_dir / "tasks" / name / f"{split}.jsonl").write_text(text, encoding="utf-8")
     manifest = json.dumps(tasks_manifest(plan), indent=2, ensure_ascii=False)
     (out_dir / "tasks" / "tasks.json").write_text(manifest + "\n", encoding="utf-8")
+    write_lm_eval_tasks(out_dir)
     return reserved
+
+
+def write_lm_eval_tasks(out_dir: Path) -> list[Path]:
+    """tasks/lm_eval/zoo_<task>.yaml: each task as an lm-eval task (test split), scored like the native evaluator
+    (first word of a greedy continuation, exact match; the J tasks' gold answers are J numerals, so the native
+    language check is implied). Data paths are written as ``out_dir`` is given: `--out data/zoo` run from the
+    repository root gives YAMLs that lm-eval loads from the repository root (`--include_path data/zoo/tasks/lm_eval`)."""
+    from evals.lm_eval_backend import write_jsonl_task_yaml
+
+    return [write_jsonl_task_yaml(f"zoo_{name}", out_dir / "tasks" / name, out_dir / "tasks" / "lm_eval", split="test",
+                                  stop=[TERMINATOR], extract="first_word", max_new_tokens=2, absolute=False)
+            for name in TASKS]
 
 
 def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:

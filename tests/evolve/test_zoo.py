@@ -216,3 +216,37 @@ def test_each_source_scores_on_the_held_out_split_what_the_readme_table_says(mon
     for row, name in README_ROWS.items():
         metrics = score_checkpoint(cfg, str(ZOO / name), device="cpu", evaluators=evaluators)
         assert metrics["ja_sub/acc"] == pytest.approx(table[row], abs=0.01), row
+
+
+# The seed-0 demo's best trial (README table: 0.704 held-out): a merge that does the target task.
+EVOLVED_SEED0 = {"embed.ja.weight": 0.103, "embed.math.weight": 0.913, "L00.ja.weight": 0.209, "L00.math.weight": 1.008,
+                 "L01.ja.weight": 2.014, "L01.math.weight": 0.577, "L02.ja.weight": 1.032, "L02.math.weight": 1.701,
+                 "L03.ja.weight": 2.193, "L03.math.weight": 2.028, "head.ja.weight": 1.975, "head.math.weight": 0.386}
+
+
+def test_shipped_lm_eval_task_agrees_with_the_native_evaluator_on_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    from evals.lm_eval_backend import LmEvalEvaluator
+    from evals.native import GenerationEvaluator
+    from evolve.config import load_config
+    from evolve.loop import build_space
+    from merge_core.materialize import Materializer
+
+    root = ZOO.parent.parent
+    monkeypatch.chdir(root)  # the shipped YAMLs name their data relative to the repo root, like the configs
+    cfg = load_config("configs/tiny_jp_math.yaml")
+    space = build_space(cfg)
+    evolved = space.decode([EVOLVED_SEED0[n] for n in space.names])
+    materializer = Materializer(evolved, device="cpu")
+    merged = materializer.new_model()
+    materializer.apply(evolved, merged)
+    tokenizer = AutoTokenizer.from_pretrained(ZOO / "expert_ja")
+    backend = LmEvalEvaluator(["zoo_ja_sub"], include_path="data/zoo/tasks/lm_eval", batch_size=32,
+                              metrics={"zoo_ja_sub": "exact_match,first_word"})
+    native = GenerationEvaluator("data/zoo/tasks/ja_sub", "test", batch_size=100, max_new_tokens=2, stop=[world.TERMINATOR],
+                                 extract="first_word", language_check={"type": "pattern", "pattern": r"^j\d+$"})
+    n = len(native.items)
+    for model in (merged, AutoModelForCausalLM.from_pretrained(ZOO / "expert_ja")):
+        native_acc = native.evaluate(model, tokenizer)["acc"]
+        assert backend.evaluate(model, tokenizer)["zoo_ja_sub"] == pytest.approx(native_acc, abs=1 / n + 1e-9)
+    assert native_acc == pytest.approx(0.08, abs=0.01)  # the Japanese expert, as in the README table
+    assert native.evaluate(merged, tokenizer)["acc"] == pytest.approx(0.704, abs=0.01)  # rounded weights: within noise
