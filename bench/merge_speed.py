@@ -2,6 +2,7 @@
 in-memory re-merge (`Materializer.apply`) against a memory-bandwidth bound.
 
     .venv/bin/python bench/merge_speed.py [--methods linear ties dare_ties] [--repeats 2] [--skip-mergekit]
+    .venv/bin/python bench/merge_speed.py --in-memory-only [--methods ...]     # step 3 alone
 
 1. Builds (once, cached under --work) a random base and two noisy "fine-tunes" of it.
 2. Per method, one recipe YAML fed to both CLIs; each run is a subprocess timed by wall clock, its peak RSS
@@ -9,8 +10,9 @@ in-memory re-merge (`Materializer.apply`) against a memory-bandwidth bound.
    The two outputs are compared tensor by tensor (linear, ties: max |difference|; dare_ties: names and shapes,
    since both draw random masks).
 3. In memory: one Materializer per method, then `apply` of a few candidates into a live model, against
-   (resident bytes read + output bytes written) / copy bandwidth (torch `copy_` of a 1 GiB float32 buffer).
-4. Prints the tables and writes them into the "## Merge speed" section of bench/RESULTS.md.
+   (resident + cache bytes read + output bytes written) / copy bandwidth (torch `copy_` of a 1 GiB float32 buffer).
+4. Prints the tables and writes them into the "## Merge speed" and "## In-memory re-merge" sections of
+   bench/RESULTS.md.
 
 mergekit lives in its own venv, bench/_work/mk-venv (created on first use with constraints-cpu.txt; checked CPU-only).
 """
@@ -48,6 +50,7 @@ from merge_core.synthetic import make_tiny_checkpoint  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Merge speed"
+INMEM_SECTION = "## In-memory re-merge (Materializer.apply)"
 MERGEKIT = "mergekit==0.1.5"
 CONSTRAINTS = REPO / "constraints-cpu.txt"
 MK_VENV = REPO / "bench" / "_work" / "mk-venv"
@@ -271,8 +274,10 @@ class InMemory:
     resident_kind: str
     build_s: float
     peak_rss_mib: float  # the worker process: build, live model and every apply
-    apply_s: list[float]
+    apply_s: list[float]  # every apply after the first
     bound_s: float
+    first_apply_s: float  # the first apply also fills the Materializer's cache (ranks, DARE uniforms)
+    cache_mib: float
 
 
 def in_memory_worker(method: str, models: dict[str, Path], repeats: int, out: Path) -> None:
@@ -281,7 +286,7 @@ def in_memory_worker(method: str, models: dict[str, Path], repeats: int, out: Pa
     mat = Materializer(template, device="cpu")
     model = mat.new_model()
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first round includes filling the cache; reported apart
         for wa, wb, da, db in CANDIDATES:
             candidate = MergeRecipe.from_dict(recipe_dict(method, models, (wa, wb), (da, db)))
             t0 = time.perf_counter()
@@ -291,7 +296,7 @@ def in_memory_worker(method: str, models: dict[str, Path], repeats: int, out: Pa
         resident_bytes=mat.resident_bytes,
         output_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
         kind="float32 task vectors + bf16 base" if mat._deltas else "bf16 sources",
-        build_s=mat.build_seconds, apply_s=times,
+        build_s=mat.build_seconds, first_apply_s=times[0], apply_s=times[len(CANDIDATES):], cache_bytes=mat.cache_bytes,
     )))
 
 
@@ -301,8 +306,9 @@ def in_memory(method: str, work: Path, repeats: int, bandwidth_gbs: float, env: 
     run = timed([sys.executable, __file__, "--work", str(work), "--repeats", str(repeats), "--in-memory-worker", method],
                 work / f"in_memory_{method}.log", env)
     r = json.loads(out.read_text())
-    bound = (r["resident_bytes"] + r["output_bytes"]) / (bandwidth_gbs * 1e9)
-    return InMemory(method, r["resident_bytes"] / MIB, r["kind"], r["build_s"], run.peak_rss_mib, r["apply_s"], bound)
+    bound = (r["resident_bytes"] + r["cache_bytes"] + r["output_bytes"]) / (bandwidth_gbs * 1e9)
+    return InMemory(method, r["resident_bytes"] / MIB, r["kind"], r["build_s"], run.peak_rss_mib, r["apply_s"], bound,
+                    r["first_apply_s"], r["cache_bytes"] / MIB)
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -327,10 +333,10 @@ def fmt_ratio(ours: float, theirs: float, target: float) -> str:
     return f"{ratio:.2f}× ({'met' if ratio <= target else 'MISSED'}, ≤ {target:g}×)"
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) the '## Merge speed' section of bench/RESULTS.md, leaving other sections alone."""
+def write_section(text: str, section: str = SECTION) -> None:
+    """Replace (or append) one '## ...' section of bench/RESULTS.md, leaving other sections alone."""
     current = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     block = text.rstrip() + "\n\n"
     if pattern.search(current):
         updated = pattern.sub(lambda _: block, current, count=1)
@@ -348,6 +354,7 @@ def main() -> None:
     parser.add_argument("--mergekit-python", help="python of an existing venv with mergekit 0.1.5")
     parser.add_argument("--threads", type=int, help="torch threads here and OMP/MKL threads of both CLIs (default: torch's)")
     parser.add_argument("--in-memory-worker", metavar="METHOD", help=argparse.SUPPRESS)
+    parser.add_argument("--in-memory-only", action="store_true", help="only the in-memory re-merge (its own section)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
     command = shlex.join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else sys.executable,
@@ -366,6 +373,8 @@ def main() -> None:
     shapes = checkpoint_shapes(models["base"])
     n_params = sum(numel(s) for s in shapes.values())
     print(f"{n_params:,} parameters per checkpoint ({len(shapes)} tensors, bf16)", flush=True)
+    if args.in_memory_only:
+        return in_memory_section(args, work, env, command, facts_start)
 
     mk_python = None if args.skip_mergekit else ensure_mergekit(args.mergekit_python)
     mk_version = package_version(mk_python, "mergekit") if mk_python else None
@@ -393,14 +402,6 @@ def main() -> None:
                      min(r.seconds for r in theirs) if theirs else None,
                      max(r.peak_rss_mib for r in theirs) if theirs else None, agreement))
 
-    bandwidth = copy_bandwidth_gbs()
-    print(f"copy bandwidth: {bandwidth:.1f} GB/s (read + write)", flush=True)
-    inmem = []
-    for method in args.methods:
-        r = in_memory(method, work, args.repeats, bandwidth, env)
-        inmem.append(r)
-        print(f"{method} in memory: build {r.build_s:.1f}s, apply min {min(r.apply_s):.2f}s, bound {r.bound_s:.2f}s", flush=True)
-
     lines = [SECTION, "", f"Command (from the repository root): `{command}`", ""]
     lines += [f"- {fact}" for fact in facts_start + ([machine_facts(mk_version)[-1]] if mk_version else [])]
     lines.append(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -418,23 +419,46 @@ def main() -> None:
         lines.append(f"| {method} | {ours_s:.1f} | {f'{mk_s:.1f}' if mk_s else 'skipped'} | {ratio} | {ours_rss:.0f} | "
                      f"{f'{mk_rss:.0f}' if mk_rss else '—'} | {agreement} |")
     lines += [""] + [f"- {note}" for note in notes] if notes else []
-    lines += ["", f"In-memory re-merge (`Materializer.apply` into a live bf16 model, one fresh worker process per method, {len(CANDIDATES)} candidates × "
-              f"{args.repeats} = {len(CANDIDATES) * args.repeats} applies per method, varying weights and densities). Bound = "
-              f"(resident bytes, all read once per candidate + output bytes written) / copy bandwidth {bandwidth:.1f} GB/s "
-              "(torch `copy_` of a 1 GiB float32 buffer, read + write bytes counted).", "",
-              "| method | resident (MiB, what) | build (s) | worker peak RSS (MiB) | apply min / median (s) | bound (s) | apply / bound |",
-              "|---|---|---|---|---|---|---|"]
-    for r in inmem:
-        ratio = min(r.apply_s) / r.bound_s
-        verdict = "met" if ratio <= INMEM_TARGET else "MISSED"
-        lines.append(f"| {r.method} | {r.resident_mib:.0f} ({r.resident_kind}) | {r.build_s:.1f} | {r.peak_rss_mib:.0f} | "
-                     f"{min(r.apply_s):.2f} / {statistics.median(r.apply_s):.2f} | {r.bound_s:.2f} | "
-                     f"{ratio:.1f}× ({verdict}, ≤ {INMEM_TARGET:g}×) |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if not args.no_write:
         write_section(text)
         print(f"wrote the '{SECTION}' section of {RESULTS}")
+    in_memory_section(args, work, env, command, facts_start)
+
+
+def in_memory_section(args: argparse.Namespace, work: Path, env: dict[str, str], command: str, facts: list[str]) -> None:
+    """The in-memory re-merge of each method in a fresh worker process, against the copy-bandwidth bound."""
+    bandwidth = copy_bandwidth_gbs()
+    print(f"copy bandwidth: {bandwidth:.1f} GB/s (read + write)", flush=True)
+    inmem = []
+    for method in args.methods:
+        r = in_memory(method, work, args.repeats, bandwidth, env)
+        inmem.append(r)
+        print(f"{method} in memory: build {r.build_s:.1f}s, first apply {r.first_apply_s:.2f}s, apply min {min(r.apply_s):.2f}s, "
+              f"bound {r.bound_s:.2f}s", flush=True)
+    lines = [INMEM_SECTION, "", f"Command (from the repository root): `{command}`", ""]
+    lines += [f"- {fact}" for fact in facts]
+    lines.append(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    lines += ["", f"`Materializer.apply` into a live bf16 model, one fresh worker process per method, on the checkpoints of "
+              f"the Merge speed section; {len(CANDIDATES)} candidates (varying weights and densities) applied once to fill "
+              f"the cache (the first apply is reported apart), then {args.repeats} more rounds = "
+              f"{len(CANDIDATES) * args.repeats} timed applies. Bound = (resident bytes + cache bytes, all read once per "
+              f"candidate, + output bytes written) / copy bandwidth {bandwidth:.1f} GB/s (torch `copy_` of a 1 GiB float32 "
+              "buffer, read + write bytes counted).", "",
+              "| method | resident (MiB, what) | cache (MiB) | build (s) | first apply (s) | worker peak RSS (MiB) | apply min / median (s) | bound (s) | apply / bound |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in inmem:
+        ratio = min(r.apply_s) / r.bound_s
+        verdict = "met" if ratio <= INMEM_TARGET else "MISSED"
+        lines.append(f"| {r.method} | {r.resident_mib:.0f} ({r.resident_kind}) | {r.cache_mib:.0f} | {r.build_s:.1f} | "
+                     f"{r.first_apply_s:.2f} | {r.peak_rss_mib:.0f} | {min(r.apply_s):.2f} / {statistics.median(r.apply_s):.2f} | "
+                     f"{r.bound_s:.2f} | {ratio:.1f}× ({verdict}, ≤ {INMEM_TARGET:g}×) |")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if not args.no_write:
+        write_section(text, INMEM_SECTION)
+        print(f"wrote the '{INMEM_SECTION}' section of {RESULTS}")
 
 
 if __name__ == "__main__":

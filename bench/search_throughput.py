@@ -8,6 +8,7 @@ Each backend runs a fresh study (same config, seed and budget) under bench/_work
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -87,8 +88,14 @@ def main() -> None:
     rows = [run_backend(args.config, "local", 1, args.trials, args.work),
             run_backend(args.config, "ray", args.ray_workers, args.trials, args.work)]
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    body = (f"Command: `python bench/search_throughput.py --config {args.config.relative_to(ROOT)} --trials {args.trials}"
-            f" --write`\n\nMachine: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}.\n\n{table(rows)}\n")
+    config = args.config.resolve()
+    shown = config.relative_to(ROOT) if config.is_relative_to(ROOT) else config
+    body = (f"Command: `.venv/bin/python bench/search_throughput.py --config {shown} --trials {args.trials} --write`\n\n"
+            f"Machine: {cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+            f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}.\n\n{table(rows)}\n\n"
+            "Against mergekit-evolve (mergekit 0.1.5) on the same models, task data and method, same machine: see "
+            "[mergekit_evolve.md](mergekit_evolve.md) (it needed four workarounds to run without a GPU; 40-50 "
+            "candidates/min against evomerge's 167).\n")
     print(body)
     if args.write:
         write_section(ROOT / "bench" / "RESULTS.md", "Search throughput", body)

@@ -122,6 +122,12 @@ class Materializer:
             self._precomputed[key] = (pre, pre_seed)
         return pre
 
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes held by the precomputed ranks / uniforms / norms so far (filled during the first apply)."""
+        return sum(t.numel() * t.element_size() for pre, _ in self._precomputed.values()
+                   for t in (pre.rank, pre.uniform, pre.l1) if t is not None)
+
     def _cache_fits(self) -> bool:
         per_element = 4  # int32 rank or float32 uniform per task-vector element
         cache_bytes = per_element * sum(t.numel() for t in self._deltas.values())
