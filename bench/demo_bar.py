@@ -34,8 +34,7 @@ from evolve.config import RunConfig, load_config  # noqa: E402
 from evolve.loop import best_trial, run_search, study_name, trial_recipe  # noqa: E402
 from evolve.worker import Worker  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "bench"))
-from search_throughput import write_section  # noqa: E402
+from results import write_section  # noqa: E402  (bench/ is on sys.path: scripts run from it)
 
 SECTION = "Demo bar (zoo issue): evolved merge vs sources, controls and untuned merges"
 
@@ -56,9 +55,13 @@ def grid_search(cfg: RunConfig, grid: list[float]) -> tuple[dict[str, Any], int]
     """Every point of grid^n scored by the search's fitness; the best global merge and the best per single expert."""
     paths = [s.path for s in cfg.models.sources]
     aliases = cfg.models.aliases()
-    template = global_recipe(cfg, "task_arithmetic", dict.fromkeys(paths, 1.0))
-    worker = Worker(cfg, template.to_yaml())
-    best: dict[str, tuple[float, Any]] = {}
+    worker = Worker(cfg, global_recipe(cfg, "task_arithmetic", dict.fromkeys(paths, 1.0)).to_yaml())
+    best: dict[str, tuple[float, str, Any]] = {}  # row -> (fitness, label with coefficients, recipe)
+
+    def keep(row: str, label: str, fitness: float, recipe: Any) -> None:
+        if row not in best or fitness > best[row][0]:
+            best[row] = (fitness, label, recipe)
+
     points = list(itertools.product(grid, repeat=len(paths)))
     for point in points:
         recipe = global_recipe(cfg, "task_arithmetic", dict(zip(paths, point)))
@@ -66,24 +69,14 @@ def grid_search(cfg: RunConfig, grid: list[float]) -> tuple[dict[str, Any], int]
         if not out.ok:
             raise SystemExit(f"grid point {point}: {out.error}")
         coeffs = ", ".join(f"{a}={w:g}" for a, w in zip(aliases, point))
-        keys = [f"best global grid ({coeffs})"]
+        keep("best global grid", f"best global grid ({coeffs})", out.fitness, recipe)
         nonzero = [i for i, w in enumerate(point) if w != 0]
-        if len(nonzero) == 1:  # base + a*tau_i: the other experts' coefficients are 0
+        if len(nonzero) == 1:  # base + a*tau_i: the other experts' coefficients are 0; written with that expert alone
             i = nonzero[0]
-            keys.append(f"base + a*tau_{aliases[i]} (a={point[i]:g})")
-        for key in keys:
-            slot = key.split(" (")[0]
-            if slot not in best or out.fitness > best[slot][0]:
-                best[slot] = (out.fitness, key, _single(cfg, recipe, nonzero) if slot.startswith("base +") else recipe)
+            keep(f"base + a*tau_{aliases[i]}", f"base + a*tau_{aliases[i]} (a={point[i]:g})", out.fitness,
+                 global_recipe(cfg, "task_arithmetic", {paths[i]: point[i]}))
     del worker
-    return {key: recipe for _, key, recipe in best.values()}, len(points)
-
-
-def _single(cfg: RunConfig, recipe, nonzero: list[int]):
-    """The same merge written with only the one expert (0-weighted experts dropped)."""
-    path = cfg.models.sources[nonzero[0]].path
-    weight = dict(recipe.slices[0].sources[nonzero[0]].parameters)["weight"]
-    return global_recipe(cfg, "task_arithmetic", {path: weight})
+    return {label: recipe for _, label, recipe in best.values()}, len(points)
 
 
 def main() -> None:
@@ -132,7 +125,7 @@ def main() -> None:
     text = render(per_seed, acc, command, base_cfg)
     print(text)
     if args.write:
-        write_section(ROOT / "bench" / "RESULTS.md", SECTION, text.split("\n", 1)[1])
+        write_section(SECTION, text.split("\n", 1)[1])
 
 
 def render(per_seed: list[dict[str, Any]], acc: str, command: str, cfg: RunConfig) -> str:

@@ -126,11 +126,10 @@ def main() -> None:
         rows.append((batch_size, n / native_s, n / lm_s, lm_s / native_s, native_metrics["acc"], lm_metrics["bench_task"]))
 
     params = sum(p.numel() for p in model.parameters())
-    rel = lambda p: os.path.relpath(p, ROOT) if str(p).startswith(str(ROOT)) else str(p)  # noqa: E731
     lines = [
         f"Measured with `{shlex.join(['.venv/bin/python', 'bench/eval_speed.py', *sys.argv[1:]])}` "
-        f"({os.cpu_count()} CPUs, torch {torch.__version__}): task `{rel(task_dir)}` ({split}, {n} items), "
-        f"model `{rel(args.model) if args.model else 'random tiny Llama'}` ({params / 1e6:.2f}M params), "
+        f"({os.cpu_count()} CPUs, torch {torch.__version__}): task `{_shown(task_dir)}` ({split}, {n} items), "
+        f"model `{_shown(args.model) if args.model else 'random tiny Llama'}` ({params / 1e6:.2f}M params), "
         f"{args.threads} thread(s), max_new_tokens {args.max_new_tokens}, stop {stop}; median of {args.repeats} after a warm-up; "
         f"lm-eval one-time setup (task manager + task load, paid once per worker) {setup:.2f} s.",
         "",
@@ -141,10 +140,15 @@ def main() -> None:
         lines.append(f"| {batch_size} | {native_rate:.1f} | {lm_rate:.1f} | {speedup:.2f}x | {native_acc:.3f} | {lm_acc:.3f} |")
     print("\n".join(lines))
     if args.write:
-        sys.path.insert(0, str(ROOT / "bench"))
-        from search_throughput import write_section
+        from results import write_section  # bench/ is on sys.path: scripts run from it
 
-        write_section(ROOT / "bench" / "RESULTS.md", "Evaluator speed (native vs lm-eval backend)", "\n".join(lines))
+        write_section("Evaluator speed (native vs lm-eval backend)", "\n".join(lines))
+
+
+def _shown(path: Path) -> str:
+    """A path as the RESULTS.md line shows it: relative to the repository root when under it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 if __name__ == "__main__":

@@ -47,10 +47,10 @@ sys.path.insert(0, str(REPO))
 from merge_core.materialize import Materializer  # noqa: E402
 from merge_core.recipe import MergeRecipe  # noqa: E402
 from merge_core.synthetic import make_tiny_checkpoint  # noqa: E402
+from results import RESULTS, write_section  # noqa: E402  (bench/ is on sys.path: scripts run from it)
 
-RESULTS = REPO / "bench" / "RESULTS.md"
-SECTION = "## Merge speed"
-INMEM_SECTION = "## In-memory re-merge (Materializer.apply)"
+SECTION = "Merge speed"
+INMEM_SECTION = "In-memory re-merge (Materializer.apply)"
 MERGEKIT = "mergekit==0.1.5"
 CONSTRAINTS = REPO / "constraints-cpu.txt"
 MK_VENV = REPO / "bench" / "_work" / "mk-venv"
@@ -333,18 +333,6 @@ def fmt_ratio(ours: float, theirs: float, target: float) -> str:
     return f"{ratio:.2f}× ({'met' if ratio <= target else 'MISSED'}, ≤ {target:g}×)"
 
 
-def write_section(text: str, section: str = SECTION) -> None:
-    """Replace (or append) one '## ...' section of bench/RESULTS.md, leaving other sections alone."""
-    current = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = text.rstrip() + "\n\n"
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: block, current, count=1)
-    else:
-        updated = current.rstrip() + "\n\n" + block
-    RESULTS.write_text(updated.rstrip() + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=REPO / "bench" / "_work" / "merge_speed")
@@ -402,7 +390,7 @@ def main() -> None:
                      min(r.seconds for r in theirs) if theirs else None,
                      max(r.peak_rss_mib for r in theirs) if theirs else None, agreement))
 
-    lines = [SECTION, "", f"Command (from the repository root): `{command}`", ""]
+    lines = [f"Command (from the repository root): `{command}`", ""]
     lines += [f"- {fact}" for fact in facts_start + ([machine_facts(mk_version)[-1]] if mk_version else [])]
     lines.append(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     lines += [f"- checkpoints: 3 random Llamas (base + two fine-tunes = base + 0.02·N(0,1)), {n_params:,} parameters "
@@ -422,7 +410,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
         print(f"wrote the '{SECTION}' section of {RESULTS}")
     in_memory_section(args, work, env, command, facts_start)
 
@@ -437,7 +425,7 @@ def in_memory_section(args: argparse.Namespace, work: Path, env: dict[str, str],
         inmem.append(r)
         print(f"{method} in memory: build {r.build_s:.1f}s, first apply {r.first_apply_s:.2f}s, apply min {min(r.apply_s):.2f}s, "
               f"bound {r.bound_s:.2f}s", flush=True)
-    lines = [INMEM_SECTION, "", f"Command (from the repository root): `{command}`", ""]
+    lines = [f"Command (from the repository root): `{command}`", ""]
     lines += [f"- {fact}" for fact in facts]
     lines.append(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     lines += ["", f"`Materializer.apply` into a live bf16 model, one fresh worker process per method, on the checkpoints of "
@@ -457,7 +445,7 @@ def in_memory_section(args: argparse.Namespace, work: Path, env: dict[str, str],
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if not args.no_write:
-        write_section(text, INMEM_SECTION)
+        write_section(INMEM_SECTION, text)
         print(f"wrote the '{INMEM_SECTION}' section of {RESULTS}")
 
 

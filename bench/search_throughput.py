@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from evolve.config import load_config  # noqa: E402
 from evolve.loop import run_search  # noqa: E402
+from results import write_section  # noqa: E402  (bench/ is on sys.path: scripts run from it)
 
 
 def run_backend(config: Path, backend: str, workers: int, trials: int, work: Path) -> dict:
@@ -64,19 +65,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, title: str, body: str) -> None:
-    """Replace (or append) the `## title` section of a markdown file."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    head = f"## {title}\n"
-    if head in text:
-        before, rest = text.split(head, 1)
-        after = rest[rest.find("\n## "):] if "\n## " in rest else ""
-        text = before + head + body.rstrip() + "\n" + after
-    else:
-        text = text.rstrip() + "\n\n" + head + body.rstrip() + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny_jp_math.yaml")
@@ -98,7 +86,7 @@ def main() -> None:
             "candidates/min against evomerge's 167).\n")
     print(body)
     if args.write:
-        write_section(ROOT / "bench" / "RESULTS.md", "Search throughput", body)
+        write_section("Search throughput", body)
 
 
 if __name__ == "__main__":
