@@ -9,8 +9,12 @@ A recipe is mergekit's configuration (``merge_method``, ``base_model``, ``models
   ``scaled = t * (len - 1)``, ``i0 = int(scaled)``, linear interpolation between entries i0 and i0 + 1;
 * a list of ``{filter, value}`` conditions takes the first whose filter is a substring of the tensor name
   (``None`` or ``"*"`` matches everything); no match falls through to the next level;
-* tensors outside the layers: the embedding resolves in the first slice at t = 0, the final norm and the head
-  in the last slice at t = 1.
+* tensors outside the layers are read at t = 0 (a gradient gives them its first entry): the embedding with the
+  first slice's parameters, the final norm and the head with the last slice's. This is mergekit 0.1.5's planner
+  (``plan.py``, ``MergePlanner.plan_module``: one ``ConfigReader(t=0)`` for ``pre_weights`` with
+  ``for_out_slice(slices[0])`` and for ``post_weights`` with ``for_out_slice(slices[-1])``; only the layers get
+  ``with_t(i / (n - 1))``, ``t = 1`` for a one-layer slice). In the ``models:`` form there is one slice, so all
+  three use the ``models`` entries' first gradient value.
 """
 from __future__ import annotations
 
@@ -172,14 +176,13 @@ class TensorSite:
 
 
 def locate(recipe: MergeRecipe, tensor_name: str, num_layers: int) -> TensorSite:
-    """Place an output tensor: the slice holding its layer and t (embeddings t=0 first slice; norm/head t=1 last)."""
+    """Place an output tensor: the slice holding its layer and t (outside the layers: t = 0, see the module doc)."""
     from merge_core.checkpoint import layer_index
 
     layer = layer_index(tensor_name)
     if layer is None:
-        pre = "embed" in tensor_name
-        i = 0 if pre else len(recipe.slices) - 1
-        return TensorSite(i, 0.0 if pre else 1.0, (None,) * len(recipe.slices[i].sources))
+        i = 0 if "embed" in tensor_name else len(recipe.slices) - 1
+        return TensorSite(i, 0.0, (None,) * len(recipe.slices[i].sources))
     start = 0
     for i, sl in enumerate(recipe.slices):
         n = _slice_len(sl, num_layers)
@@ -286,6 +289,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 def _slice(d: Any, where: str) -> OutputSlice:
     if not isinstance(d, dict) or "sources" not in d:
         raise EvomergeError(f"{where}: a slice needs 'sources' (a list of {{model, layer_range}})")
+    _refuse_unknown(d, ("sources", "parameters"), where)
     sources = tuple(_source(s, f"{where}.sources[{i}]", with_range=True) for i, s in enumerate(_as_list(d["sources"], f"{where}.sources")))
     return OutputSlice(sources=sources, parameters=_freeze_params(d.get("parameters"), f"{where}.parameters"))
 
@@ -295,6 +299,7 @@ def _source(d: Any, where: str, with_range: bool) -> SliceSource:
         return SliceSource(model=d)
     if not isinstance(d, dict) or not isinstance(d.get("model"), str):
         raise EvomergeError(f"{where}: needs 'model' (a local path or hub id)")
+    _refuse_unknown(d, ("model", "layer_range", "parameters") if with_range else ("model", "parameters"), where)
     layer_range = None
     if with_range:
         lr = d.get("layer_range")
@@ -303,6 +308,13 @@ def _source(d: Any, where: str, with_range: bool) -> SliceSource:
         layer_range = (lr[0], lr[1])
     return SliceSource(model=d["model"], layer_range=layer_range,
                        parameters=_freeze_params(d.get("parameters"), f"{where}.parameters"))
+
+
+def _refuse_unknown(d: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
+    """Keys mergekit knows but evomerge does not follow (a slice's base_model, residual_weight) are refused, not ignored."""
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise EvomergeError(f"{where}: unsupported key '{unknown[0]}' (supported here: {', '.join(known)})")
 
 
 def _freeze_params(p: Any, where: str) -> Params:

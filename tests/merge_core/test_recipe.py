@@ -53,9 +53,10 @@ def test_gradient_spreads_over_layers_like_mergekit():
     # 5 layers: t = i/4, scaled = t*2 over [0, 0.5, 1]
     got = [param(r, f"model.layers.{i}.mlp.up_proj.weight", "weight", "org/ja") for i in range(5)]
     assert got == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
-    assert param(r, "model.embed_tokens.weight", "weight", "org/ja") == 0.0  # pre-weights: t = 0
-    assert param(r, "lm_head.weight", "weight", "org/ja") == 1.0  # post-weights: t = 1
-    assert param(r, "model.norm.weight", "weight", "org/ja") == 1.0
+    # outside the layers mergekit 0.1.5 reads every gradient at t = 0 (plan.py, plan_module)
+    assert param(r, "model.embed_tokens.weight", "weight", "org/ja") == 0.0
+    assert param(r, "lm_head.weight", "weight", "org/ja") == 0.0
+    assert param(r, "model.norm.weight", "weight", "org/ja") == 0.0
 
 
 def test_gradient_interpolates_between_entries():
@@ -97,8 +98,80 @@ slices:
     d = [param(r, f"model.layers.{i}.mlp.up_proj.weight", "density", "a") for i in range(5)]
     assert d == [0.3, 0.3, 0.9, 0.9, 0.9]
     assert param(r, "model.embed_tokens.weight", "density", "a") == 0.3  # first slice
-    assert param(r, "lm_head.weight", "weight", "a") == 2.0  # last slice, t = 1
+    assert param(r, "lm_head.weight", "weight", "a") == 1.0  # last slice, t = 0 (mergekit's post_weights)
+    assert param(r, "lm_head.weight", "density", "a") == 0.9
     assert MergeRecipe.from_yaml(r.to_yaml()) == r
+
+
+TIES_GRADIENT = """
+merge_method: ties
+base_model: b
+models:
+  - model: a
+    parameters: {weight: [0.2, 0.9], density: [0.9, 0.3]}
+  - model: c
+    parameters: {weight: 0.5, density: 0.5}
+"""
+
+
+def test_gradients_outside_layers_follow_mergekit_models_form():
+    """The issue's recipe: weight [0.2, 0.9], density [0.9, 0.3] over 4 layers; values computed by hand.
+
+    Layers: t = i/3, value = first + t * (last - first). Embedding, final norm and head: t = 0 (first entries),
+    as mergekit 0.1.5's MergePlanner.plan_module reads pre_weights and post_weights with ConfigReader(t=0).
+    """
+    r = MergeRecipe.from_yaml(TIES_GRADIENT)
+    # the pre/post weights of llama, mistral and qwen2 in mergekit 0.1.5's architecture JSONs
+    embed, norm, head = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+    expected = {  # tensor: (weight, density)
+        embed: (0.2, 0.9),
+        "model.layers.0.self_attn.q_proj.weight": (0.2, 0.9),
+        "model.layers.1.mlp.down_proj.weight": (0.2 + 0.7 / 3, 0.9 - 0.6 / 3),  # t = 1/3: 0.4333, 0.7
+        "model.layers.2.input_layernorm.weight": (0.2 + 1.4 / 3, 0.9 - 1.2 / 3),  # t = 2/3: 0.6667, 0.5
+        "model.layers.3.mlp.up_proj.weight": (0.9, 0.3),
+        norm: (0.2, 0.9),
+        head: (0.2, 0.9),
+    }
+    for tensor, (w, d) in expected.items():
+        got = (param(r, tensor, "weight", "a", num_layers=4), param(r, tensor, "density", "a", num_layers=4))
+        assert got == pytest.approx((w, d)), tensor
+        assert param(r, tensor, "weight", "c", num_layers=4) == 0.5  # scalars are the same everywhere
+
+
+def test_gradients_outside_layers_follow_mergekit_slices_form():
+    """Slices: the embedding reads the first slice at t = 0, norm and head the LAST slice at t = 0, even when
+    that slice has one layer (whose own t is 1)."""
+    text = """
+merge_method: ties
+base_model: b
+parameters: {density: [0.8, 0.2]}
+slices:
+  - sources:
+      - {model: a, layer_range: [0, 3], parameters: {weight: [0.1, 0.5]}}
+      - {model: b, layer_range: [0, 3]}
+  - sources:
+      - {model: a, layer_range: [3, 5], parameters: {weight: [1.0, 2.0]}}
+      - {model: b, layer_range: [3, 5]}
+    parameters: {density: [0.6, 0.4]}
+  - sources:
+      - {model: a, layer_range: [5, 6], parameters: {weight: [0.3, 0.7]}}
+      - {model: b, layer_range: [5, 6]}
+"""
+    r = MergeRecipe.from_yaml(text)
+    validate_layout(r, 6)
+    expected = {  # tensor: (weight of a, density of a)
+        "model.embed_tokens.weight": (0.1, 0.8),  # slice 0, t = 0
+        "model.layers.1.self_attn.o_proj.weight": (0.3, 0.5),  # slice 0, t = 1/2
+        "model.layers.2.mlp.gate_proj.weight": (0.5, 0.2),  # slice 0, t = 1
+        "model.layers.3.mlp.gate_proj.weight": (1.0, 0.6),  # slice 1, t = 0
+        "model.layers.4.mlp.gate_proj.weight": (2.0, 0.4),  # slice 1, t = 1
+        "model.layers.5.mlp.gate_proj.weight": (0.7, 0.2),  # slice 2 (one layer): t = 1, global density
+        "model.norm.weight": (0.3, 0.8),  # slice 2, t = 0
+        "lm_head.weight": (0.3, 0.8),
+    }
+    for tensor, (w, d) in expected.items():
+        got = (param(r, tensor, "weight", "a", num_layers=6), param(r, tensor, "density", "a", num_layers=6))
+        assert got == pytest.approx((w, d)), tensor
 
 
 def test_per_layer_filters_select_exact_layers():
@@ -133,6 +206,9 @@ models:
         ("merge_method: ties\nmodels: [{model: a}]\ndtype: fp8\n", "recipe: dtype: 'fp8' is not one of"),
         ("merge_method: ties\nmodels: [{model: a}]\nseed: x\n", "recipe: seed: must be an integer"),
         ("[1, 2", "recipe: not valid YAML"),
+        ("merge_method: ties\nslices: [{sources: [{model: a, layer_range: [0, 2]}], base_model: c}]\n",
+         "recipe: slices[0]: unsupported key 'base_model'"),
+        ("merge_method: ties\nmodels: [{model: a, paramters: {weight: 1}}]\n", "recipe: models[0]: unsupported key 'paramters'"),
     ],
 )
 def test_malformed_recipes_give_one_line_errors(text, message):
