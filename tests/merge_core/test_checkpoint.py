@@ -212,9 +212,19 @@ def llama(tiny_llama_trio) -> dict[str, Checkpoint]:
     return {name: Checkpoint.open(str(p)) for name, p in zip(("base", "a", "b"), tiny_llama_trio)}
 
 
-def test_compatible_trio_passes(llama):
-    validate_compatible(llama, "base")
-    validate_compatible(llama, None)
+def test_compatible_trio_passes(llama, tmp_path):
+    """Three distinct models with one layout pass whichever is the base; the same check on the same trio with
+    one member a different shape refuses it (so passing means "compared and compatible", not "not compared")."""
+    ref = llama["base"]
+    assert all(c.names == ref.names and [c.shape(n) for n in c.names] == [ref.shape(n) for n in ref.names]
+               for c in llama.values())
+    assert not torch.equal(llama["a"].tensor("lm_head.weight"), ref.tensor("lm_head.weight"))  # not copies
+    for base in ("base", "a", "b", None):
+        validate_compatible(llama, base)  # raises on any difference it finds
+    odd = {**llama, "b": _other(tmp_path, intermediate_size=48)}
+    for base in ("base", "a", None):
+        with pytest.raises(IncompatibleModelsError, match=r"mlp\.down_proj\.weight' has shape \[32, (48|64)\]"):
+            validate_compatible(odd, base)
 
 
 def test_base_must_be_one_of_the_models(llama):
