@@ -15,6 +15,7 @@ embeddings, s_t into a copy of hop t-1's `mlp.down_proj`, which m_{t-1} is linea
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ _LAYER_FIELDS = (
 )
 _LAYER_PREFIX_RE = re.compile(r"(^|\.)layers\.\d+\.")
 _DOWN_PROJ = ("mlp.down_proj.weight", "mlp.down_proj.bias")
+# The name the installed transformers gives the KV cache: `cache` from 5.24 on (generate passes `cache=` to forward and
+# reads `outputs.cache`; masks and attention take `cache=`, the old name only with a FutureWarning), `past_key_values`
+# up to 5.23. Read off the output class, so forward and its outputs follow the installed release.
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 # --------------------------------------------------------------------------- the path
@@ -234,28 +239,45 @@ class DataFlowModel(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
-        """Logits over the path, with the same defaults as the transformers decoders (positions, cache, masks)."""
+        *,
+        past_key_values: Cache | None = None,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits over the path, with the same defaults as the transformers decoders (positions, cache, masks).
+
+        The KV cache comes as `cache` (transformers >= 5.24) or `past_key_values` (<= 5.23), and the output carries it
+        under the installed release's name (`CACHE_NAME`). No `**kwargs`: an argument this forward does not know (a
+        future rename of what `generate` passes) is a TypeError naming it, never silently dropped. `generate` passes
+        input_ids, attention_mask, position_ids, the cache, use_cache, logits_to_keep and return_dict (5.23, 5.24),
+        and output_attentions / output_hidden_states when asked for, which this model cannot return.
+        """
+        if cache is not None and past_key_values is not None:
+            raise TypeError("DataFlowModel.forward: got both cache and past_key_values; pass the KV cache once")
+        cache = past_key_values if cache is None else cache
+        for name, wanted in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
+            if wanted:
+                raise TypeError(f"DataFlowModel.forward: {name}=True is not supported (it returns logits and the cache)")
         if (input_ids is None) == (inputs_embeds is None):
             raise EvomergeError("DataFlowModel: pass exactly one of input_ids or inputs_embeds")
         decoder_a = _decoder(self.model_a)
         if inputs_embeds is None:
             inputs_embeds = decoder_a.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
-        mask_args = dict(
-            config=self.model_a.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=position_ids,
-        )
+        mask_args = {
+            "config": self.model_a.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+            CACHE_NAME: cache, "position_ids": position_ids,
+        }
         hop_types = layer_types(self.config)
         masks = {kind: _MASK_FUNCTIONS[kind](**mask_args) for kind in set(hop_types)}
         position_embeddings = decoder_a.rotary_emb(inputs_embeds, position_ids=position_ids)
@@ -273,8 +295,8 @@ class DataFlowModel(PreTrainedModel, GenerationMixin):
                 position_embeddings=position_embeddings,
                 attention_mask=masks[hop_types[t]],
                 position_ids=position_ids,
-                past_key_values=None if past_key_values is None else _HopCache(past_key_values, t),
                 use_cache=use_cache,
+                **{CACHE_NAME: None if cache is None else _HopCache(cache, t)},
             )
             residual = hidden + attn_out
             mlp_out = layer.mlp(layer.post_attention_layernorm(residual))
@@ -282,7 +304,8 @@ class DataFlowModel(PreTrainedModel, GenerationMixin):
 
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.model_a.get_output_embeddings()(hidden[:, keep, :])
-        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values if use_cache else None)
+        out = CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache if use_cache else None})
+        return out if return_dict is None or return_dict else out.to_tuple()
 
 
 def _decoder(model: PreTrainedModel) -> torch.nn.Module:

@@ -11,7 +11,7 @@ import yaml
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from merge_core.checkpoint import Checkpoint
-from merge_core.dataflow import DataFlowModel, LayerPath, check_compatible_configs, export_dataflow
+from merge_core.dataflow import CACHE_NAME, DataFlowModel, LayerPath, check_compatible_configs, export_dataflow
 from merge_core.errors import EvomergeError
 from merge_core.synthetic import make_tiny_checkpoint
 
@@ -29,6 +29,9 @@ FAMILY_CONFIG = {
 PATH = LayerPath(((0, 0), (1, 1), (0, 1), (0, 1), (1, 0), (0, 2)), (0.7, 1.3, 1.0, 0.9, 1.1, 1.2))
 PROMPTS = [[5, 9, 14, 22, 7, 31, 12, 40, 18], [11, 4], [33, 8, 19, 27, 6]]
 PAD = 0
+# Every generation test decodes this many tokens per row (EOS suppressed until then), so a cache that is lost or
+# misread after the first step shows up as different tokens, not hidden behind an early EOS.
+NEW_TOKENS = 16
 
 
 @dataclass
@@ -62,13 +65,14 @@ def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _greedy(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, **kwargs) -> list[list[int]]:
-    """The new tokens of each row, up to and including the first EOS (rows that ended are padded after it)."""
+    """The NEW_TOKENS greedy new tokens of each row (EOS cannot end a row early)."""
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=PAD, **kwargs)
-    eos = model.generation_config.eos_token_id
-    rows = []
-    for row in out[:, ids.shape[1] :].tolist():
-        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+            pad_token_id=PAD, **kwargs,
+        )
+    rows = out[:, ids.shape[1] :].tolist()
+    assert [len(row) for row in rows] == [NEW_TOKENS] * len(rows)
     return rows
 
 
@@ -119,11 +123,55 @@ def test_batched_cached_generation_matches_export_and_unpadded(pair: Pair) -> No
     for prompt, row in zip(PROMPTS, batched):
         alone = torch.tensor([prompt])
         assert _greedy(dataflow, alone, torch.ones_like(alone), use_cache=False) == [row]
-    assert any(len(row) > 4 for row in batched)  # not all rows ended at once: the cache was exercised
+    assert len({tuple(row) for row in batched}) > 1  # rows differ: each followed its own prompt through the cache
     with torch.inference_mode():
-        cache = dataflow(ids, attention_mask=mask, use_cache=True).past_key_values
+        cache = getattr(dataflow(ids, attention_mask=mask, use_cache=True), CACHE_NAME)
     assert len(cache.layers) == len(PATH)  # one slot per hop: hops 2 and 3 both run A1 but keep their own keys
     assert not torch.equal(cache.layers[2].keys, cache.layers[3].keys)
+
+
+def test_generate_hands_the_cache_to_every_step(pair: Pair) -> None:
+    """generate's own keyword names reach forward: after the prompt, each step sees one new token and the cache of
+    everything before it (a cache passed under a name forward does not read would show length 0 at every step)."""
+    dataflow = DataFlowModel(pair.model_a, pair.model_b, PATH).eval()
+    ids, mask = _left_padded(PROMPTS)
+    steps: list[tuple[int, int]] = []
+
+    def record(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        steps.append((kwargs["input_ids"].shape[1], 0 if cache is None else cache.get_seq_length()))
+
+    handle = dataflow.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        _greedy(dataflow, ids, mask)
+    finally:
+        handle.remove()
+    width = ids.shape[1]
+    assert steps == [(width, 0)] + [(1, width + i) for i in range(NEW_TOKENS - 1)]
+
+
+def test_forward_takes_the_cache_under_either_name_and_refuses_unknown_arguments(pair: Pair) -> None:
+    dataflow = DataFlowModel(pair.model_a, pair.model_b, PATH).eval()
+    ids, mask = _left_padded(PROMPTS)
+    full = torch.cat([ids, torch.tensor([[3], [4], [5]])], dim=1)
+    full_mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+    with torch.inference_mode():
+        expected = dataflow(full, attention_mask=full_mask).logits[:, -1]
+        for name in ("cache", "past_key_values"):  # prompt, then one step with the cache under each name
+            first = dataflow(ids, attention_mask=mask, use_cache=True)
+            cache = getattr(first, CACHE_NAME)
+            step = dataflow(full[:, -1:], attention_mask=full_mask, use_cache=True, **{name: cache})
+            torch.testing.assert_close(step.logits[:, -1], expected, rtol=0, atol=1e-5)
+            assert cache.get_seq_length() == full.shape[1]
+        with pytest.raises(TypeError, match="both cache and past_key_values"):
+            dataflow(full[:, -1:], cache=cache, past_key_values=cache)
+        with pytest.raises(TypeError, match="cache_params"):  # a future rename fails here, not silently in a search
+            dataflow(ids, attention_mask=mask, cache_params=cache)
+        with pytest.raises(TypeError, match="output_attentions=True is not supported"):
+            dataflow(ids, output_attentions=True)
+        logits, returned = dataflow(ids, attention_mask=mask, use_cache=True, return_dict=False)
+    torch.testing.assert_close(logits, first.logits, rtol=0, atol=0)
+    assert returned.get_seq_length() == ids.shape[1]
 
 
 def test_holds_references_not_copies(pair: Pair) -> None:
