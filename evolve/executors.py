@@ -1,10 +1,12 @@
 """Executors: where candidates are scored. `local` runs one in-process Worker; `ray` keeps one resident Worker per actor."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
-from typing import Protocol
+from pathlib import Path
+from typing import Mapping, Protocol
 
 from evolve.config import RunConfig
 from evolve.worker import Outcome, Worker
@@ -58,7 +60,11 @@ class RayExecutor:
         address = ex.ray_address or os.environ.get("RAY_ADDRESS")
         if not ray.is_initialized():
             if address:
-                ray.init(address=address, log_to_driver=False)
+                try:
+                    ray.init(address=address, log_to_driver=False)
+                except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+                    raise EvomergeError(ray_auth_hint(address) or f"execution.ray_address '{address}': cannot join the "
+                                        f"Ray cluster ({' '.join(str(e).split())[:300]})") from None
             else:  # a private local cluster: dashboard off, short temp dir, enough CPUs for fractional actors
                 ray.init(num_cpus=max(os.cpu_count() or 1, 1), include_dashboard=False, log_to_driver=False,
                          _temp_dir=os.path.join(tempfile.gettempdir(), "ray_evo"))
@@ -105,6 +111,85 @@ class RayExecutor:
         for actor in self.actors.values():
             self.ray.kill(actor)
         self._running.clear()
+
+
+def ray_auth_hint(address: str, environ: Mapping[str, str] = os.environ, home: Path | None = None) -> str | None:
+    """The fix, in one line, when joining ``address`` failed because Ray did not send the token it has here.
+
+    Ray 2.60 (``ray/_private/worker.py``, ``init``) turns token authentication on by itself only when it starts a
+    cluster or finds a local one (``address`` None or ``"auto"``): "an explicit address (argument or RAY_ADDRESS)
+    never does". ``ray start --head`` with ``~/.ray/auth_token`` present and ``RAY_AUTH_MODE`` unset starts a
+    token cluster, and a driver joining it by ``host:port`` connects without the token (``InvalidAuthToken``,
+    then ``ConnectionError`` after 30 s). evomerge does not switch token mode on for you, as that would send this
+    machine's token to whatever address the config names; None when no token is set up here or the mode is set.
+    """
+    if not address or address == "auto" or environ.get("RAY_AUTH_MODE"):
+        return None
+    home = Path.home() if home is None else home
+    token_path = environ.get("RAY_AUTH_TOKEN_PATH")
+    if environ.get("RAY_AUTH_TOKEN"):
+        source = "RAY_AUTH_TOKEN"
+    elif token_path and Path(token_path).is_file():
+        source = token_path
+    elif (home / ".ray" / "auth_token").is_file():
+        source = "~/.ray/auth_token"
+    else:
+        return None
+    return (f"execution.ray_address '{address}': the cluster refused to connect; a Ray auth token is set up here "
+            f"({source}) but RAY_AUTH_MODE is unset, and Ray sends the token to an explicit address only with "
+            "RAY_AUTH_MODE=token: run with RAY_AUTH_MODE=token (the cluster's token), or use ray_address: auto "
+            "for a cluster started on this machine")
+
+
+RAY_JOB_ENV = ("RAY_JOB_ID", "RAY_JOB_CONFIG_JSON_ENV_VAR")
+
+
+def check_ray_job_storage(cfg: RunConfig, environ: Mapping[str, str] = os.environ, cwd: Path | None = None) -> None:
+    """Inside a Ray job, refuse a SQLite study that would land in the job's temporary working directory.
+
+    ``ray job submit --working-dir .`` runs the command in a copy of that directory unpacked under Ray's session
+    dir (``.../runtime_resources/working_dir_files/_ray_pkg_<hash>``), deleted with the session and absent on
+    other nodes: a relative ``output_dir`` (the default ``runs/NAME``), run directory or SQLite path writes the
+    study there, silently and unresumably. A job is recognised by ``RAY_JOB_CONFIG_JSON_ENV_VAR`` (Ray 2.60 sets
+    it for a submitted entrypoint and strips ``RAY_JOB_ID`` from it) or ``RAY_JOB_ID`` (a Ray worker). SQLite is
+    accepted there only by an absolute path, as written in the config or on the command line, that is not inside
+    Ray's own directories; PostgreSQL is the storage for a cluster.
+    """
+    if not any(environ.get(k) for k in RAY_JOB_ENV):
+        return
+    url = cfg.storage_url
+    if not url.startswith("sqlite"):
+        return
+    from sqlalchemy.engine import make_url
+
+    if cfg.storage is not None:
+        field, given = "storage", make_url(url).database or ":memory:"
+    else:  # the default study.db in the run directory, as given (output_dir, runs/NAME, or a RUN_DIR argument)
+        field, given = "output_dir", str(cfg.run_dir / "study.db")
+    path = Path(given)
+    cwd = Path.cwd() if cwd is None else cwd
+    problem = None
+    if given == ":memory:":
+        problem = "is in memory and is lost when the job ends"
+    elif not path.is_absolute():
+        problem = f"is relative to the job's working directory {cwd}"
+    elif "runtime_resources" in path.parts or any(p.startswith("_ray_pkg_") for p in path.parts):
+        problem = "is inside Ray's session directory"
+    elif _job_has_working_dir(environ) and path.resolve().is_relative_to(cwd.resolve()):
+        problem = f"is inside the job's working directory {cwd}"
+    if problem is not None:
+        raise EvomergeError(
+            f"{field}: inside a Ray job the SQLite study '{given}' {problem}, a temporary copy Ray deletes and other "
+            "nodes cannot see; set storage: to a postgresql:// URL, or give output_dir (or storage: sqlite:////...) "
+            "as an absolute path on a disk the cluster shares")
+
+
+def _job_has_working_dir(environ: Mapping[str, str]) -> bool:
+    try:
+        job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return False
+    return isinstance(job, dict) and bool((job.get("runtime_env") or {}).get("working_dir"))
 
 
 def make_executor(cfg: RunConfig, template: MergeRecipe) -> Executor:

@@ -16,7 +16,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from evolve.config import RunConfig, dump_config, redact_url
-from evolve.executors import Executor, make_executor
+from evolve.executors import Executor, check_ray_job_storage, make_executor
 from evolve.samplers import make_sampler
 from evolve.worker import Outcome
 from merge_core.checkpoint import Checkpoint
@@ -191,6 +191,7 @@ class Progress:
 
 def run_search(cfg: RunConfig, *, progress: bool = True, executor_factory: Callable[..., Executor] = make_executor) -> SearchResult:
     """Run (or continue) every stage of the search until its budget is spent; the studies hold the record."""
+    check_ray_job_storage(cfg)  # inside `ray job submit`: no SQLite study in Ray's temporary working directory
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
     lock = None if cfg.execution.shared_study else RunLock(cfg.run_dir)
