@@ -14,7 +14,8 @@ in-memory re-merge (`Materializer.apply`) against a memory-bandwidth bound.
 4. Prints the tables and writes them into the "## Merge speed" and "## In-memory re-merge" sections of
    bench/RESULTS.md.
 
-mergekit lives in its own venv, bench/_work/mk-venv (created on first use with constraints-cpu.txt; checked CPU-only).
+mergekit lives in its own venv, bench/_work/mk-venv (created on first use with torch pinned to 2.13.0, the local
+CPU wheel; checked CPU-only).
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ from results import RESULTS, write_section  # noqa: E402  (bench/ is on sys.path
 SECTION = "Merge speed"
 INMEM_SECTION = "In-memory re-merge (Materializer.apply)"
 MERGEKIT = "mergekit==0.1.5"
-CONSTRAINTS = REPO / "constraints-cpu.txt"
+# Installed with mergekit so a CPU machine takes the local CPU wheel, not a CUDA build (requirements.lock: 2.13.0).
+TORCH_PIN = "torch==2.13.0"
 MK_VENV = REPO / "bench" / "_work" / "mk-venv"
 # Llama-like proportions: GQA (16 heads, 4 KV heads), a 32000-token vocabulary (Llama-2's), untied head.
 SIZES: dict[str, Any] = dict(
@@ -149,7 +151,7 @@ def ensure_mergekit(python: str | None) -> Path:
     if not py.is_file():
         print(f"creating {venv} with {MERGEKIT} (about a minute)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(CONSTRAINTS), MERGEKIT], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", TORCH_PIN, MERGEKIT], check=True)
     listing = subprocess.run([str(py), "-m", "pip", "list"], capture_output=True, text=True, check=True).stdout
     cuda = [line.split()[0] for line in listing.splitlines() if re.match(r"(nvidia-|triton|cuda)", line, re.I)]
     torch_line = next((line for line in listing.splitlines() if line.split()[:1] == ["torch"]), "torch ?")
