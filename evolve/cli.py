@@ -32,7 +32,8 @@ def command(name: str, help: str):
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (evomerge's or a mergekit config)")
-    p.add_argument("--out", required=True, help="output directory for the HF checkpoint")
+    p.add_argument("--out", required=True, help="output directory for the HF checkpoint (new or empty; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (only once the new checkpoint is complete)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when present)")
     p.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 2GB or 500MB")
     p.add_argument("--allow-pickle", action="store_true", help="allow reading pickled .bin checkpoints (runs code from the file)")
@@ -55,6 +56,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         max_shard_bytes=parse_size(args.shard_size, "--shard-size"),
         progress=lambda names: tqdm(list(names), desc=f"merging ({recipe.merge_method})", unit="tensor"),
+        overwrite=args.overwrite,
     )
     print(f"wrote {out}")
     return 0

@@ -20,7 +20,7 @@ def resolve_run(target: str) -> RunConfig:
     if p.is_dir():
         if not (p / "config.yaml").is_file():
             raise EvomergeError(f"{p}: not a run directory (no config.yaml); pass the run's config file")
-        return load_config(p / "config.yaml")
+        return load_config(p / "config.yaml").in_run_dir(p)  # its study.db is the one next to it
     return load_config(p)
 
 
@@ -60,7 +60,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def with_overrides(cfg: RunConfig, *, seed: int | None = None, name: str | None = None) -> RunConfig:
-    """`evolve run --seed/--name`: a changed seed gets its own run directory, so it never continues another seed's study."""
+    """`evolve run --seed/--name`: a changed seed gets its own run directory, so it never continues another seed's study.
+
+    A renamed run's directory is named after it, next to the original one (runs/NEW, or beside output_dir or the
+    run directory the config was read from)."""
     from evolve.config import parse_config
 
     if seed is None and name is None:
@@ -71,15 +74,53 @@ def with_overrides(cfg: RunConfig, *, seed: int | None = None, name: str | None 
         data["name"] = f"{cfg.name}-seed{seed}"
     if name is not None:
         data["name"] = name
+    if data["name"] == cfg.name:  # the same run: the same run directory
+        return parse_config(data, where="--seed/--name", base_dir=None).in_run_dir(cfg.run_dir)
+    if cfg.output_dir is not None or cfg.run_dir != Path(f"runs/{cfg.name}"):
+        data["output_dir"] = str(cfg.run_dir.parent / data["name"])
     return parse_config(data, where="--seed/--name", base_dir=None)
 
 
-@command("resume", "continue a killed or finished search (RUN_DIR or config)")(_run_args)
+def _resume_args(p: argparse.ArgumentParser) -> None:
+    _run_args(p)
+    p.add_argument("--restart", action="store_true",
+                   help="start the search over when its study is gone (default: refuse)")
+
+
+@command("resume", "continue a killed or finished search (RUN_DIR or config)")(_resume_args)
 def cmd_resume(args: argparse.Namespace) -> int:
     cfg = resolve_run(args.config)
     if not (cfg.run_dir / "config.yaml").is_file() and cfg.storage is None:
         raise EvomergeError(f"{cfg.run_dir}: no search to resume there yet; use `evolve run`")
+    if not args.restart:
+        _require_study(cfg)
     return _search(cfg, args)
+
+
+def _require_study(cfg: RunConfig) -> None:
+    """Resume continues a study: refuse, in one line, when it is gone (a new one would start silently)."""
+    from evolve.loop import study_name
+
+    name = study_name(cfg, cfg.search.stages[0])
+    gone = f"study '{name}' is gone from {redact_url(cfg.storage_url)}"
+    hint = "pass --restart to start the search over (or restore the study)"
+    if cfg.storage_url.startswith("sqlite:///"):
+        from sqlalchemy.engine import make_url
+
+        db = make_url(cfg.storage_url).database
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise EvomergeError(f"{cfg.run_dir}: the search's database {db} does not exist; {hint}")
+    import optuna
+
+    try:
+        names = optuna.study.get_all_study_names(storage=cfg.storage_url)
+    except Exception as e:  # noqa: BLE001 - any storage failure: one line, no password
+        from evolve.urls import redact_text
+
+        raise EvomergeError(f"storage {redact_url(cfg.storage_url)}: cannot open ({type(e).__name__}: "
+                            f"{redact_text(str(e), cfg.storage_url).splitlines()[0][:200]})") from None
+    if name not in names:
+        raise EvomergeError(f"{gone}; {hint}")
 
 
 def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
@@ -166,7 +207,8 @@ def _load_study(cfg: RunConfig, stage: str | None = None):
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory or config file")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new or empty; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (only once the new export is complete)")
     p.add_argument("--trial", type=int, default=None, help="trial number (default: the best)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-heldout", action="store_true", help="skip scoring the export on the held-out split")
@@ -179,7 +221,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     cfg = resolve_run(args.run)
     out = export_trial(cfg, _load_study(cfg, args.stage), Path(args.out), trial_number=args.trial, device=args.device,
-                       heldout=not args.no_heldout)
+                       heldout=not args.no_heldout, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from evolve.urls import expand_env, persisted_url, redact_url
 from merge_core.errors import EvomergeError
 
 
@@ -206,7 +207,8 @@ class RunConfig(_Strict):
     search: Search = Field(default_factory=Search)
     evaluation: Evaluation
     execution: Execution = Field(default_factory=Execution)
-    storage: Optional[str] = Field(default=None, description="Optuna storage URL; default sqlite:///<output_dir>/study.db")
+    storage: Optional[str] = Field(default=None, description="Optuna storage URL; default sqlite:///<run dir, absolute>/study.db; "
+                                   "${ENV_VAR} is expanded when used, a literal password is never written")
     output_dir: Optional[str] = None
 
     @field_validator("name")
@@ -214,6 +216,8 @@ class RunConfig(_Strict):
     def _name_ok(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_\-\.]+", v):
             raise ValueError(f"'{v}' must be letters, digits, '_', '-' or '.' (it names the run directory and study)")
+        if v in (".", ".."):
+            raise ValueError(f"'{v}' is not a name: it names the run directory, one path component (e.g. my-run)")
         return v
 
     @field_validator("storage")
@@ -231,18 +235,29 @@ class RunConfig(_Strict):
         return self
 
     # ---- derived -------------------------------------------------------------------------------
+    # The run directory this config was read from (`evolve status|resume|export|report RUN_DIR`), wherever it
+    # was moved or copied; None for a config file, whose run directory is output_dir or runs/NAME (from the CWD).
+    _loaded_from: Optional[Path] = PrivateAttr(default=None)
+
     @property
     def run_dir(self) -> Path:
+        if self._loaded_from is not None:
+            return self._loaded_from
         return Path(self.output_dir or f"runs/{self.name}")
 
     @property
     def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{self.run_dir / 'study.db'}"
+        """The URL to connect with: the configured one (``${VAR}`` expanded), else the run directory's study.db
+        by absolute path (so neither the working directory nor a moved run directory changes which study it is)."""
+        if self.storage:
+            return expand_env(self.storage)
+        return f"sqlite:///{self.run_dir.resolve() / 'study.db'}"
 
-
-def redact_url(url: str) -> str:
-    """A storage URL safe to print: the password replaced by ***."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    def in_run_dir(self, run_dir: Path) -> "RunConfig":
+        """This config as read from its run directory: that directory is the run's, whatever output_dir says."""
+        cfg = self.model_copy()
+        cfg._loaded_from = Path(run_dir)
+        return cfg
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -283,4 +298,7 @@ def format_validation_error(e: ValidationError) -> str:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The config as written to the run directory and the study: without a literal storage password."""
+    data = cfg.model_dump(mode="json")
+    data["storage"] = persisted_url(data.get("storage"))
+    return yaml.safe_dump(data, sort_keys=False)

@@ -8,32 +8,69 @@ from typing import Optional
 import optuna
 
 from evolve.config import RunConfig
-from merge_core.merge import run_merge
+from merge_core.checkpoint import staged_output
+from merge_core.errors import EvomergeError
+from merge_core.merge import RECIPE_FILE, run_merge
+from merge_core.recipe import MergeRecipe, OutputSlice, SliceSource
 from search_spaces.dfs import DataFlowRecipe
 
 
 def export_trial(cfg: RunConfig, study: optuna.Study, out: Path, *, trial_number: Optional[int] = None,
-                 device: str = "auto", heldout: bool = True) -> Path:
+                 device: str = "auto", heldout: bool = True, overwrite: bool = False) -> Path:
+    """All or nothing: everything (weights, config, tokenizer, recipes, scores, model card) is written to a temporary
+    sibling of `out` that takes its place once complete; `out` must be new or empty (or `overwrite`), and neither an
+    input model (nor inside one) nor the run directory (nor holding it)."""
     from evolve.baselines import score_checkpoint
     from evolve.loop import best_trial, trial_recipe
 
     trial = best_trial(study, trial_number)
     recipe = trial_recipe(trial)
-    if isinstance(recipe, DataFlowRecipe):  # a plain checkpoint with len(path) layers; scales folded into weights
-        from merge_core.dataflow import LayerPath, export_dataflow
+    run_dir, target = cfg.run_dir.resolve(), Path(out).expanduser().resolve()
+    if target == run_dir or target in run_dir.parents:
+        raise EvomergeError(f"--out {out}: {'is' if target == run_dir else 'holds'} the run directory {cfg.run_dir}; "
+                            "export to another directory")
+    with staged_output(out, overwrite=overwrite, inputs=models_read(cfg, recipe)) as tmp:
+        if isinstance(recipe, DataFlowRecipe):  # a plain checkpoint with len(path) layers; scales folded into weights
+            from merge_core.dataflow import LayerPath, export_dataflow
 
-        export_dataflow(LayerPath(hops=recipe.hops, scales=recipe.scales), recipe.model_a, recipe.model_b, out)
-        (out / "recipe.evomerge.yaml").write_text(recipe.to_yaml())
-    else:
-        run_merge(recipe, out, device=device, allow_pickle=cfg.models.allow_pickle, trust_remote_code=cfg.models.trust_remote_code)
-        recipe.save(out / "recipe.evomerge.yaml")
-        recipe.save(out / "mergekit.yaml", mergekit=True)
-    scores = score_checkpoint(cfg, str(out), device=device) if heldout and cfg.evaluation.heldout_split else {}
-    (out / "evomerge_scores.json").write_text(json.dumps({
-        "trial": trial.number, "fitness": trial.value, "search_metrics": trial.user_attrs.get("metrics", {}),
-        "heldout_split": cfg.evaluation.heldout_split if scores else None, "heldout_metrics": scores}, indent=2))
-    (out / "README.md").write_text(model_card(cfg, trial, recipe, scores))
+            export_dataflow(LayerPath(hops=recipe.hops, scales=recipe.scales), recipe.model_a, recipe.model_b, tmp)
+            (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+        else:  # run_merge writes RECIPE_FILE: the recipe as searched (its model strings key the DARE/DELLA masks)
+            run_merge(recipe, tmp, device=device, allow_pickle=cfg.models.allow_pickle,
+                      trust_remote_code=cfg.models.trust_remote_code)
+            absolute_paths(recipe).save(tmp / "mergekit.yaml", mergekit=True)
+        scores = score_checkpoint(cfg, str(tmp), device=device) if heldout and cfg.evaluation.heldout_split else {}
+        (tmp / "evomerge_scores.json").write_text(json.dumps({
+            "trial": trial.number, "fitness": trial.value, "search_metrics": trial.user_attrs.get("metrics", {}),
+            "heldout_split": cfg.evaluation.heldout_split if scores else None, "heldout_metrics": scores}, indent=2))
+        (tmp / "README.md").write_text(model_card(cfg, trial, recipe, scores))
     return out
+
+
+def models_read(cfg: RunConfig, recipe) -> list[str]:
+    """Every model the export reads: the config's base and sources, the recipe's models and tokenizer source."""
+    models = [cfg.models.base, *(s.path for s in cfg.models.sources)]
+    if isinstance(recipe, DataFlowRecipe):
+        models += [recipe.model_a, recipe.model_b]
+    else:
+        models += [*recipe.models, recipe.tokenizer_source]
+    return [m for m in models if m not in (None, "base")]
+
+
+def _absolute(model: str) -> str:
+    """A local model directory as an absolute path; a hub id as it is."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def absolute_paths(recipe: MergeRecipe) -> MergeRecipe:
+    """The recipe with local model paths made absolute, so `mergekit-yaml` finds them from any directory."""
+    slices = tuple(OutputSlice(sources=tuple(SliceSource(model=_absolute(s.model), layer_range=s.layer_range,
+                                                         parameters=s.parameters) for s in sl.sources),
+                               parameters=sl.parameters) for sl in recipe.slices)
+    tokenizer = recipe.tokenizer_source
+    return recipe.replace(slices=slices, base_model=None if recipe.base_model is None else _absolute(recipe.base_model),
+                          tokenizer_source=tokenizer if tokenizer in (None, "base") else _absolute(tokenizer))
 
 
 def model_card(cfg: RunConfig, trial, recipe, scores: dict[str, float]) -> str:
@@ -65,5 +102,5 @@ An evolved merge found by evomerge with `{cfg.search.optimizer.sampler}` over a
 |---|---|
 {held}
 
-{"Layer path: " + recipe.describe() if isinstance(recipe, DataFlowRecipe) else "Reproduce with mergekit: `mergekit-yaml mergekit.yaml OUT`; with evomerge: `evolve merge recipe.evomerge.yaml --out OUT`."}
+{"Layer path: " + recipe.describe() if isinstance(recipe, DataFlowRecipe) else "Reproduce with mergekit: `mergekit-yaml mergekit.yaml OUT` (model paths absolute); with evomerge: `evolve merge recipe.evomerge.yaml --out OUT` from the directory the search ran in (its model paths are the search's; DARE/DELLA masks depend on them)."}
 """

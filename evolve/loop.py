@@ -16,6 +16,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from evolve.config import RunConfig, dump_config, redact_url
+from evolve.urls import has_secret
 from evolve.executors import Executor, check_ray_job_storage, make_executor
 from evolve.samplers import make_sampler
 from evolve.worker import Outcome
@@ -193,9 +194,13 @@ def run_search(cfg: RunConfig, *, progress: bool = True, executor_factory: Calla
     """Run (or continue) every stage of the search until its budget is spent; the studies hold the record."""
     check_ray_job_storage(cfg)  # inside `ray job submit`: no SQLite study in Ray's temporary working directory
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
-    lock = None if cfg.execution.shared_study else RunLock(cfg.run_dir)
+    lock = None if cfg.execution.shared_study else RunLock(cfg.run_dir)  # before writing anything
     try:
+        if has_secret(cfg.storage):
+            log.warning("storage: the password in the storage URL is not written to %s nor to the study; to resume "
+                        "from the run directory give it as PGPASSWORD or in ~/.pgpass, or write the URL with "
+                        "${ENV_VAR} in its place", cfg.run_dir / "config.yaml")
+        (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
         result = None
         for stage in cfg.search.stages:
             if stage == "dfs" and "ps" in cfg.search.stages and cfg.search.dfs.space.model_a is None:
@@ -230,15 +235,15 @@ def run_stage(cfg: RunConfig, stage: str, *, progress: bool, executor_factory: C
 
 def export_ps_best(cfg: RunConfig) -> Path:
     """Write the PS stage's best merge to RUN_DIR/ps_best (model A of a hybrid's DFS stage), once per best trial."""
-    from merge_core.merge import run_merge
+    from merge_core.merge import RECIPE_FILE, run_merge
 
     study = optuna.load_study(study_name=study_name(cfg, "ps"), storage=cfg.storage_url)
     recipe = trial_recipe(best_trial(study))
     out = cfg.run_dir / "ps_best"
-    marker = out / "evomerge_recipe.yaml"
-    if not (marker.is_file() and load_recipe(marker.read_text()) == recipe):
+    marker = out / RECIPE_FILE
+    if not (marker.is_file() and load_recipe(marker.read_text()) == recipe):  # replaced only once the new one is complete
         run_merge(recipe, out, device=cfg.execution.device, allow_pickle=cfg.models.allow_pickle,
-                  trust_remote_code=cfg.models.trust_remote_code)
+                  trust_remote_code=cfg.models.trust_remote_code, overwrite=True)
     return out
 
 

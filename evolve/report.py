@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
+from evolve.urls import redact_url  # noqa: E402
 from merge_core.errors import EvomergeError  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,8 @@ def render_html(study: optuna.Study, trials: list[FrozenTrial], best: FrozenTria
     body.append(_img(images["importances.png"], "parameter importances") if "importances.png" in images
                 else f"<p>Skipped: {esc(importance_note or 'not computed')}.</p>")
     if "config" in study.user_attrs:
-        body.append(f"<details><summary>Run config</summary><pre>{esc(str(study.user_attrs['config']))}</pre></details>")
+        config = redact_url(str(study.user_attrs["config"]))  # a study written before passwords were dropped
+        body.append(f"<details><summary>Run config</summary><pre>{esc(config)}</pre></details>")
     return _PAGE.format(title=esc(title), body="\n".join(body))
 
 

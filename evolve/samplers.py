@@ -1,14 +1,25 @@
 """Optuna samplers for the search loop: pycma's CMA-ES behind Optuna's ask/tell, and the factory the config names.
 
-`PycmaSampler` keeps all of its state in the study, so a sampler built in a new process on the same storage
-continues exactly where the last one stopped:
+``sigma0`` means one thing for every CMA-ES sampler: the initial standard deviation of each parameter as a fraction
+of its bounds' width (Optuna's ``CmaEsSampler`` searches the box normalized to [0, 1]; pycma gets ``sigma0`` with
+``CMA_stds`` = the widths), so ``sigma0: 1/6`` puts the initial spread at a sixth of every parameter's range.
 
-- Generations. `es.ask()` produces a whole generation once; its candidates and the pickled ES are stored in the
-  study system attr ``pycma:state``. Each new trial takes the next unused candidate and records it in its own
-  system attrs ``pycma:generation`` and ``pycma:index`` (a candidate "slot").
+`PycmaSampler` keeps all of its state in the study, as plain JSON (never a pickle: a study database can come from
+someone else, and unpickling runs code), so a sampler built in a new process on the same storage continues exactly
+where the last one stopped:
+
+- Generations. `es.ask()` produces a whole generation once; its candidates are stored in the study system attr
+  ``pycma:state`` (``{generation, candidates}``). Each new trial takes the next unused candidate and records it in
+  its own system attrs ``pycma:generation`` and ``pycma:index`` (a candidate "slot").
 - Tell. The generation is told lazily: when a trial needs a candidate and every slot is handed out and finished,
-  the sampler calls ``es.tell(candidates, losses)`` and ``es.ask()`` for the next generation, then stores the new
-  state. Loss is ``value`` when minimizing and ``-value`` when maximizing.
+  the sampler calls ``es.tell(candidates, losses)`` and ``es.ask()`` for the next generation, stores what it told
+  in ``pycma:history:<generation>`` (``{candidates, losses}``) and then the new state. Loss is ``value`` when
+  minimizing and ``-value`` when maximizing.
+- Replay. The ES lives in memory. A sampler in a new process rebuilds it from the study: a new ES from (x0,
+  sigma0, seed, popsize, bounds), then ``ask`` + ``tell(stored candidates, stored losses)`` per stored generation,
+  once per process. pycma is deterministic given its ``randn``, so every replayed ``ask`` equals the stored
+  candidates; if one differs (by more than 1e-12) the study was made with another pycma or numpy, and the sampler
+  refuses it (EvomergeError) rather than continue another search.
 - Failures. A slot whose trials all FAILed or were PRUNED (or whose value is not finite) is told the worst finite
   loss of its generation (the worst of the whole study if the generation has none), so CMA ranks it last.
 - Re-runs. A trial enqueued with exactly the params of a failed slot of the current generation (what the loop does
@@ -16,7 +27,7 @@ continues exactly where the last one stopped:
   waits until a candidate is needed, the re-run's value reaches CMA even when the failure closed the generation
   (as long as it is enqueued before the next ask; later, it is only an extra evaluation).
 - Other enqueued trials (the evaluated ``x0``) keep their fixed params and take no candidate.
-- Randomness. pycma's ``randn`` option gets a private generator seeded with ``seed`` and pickled with the ES
+- Randomness. pycma's ``randn`` option gets a private generator seeded with ``seed``, replayed with the ES
   (pycma's own ``seed`` option would seed numpy's global RNG).
 - Concurrency. pycma cannot take a tell for a partial generation, so once every candidate of a generation is
   handed out, the next ask must wait until all of them are finished; asking anyway raises ``RuntimeError`` (and
@@ -26,9 +37,7 @@ continues exactly where the last one stopped:
 """
 from __future__ import annotations
 
-import base64
 import math
-import pickle
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -43,6 +52,8 @@ from optuna.trial import FrozenTrial, TrialState
 from merge_core.errors import EvomergeError
 
 STATE_KEY = "pycma:state"
+HISTORY_KEY = "pycma:history"  # + ":<generation>": {candidates, losses} told to that generation
+REPLAY_TOLERANCE = 1e-12
 GENERATION_KEY = "pycma:generation"
 INDEX_KEY = "pycma:index"
 
@@ -50,7 +61,7 @@ SAMPLERS = ("cmaes", "pycma", "tpe", "random", "nsga2")
 
 
 class _SeededRandn:
-    """pycma's ``randn`` option from a private seeded generator; pickled with the ES, so the stream resumes.
+    """pycma's ``randn`` option from a private seeded generator; a replayed ES draws the same stream.
 
     pycma's own ``seed`` option seeds numpy's global RNG, which we never touch.
     """
@@ -85,10 +96,13 @@ class PycmaSampler(optuna.samplers.BaseSampler):
         self._popsize = popsize
         self._space = {n: FloatDistribution(low, high) for n, (low, high) in zip(self._names, self._bounds)}
         self.max_parallel: int = self._new_es().popsize  # pycma's default popsize when None: 4 + floor(3 ln d)
+        self._es: cma.CMAEvolutionStrategy | None = None  # asked the generation `_es_at`, not yet told
+        self._es_at: tuple[int, int, list[list[float]]] | None = None  # (study id, generation, its candidates)
 
     def _new_es(self) -> cma.CMAEvolutionStrategy:
         lows, highs = zip(*self._bounds)
         options = {"bounds": [list(lows), list(highs)], "randn": _SeededRandn(self._seed), "seed": math.nan,
+                   "CMA_stds": [high - low for low, high in self._bounds],  # sigma0 in units of each range's width
                    "verbose": -9, "verb_disp": 0, "verb_log": 0}
         if self._popsize is not None:
             options["popsize"] = self._popsize
@@ -157,7 +171,9 @@ class PycmaSampler(optuna.samplers.BaseSampler):
         state = _stored_state(study)
         if state is None:
             es = self._new_es()
-            state = _save_state(study, 0, es, es.ask())
+            state = _save_state(study, 0, es.ask())
+            self._es, self._es_at = es, (study._study_id, 0, state["candidates"])
+        _check_generation(state, STATE_KEY)
         started = (len(state["candidates"][0]), len(state["candidates"]))
         if started != (len(self._names), self.max_parallel):
             raise EvomergeError(f"pycma: the study was started with {started[0]} parameters and popsize "
@@ -180,9 +196,34 @@ class PycmaSampler(optuna.samplers.BaseSampler):
             raise EvomergeError(f"pycma: every trial so far failed (generation {generation}); "
                                 f"check the evaluation before searching")
         losses = [loss if math.isfinite(loss) else max(finite) for loss in losses]
-        es = pickle.loads(base64.b64decode(state["es"]))
+        es = self._es_asked(study, state)
+        study._storage.set_study_system_attr(study._study_id, f"{HISTORY_KEY}:{generation}",
+                                             {"candidates": candidates, "losses": losses})
         es.tell([np.asarray(c, dtype=float) for c in candidates], losses)
-        return _save_state(study, generation + 1, es, es.ask())
+        state = _save_state(study, generation + 1, es.ask())
+        self._es_at = (study._study_id, generation + 1, state["candidates"])
+        return state
+
+    def _es_asked(self, study: Study, state: dict[str, Any]) -> cma.CMAEvolutionStrategy:
+        """The ES that asked ``state``'s generation: the one in memory, else rebuilt by replaying the study's history
+        (a new ES, then ask + tell(stored candidates, stored losses) per generation), once per process."""
+        generation = state["generation"]
+        if self._es is not None and self._es_at == (study._study_id, generation, state["candidates"]):
+            return self._es
+        attrs = study._storage.get_study_system_attrs(study._study_id)
+        es = self._new_es()
+        for g in range(generation):
+            key = f"{HISTORY_KEY}:{g}"
+            if key not in attrs:
+                raise EvomergeError(f"pycma: study '{study.study_name}' has no {key} to rebuild its CMA-ES from (made "
+                                    f"by an older evomerge, whose pickled state is never loaded); use a new study name")
+            told = attrs[key]
+            _check_generation(told, key, with_losses=True)
+            _check_replay(es.ask(), told["candidates"], key)
+            es.tell([np.asarray(c, dtype=float) for c in told["candidates"]], [float(v) for v in told["losses"]])
+        _check_replay(es.ask(), state["candidates"], f"{STATE_KEY} (generation {generation})")
+        self._es, self._es_at = es, (study._study_id, generation, state["candidates"])
+        return es
 
     def _params(self, candidate: Sequence[float]) -> dict[str, float]:
         return {n: min(max(float(x), low), high) for n, x, (low, high) in zip(self._names, candidate, self._bounds)}
@@ -192,12 +233,37 @@ def _stored_state(study: Study) -> dict[str, Any] | None:
     return study._storage.get_study_system_attrs(study._study_id).get(STATE_KEY)
 
 
-def _save_state(study: Study, generation: int, es: cma.CMAEvolutionStrategy,
-                candidates: list[np.ndarray]) -> dict[str, Any]:
-    state = {"generation": generation, "candidates": [[float(x) for x in c] for c in candidates],
-             "es": base64.b64encode(pickle.dumps(es)).decode("ascii")}
+def _save_state(study: Study, generation: int, candidates: list[np.ndarray]) -> dict[str, Any]:
+    state = {"generation": generation, "candidates": [[float(x) for x in c] for c in candidates]}
     study._storage.set_study_system_attr(study._study_id, STATE_KEY, state)
     return state
+
+
+def _check_generation(stored: Any, key: str, with_losses: bool = False) -> None:
+    """A stored generation is plain JSON of the right shape, or a one-line error (the database is not trusted)."""
+    ok = isinstance(stored, dict) and isinstance(stored.get("candidates"), list) and stored["candidates"]
+    ok = ok and all(isinstance(c, list) and c and all(isinstance(x, (int, float)) for x in c) for c in stored["candidates"])
+    ok = ok and len({len(c) for c in stored["candidates"]}) == 1
+    if not with_losses:
+        ok = ok and isinstance(stored.get("generation"), int) and stored["generation"] >= 0
+    else:
+        losses = stored.get("losses") if ok else None
+        ok = (isinstance(losses, list) and len(losses) == len(stored["candidates"])
+              and all(isinstance(v, (int, float)) and math.isfinite(v) for v in losses))
+    if not ok:
+        raise EvomergeError(f"pycma: the study's {key} is not the sampler's state (generation, candidates"
+                            f"{', losses' if with_losses else ''}); use a new study name")
+
+
+def _check_replay(asked: list[np.ndarray], stored: list[list[float]], key: str) -> None:
+    """Replaying must ask exactly what was stored: otherwise this is not the search the study recorded."""
+    if len(asked) != len(stored) or np.asarray(asked).shape != np.asarray(stored).shape:
+        raise EvomergeError(f"pycma: replaying {key} asked {len(asked)} candidates, the study stored {len(stored)}; "
+                            f"use a new study name")
+    diff = float(np.max(np.abs(np.asarray(asked, dtype=float) - np.asarray(stored, dtype=float))))
+    if not diff <= REPLAY_TOLERANCE:
+        raise EvomergeError(f"pycma: replaying the study's CMA-ES differs from its {key} by {diff:.3g}: the study was "
+                            f"made with another pycma/numpy version (or CPU); resume it there, or use a new study name")
 
 
 def _slots(study: Study, generation: int) -> dict[int, list[FrozenTrial]]:

@@ -1,13 +1,15 @@
 """Checkpoint IO: lazy memory-mapped reading, sharded safetensors writing, and merge-compatibility checks."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol
+from typing import Iterable, Iterator, Mapping, Protocol
 
 import torch
 from safetensors import safe_open
@@ -301,6 +303,59 @@ def _index_weight_map(index_file: Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def check_output_dir(out_dir: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+    """Refuse, in one line, an output directory that is, is inside, or holds an input model (always), or that is not
+    empty (unless `overwrite`). Returns it resolved (a symlink's target: the link stays)."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise EvomergeError(f"--out {out_dir}: exists and is not a directory")
+    for model in inputs:
+        path = Path(model).expanduser()
+        if not path.exists():
+            continue  # a hub id: not a directory here
+        path = path.resolve()
+        if out == path or path in out.parents:
+            raise EvomergeError(f"--out {out_dir}: is {'' if out == path else 'inside '}the input model {model}; "
+                                "write the merge to another directory")
+        if out in path.parents:
+            raise EvomergeError(f"--out {out_dir}: holds the input model {model}; write the merge to another directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise EvomergeError(f"--out {out_dir}: is not empty; pass --overwrite to replace it, or choose a new directory")
+    return out
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Write a directory all or nothing: yields a new temporary sibling (`.NAME.tmp-PID`) to write into; when the
+    block ends it takes `out_dir`'s place (an old `out_dir` is removed only then); if the block fails it is
+    removed and `out_dir` is untouched. `check_output_dir` first."""
+    out = check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise EvomergeError(f"--out {out_dir}: cannot write in {out.parent} ({e.strerror or e})") from None
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class ShardedWriter:

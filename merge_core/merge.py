@@ -9,13 +9,14 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 import torch
 
 from merge_core import methods
-from merge_core.checkpoint import Checkpoint, ShardedWriter, copy_model_files, validate_compatible
+from merge_core.checkpoint import Checkpoint, ShardedWriter, copy_model_files, staged_output, validate_compatible
 from merge_core.errors import EvomergeError
 from merge_core.recipe import MergeRecipe, locate, resolve_parameter, validate_layout
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RECIPE_FILE = "recipe.evomerge.yaml"  # the recipe a merged checkpoint was made with, written next to its weights
 
 
 @dataclass(frozen=True)
@@ -178,30 +179,36 @@ def run_merge(
     trust_remote_code: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     progress: Callable[[Iterable[str]], Iterable[str]] = lambda it: it,
+    overwrite: bool = False,
 ) -> Path:
-    """Merge on disk: stream every tensor through compute_tensor into a sharded safetensors HF checkpoint."""
+    """Merge on disk: stream every tensor through compute_tensor into a sharded safetensors HF checkpoint.
+
+    All or nothing: `out_dir` must be new or empty (or `overwrite`), and never an input model or inside one; the
+    checkpoint is written to a temporary sibling that takes `out_dir`'s place once complete (see staged_output)."""
     ckpts = open_models(recipe, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     reference = ckpts[recipe.base_model or recipe.models[0]]
     check_recipe(recipe, reference.num_layers)
     dev = resolve_device(device)
-    out = Path(out_dir)
     out_dtype = output_dtype(recipe, reference)
     inputs = CheckpointInputs(ckpts, recipe.base_model, DTYPES.get(recipe.dtype or ""), dev)
     plans = {name: plan_tensor(recipe, name, reference.num_layers) for name in reference.names}  # fail before writing
-    out.mkdir(parents=True, exist_ok=True)
-    writer = ShardedWriter(out, max_shard_bytes=max_shard_bytes)
-    for name in progress(reference.names):
-        plan = plans[name]
-        merged = compute_tensor(recipe, plan, inputs, dev)
-        writer.add(name, merged.to(out_dtype).cpu())
-        inputs.clear()
-    writer.finalize()
-    tokenizer_src = ckpts.get(recipe.tokenizer_source) if recipe.tokenizer_source not in (None, "base") else None
-    if recipe.tokenizer_source not in (None, "base") and tokenizer_src is None:
-        tokenizer_src = Checkpoint.open(recipe.tokenizer_source, trust_remote_code=trust_remote_code)
-    copy_model_files(reference, out, out_dtype, tokenizer_src=tokenizer_src)
-    (out / "evomerge_recipe.yaml").write_text(recipe.to_yaml())
-    return out
+    tokenizer_src = None
+    if recipe.tokenizer_source not in (None, "base"):
+        tokenizer_src = ckpts.get(recipe.tokenizer_source)
+        if tokenizer_src is None:
+            tokenizer_src = Checkpoint.open(recipe.tokenizer_source, trust_remote_code=trust_remote_code)
+    read = [c.path for c in ckpts.values()] + ([tokenizer_src.path] if tokenizer_src is not None else [])
+    with staged_output(out_dir, overwrite=overwrite, inputs=read) as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes)
+        for name in progress(reference.names):
+            plan = plans[name]
+            merged = compute_tensor(recipe, plan, inputs, dev)
+            writer.add(name, merged.to(out_dtype).cpu())
+            inputs.clear()
+        writer.finalize()
+        copy_model_files(reference, tmp, out_dtype, tokenizer_src=tokenizer_src)
+        (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+    return Path(out_dir)
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -1,5 +1,6 @@
 """Run config validation: each malformed config gives one line naming the YAML path of the field."""
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -63,7 +64,7 @@ CASES = [
 def test_the_good_config_parses():
     cfg = parse_config(GOOD)
     assert cfg.models.aliases() == ["ja", "expert_math"]
-    assert cfg.storage_url == "sqlite:///runs/demo/study.db"
+    assert cfg.storage_url == f"sqlite:///{Path('runs/demo').resolve()}/study.db"  # the run dir's, by absolute path
 
 
 def test_run_seed_override_gets_its_own_run_directory():
@@ -73,7 +74,7 @@ def test_run_seed_override_gets_its_own_run_directory():
     assert with_overrides(cfg) is cfg
     assert with_overrides(cfg, seed=cfg.seed).name == "demo"  # the config's own seed: the same study
     other = with_overrides(cfg, seed=3)
-    assert (other.seed, other.name, other.storage_url) == (3, "demo-seed3", "sqlite:///runs/demo-seed3/study.db")
+    assert (other.seed, other.name, other.storage_url) == (3, "demo-seed3", f"sqlite:///{Path('runs/demo-seed3').resolve()}/study.db")
     assert other.search == cfg.search and other.evaluation == cfg.evaluation
     named = with_overrides(cfg, seed=3, name="mine")
     assert (named.seed, named.name) == (3, "mine")
