@@ -272,6 +272,11 @@ class GenerationEvaluator:
         self.extract_gold = extract_gold
         self.delimiter = delimiter
 
+    @classmethod
+    def metric_names(cls, gold_prob: bool = True, **_: Any) -> tuple[str, ...]:
+        """The keys `evaluate` returns for these constructor fields (checked before a search starts)."""
+        return ("acc", "acc_value", "lang_ok") + (("gold_prob", "gold_logprob") if gold_prob else ())
+
     def prompts(self) -> list[str]:
         """The formatted prompts, in item order."""
         return [format_prompt(self.prompt_template, item.prompt) for item in self.items]
@@ -346,6 +351,11 @@ class ChoiceEvaluator:
         self.prompt_template = check_template(prompt_template)
         self.delimiter = delimiter
 
+    @classmethod
+    def metric_names(cls, **_: Any) -> tuple[str, ...]:
+        """The keys `evaluate` returns."""
+        return ("acc", "acc_norm")
+
     def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
         pairs = []
         for item in self.items:
@@ -385,6 +395,11 @@ class PerplexityEvaluator:
         self.name = name or path.stem
         self.batch_size = batch_size
         self.max_length = max_length
+
+    @classmethod
+    def metric_names(cls, **_: Any) -> tuple[str, ...]:
+        """The keys `evaluate` returns."""
+        return ("ppl", "nll")
 
     def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
         sequences = [(tokenizer(d)["input_ids"][: self.max_length], 1) for d in self.documents]

@@ -63,14 +63,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def parse_size(text: str, what: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    """'5GB', '500MB', '1.5GiB' -> bytes; a positive size of at least one byte, or a one-line error."""
+    import math
+
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "B": 1}
     t = text.strip().upper()
     for unit in sorted(units, key=len, reverse=True):
         if t.endswith(unit):
             try:
-                return int(float(t[: -len(unit)]) * units[unit])
+                number = float(t[: -len(unit)])
             except ValueError:
                 break
+            if not math.isfinite(number) or number * units[unit] < 1:
+                raise EvomergeError(f"{what}: '{text}' must be a positive size such as 5GB or 500MB")
+            return int(number * units[unit])
     raise EvomergeError(f"{what}: '{text}' is not a size such as 5GB or 500MB")
 
 

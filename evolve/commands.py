@@ -126,8 +126,11 @@ def _require_study(cfg: RunConfig) -> None:
 def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
     from evolve.loop import best_trial, run_search
 
-    print(f"search '{cfg.name}': storage {redact_url(cfg.storage_url)}, {cfg.search.budget.max_trials} trials, "
-          f"{cfg.search.optimizer.sampler}, backend {cfg.execution.backend}")
+    from evolve.config import validate_run
+
+    validate_run(cfg)  # every input checked before anything is written or a study opened
+    stages = "; ".join(f"{s} {b.max_trials} trials, {o.sampler}" for s in cfg.search.stages for _, o, b in [cfg.search.stage(s)])
+    print(f"search '{cfg.name}': storage {redact_url(cfg.storage_url)}, {stages}, backend {cfg.execution.backend}")
     result = run_search(cfg, progress=not args.no_progress)
     best = best_trial(result.study)
     print(f"stopped: {result.stopped_because}. best trial {best.number}: fitness {best.value:.4f} {_metrics_line(best.user_attrs.get('metrics'))}")
@@ -196,10 +199,39 @@ def _load_study(cfg: RunConfig, stage: str | None = None):
     from evolve.loop import study_name
 
     name = study_name(cfg, stage or cfg.search.stages[-1])
+    url = cfg.storage_url
+    if url.startswith("sqlite:///"):  # reading must not create an empty database (or its directory)
+        from sqlalchemy.engine import make_url
+
+        db = make_url(url).database
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise EvomergeError(f"no study '{name}': {db} does not exist; run `evolve run` first")
     try:
-        return optuna.load_study(study_name=name, storage=cfg.storage_url)
+        return optuna.load_study(study_name=name, storage=_read_storage(url))
     except KeyError:
-        raise EvomergeError(f"no study '{name}' in {redact_url(cfg.storage_url)}; run `evolve run` first") from None
+        raise EvomergeError(f"no study '{name}' in {redact_url(url)}; run `evolve run` first") from None
+    except Exception as e:  # noqa: BLE001 - unreachable server, missing driver, corrupt file: one line, no password
+        from evolve.urls import redact_text
+
+        cause = e
+        while cause.__cause__ is not None or getattr(cause, "orig", None) is not None:
+            cause = getattr(cause, "orig", None) or cause.__cause__
+        missing = getattr(cause, "name", None) if isinstance(cause, ModuleNotFoundError) else None
+        detail = (f"the database driver module '{missing}' is not installed" if missing else
+                  f"{type(cause).__name__}: {' '.join(redact_text(str(cause), url).split())[:200]}")
+        raise EvomergeError(f"storage {redact_url(url)}: cannot open ({detail})") from None
+
+
+CONNECT_TIMEOUT_S = 10
+
+
+def _read_storage(url: str):
+    """An RDB storage for reading a study; a server that does not answer fails within CONNECT_TIMEOUT_S."""
+    from optuna.storages import RDBStorage
+
+    network = url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql")
+    kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}} if network else {}
+    return RDBStorage(url, engine_kwargs=kwargs, skip_table_creation=True) if network else url
 
 
 # ---- export -----------------------------------------------------------------------------------
@@ -236,43 +268,12 @@ def _check_args(p: argparse.ArgumentParser) -> None:
 
 @command("check", "validate a config (and, unless --offline, the checkpoints' compatibility)")(_check_args)
 def cmd_check(args: argparse.Namespace) -> int:
+    from evolve.config import validate_run
+
     cfg = load_config(args.config)
-    from merge_core.methods import METHODS
-
-    if cfg.search.space.method not in METHODS:
-        raise EvomergeError(f"search.space.method: '{cfg.search.space.method}' is not supported (choose from {', '.join(sorted(METHODS))})")
-    for i, task in enumerate(cfg.evaluation.tasks):
-        _check_task(task, f"evaluation.tasks[{i}]", offline=args.offline)
-    for i, task in enumerate(cfg.evaluation.heldout_tasks):
-        _check_task(task, f"evaluation.heldout_tasks[{i}]", offline=args.offline)
-    if args.offline:
-        print(f"{args.config}: config OK (offline: checkpoints not opened)")
-        return 0
-    from evolve.loop import build_space
-    from merge_core.merge import check_recipe, open_models
-
-    space = build_space(cfg)
-    recipe = space.decode(space.x0)
-    ckpts = open_models(recipe, allow_pickle=cfg.models.allow_pickle, trust_remote_code=cfg.models.trust_remote_code)
-    check_recipe(recipe, next(iter(ckpts.values())).num_layers, where=args.config)
-    print(f"{args.config}: config OK; {len(ckpts)} checkpoints compatible; search space has {space.dim} parameters")
+    stages = validate_run(cfg, where=args.config, offline=args.offline)
+    print(f"{args.config}: config OK{' (offline: checkpoints not opened)' if args.offline else ''}; " + "; ".join(stages))
     return 0
-
-
-def _check_task(task, where: str, offline: bool) -> None:
-    """Field names against the evaluator's constructor (no data loaded); data paths when online."""
-    import inspect
-
-    from evals import EVALUATOR_TYPES
-
-    spec = task.evaluator_spec()
-    params = inspect.signature(EVALUATOR_TYPES[task.type]).parameters
-    unknown = sorted(set(spec) - set(params) - {"type"})
-    if unknown:
-        raise EvomergeError(f"{where}.{unknown[0]}: not a field of {task.type} tasks (allowed: {', '.join(sorted(params))})")
-    data = spec.get("task_dir")
-    if not offline and isinstance(data, str) and not Path(data).exists():
-        raise EvomergeError(f"{where}.task_dir: {data} does not exist")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,7 @@
 """The run config: one YAML file -> a validated pydantic model; every error names the field's YAML path, in one line."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -12,13 +13,18 @@ from evolve.urls import expand_env, persisted_url, redact_url
 from merge_core.errors import EvomergeError
 
 
+MAX_NAME = 100  # run, task and alias names: they name directories, studies and Optuna parameters
+MAX_SEED = 2**32  # seeds feed numpy (Optuna's samplers, pycma), which takes 0 <= seed < 2**32
+MAX_REPEATS = 1000  # dfs repeats (the slot count is bounded again, with the layer counts, by DataFlowSpace)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every float finite
 
 
 class SourceModel(_Strict):
-    path: str = Field(description="local directory or hub id")
-    alias: Optional[str] = None
+    path: str = Field(min_length=1, description="local directory or hub id")
+    alias: Optional[str] = Field(default=None, max_length=MAX_NAME)
 
     @field_validator("alias")
     @classmethod
@@ -41,6 +47,18 @@ class Models(_Strict):
 
     def aliases(self) -> list[str]:
         return [s.alias or Path(s.path.rstrip("/")).name.lower() for s in self.sources]
+
+    @model_validator(mode="after")
+    def _distinct_models(self) -> "Models":
+        """The base is not a source, and no source is listed twice (each would count double in the merge)."""
+        norm = lambda p: os.path.normpath(os.path.expanduser(p))  # noqa: E731
+        paths = [norm(s.path) for s in self.sources]
+        for i, p in enumerate(paths):
+            if self.base is not None and p == norm(self.base):
+                raise ValueError(f"sources[{i}]: '{self.sources[i].path}' is the base model; list it only as `base`")
+            if p in paths[:i]:
+                raise ValueError(f"sources[{i}]: '{self.sources[i].path}' is listed twice")
+        return self
 
 
 class Space(_Strict):
@@ -77,7 +95,7 @@ class DataFlow(_Strict):
 
     model_a: Optional[str] = Field(default=None, description="path/hub id or source alias; default: the base (PS result in a hybrid)")
     model_b: str = Field(description="path/hub id or source alias")
-    repeats: int = Field(default=3, ge=1)
+    repeats: int = Field(default=3, ge=1, le=MAX_REPEATS)
     scales: Literal["matrix", "model_pair", "slot", "none"] = "matrix"
     max_path_length: Optional[int] = Field(default=None, ge=2)
     scale_bounds: tuple[float, float] = (0.0, 2.0)
@@ -142,7 +160,7 @@ class Task(BaseModel):
     """One evaluator: its name prefixes its metrics; the other keys go to evals.build_evaluator."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    name: str
+    name: str = Field(max_length=MAX_NAME)
     type: Literal["generation", "choice", "perplexity", "lm_eval"] = "generation"
 
     @field_validator("name")
@@ -152,8 +170,53 @@ class Task(BaseModel):
             raise ValueError(f"'{v}' must be letters, digits, '_', '-' or '.'")
         return v
 
+    @model_validator(mode="after")
+    def _field_types(self) -> "Task":
+        """The evaluator fields' types (the values go to the evaluator as written, so nothing is coerced);
+        which fields each type takes is checked against its constructor by `validate_run`."""
+        for key, value in (self.model_extra or {}).items():
+            adapter = _task_field_adapter(key)
+            if adapter is None:
+                continue
+            try:
+                adapter.validate_python(value, strict=True)
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]
+                                if not str(x).startswith(("function-", "list[", "dict[", "str", "int", "bool", "nullable")))
+                raise ValueError(f"{key}{where}: {err['msg']}, got {err['input']!r}"[:300]) from None
+        return self
+
     def evaluator_spec(self, **overrides: Any) -> dict[str, Any]:
         return {**self.model_dump(), **overrides}
+
+
+def _task_field_types() -> dict[str, Any]:
+    from typing import Annotated, Union
+
+    count = lambda minimum: Annotated[int, Field(ge=minimum)]  # noqa: E731
+    paths = Union[str, list[str]]
+    return {
+        "task_dir": str, "text_file": str, "split": str, "delimiter": str, "prompt_template": Optional[str],
+        "stop": list[str], "gold_prob": bool, "extract_gold": bool,
+        "extract": Union[str, dict[str, Any]], "language_check": Optional[dict[str, Any]],
+        "limit": Optional[count(1)], "batch_size": count(1), "max_new_tokens": count(1),
+        "max_length": Optional[count(2)], "num_fewshot": Optional[count(0)],
+        "seed": Annotated[int, Field(ge=0, lt=MAX_SEED)],
+        "tasks": Annotated[list[str], Field(min_length=1)], "include_path": Optional[paths],
+        "metrics": Optional[dict[str, paths]],
+    }
+
+
+_TASK_ADAPTERS: dict[str, Any] = {}
+
+
+def _task_field_adapter(key: str) -> Any:
+    from pydantic import TypeAdapter
+
+    if not _TASK_ADAPTERS:
+        _TASK_ADAPTERS.update({k: TypeAdapter(t) for k, t in _task_field_types().items()})
+    return _TASK_ADAPTERS.get(key)
 
 
 class Evaluation(_Strict):
@@ -201,8 +264,8 @@ class Execution(_Strict):
 
 
 class RunConfig(_Strict):
-    name: str
-    seed: int = 0
+    name: str = Field(max_length=MAX_NAME)
+    seed: int = Field(default=0, ge=0, lt=MAX_SEED, description="search seed; numpy's range, [0, 2**32)")
     models: Models
     search: Search = Field(default_factory=Search)
     evaluation: Evaluation
@@ -261,13 +324,11 @@ class RunConfig(_Strict):
 
 
 def load_config(path: str | Path) -> RunConfig:
+    """A run config file: UTF-8 YAML without duplicate keys or alias bombs (merge_core.yamlio), then validated."""
+    from merge_core.yamlio import load_yaml, read_text
+
     p = Path(path)
-    if not p.is_file():
-        raise EvomergeError(f"{p}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise EvomergeError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
+    data = load_yaml(read_text(p, "config file"), where=str(p))
     return parse_config(data, where=str(p), base_dir=p.parent)
 
 
@@ -302,3 +363,176 @@ def dump_config(cfg: RunConfig) -> str:
     data = cfg.model_dump(mode="json")
     data["storage"] = persisted_url(data.get("storage"))
     return yaml.safe_dump(data, sort_keys=False)
+
+
+# ---- everything knowable before a search starts -------------------------------------------------
+
+
+def validate_run(cfg: RunConfig, *, where: str | None = None, offline: bool = False) -> list[str]:
+    """Check what the config-file schema cannot: evaluator fields and data, the fitness metrics' names, fixed method
+    parameters, the output directory, and (unless `offline`) every checkpoint and search space of the stages that
+    will run. Called by `evolve check` and before `evolve run`/`resume` does anything: it writes nothing and opens
+    no study. Raises a one-line EvomergeError (prefixed with `where`, the config file); returns one summary line
+    per stage."""
+    try:
+        return _validate_run(cfg, offline)
+    except EvomergeError as e:
+        raise EvomergeError(f"{where}: {e}" if where else str(e)) from None
+
+
+def _validate_run(cfg: RunConfig, offline: bool) -> list[str]:
+    _check_tasks(cfg, offline=offline)
+    _check_fitness_metrics(cfg)
+    if "ps" in cfg.search.stages:
+        _check_space_params(cfg.search.space)
+    _check_writable_dir(cfg.run_dir, "output_dir" if cfg.output_dir else "run directory")
+    if not offline:
+        from merge_core.merge import resolve_device
+
+        try:
+            resolve_device(cfg.execution.device)
+        except EvomergeError as e:
+            raise EvomergeError(f"execution.{e}") from None
+    lines = []
+    for stage in cfg.search.stages:
+        _, opt, budget = cfg.search.stage(stage)
+        run = f"{budget.max_trials} trials, sampler {opt.sampler}"
+        lines.append(f"{stage}: {run} (checkpoints not opened)" if offline else f"{stage}: {_check_stage(cfg, stage)}, {run}")
+    return lines
+
+
+def _check_tasks(cfg: RunConfig, offline: bool) -> None:
+    """Fields against each evaluator's constructor; unless offline, the data: native evaluators are built (their
+    data read, templates, extractors and language checks parsed) for the search split and the held-out split."""
+    import inspect
+
+    from evals import EVALUATOR_TYPES
+
+    ev = cfg.evaluation
+    for group, tasks in (("tasks", ev.tasks), ("heldout_tasks", ev.heldout_tasks)):
+        for i, task in enumerate(tasks):
+            spec = task.evaluator_spec()
+            params = inspect.signature(EVALUATOR_TYPES[task.type]).parameters
+            unknown = sorted(set(spec) - set(params) - {"type"})
+            if unknown:
+                raise EvomergeError(f"evaluation.{group}[{i}].{unknown[0]}: not a field of {task.type} tasks "
+                                    f"(allowed: {', '.join(sorted(set(params) - {'name'}))})")
+            missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in spec]
+            if missing:
+                raise EvomergeError(f"evaluation.{group}[{i}].{missing[0]}: required for {task.type} tasks")
+            for key in ("task_dir", "text_file"):
+                if not offline and isinstance(spec.get(key), str) and not Path(spec[key]).exists():
+                    raise EvomergeError(f"evaluation.{group}[{i}].{key}: {spec[key]} does not exist")
+    remote = cfg.execution.backend == "ray" and bool(cfg.execution.ray_address or os.environ.get("RAY_ADDRESS"))
+    if offline or remote:  # on a Ray cluster the workers read the data, perhaps from paths only they have
+        return
+    from evolve.worker import build_evaluators
+
+    native = lambda ts: [t for t in ts if t.type != "lm_eval"]  # noqa: E731  (lm-eval's task index takes long)
+    for label, build in (
+        ("evaluation.tasks", lambda: build_evaluators(native(ev.tasks), seed=cfg.seed)),
+        (f"evaluation.heldout_split '{ev.heldout_split}'",
+         lambda: build_evaluators(native([*ev.tasks, *ev.heldout_tasks]), seed=cfg.seed, split=ev.heldout_split,
+                                  limit=ev.heldout_limit, heldout=True) if ev.heldout_split else None),
+    ):
+        try:
+            build()
+        except EvomergeError as e:
+            raise EvomergeError(f"{label}: {e}") from None
+
+
+def _check_fitness_metrics(cfg: RunConfig) -> None:
+    """Each fitness metric is one its task reports (evaluator classes declare theirs: `metric_names`). lm_eval
+    tasks' names come from the task YAMLs, so only their shape is checked: `<task>/<lm-eval task>/<metric>,<filter>`,
+    or `<task>/<lm-eval task>` for a task given a headline metric in the task's `metrics`."""
+    from evals import EVALUATOR_TYPES
+
+    tasks = {t.name: t for t in cfg.evaluation.tasks}
+    for i, term in enumerate(cfg.evaluation.fitness):
+        name, metric = term.metric.split("/", 1)
+        task = tasks[name]
+        spec = {k: v for k, v in task.evaluator_spec().items() if k != "type"}
+        names = EVALUATOR_TYPES[task.type].metric_names(**spec)
+        where = f"evaluation.fitness[{i}].metric: '{term.metric}'"
+        if names is None:
+            headline = metric in (spec.get("metrics") or {})
+            if not headline and not re.fullmatch(r"[^/,]+/[^/,]+,[^/,]+", metric):
+                raise EvomergeError(f"{where}: an lm_eval task reports '{name}/<lm-eval task>/<metric>,<filter>' (e.g. "
+                                    f"'{name}/ja_sub/exact_match,first_word'), or '{name}/<lm-eval task>' for a task "
+                                    "named in its `metrics`")
+        elif metric not in names:
+            raise EvomergeError(f"{where}: {task.type} task '{name}' reports {', '.join(names)}; no '{metric}'")
+
+
+def _check_space_params(space: Space) -> None:
+    """search.space: a supported method, and fixed `params` that are its parameters with valid values."""
+    from merge_core.merge import _setting_values
+    from merge_core.methods import METHODS, check_parameter
+    from merge_core.recipe import _freeze_params
+
+    spec = METHODS.get(space.method)
+    if spec is None:
+        raise EvomergeError(f"search.space.method: '{space.method}' is not supported (choose from {', '.join(sorted(METHODS))})")
+    known = set(spec.global_params) | set(spec.tensor_params)
+    for key, setting in _freeze_params(dict(space.params), "search.space.params"):
+        if key not in known:
+            raise EvomergeError(f"search.space.params.{key}: not a parameter of {spec.name} (known: {', '.join(sorted(known))})")
+        for value in _setting_values(setting):
+            problem = check_parameter(key, value)
+            if problem:
+                raise EvomergeError(f"search.space.params.{key}: {problem}")
+
+
+def _check_writable_dir(path: Path, field: str) -> None:
+    """`path` is, or can be created as, a directory this process can write in; checked without writing anything."""
+    probe = Path(path).expanduser().absolute()
+    while not probe.exists():
+        if probe.is_symlink():
+            raise EvomergeError(f"{field}: {path}: {probe} is a dangling symbolic link")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise EvomergeError(f"{field}: {path}: {probe} is a file, not a directory; choose another {field}")
+    if os.statvfs(probe).f_flag & os.ST_RDONLY:
+        raise EvomergeError(f"{field}: {path} is on a read-only file system ({probe}); choose a writable {field}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise EvomergeError(f"{field}: {path}: no permission to write in {probe}; choose a writable {field}")
+
+
+TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tiktoken.model")
+
+
+def _check_stage(cfg: RunConfig, stage: str) -> str:
+    """Open the stage's checkpoints (headers and configs only) and build its space; a summary of what was checked."""
+    from evolve.loop import build_space, dfs_model_a
+    from merge_core.checkpoint import Checkpoint
+    from merge_core.merge import check_recipe, open_models
+
+    opts = dict(allow_pickle=cfg.models.allow_pickle, trust_remote_code=cfg.models.trust_remote_code)
+    if stage == "ps":
+        space = build_space(cfg, "ps")
+        recipe = space.decode(space.x0)
+        ckpts = open_models(recipe, **opts)
+        reference = ckpts[recipe.base_model or recipe.models[0]]
+        check_recipe(recipe, reference.num_layers, where="search.space (its x0 recipe)")
+        _check_tokenizer(reference)
+        return f"{len(ckpts)} checkpoints compatible, {space.dim} parameters"
+    space = build_space(cfg, "dfs")  # opens A (the base while a hybrid's PS merge is not written yet) and B
+    a = dfs_model_a(cfg)
+    pending = a == str(cfg.run_dir / "ps_best") and not Path(a).exists()
+    ca = Checkpoint.open(cfg.models.base or cfg.models.sources[0].path if pending else a, **opts)
+    cb = Checkpoint.open(space.model_b, **opts)
+    for what in ("hidden_size", "vocab_size"):
+        va, vb = (getattr(c.config.get_text_config(), what, None) for c in (ca, cb))
+        if va != vb:
+            raise EvomergeError(f"search.dfs.space.model_b: {what} {vb} differs from model A's {va}; "
+                                "data-flow merging stacks layers of models with one hidden size and vocabulary")
+    _check_tokenizer(ca)
+    return (f"{space.repeats} repeats x ({space.layers_a} + {space.layers_b}) layers = {space.num_slots} slots, "
+            f"{space.dim} parameters")
+
+
+def _check_tokenizer(ckpt: Any) -> None:
+    """The candidates are scored with this checkpoint's tokenizer: its files must be there."""
+    if not any((ckpt.path / f).is_file() for f in TOKENIZER_MODEL_FILES):
+        raise EvomergeError(f"model '{ckpt.name}': no tokenizer ({', '.join(TOKENIZER_MODEL_FILES[:4])}) in {ckpt.path}; "
+                            "the search scores candidates with this model's tokenizer: add its tokenizer files")

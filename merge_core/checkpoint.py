@@ -97,7 +97,11 @@ class _SafetensorsShard:
     """A memory-mapped safetensors file."""
 
     def __init__(self, path: Path) -> None:
-        self._file = safe_open(str(path), framework="pt")
+        try:
+            self._file = safe_open(str(path), framework="pt")
+        except Exception as err:  # SafetensorError (corrupt or truncated: the header must cover the file), OSError
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
+            raise EvomergeError(f"{path}: not a readable safetensors file ({reason}); re-download or re-save it") from None
 
     def keys(self) -> list[str]:
         return list(self._file.keys())
@@ -166,7 +170,36 @@ class Checkpoint:
         path = local if local.is_dir() else _fetch_from_hub(name, allow_pickle, trust_remote_code)
         config = _read_config(name, path, trust_remote_code)
         weight_map, pickled = _find_weights(name, path, allow_pickle)
-        return cls(name, path, config, weight_map, pickled, trust_remote_code)
+        ckpt = cls(name, path, config, weight_map, pickled, trust_remote_code)
+        ckpt._verify()
+        return ckpt
+
+    def _verify(self) -> None:
+        """Every weight file present with a whole header (read now, not mid-merge), and config.json describing
+        these tensors: its hidden size the embedding's width, its layer count the layers the tensors hold."""
+        headers: dict[str, _SafetensorsShard] = {}  # opened to check, then dropped: reading stays lazy
+        for file in sorted(set(self._weight_map.values())):
+            if not (self.path / file).is_file():
+                raise EvomergeError(f"model '{self.name}': weight file {file} listed in the index is missing from {self.path}")
+            if not self._pickled:
+                headers[file] = _SafetensorsShard(self.path / file)
+        text = self.config.get_text_config()
+        hidden = getattr(text, "hidden_size", None)
+        embed = next((n for n in self.names if module_kind(n) == "embed" and n.endswith(".weight")), None)
+        if isinstance(hidden, int) and embed is not None and not self._pickled:
+            shape = headers[self._weight_map[embed]].shape(embed)
+            if len(shape) == 2 and shape[1] != hidden:
+                raise EvomergeError(
+                    f"model '{self.name}': config.json hidden_size {hidden} but tensor '{embed}' has shape {list(shape)}; "
+                    "the config does not describe these weights"
+                )
+        layers = {layer_index(n) for n in self._weight_map} - {None}
+        declared = getattr(text, "num_hidden_layers", None)
+        if isinstance(declared, int) and layers and max(layers) + 1 < declared:
+            raise EvomergeError(
+                f"model '{self.name}': config.json num_hidden_layers {declared} but the tensors hold layers "
+                f"0..{max(layers)} only; the config does not describe these weights"
+            )
 
     def __contains__(self, tensor_name: object) -> bool:
         return tensor_name in self._weight_map
@@ -257,7 +290,7 @@ def _read_config(name: str, path: Path, trust_remote_code: bool) -> PretrainedCo
     config_file = path / "config.json"
     if not config_file.is_file():
         raise EvomergeError(f"model '{name}': no config.json in {path}")
-    raw = json.loads(config_file.read_text(encoding="utf-8"))
+    raw = _read_json(config_file, f"model '{name}'")
     model_type = raw.get("model_type")
     if not trust_remote_code and model_type not in CONFIG_MAPPING:
         if "auto_map" in raw:
@@ -299,7 +332,23 @@ def _find_weights(name: str, path: Path, allow_pickle: bool) -> tuple[dict[str, 
 
 
 def _index_weight_map(index_file: Path) -> dict[str, str]:
-    return dict(json.loads(index_file.read_text(encoding="utf-8"))["weight_map"])
+    weight_map = _read_json(index_file, str(index_file.parent)).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise EvomergeError(f"{index_file}: no 'weight_map' of tensor name -> file name")
+    return dict(weight_map)
+
+
+def _read_json(file: Path, who: str) -> dict:
+    """A JSON object file, or a one-line error naming it (not JSON, not UTF-8, not an object)."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise EvomergeError(f"{who}: {file.name} is not valid JSON ({' '.join(str(err).split())[:150]})") from None
+    except OSError as err:
+        raise EvomergeError(f"{who}: cannot read {file.name} ({err.strerror or err})") from None
+    if not isinstance(data, dict):
+        raise EvomergeError(f"{who}: {file.name} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 # --------------------------------------------------------------------------- writing

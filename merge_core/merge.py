@@ -62,9 +62,22 @@ def check_recipe(recipe: MergeRecipe, num_layers: int, where: str = "recipe") ->
         raise EvomergeError(f"{where}: {spec.name} needs at least one model besides the base_model")
     known = set(spec.global_params) | set(spec.tensor_params)
     for where_p, params in _all_param_sets(recipe, where):
-        for key, _ in params:
+        for key, setting in params:
             if key not in known:
                 raise EvomergeError(f"{where_p}.{key}: not a parameter of {spec.name} (known: {', '.join(sorted(known))})")
+            for value in _setting_values(setting):
+                problem = methods.check_parameter(key, value)
+                if problem:
+                    raise EvomergeError(f"{where_p}.{key}: {problem}")
+
+
+def _setting_values(setting: Any) -> Iterable[Any]:
+    """Every value a parameter setting can resolve to: the scalar, each gradient point, each filter's value."""
+    if isinstance(setting, tuple):
+        for item in setting:
+            yield from _setting_values(getattr(item, "value", item))
+    else:
+        yield setting
 
 
 def _all_param_sets(recipe: MergeRecipe, where: str) -> Iterable[tuple[str, Any]]:

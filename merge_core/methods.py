@@ -372,6 +372,34 @@ class MethodSpec:
         return self.sparsification in ("random", "della_magprune")
 
 
+def check_parameter(name: str, value: Any) -> str | None:
+    """Why `value` cannot be parameter `name` (None when it can). Stricter than mergekit where mergekit would
+    silently merge something else: a density above 1 keeps everything (no sparsification), one at or below 0
+    drops the model, and a string fails mid-merge."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if name in _BOOL_PARAMS:
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    if name in _NUMBER_RANGES:
+        lo, hi, lo_open, hi_open, meaning = _NUMBER_RANGES[name]
+        ok = number and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        if not ok:
+            interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            return f"must be a number in {interval} ({meaning}), got {value!r}"
+        return None
+    if name in ("weight", "lambda"):
+        return None if number else f"must be a number, got {value!r}"
+    return None
+
+
+_BOOL_PARAMS = ("normalize", "rescale", "int8_mask", "filter_wise")
+_NUMBER_RANGES: dict[str, tuple[float, float, bool, bool, str]] = {  # low, high, low open, high open, meaning
+    "density": (0.0, 1.0, True, False, "the fraction of each task vector kept"),
+    "t": (0.0, 1.0, False, False, "0 is the base model, 1 the other"),
+    "gamma": (0.0, 1.0, False, True, "the fraction of largest magnitudes dropped"),
+    "epsilon": (0.0, 1.0, False, True, "the spread of DELLA's keep probabilities around density"),
+}
+
+
 def _gta_spec(
     name: str, sparsification: str | None, consensus: str | None, normalize: bool, rescale: bool
 ) -> MethodSpec:

@@ -78,10 +78,9 @@ class MergeRecipe:
 
     @staticmethod
     def from_yaml(text: str, where: str = "recipe") -> "MergeRecipe":
-        try:
-            d = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise EvomergeError(f"{where}: not valid YAML ({_one_line(e)})") from None
+        from merge_core.yamlio import load_yaml
+
+        d = load_yaml(text, where)  # safe_load, refusing duplicate keys and alias bombs
         if not isinstance(d, dict):
             raise EvomergeError(f"{where}: expected a mapping with merge_method and models or slices")
         return _recipe_from_dict(d, where)
@@ -91,7 +90,9 @@ class MergeRecipe:
         p = Path(path)
         if not p.is_file():
             raise EvomergeError(f"{p}: recipe file not found")
-        return MergeRecipe.from_yaml(p.read_text(), where=str(p))
+        from merge_core.yamlio import read_text
+
+        return MergeRecipe.from_yaml(read_text(p, "recipe file"), where=str(p))
 
     # ---- serialization ------------------------------------------------------------------------
     def to_dict(self, mergekit: bool = False) -> dict[str, Any]:

@@ -20,6 +20,9 @@ import yaml
 from merge_core.errors import EvomergeError
 
 Scales = Literal["matrix", "model_pair", "slot", "none"]
+# The slot count T = (L_A + L_B) * repeats bounds the genome (T indicators, and T scales with `slot`); Sakana's
+# 2 x 32 layers x 3 repeats is 192. Far beyond this, CMA-ES's T x T covariance alone takes gigabytes.
+MAX_SLOTS = 4096
 
 
 @dataclass(frozen=True)
@@ -87,9 +90,15 @@ class DataFlowSpace:
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
-            raise EvomergeError("search.space.repeats: must be at least 1")
+            raise EvomergeError("search.dfs.space.repeats: must be at least 1")
+        if self.num_slots > MAX_SLOTS:
+            raise EvomergeError(
+                f"search.dfs.space.repeats: {self.repeats} repeats of {self.num_layers} layers ({self.layers_a} + "
+                f"{self.layers_b}) make {self.num_slots} slots; at most {MAX_SLOTS} are supported "
+                f"(repeats <= {max(1, MAX_SLOTS // self.num_layers)} here)"
+            )
         if self.max_path_length is not None and self.max_path_length < 2:
-            raise EvomergeError("search.space.max_path_length: must be at least 2 (A's first and last layers)")
+            raise EvomergeError("search.dfs.space.max_path_length: must be at least 2 (A's first and last layers)")
         self._scale_names = self._make_scale_names()
 
     # ---- layout --------------------------------------------------------------------------------

@@ -1,0 +1,399 @@
+"""Hostile and careless inputs: each gets exactly one `error: ...` line on stderr and exit code 2, from
+`evolve check` and before `evolve run` starts any work (nothing written, no study opened).
+
+Every case goes through the real CLI entry point (`evolve.cli.main`) in-process. The table is the record of what
+was tried: `test_the_table_is_big_enough` asserts its size, and each case asserts a fragment of its message.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+from evolve.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+ZOO = ROOT / "data" / "zoo"
+PASSWORD = "hunter2-secret"
+
+BASE_CONFIG: dict[str, Any] = {
+    "name": "hostile",
+    "seed": 0,
+    "models": {"base": str(ZOO / "base"),
+               "sources": [{"path": str(ZOO / "expert_ja"), "alias": "ja"}, {"path": str(ZOO / "expert_math"), "alias": "math"}]},
+    "search": {"space": {"method": "task_arithmetic", "layers_per_group": 2, "weight_bounds": [0.0, 2.0], "x0": {"weight": 1.0}},
+               "optimizer": {"sampler": "random"}, "budget": {"max_trials": 2}},
+    "evaluation": {"tasks": [{"name": "ja_sub", "type": "generation", "task_dir": str(ZOO / "tasks" / "ja_sub"), "split": "dev",
+                              "limit": 4, "batch_size": 4, "max_new_tokens": 2, "stop": ["</s>"], "extract": "first_word"}],
+                   "fitness": [{"metric": "ja_sub/acc"}], "heldout_split": None},
+    "execution": {"backend": "local", "device": "cpu"},
+}
+
+DFS = {"space": {"model_a": "ja", "model_b": "math", "repeats": 2, "scales": "model_pair"},
+       "optimizer": {"sampler": "random"}, "budget": {"max_trials": 2}}
+
+
+@dataclass
+class Env:
+    """A case's scratch directory: where its config, models and (never created) run directory live."""
+
+    tmp: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return self.tmp / "run"
+
+    def config(self, **changes: Any) -> dict[str, Any]:
+        d = copy.deepcopy(BASE_CONFIG)
+        d["output_dir"] = str(self.run_dir)
+        for path, value in changes.items():
+            node = d
+            *keys, last = path.split("__")
+            for k in keys:
+                node = node.setdefault(k, {})
+            node[last] = value
+        return d
+
+    def write(self, data: Any, name: str = "config.yaml") -> str:
+        p = self.tmp / name
+        p.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+        return str(p)
+
+    def model_copy(self, name: str = "base") -> Path:
+        dst = self.tmp / f"models/{name}"
+        shutil.copytree(ZOO / name, dst)
+        return dst
+
+
+@dataclass
+class Case:
+    id: str
+    make: Callable[[Env], list[str]]  # argv of `evolve ...`, given a scratch env
+    expect: str  # a fragment of the one-line error
+    run_too: bool = True  # the argv is `check CONFIG`: also try `run CONFIG`
+    fast: float | None = None  # seconds the command must finish in
+
+
+def config_case(id: str, expect: str, **changes: Any) -> Case:
+    return Case(id, lambda env: ["check", env.write(env.config(**changes))], expect)
+
+
+def _corrupt_weights(env: Env) -> list[str]:
+    base = env.model_copy()
+    (base / "model.safetensors").write_bytes(os.urandom(4096))
+    return ["check", env.write(env.config(models__base=str(base)))]
+
+
+def _truncated_weights(env: Env) -> list[str]:
+    base = env.model_copy()
+    data = (base / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return ["check", env.write(env.config(models__base=str(base)))]
+
+
+def _config_json_not_json(env: Env) -> list[str]:
+    base = env.model_copy()
+    (base / "config.json").write_text("{model_type: llama,,")
+    return ["check", env.write(env.config(models__base=str(base)))]
+
+
+def _hidden_size_differs(env: Env) -> list[str]:
+    src = env.model_copy("expert_math")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["hidden_size"] = 256
+    (src / "config.json").write_text(json.dumps(cfg))
+    d = env.config()
+    d["models"]["sources"][1]["path"] = str(src)
+    return ["check", env.write(d)]
+
+
+def _no_tokenizer(env: Env) -> list[str]:
+    base = env.model_copy()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (base / f).unlink()
+    return ["check", env.write(env.config(models__base=str(base)))]
+
+
+def _output_dir_is_a_file(env: Env) -> list[str]:
+    (env.tmp / "afile").write_text("x")
+    return ["check", env.write(env.config(output_dir=str(env.tmp / "afile" / "run")))]
+
+
+def _binary_config(env: Env) -> list[str]:
+    p = env.tmp / "config.yaml"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe" + os.urandom(64))
+    return ["check", str(p)]
+
+
+def _duplicate_keys(env: Env) -> list[str]:
+    text = yaml.safe_dump(env.config(), sort_keys=False).replace("seed: 0\n", "seed: 0\nseed: 5\n", 1)
+    return ["check", env.write(text)]
+
+
+def _anchor_bomb(env: Env) -> list[str]:
+    """'Billion laughs': 10**9 strings once expanded, hidden in a free-form field (fixed method params)."""
+    chain = ['l0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    chain += [f"l{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    params = "    params: {" + ", ".join(chain) + "}\n"
+    text = yaml.safe_dump(env.config(), sort_keys=False).replace("    x0:\n", params + "    x0:\n", 1)
+    return ["check", env.write(text)]
+
+
+def _base_again(env: Env) -> list[str]:
+    d = env.config()
+    d["models"]["sources"].append({"path": str(ZOO / "base"), "alias": "b"})
+    return ["check", env.write(d)]
+
+
+def _recipe(env: Env, density: Any) -> list[str]:
+    recipe = {"merge_method": "ties", "base_model": str(ZOO / "base"),
+              "models": [{"model": str(ZOO / "expert_ja"), "parameters": {"weight": 1.0, "density": density}}]}
+    return ["merge", env.write(recipe, "recipe.yaml"), "--out", str(env.run_dir), "--device", "cpu"]
+
+
+def _recipe_duplicate_keys(env: Env) -> list[str]:
+    text = (f"merge_method: ties\nbase_model: {ZOO / 'base'}\nmerge_method: linear\n"
+            f"models:\n  - model: {ZOO / 'expert_ja'}\n    parameters: {{weight: 1.0}}\n")
+    return ["merge", env.write(text, "recipe.yaml"), "--out", str(env.run_dir), "--device", "cpu"]
+
+
+def _shard_size(size: str) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        return [*_recipe(env, 0.5), f"--shard-size={size}"]
+    return make
+
+
+def _unreachable_postgres(verb: str) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        cfg = env.write(env.config(storage=f"postgresql://evo:{PASSWORD}@127.0.0.1:9/evo"))
+        return [verb, cfg] + (["--out", str(env.tmp / "export")] if verb == "export" else [])
+    return make
+
+
+def _dfs(**space: Any) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        dfs = copy.deepcopy(DFS)
+        dfs["space"].update(space)
+        return ["check", env.write(env.config(search__stages=["dfs"], search__dfs=dfs))]
+    return make
+
+
+def _layers_beyond_tensors(env: Env) -> list[str]:
+    src = env.model_copy("expert_ja")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"] = 8  # the tensors hold 4
+    (src / "config.json").write_text(json.dumps(cfg))
+    d = env.config()
+    d["models"]["sources"][0]["path"] = str(src)
+    return ["check", env.write(d)]
+
+
+def _index_names_missing_shard(env: Env) -> list[str]:
+    base = env.model_copy()
+    from safetensors import safe_open
+
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    (base / "model.safetensors").rename(base / "model-00001-of-00002.safetensors")
+    weight_map = {n: f"model-0000{1 + (i % 2)}-of-00002.safetensors" for i, n in enumerate(names)}
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return ["check", env.write(env.config(models__base=str(base)))]
+
+
+def _status_before_any_run(env: Env) -> list[str]:
+    return ["status", env.write(env.config())]
+
+
+def _recursive_alias(env: Env) -> list[str]:
+    text = yaml.safe_dump(env.config(), sort_keys=False).replace("    x0:\n", "    params: {loop: &me [1, *me]}\n    x0:\n", 1)
+    return ["check", env.write(text)]
+
+
+def _task(**fields: Any) -> list[dict[str, Any]]:
+    return [{**BASE_CONFIG["evaluation"]["tasks"][0], **fields}]
+
+
+def _seed_flag(seed: str) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        return ["run", env.write(env.config()), "--seed", seed, "--no-progress"]
+    return make
+
+
+CASES: list[Case] = [
+    config_case("weight_bounds_inf", "search.space.weight_bounds", search__space={**BASE_CONFIG["search"]["space"], "weight_bounds": [float("-inf"), float("inf")]}),
+    config_case("weight_bounds_nan", "search.space.weight_bounds", search__space={**BASE_CONFIG["search"]["space"], "weight_bounds": [float("nan"), 1.0]}),
+    config_case("seed_2_32", "seed", seed=2**32),
+    config_case("seed_negative", "seed", seed=-1),
+    Case("seed_flag_negative", _seed_flag("-3"), "seed", run_too=False),
+    Case("safetensors_corrupt", _corrupt_weights, "model.safetensors"),
+    Case("safetensors_truncated", _truncated_weights, "model.safetensors"),
+    Case("config_json_not_json", _config_json_not_json, "config.json"),
+    Case("config_json_hidden_size", _hidden_size_differs, "hidden_size"),
+    Case("base_without_tokenizer", _no_tokenizer, "tokenizer"),
+    config_case("name_300_chars", "name", name="n" * 300),
+    Case("output_dir_is_a_file", _output_dir_is_a_file, "output_dir"),
+    Case("binary_config", _binary_config, "UTF-8"),
+    config_case("stop_not_strings", "stop", evaluation__tasks=[{**BASE_CONFIG["evaluation"]["tasks"][0], "stop": [123, None, {"a": 1}]}]),
+    config_case("stop_bare_string", "stop", evaluation__tasks=[{**BASE_CONFIG["evaluation"]["tasks"][0], "stop": "</s>"}]),
+    config_case("fitness_metric_not_produced", "ja_sub/bleu", evaluation__fitness=[{"metric": "ja_sub/bleu"}]),
+    config_case("space_params_density_word", "density", search__space={**BASE_CONFIG["search"]["space"], "params": {"density": "lots"}}),
+    config_case("space_params_density_above_1", "density", search__space={**BASE_CONFIG["search"]["space"], "params": {"density": 1.5}}),
+    config_case("space_params_density_negative", "density", search__space={**BASE_CONFIG["search"]["space"], "params": {"density": -0.5}}),
+    Case("recipe_density_word", lambda env: _recipe(env, "lots"), "density", run_too=False),
+    Case("recipe_density_above_1", lambda env: _recipe(env, 1.5), "density", run_too=False),
+    Case("recipe_density_negative", lambda env: _recipe(env, -0.5), "density", run_too=False),
+    Case("shard_size_negative", _shard_size("-5GB"), "--shard-size", run_too=False),
+    Case("shard_size_zero", _shard_size("0GB"), "--shard-size", run_too=False),
+    Case("shard_size_word", _shard_size("abc"), "--shard-size", run_too=False),
+    Case("duplicate_yaml_keys", _duplicate_keys, "duplicate key 'seed'"),
+    Case("recipe_duplicate_keys", _recipe_duplicate_keys, "duplicate key 'merge_method'", run_too=False),
+    Case("base_listed_as_source", _base_again, "models.sources"),
+    Case("dfs_repeats_200000", _dfs(repeats=200000), "repeats", fast=5.0),
+    Case("yaml_anchor_bomb", _anchor_bomb, "alias", fast=1.0),
+    # found by probing, beyond the issue's list
+    Case("dfs_slots_over_limit", _dfs(repeats=600), "4800 slots", fast=5.0),
+    Case("config_json_layers_beyond_tensors", _layers_beyond_tensors, "num_hidden_layers 8"),
+    Case("index_names_missing_shard", _index_names_missing_shard, "model-00002-of-00002.safetensors"),
+    Case("recursive_alias", _recursive_alias, "recursive alias", fast=1.0),
+    config_case("source_listed_twice", "listed twice",
+                models={**BASE_CONFIG["models"], "sources": [str(ZOO / "expert_ja"), {"path": str(ZOO / "expert_ja") + "/", "alias": "again"}]}),
+    config_case("sigma0_inf", "search.optimizer.sigma0", search__optimizer={"sigma0": float("inf")}),
+    config_case("fitness_weight_nan", "evaluation.fitness.0.weight", evaluation__fitness=[{"metric": "ja_sub/acc", "weight": float("nan")}]),
+    config_case("task_limit_zero", "limit", evaluation__tasks=_task(limit=0)),
+    config_case("task_batch_size_string", "batch_size", evaluation__tasks=_task(batch_size="8")),
+    config_case("task_bad_regex", "not a valid regex", evaluation__tasks=_task(language_check={"type": "pattern", "pattern": "(["})),
+    config_case("heldout_split_missing", "heldout_split 'nosuch'", evaluation__heldout_split="nosuch"),
+    config_case("lm_eval_metric_shape", "an lm_eval task reports",
+                evaluation__tasks=[{"name": "lm", "type": "lm_eval", "tasks": ["zoo_ja_sub"]}], evaluation__fitness=[{"metric": "lm/acc"}]),
+    config_case("lm_eval_tasks_string", "tasks", evaluation__tasks=[{"name": "lm", "type": "lm_eval", "tasks": "zoo_ja_sub"}],
+                evaluation__fitness=[{"metric": "lm/zoo_ja_sub/exact_match,first_word"}]),
+    config_case("empty_source_path", "models.sources.0.path", models={**BASE_CONFIG["models"], "sources": [""]}),
+    Case("status_before_any_run", _status_before_any_run, "does not exist", run_too=False),
+    Case("postgres_unreachable_status", _unreachable_postgres("status"), "127.0.0.1", run_too=False, fast=15.0),
+    Case("postgres_unreachable_report", _unreachable_postgres("report"), "127.0.0.1", run_too=False, fast=15.0),
+    Case("postgres_unreachable_export", _unreachable_postgres("export"), "127.0.0.1", run_too=False, fast=15.0),
+]
+
+
+def _argv_variants(case: Case, env: Env) -> list[list[str]]:
+    argv = case.make(env)
+    if case.run_too and argv[0] == "check":
+        return [argv, ["run", argv[1], "--no-progress", "--no-final-table"]]
+    return [argv]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_input_gets_one_line(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # nothing may be written here either
+    env = Env(tmp_path)
+    for argv in _argv_variants(case, env):
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        t0 = time.perf_counter()
+        code = main(argv)
+        elapsed = time.perf_counter() - t0
+        captured = capsys.readouterr()
+        err = captured.err.strip()
+        assert code == 2, f"{argv[0]}: exit {code}, stderr: {err[-2000:]}"
+        assert err.count("\n") == 0 and err.startswith("error: "), f"{argv[0]}: not one error line: {err[-2000:]}"
+        assert case.expect in err, f"{argv[0]}: {err}"
+        assert PASSWORD not in err + captured.out
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, f"{argv[0]} wrote files"
+        if case.fast is not None:
+            assert elapsed < case.fast, f"{argv[0]} took {elapsed:.2f} s"
+
+
+def test_the_table_is_big_enough() -> None:
+    print(f"{len(CASES)} hostile inputs")
+    assert len(CASES) >= 25
+
+
+def test_read_only_output_dir_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch) -> None:
+    """A read-only disk: real permissions (mode 0555) for a normal user; root writes through those, so as root the
+    file system is reported read-only the way statvfs reports a read-only mount."""
+    monkeypatch.chdir(tmp_path)
+    env = Env(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:
+        import evolve.config
+
+        real = os.statvfs
+
+        class ReadOnly:
+            def __init__(self, result):
+                self._r = result
+                self.f_flag = result.f_flag | os.ST_RDONLY
+
+            def __getattr__(self, name):
+                return getattr(self._r, name)
+
+        monkeypatch.setattr(evolve.config.os, "statvfs", lambda p: ReadOnly(real(p)) if str(p).startswith(str(locked)) else real(p))
+    try:
+        config = env.write(env.config(output_dir=str(locked / "run")))
+        for argv in (["check", config], ["run", config, "--no-progress"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.count("\n") == 0 and err.startswith("error: ") and "output_dir" in err, err
+            assert "read-only" in err or "no permission" in err, err
+            assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_check_validates_and_reports_the_stages_that_run(capsys) -> None:
+    """`stages: [dfs]`: the DFS space is built and reported (not the PS space the config also describes)."""
+    assert main(["check", str(ROOT / "configs" / "tiny_jp_math_dfs.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "dfs: 2 repeats x (4 + 4) layers = 16 slots" in out and "sampler cmaes" in out, out
+    assert "ps:" not in out and "checkpoints compatible" not in out, out
+    assert main(["check", str(ROOT / "configs" / "tiny_jp_math.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "ps: 3 checkpoints compatible, 12 parameters, 150 trials, sampler cmaes" in out, out
+
+
+def test_run_header_names_the_budget_and_sampler_of_the_stages_that_run(tmp_path, capsys, monkeypatch) -> None:
+    import evolve.loop
+    from merge_core.errors import EvomergeError
+
+    def stop(cfg, **_):
+        raise EvomergeError("stopped by the test before the search")
+
+    monkeypatch.setattr(evolve.loop, "run_search", stop)
+    env = Env(tmp_path)
+    dfs = copy.deepcopy(DFS)
+    dfs["budget"] = {"max_trials": 7}
+    dfs["optimizer"] = {"sampler": "tpe"}
+    config = env.write(env.config(search__stages=["dfs"], search__dfs=dfs))
+    assert main(["run", config, "--no-progress"]) == 2
+    out = capsys.readouterr().out
+    assert "dfs 7 trials, tpe" in out and "2 trials" not in out and "random" not in out, out
+
+
+def test_evaluators_report_the_metric_names_they_declare() -> None:
+    """`metric_names` (what `evolve check` compares fitness metrics against) is what `evaluate` returns."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evals import build_evaluator
+
+    model = AutoModelForCausalLM.from_pretrained(str(ZOO / "base"), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(ZOO / "base"))
+    text = ZOO / "tasks" / "ja_sub" / "dev.jsonl"
+    specs = [
+        {"type": "generation", "task_dir": str(ZOO / "tasks" / "ja_sub"), "limit": 2, "max_new_tokens": 2},
+        {"type": "generation", "task_dir": str(ZOO / "tasks" / "ja_sub"), "limit": 2, "max_new_tokens": 2, "gold_prob": False},
+        {"type": "perplexity", "text_file": str(text), "limit": 2},
+    ]
+    for spec in specs:
+        evaluator = build_evaluator(spec)
+        fields = {k: v for k, v in spec.items() if k != "type"}
+        assert set(evaluator.evaluate(model, tok)) == set(type(evaluator).metric_names(**fields)), spec
