@@ -102,7 +102,7 @@ def _require_study(cfg: RunConfig) -> None:
     from evolve.loop import study_name
 
     name = study_name(cfg, cfg.search.stages[0])
-    gone = f"study '{name}' is gone from {redact_url(cfg.storage_url)}"
+    gone = f"study '{name}' is not in {redact_url(cfg.storage_url)}: nothing to resume (deleted, or never started)"
     hint = "pass --restart to start the search over (or restore the study)"
     if cfg.storage_url.startswith("sqlite:///"):
         from sqlalchemy.engine import make_url

@@ -175,6 +175,9 @@ def test_resume_refuses_when_the_study_is_gone_unless_restart(finished, monkeypa
     err = capsys.readouterr().err
     assert "study.db does not exist; pass --restart" in err and err.count("\n") == 1
     assert not (cfg.run_dir / "study.db").exists()
+    optuna.create_study(study_name="another", storage=cfg.storage_url)  # a database without this run's study
+    assert main(["resume", str(cfg.run_dir)]) == 2
+    assert "study 't' is not in sqlite:///" in capsys.readouterr().err
     started = []
     monkeypatch.setattr("evolve.commands._search", lambda c, args: started.append(c.storage_url) or 0)
     assert main(["resume", str(cfg.run_dir), "--restart"]) == 0 and started == [cfg.storage_url]
