@@ -58,6 +58,14 @@ CASES = [
     (("execution",), {"device": "tpu"}, "execution.device: 'tpu' is not auto, cpu, cuda or cuda:N"),
     (("storage",), "redis://u:hunter2@h/0", "storage: 'redis://u:***@h/0' is not an Optuna RDB URL"),
     (("seed",), "zero", "seed: Input should be a valid integer"),
+    (("seed",), 2**32, "seed: Input should be less than 4294967296"),
+    (("seed",), -1, "seed: Input should be greater than or equal to 0"),
+    (("name",), "n" * 300, "name: String should have at most 100 characters"),
+    (("search", "space", "weight_bounds"), [float("-inf"), float("inf")], "search.space.weight_bounds.0: Input should be a finite number"),
+    (("search", "space", "x0"), {"weight": float("nan")}, "search.space.x0.weight: Input should be a finite number"),
+    (("models", "sources"), ["zoo/base/", "zoo/expert_ja"], "models.sources[0]: 'zoo/base/' is the base model"),
+    (("evaluation", "tasks", 0, "stop"), [123, None], "evaluation.tasks.0.stop[0]: Input should be a valid string, got 123"),
+    (("evaluation", "tasks", 0, "limit"), 0, "evaluation.tasks.0.limit: Input should be greater than or equal to 1"),
 ]
 
 
