@@ -18,6 +18,8 @@ from typing import Any, Callable
 import pytest
 import yaml
 
+import evolve.commands  # noqa: F401  (imported up front, so the timed commands measure their own work)
+import evolve.loop  # noqa: F401
 from evolve.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -397,3 +399,33 @@ def test_evaluators_report_the_metric_names_they_declare() -> None:
         evaluator = build_evaluator(spec)
         fields = {k: v for k, v in spec.items() if k != "type"}
         assert set(evaluator.evaluate(model, tok)) == set(type(evaluator).metric_names(**fields)), spec
+
+
+def test_alias_bomb_is_refused_in_little_time_and_memory() -> None:
+    """Nine nested levels of ten aliases (10**9 values expanded): refused in well under a second and a few MB, while
+    a config that uses aliases sensibly (a shared task definition) still loads."""
+    import tracemalloc
+
+    from merge_core.errors import EvomergeError
+    from merge_core.yamlio import load_yaml
+
+    bomb = 'l0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+        f"l{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 10))
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(EvomergeError, match="alias"):
+        load_yaml(bomb, "bomb.yaml")
+    elapsed, peak = time.perf_counter() - t0, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert elapsed < 1.0 and peak < 5e6, (elapsed, peak)
+    shared = "task: &t {name: ja_sub, limit: 4}\ntasks: [*t, *t]\n"
+    assert load_yaml(shared, "ok.yaml") == {"task": {"name": "ja_sub", "limit": 4}, "tasks": [{"name": "ja_sub", "limit": 4}] * 2}
+
+
+def test_merge_keys_may_be_overridden_but_literal_keys_not_repeated() -> None:
+    from merge_core.errors import EvomergeError
+    from merge_core.yamlio import load_yaml
+
+    assert load_yaml("base: &b {x: 1, y: 2}\nmine:\n  <<: *b\n  x: 5\n", "ok.yaml")["mine"] == {"x": 5, "y": 2}
+    with pytest.raises(EvomergeError, match=r"r\.yaml: duplicate key 'x' \(line 2 and line 4\)"):
+        load_yaml("a:\n  x: 1\n  y: 2\n  x: 3\n", "r.yaml")
