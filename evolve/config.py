@@ -533,6 +533,7 @@ def _check_stage(cfg: RunConfig, stage: str) -> str:
 
 def _check_tokenizer(ckpt: Any) -> None:
     """The candidates are scored with this checkpoint's tokenizer: its files must be there."""
-    if not any((ckpt.path / f).is_file() for f in TOKENIZER_MODEL_FILES):
+    vocab_files = [*(ckpt.path / f for f in TOKENIZER_MODEL_FILES), *ckpt.path.glob("*.model"), *ckpt.path.glob("*.tiktoken")]
+    if not any(f.is_file() for f in vocab_files):
         raise EvomergeError(f"model '{ckpt.name}': no tokenizer ({', '.join(TOKENIZER_MODEL_FILES[:4])}) in {ckpt.path}; "
                             "the search scores candidates with this model's tokenizer: add its tokenizer files")

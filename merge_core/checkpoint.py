@@ -188,7 +188,9 @@ class Checkpoint:
         embed = next((n for n in self.names if module_kind(n) == "embed" and n.endswith(".weight")), None)
         if isinstance(hidden, int) and embed is not None and not self._pickled:
             shape = headers[self._weight_map[embed]].shape(embed)
-            if len(shape) == 2 and shape[1] != hidden:
+            # a few families embed narrower and project up (OPT's word_embed_proj_dim, ALBERT's embedding_size)
+            widths = {hidden} | {getattr(text, k) for k in ("word_embed_proj_dim", "embedding_size") if isinstance(getattr(text, k, None), int)}
+            if len(shape) == 2 and shape[1] not in widths:
                 raise EvomergeError(
                     f"model '{self.name}': config.json hidden_size {hidden} but tensor '{embed}' has shape {list(shape)}; "
                     "the config does not describe these weights"
