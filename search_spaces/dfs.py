@@ -21,7 +21,8 @@ from merge_core.errors import EvomergeError
 
 Scales = Literal["matrix", "model_pair", "slot", "none"]
 # The slot count T = (L_A + L_B) * repeats bounds the genome (T indicators, and T scales with `slot`); Sakana's
-# 2 x 32 layers x 3 repeats is 192. Far beyond this, CMA-ES's T x T covariance alone takes gigabytes.
+# 2 x 32 layers x 3 repeats is 192. Far beyond this, CMA-ES's T x T covariance alone takes gigabytes. The
+# `matrix` scales (M^2 for M = L_A + L_B layers) are bounded at four times that: 2 x 64 layers at most.
 MAX_SLOTS = 4096
 
 
@@ -99,6 +100,11 @@ class DataFlowSpace:
             )
         if self.max_path_length is not None and self.max_path_length < 2:
             raise EvomergeError("search.dfs.space.max_path_length: must be at least 2 (A's first and last layers)")
+        if self.scales == "matrix" and self.num_layers**2 > MAX_SLOTS * 4:
+            raise EvomergeError(
+                f"search.dfs.space.scales: 'matrix' over {self.num_layers} layers is {self.num_layers**2} scale "
+                f"parameters (at most {MAX_SLOTS * 4}); use model_pair or slot"
+            )
         self._scale_names = self._make_scale_names()
 
     # ---- layout --------------------------------------------------------------------------------

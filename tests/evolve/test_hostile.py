@@ -429,3 +429,17 @@ def test_merge_keys_may_be_overridden_but_literal_keys_not_repeated() -> None:
     assert load_yaml("base: &b {x: 1, y: 2}\nmine:\n  <<: *b\n  x: 5\n", "ok.yaml")["mine"] == {"x": 5, "y": 2}
     with pytest.raises(EvomergeError, match=r"r\.yaml: duplicate key 'x' \(line 2 and line 4\)"):
         load_yaml("a:\n  x: 1\n  y: 2\n  x: 3\n", "r.yaml")
+
+
+def test_dfs_genome_is_bounded() -> None:
+    """Slots (L_A + L_B) * repeats <= 4096 and matrix scales (L_A + L_B)**2 <= 16384: an error, not a CMA-ES with a
+    covariance matrix of gigabytes. Sakana's setting (2 x 32 layers, 3 repeats, matrix) is well inside."""
+    from merge_core.errors import EvomergeError
+    from search_spaces.dfs import DataFlowSpace
+
+    assert DataFlowSpace("a", "b", 32, 32, repeats=3).dim == 64 * 3 + 64 * 64 + 1
+    with pytest.raises(EvomergeError, match="search.dfs.space.repeats: 65 repeats of 64 layers"):
+        DataFlowSpace("a", "b", 32, 32, repeats=65, scales="none")
+    with pytest.raises(EvomergeError, match="search.dfs.space.scales: 'matrix' over 160 layers"):
+        DataFlowSpace("a", "b", 80, 80, repeats=1)
+    assert DataFlowSpace("a", "b", 80, 80, repeats=1, scales="model_pair").dim == 160 + 5
