@@ -4,10 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
+import signal
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from evolve.cli import command
+from evolve.cli import EXIT_INTERRUPTED, command
 from evolve.config import RunConfig, load_config, redact_url
 from merge_core.errors import EvomergeError
 
@@ -131,16 +137,45 @@ def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
     validate_run(cfg)  # every input checked before anything is written or a study opened
     stages = "; ".join(f"{s} {b.max_trials} trials, {o.sampler}" for s in cfg.search.stages for _, o, b in [cfg.search.stage(s)])
     print(f"search '{cfg.name}': storage {redact_url(cfg.storage_url)}, {stages}, backend {cfg.execution.backend}")
-    result = run_search(cfg, progress=not args.no_progress)
-    best = best_trial(result.study)
-    print(f"stopped: {result.stopped_because}. best trial {best.number}: fitness {best.value:.4f} {_metrics_line(best.user_attrs.get('metrics'))}")
-    if not args.no_final_table and cfg.evaluation.heldout_split:
-        from evolve.baselines import heldout_table
+    with _second_interrupt_exits():
+        try:
+            result = run_search(cfg, progress=not args.no_progress)
+            best = best_trial(result.study)
+            print(f"stopped: {result.stopped_because}. best trial {best.number}: fitness {best.value:.4f} {_metrics_line(best.user_attrs.get('metrics'))}")
+            if not args.no_final_table and cfg.evaluation.heldout_split:
+                from evolve.baselines import heldout_table
 
-        rows = heldout_table(cfg)
-        print(f"\nheld-out ({cfg.evaluation.heldout_split} split):")
-        _print_table(rows, ["model", *[k for k in rows[0] if k != "model"]])
+                rows = heldout_table(cfg)
+                print(f"\nheld-out ({cfg.evaluation.heldout_split} split):")
+                _print_table(rows, ["model", *[k for k in rows[0] if k != "model"]])
+        except KeyboardInterrupt:  # finished trials are told; trials in flight stay RUNNING and continue in place
+            print(f"\ninterrupted: finished trials are recorded; `evolve resume {shlex.quote(str(cfg.run_dir))}` "
+                  "continues", file=sys.stderr)
+            return EXIT_INTERRUPTED
     return 0
+
+
+@contextmanager
+def _second_interrupt_exits() -> Iterator[None]:
+    """Ctrl-C: the first raises KeyboardInterrupt (the search stops after recording what finished); a second one,
+    while that is being done, exits at once (the record stays consistent: it survives SIGKILL too)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if pressed:
+            os.write(2, b"\ninterrupted again: stopped at once\n")
+            os._exit(EXIT_INTERRUPTED)
+        pressed.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _metrics_line(metrics: dict | None) -> str:

@@ -5,18 +5,22 @@ import fcntl
 import logging
 import math
 import os
+import signal
 import socket
+import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import optuna
+import sqlalchemy.exc
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from evolve.config import RunConfig, dump_config, redact_url
-from evolve.urls import has_secret
+from evolve.urls import has_secret, redact_text
 from evolve.executors import Executor, check_ray_job_storage, make_executor
 from evolve.samplers import make_sampler
 from evolve.worker import Outcome
@@ -100,7 +104,7 @@ def open_study(cfg: RunConfig, space, sampler: Optional[optuna.samplers.BaseSamp
             if attempt < 2 and "IntegrityError" in type(e).__name__ + str(e):
                 time.sleep(0.5)
                 continue
-            raise EvomergeError(f"storage {redact_url(cfg.storage_url)}: cannot open ({type(e).__name__}: {redact_url(str(e)).splitlines()[0][:200]})") from None
+            raise EvomergeError(f"storage {redact_url(cfg.storage_url)}: cannot open ({storage_cause(e, cfg.storage_url)})") from None
     stored = study.user_attrs.get("space_names")
     if stored is None:
         study.set_user_attr("space_names", space.names)
@@ -117,24 +121,21 @@ def distributions(space: ParameterSpace) -> dict[str, FloatDistribution]:
 
 
 def counted(t: FrozenTrial) -> bool:
-    """Trials that used the budget: finished ones, except those a dead process left behind (they are re-run)."""
+    """Trials that used the budget: finished ones, except those an older evomerge marked `interrupted` (it re-ran
+    them as new trials; trials a dead process leaves RUNNING now continue in place, see `resume_trial`)."""
     return t.state in (TrialState.COMPLETE, TrialState.FAIL) and not t.user_attrs.get("interrupted")
 
 
-def requeue_interrupted(study: optuna.Study, names: list[str]) -> list[int]:
-    """Trials left RUNNING by a killed process: mark them FAIL (interrupted) and enqueue their parameters again.
-    A trial killed while it was being asked (parameters incomplete) never ran: it is only marked."""
-    requeued = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        complete = set(t.params) == set(names)
-        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the process running it stopped"
-                                           + ("; re-run" if complete else " while asking"))
-        study.tell(t.number, state=TrialState.FAIL)
-        if complete:
-            study.enqueue_trial(t.params, user_attrs={"rerun_of": t.number}, skip_if_exists=False)
-            requeued.append(t.number)
-    return requeued
+def resume_trial(study: optuna.Study, left: FrozenTrial, dists: dict[str, FloatDistribution]) -> optuna.Trial:
+    """Take over a trial a dead process left RUNNING, in place: same number, its stored parameters as stored, the
+    ones its ask had not set yet sampled now (an enqueued trial's from its fixed params). Like `study.ask`, the
+    `Trial` calls `sampler.before_trial`; with `make_sampler`'s per-trial reseeding the missing values are the ones
+    the dead process would have drawn."""
+    study._thread_local.cached_all_trials = None  # as study.ask does: the sampler reads the current record
+    trial = optuna.Trial(study, left._trial_id)
+    for name, d in dists.items():
+        trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
+    return trial
 
 
 class RunLock:
@@ -219,18 +220,54 @@ def run_stage(cfg: RunConfig, stage: str, *, progress: bool, executor_factory: C
     sampler = make_sampler(opt.sampler, names=space.names, x0=space.x0, bounds=space.bounds,
                            sigma0=opt.sigma0, seed=cfg.seed, popsize=opt.popsize)
     study = open_study(cfg, space, sampler, stage)
-    requeued = requeue_interrupted(study, space.names)
-    if requeued:
-        log.warning("re-running trials interrupted by a previous process: %s", requeued)
-    if not study.trials:
-        study.enqueue_trial(dict(zip(space.names, space.x0)), user_attrs={"x0": True})
-    if sum(counted(t) for t in study.get_trials(deepcopy=False)) >= budget.max_trials:
-        return SearchResult(study, space, "budget: max_trials reached (already)")
-    executor = executor_factory(cfg, space.decode(space.x0))
+    with storage_errors(cfg):
+        if not study.trials:
+            study.enqueue_trial(dict(zip(space.names, space.x0)), user_attrs={"x0": True})
+        trials = study.get_trials(deepcopy=False)
+        # trials a dead process left RUNNING continue in place (with a shared study they may be another process's)
+        left = [] if cfg.execution.shared_study else [t for t in trials if t.state == TrialState.RUNNING]
+        if left:
+            log.warning("continuing trials a previous process left running: %s", [t.number for t in left])
+        if sum(counted(t) for t in trials) >= budget.max_trials and not left:
+            return SearchResult(study, space, "budget: max_trials reached (already)")
+        executor = executor_factory(cfg, space.decode(space.x0))
+        try:
+            return SearchResult(study, space, _loop(budget, study, space, sampler, executor, progress, left))
+        finally:
+            executor.close()
+
+
+@contextmanager
+def storage_errors(cfg: RunConfig) -> Iterator[None]:
+    """The storage failing mid-run (deleted, corrupted, full, unreachable): one line naming it and the real cause
+    (Optuna reports every failed commit as "invalid data ... e.g. exceeding max length"). Trials in flight stay
+    RUNNING in the storage and continue in place on the next `evolve resume`."""
     try:
-        return SearchResult(study, space, _loop(budget, study, space, sampler, executor, progress))
-    finally:
-        executor.close()
+        yield
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as e:
+        url = cfg.storage_url
+        gone = url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists()
+        raise EvomergeError(f"storage {redact_url(url)} failed during the search: {storage_cause(e, url)}"
+                            f"{' (the database file was deleted or moved)' if gone else ''}; the search stopped, and "
+                            f"once the storage works again `evolve resume {cfg.run_dir}` continues") from None
+
+
+def storage_cause(e: BaseException, url: str) -> str:
+    """What went wrong with a storage, in one line and without its password: the innermost cause (the DB-API error
+    under SQLAlchemy's and Optuna's wrappers, e.g. `sqlite3.OperationalError: database or disk is full`), or the
+    driver module that is missing and how to install it."""
+    while True:
+        inner = getattr(e, "orig", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        fix = ('pip install "evomerge[postgres]"' if e.name.split(".")[0] in ("psycopg", "psycopg2")
+               else "install the driver this URL names")
+        return f"the database driver module '{e.name}' is not installed; {fix}"
+    kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+    text = " ".join(redact_text(str(e), url).split())
+    return f"{kind}: {text[:300]}" if text else kind
 
 
 def export_ps_best(cfg: RunConfig) -> Path:
@@ -247,27 +284,25 @@ def export_ps_best(cfg: RunConfig) -> Path:
     return out
 
 
-def _loop(budget, study: optuna.Study, space, sampler, executor: Executor, show: bool) -> str:
+def _loop(budget, study: optuna.Study, space, sampler, executor: Executor, show: bool,
+          left: list[FrozenTrial] = ()) -> str:
     dists = distributions(space)
     cap = min(executor.slots, getattr(sampler, "max_parallel", executor.slots))
     trials = study.get_trials(deepcopy=False)
     cache = {t.user_attrs["recipe_hash"]: t for t in trials if t.state == TrialState.COMPLETE and "recipe_hash" in t.user_attrs}
     done = sum(counted(t) for t in trials)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    best = max((t.value for t in complete), default=None)
-    best_at = max((i for i, t in enumerate(sorted(complete, key=lambda t: t.number)) if t.value == best), default=0)
-    since_best = len(complete) - 1 - best_at if complete else 0
-    failures = 0
+    best, since_best, failures = _replay_progress(trials)
     deadline = time.monotonic() + 60 * budget.max_minutes if budget.max_minutes else math.inf
     inflight: dict[int, optuna.Trial] = {}
+    resumable = sorted(left, key=lambda t: t.number)  # asked before the stop: finished whatever the budget says now
     bar = Progress(budget.max_trials, done, show)
     reason = "budget: max_trials reached"
     try:
         while True:
             stop = _stop_reason(budget, done, since_best, failures, deadline)
-            while (stop is None and done + len(inflight) < budget.max_trials and len(inflight) < cap
-                   and _can_ask(sampler, study)):
-                trial = study.ask(dists)
+            while len(inflight) < cap and (resumable or (stop is None and done + len(inflight) < budget.max_trials
+                                                         and _can_ask(sampler, study))):
+                trial = resume_trial(study, resumable.pop(0), dists) if resumable else study.ask(dists)
                 recipe = space.decode([trial.params[n] for n in space.names])
                 h = recipe.hash()
                 trial.set_user_attr("recipe", recipe.to_yaml())
@@ -279,6 +314,7 @@ def _loop(budget, study: optuna.Study, space, sampler, executor: Executor, show:
                     continue
                 executor.submit(trial.number, recipe)
                 inflight[trial.number] = trial
+                _fault(study, trial.number)
             if not inflight:
                 reason = stop or reason
                 break
@@ -287,27 +323,43 @@ def _loop(budget, study: optuna.Study, space, sampler, executor: Executor, show:
             _tell(study, trial, outcome)
             done += 1
             if outcome.ok:
-                failures = 0
                 cache[trial.user_attrs["recipe_hash"]] = study._storage.get_trial(trial._trial_id)
-                if best is None or outcome.fitness > best:
-                    best, since_best = outcome.fitness, 0
-                else:
-                    since_best += 1
             else:
-                failures += 1
                 log.warning("trial %d failed: %s", number, outcome.error)
+            best, since_best, failures = _progress(best, since_best, failures,
+                                                   sampler_value(outcome.fitness) if outcome.ok else None)
             bar.update(best)
-    except KeyboardInterrupt:
-        for trial in inflight.values():  # finished trials are told; in-flight ones are re-run on resume
-            study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-            study.tell(trial, state=TrialState.FAIL)
-            study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number}, skip_if_exists=False)
-        reason = "interrupted (Ctrl-C); `evolve resume` continues"
-    finally:
+    finally:  # Ctrl-C (KeyboardInterrupt) goes up: told trials are recorded, in-flight ones stay RUNNING for resume
         bar.close()
     if failures >= budget.max_consecutive_failures:
         raise EvomergeError(f"stopped after {failures} consecutive failed trials; last: {_last_fail_reason(study)}")
     return reason
+
+
+def _progress(best: float | None, since_best: int, failures: int, value: float | None) -> tuple[float | None, int, int]:
+    """(best, trials since it improved, consecutive failures) after one evaluated trial (value None: it failed)."""
+    if value is None:
+        return best, since_best, failures + 1
+    if best is None or value > best:
+        return value, 0, 0
+    return best, since_best + 1, 0
+
+
+def _replay_progress(trials: list[FrozenTrial]) -> tuple[float | None, int, int]:
+    """The loop's (best, since_best, failures) rebuilt from the record, so patience and the failure limit count
+    across a resume exactly as in one uninterrupted process (cached duplicates count for neither)."""
+    state: tuple[float | None, int, int] = (None, 0, 0)
+    for t in sorted(trials, key=lambda t: t.number):
+        if counted(t) and "cached_from" not in t.user_attrs:
+            state = _progress(*state, t.value if t.state == TrialState.COMPLETE else None)
+    return state
+
+
+def _fault(study: optuna.Study, number: int) -> None:
+    """Fault injection for the crash tests: EVOMERGE_FAULT=sigkill-after-submit:STUDY:N kills this process with
+    SIGKILL right after trial N of study STUDY went to a worker, leaving it RUNNING as a crash would. Unset: no-op."""
+    if os.environ.get("EVOMERGE_FAULT") == f"sigkill-after-submit:{study.study_name}:{number}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _can_ask(sampler, study: optuna.Study) -> bool:
@@ -328,12 +380,23 @@ def _stop_reason(b, done: int, since_best: int, failures: int, deadline: float) 
     return None
 
 
+FITNESS_DIGITS = 10
+
+
+def sampler_value(fitness: float) -> float:
+    """The value told to the study (what samplers and `best_trial` see): the fitness rounded to FITNESS_DIGITS
+    significant digits, so noise in the last bits of a float64 sum (summation order, library versions) never reaches
+    the sampler, while any difference an evaluation can resolve (1 example in 10^9) still does. The exact fitness is
+    kept in the trial's `fitness` user attr."""
+    return float(f"{fitness:.{FITNESS_DIGITS}g}") if math.isfinite(fitness) else fitness
+
+
 def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
     for key in ("metrics", "merge_seconds", "eval_seconds", "worker"):
         trial.set_user_attr(key, getattr(outcome, key))
     if outcome.ok:
         trial.set_user_attr("fitness", outcome.fitness)
-        study.tell(trial, outcome.fitness)
+        study.tell(trial, sampler_value(outcome.fitness))
     else:
         trial.set_user_attr("fail_reason", outcome.error)
         study.tell(trial, state=TrialState.FAIL)

@@ -37,6 +37,7 @@ where the last one stopped:
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -46,6 +47,7 @@ import cma
 import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
@@ -294,19 +296,90 @@ def _study_losses(study: Study) -> list[float]:
             if math.isfinite(t.value)]
 
 
+class _ReseedPerTrial:
+    """Mixed into Optuna's samplers by `make_sampler`: a trial's proposal depends only on (seed, trial number, the
+    study's record), never on how many draws this sampler object made before.
+
+    Optuna's samplers draw from NumPy ``RandomState`` streams (``LazyRandomState``: ``CmaEsSampler._cma_rng`` and
+    its independent ``RandomSampler``, ``TPESampler._rng`` and its ``RandomSampler``, ``RandomSampler._rng``,
+    ``NSGAIISampler._rng`` shared with its child-generation strategy) that advance with every draw, so a sampler
+    built by a new process (``evolve resume``) would start them over and propose other trials than the
+    uninterrupted run. Before every ``sample_relative`` and every ``sample_independent`` call this mixin reseeds each
+    of those streams from a hash of (seed, trial number, ``"relative"`` or the parameter's name, the stream's
+    attribute path). Keying by parameter too means a trial whose ask a dead process left half done is completed
+    with exactly the values the uninterrupted process would have drawn for its missing parameters.
+    """
+
+    def __init__(self, *args: Any, seed: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, seed=seed, **kwargs)
+        self._reseed_base = seed
+
+    def _reseed(self, trial: FrozenTrial, key: str) -> None:
+        if self._reseed_base is None:
+            return
+        for path, rng in _random_states(self):
+            digest = hashlib.sha256(f"{self._reseed_base}:{trial.number}:{key}:{path}".encode()).digest()
+            rng.seed(int.from_bytes(digest[:4], "little"))
+
+    def sample_relative(self, study: Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        self._reseed(trial, "relative")
+        return super().sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        self._reseed(trial, f"param:{param_name}")
+        return super().sample_independent(study, trial, param_name, param_distribution)
+
+
+def _random_states(sampler: optuna.samplers.BaseSampler) -> list[tuple[str, np.random.RandomState]]:
+    """Every NumPy RandomState a sampler draws from (its own and its delegate samplers'), with attribute paths."""
+    found: dict[int, tuple[str, np.random.RandomState]] = {}
+
+    def walk(obj: Any, path: str) -> None:
+        for attr, value in sorted(vars(obj).items()):
+            if isinstance(value, LazyRandomState):
+                value = value.rng
+            if isinstance(value, np.random.RandomState):
+                found.setdefault(id(value), (f"{path}.{attr}", value))
+            elif isinstance(value, optuna.samplers.BaseSampler):
+                walk(value, f"{path}.{attr}")
+
+    walk(sampler, "")
+    return list(found.values())
+
+
+class ReseededCmaEsSampler(_ReseedPerTrial, optuna.samplers.CmaEsSampler):
+    """Optuna's CMA-ES, reseeded per trial (see `_ReseedPerTrial`)."""
+
+
+class ReseededTPESampler(_ReseedPerTrial, optuna.samplers.TPESampler):
+    """Optuna's TPE, reseeded per trial and parameter (see `_ReseedPerTrial`)."""
+
+
+class ReseededRandomSampler(_ReseedPerTrial, optuna.samplers.RandomSampler):
+    """Optuna's random sampler, reseeded per trial and parameter (see `_ReseedPerTrial`)."""
+
+
+class ReseededNSGAIISampler(_ReseedPerTrial, optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II, reseeded per trial and parameter (see `_ReseedPerTrial`)."""
+
+
 def make_sampler(name: str, *, names: list[str], x0: list[float], bounds: list[tuple[float, float]],
                  sigma0: float, seed: int, popsize: int | None = None) -> optuna.samplers.BaseSampler:
-    """The sampler the config's ``search.optimizer.sampler`` names."""
+    """The sampler the config's ``search.optimizer.sampler`` names. Optuna's samplers come reseeded per trial
+    (`_ReseedPerTrial`) and PycmaSampler keeps its state in the study, so with the same seed a resumed search asks
+    exactly the trials the uninterrupted one would have asked."""
     if name == "cmaes":
         with warnings.catch_warnings():  # x0 and sigma0 are deprecated since Optuna 4.9 (removal planned for 6.0)
             warnings.filterwarnings("ignore", message="`(x0|sigma0)` has been deprecated", category=FutureWarning)
-            return optuna.samplers.CmaEsSampler(x0=dict(zip(names, x0)), sigma0=sigma0, seed=seed, popsize=popsize)
+            return ReseededCmaEsSampler(x0=dict(zip(names, x0)), sigma0=sigma0, seed=seed, popsize=popsize)
     if name == "pycma":
         return PycmaSampler(names, x0, bounds, sigma0, seed, popsize)
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        return ReseededTPESampler(seed=seed)
     if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return ReseededRandomSampler(seed=seed)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, **({} if popsize is None else {"population_size": popsize}))
+        return ReseededNSGAIISampler(seed=seed, **({} if popsize is None else {"population_size": popsize}))
     raise EvomergeError(f"search.optimizer.sampler: {name!r} is not one of {', '.join(SAMPLERS)}")

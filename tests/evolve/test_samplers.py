@@ -208,3 +208,47 @@ def test_make_sampler_kinds_and_bad_name() -> None:
     with pytest.raises(EvomergeError) as err:
         make_sampler("x", **kwargs)
     assert str(err.value) == "search.optimizer.sampler: 'x' is not one of cmaes, pycma, tpe, random, nsga2"
+
+
+@pytest.mark.parametrize("kind, streams", [
+    ("cmaes", ["._cma_rng", "._independent_sampler._rng"]),
+    ("tpe", ["._random_sampler._rng", "._rng"]),
+    ("random", ["._rng"]),
+    ("nsga2", ["._random_sampler._rng", "._rng"]),
+])
+def test_optuna_samplers_propose_from_the_seed_trial_number_and_record_alone(kind: str, streams: list[str]) -> None:
+    """Trial n's proposal must not depend on what the sampler object drew before (a resumed process starts fresh):
+    a sampler that first served another study proposes, on a copy of the record, exactly the original trial n."""
+    from evolve.samplers import _random_states
+
+    kwargs = dict(names=NAMES, x0=X0, bounds=BOUNDS, sigma0=0.2, seed=3, popsize=4)
+    assert [path for path, _ in _random_states(make_sampler(kind, **kwargs))] == streams  # every stream it draws from
+    original = optuna.create_study(sampler=make_sampler(kind, **kwargs))
+    original.enqueue_trial(dict(zip(NAMES, X0)))
+    asked = run(original, 14)
+    assert len({tuple(p.values()) for p in asked}) >= 12
+    for n in (1, 5, 11, 13):  # random start-up, CMA's second generation, TPE's model-based trials
+        used = make_sampler(kind, **kwargs)
+        run(optuna.create_study(sampler=used), 3)  # advances every stream of `used`
+        copy = optuna.create_study(sampler=used)
+        copy.add_trials(original.get_trials()[:n])
+        assert copy.ask(DISTRIBUTIONS).params == asked[n]
+
+
+def test_pycma_trial_left_running_mid_ask_gets_its_candidate_back_in_place(tmp_path: Path) -> None:
+    from evolve.loop import resume_trial
+
+    total = 1 + 3 * POPSIZE
+    uninterrupted = run(new_study(None), total)
+    study = new_study(tmp_path, "cut")
+    before = run(study, 1 + POPSIZE + 2)  # x0, generation 0, two of generation 1
+    dying = study.ask()  # the process dies after its first parameter was stored
+    dying.suggest_float("a", 0.0, 1.0)
+    resumed = reopen(tmp_path, "cut")  # a new process: a new sampler on the stored study
+    left = resumed.get_trials(states=(TrialState.RUNNING,))
+    assert [t.number for t in left] == [len(before)] and list(left[0].params) == ["a"]
+    trial = resume_trial(resumed, left[0], DISTRIBUTIONS)
+    assert trial.number == len(before) and trial.params == uninterrupted[len(before)]
+    assert (system_attrs(resumed, trial)[GENERATION_KEY], system_attrs(resumed, trial)[INDEX_KEY]) == (1, 2)
+    resumed.tell(trial, quadratic(trial.params))
+    assert before + [trial.params] + run(resumed, total - len(before) - 1) == uninterrupted

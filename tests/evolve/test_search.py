@@ -1,4 +1,4 @@
-"""The search loop through the real CLI: run, status, export, report; SIGKILL + resume; reproducibility; Ray faults."""
+"""The search loop through the real CLI: run, status, export, report; SIGKILL + resume = the uninterrupted run; Ray faults."""
 import json
 import os
 import signal
@@ -8,9 +8,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM
@@ -69,19 +71,46 @@ def study_of(cfg_path):
     return optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
 
 
-def evolve_cli(*args, **kw):
+def evolve_cli(*args, env=None, **kw):
     return subprocess.run([sys.executable, "-m", "evolve.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, **kw)
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, **kw)
 
 
-def test_end_to_end_run_status_export_report(tmp_path, world):
-    cfg_path = write_config(tmp_path, world)
-    proc = evolve_cli("run", str(cfg_path), "--no-progress")
+TRIALS, KILL_AT = 8, 6  # CMA generations of 4 after x0: trial 5's ask tells the first; trial 6 is killed
+SEARCH = {"search.budget.max_trials": TRIALS, "search.optimizer": {"sampler": "cmaes", "sigma0": 0.3, "popsize": 4}}
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory, world):
+    """One uninterrupted `evolve run` through the CLI (held-out table included), read by several tests."""
+    tmp = tmp_path_factory.mktemp("whole")
+    cfg_path = write_config(tmp, world, **SEARCH)
+    return SimpleNamespace(dir=tmp, cfg_path=cfg_path, proc=evolve_cli("run", str(cfg_path), "--no-progress"))
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory, world):
+    """The same run SIGKILLed (a deterministic point: right after trial KILL_AT went to the worker), then resumed."""
+    tmp = tmp_path_factory.mktemp("killed")
+    cfg_path = write_config(tmp, world, **SEARCH)
+    killed = evolve_cli("run", str(cfg_path), "--no-progress", "--no-final-table",
+                        env={"EVOMERGE_FAULT": f"sigkill-after-submit:t:{KILL_AT}"})
+    before = study_of(cfg_path).get_trials()
+    resumed = evolve_cli("resume", str(tmp / "run"), "--no-progress", "--no-final-table")
+    return SimpleNamespace(cfg_path=cfg_path, killed=killed, before=before, resumed=resumed)
+
+
+def record(cfg_path):
+    return [(t.number, t.state, t.params, t.value) for t in study_of(cfg_path).get_trials()]
+
+
+def test_end_to_end_run_status_export_report(whole_run):
+    tmp_path, cfg_path, proc = whole_run.dir, whole_run.cfg_path, whole_run.proc
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "held-out (test split)" in proc.stdout and "evolved PS (trial" in proc.stdout and "source ja" in proc.stdout
     study = study_of(cfg_path)
     trials = study.get_trials()
-    assert sum(counted(t) for t in trials) == 6  # exactly the budget
+    assert sum(counted(t) for t in trials) == TRIALS  # exactly the budget
     first = trials[0]
     assert first.user_attrs.get("x0") and first.params["L00-01.ja.weight"] == 0.5
     for t in trials:
@@ -89,7 +118,7 @@ def test_end_to_end_run_status_export_report(tmp_path, world):
             assert {"recipe", "recipe_hash", "metrics", "fitness", "worker"} <= set(t.user_attrs)
 
     status = evolve_cli("status", str(tmp_path / "run"))
-    assert status.returncode == 0 and "words/acc" in status.stdout and "6/6 trials" in status.stdout
+    assert status.returncode == 0 and "words/acc" in status.stdout and f"{TRIALS}/{TRIALS} trials" in status.stdout
 
     out = tmp_path / "export"
     exp = evolve_cli("export", str(tmp_path / "run"), "--out", str(out), "--device", "cpu")
@@ -97,7 +126,12 @@ def test_end_to_end_run_status_export_report(tmp_path, world):
     for f in ("recipe.evomerge.yaml", "mergekit.yaml", "README.md", "config.json", "tokenizer.json", "evomerge_scores.json"):
         assert (out / f).is_file(), f
     assert "seed" not in yaml.safe_load((out / "mergekit.yaml").read_text())
-    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers reads it: the base's class and shapes
+    base = AutoModelForCausalLM.from_pretrained(load_config(cfg_path).models.base)
+    assert type(model) is type(base) and model.config.num_hidden_layers == base.config.num_hidden_layers
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+    assert not torch.equal(model.state_dict()["model.layers.0.mlp.down_proj.weight"],  # merged, not a copy
+                           base.state_dict()["model.layers.0.mlp.down_proj.weight"])
     # the exported checkpoint scores on the search split exactly what the trial recorded
     best = study.best_trial
     ev = evolve_cli("eval", str(out), "--config", str(cfg_path), "--split", "dev", "--limit", "20", "--json")
@@ -113,49 +147,23 @@ def test_end_to_end_run_status_export_report(tmp_path, world):
         assert p.is_file() and p.stat().st_size > 1000, f
 
 
-def test_resume_after_sigkill_keeps_completed_trials_and_reruns_the_running_one(tmp_path, world):
-    cfg_path = write_config(tmp_path, world, **{"search.budget.max_trials": 14, "evaluation.tasks": [
-        {"name": "words", "type": "generation", "task_dir": world["task"], "split": "dev", "limit": 40,
-         "batch_size": 1, "max_new_tokens": 4, "extract": "first_word"}]})
-    db = tmp_path / "run" / "study.db"
-    proc = subprocess.Popen([sys.executable, "-m", "evolve.cli", "run", str(cfg_path), "--no-progress", "--no-final-table"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        if not db.exists():
-            continue
-        try:
-            with sqlite3.connect(db) as con:
-                states = [s for (s,) in con.execute("select state from trials order by number")]
-        except sqlite3.OperationalError:
-            continue
-        if states.count("COMPLETE") >= 4 and states[-1] == "RUNNING":
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            break
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    before = {t.number: t for t in study_of(cfg_path).get_trials()}
-    running = [n for n, t in before.items() if t.state == TrialState.RUNNING]
-    assert running, "no trial was RUNNING at the kill"
+def test_sigkill_mid_trial_then_resume_ends_as_the_uninterrupted_run(whole_run, killed_run):
+    """Same seed, same machine: the killed-and-resumed run has the uninterrupted run's trials, values and best."""
+    assert killed_run.killed.returncode == -signal.SIGKILL, killed_run.killed.stderr[-2000:]
+    before = killed_run.before
+    assert [t.state for t in before] == [TrialState.COMPLETE] * KILL_AT + [TrialState.RUNNING]
+    left = before[KILL_AT]
+    assert set(left.params) == set(before[0].params) and "recipe_hash" in left.user_attrs  # asked, handed out
 
-    res = evolve_cli("resume", str(tmp_path / "run"), "--no-progress", "--no-final-table")
-    assert res.returncode == 0, res.stderr[-2000:]
-    after = study_of(cfg_path).get_trials()
-    by_number = {t.number: t for t in after}
-    for n, t in before.items():  # completed trials are kept, untouched
-        if t.state == TrialState.COMPLETE:
-            assert by_number[n].state == TrialState.COMPLETE and by_number[n].value == t.value
-    reruns = [t for t in after if t.user_attrs.get("rerun_of") in running]
-    if len(before[running[0]].params) == len(reruns[0].params if reruns else {}) or reruns:
-        assert reruns and reruns[0].state == TrialState.COMPLETE
-        assert reruns[0].params == before[running[0]].params
-    else:  # killed while its parameters were being asked: it never ran, nothing to re-run
-        assert len(before[running[0]].params) < len(after[0].params)
-    assert by_number[running[0]].user_attrs.get("interrupted") is True
-    assert sum(counted(t) for t in after) == 14
-    hashes = [t.user_attrs["recipe_hash"] for t in after if counted(t) and "cached_from" not in t.user_attrs]
-    assert len(hashes) == len(set(hashes))  # nothing evaluated twice
+    assert killed_run.resumed.returncode == 0, killed_run.resumed.stderr[-2000:]
+    assert f"continuing trials a previous process left running: [{KILL_AT}]" in killed_run.resumed.stderr
+    after = study_of(killed_run.cfg_path).get_trials()
+    assert [(t.number, t.value) for t in after[:KILL_AT]] == [(t.number, t.value) for t in before[:KILL_AT]]
+    assert after[KILL_AT].state == TrialState.COMPLETE and after[KILL_AT].params == left.params  # continued in place
+    assert record(killed_run.cfg_path) == record(whole_run.cfg_path)  # the same search: params, values, order
+    assert study_of(killed_run.cfg_path).best_trial.number == study_of(whole_run.cfg_path).best_trial.number
+    assert not any({"interrupted", "rerun_of"} & set(t.user_attrs) for t in after)
+    assert len({t.user_attrs["recipe_hash"] for t in after}) == TRIALS  # nothing evaluated twice
 
 
 def test_a_second_concurrent_run_is_refused(tmp_path, world, capsys):
@@ -170,15 +178,6 @@ def test_a_second_concurrent_run_is_refused(tmp_path, world, capsys):
         assert "a search is already running on this study" in err and "shared_study" in err
     finally:
         lock.release()
-
-
-def test_same_seed_same_trials_and_scores(tmp_path, world):
-    results = []
-    for i in range(2):
-        cfg = load_config(write_config(tmp_path / str(i), world, **{"search.budget.max_trials": 5}))
-        study = run_search(cfg, progress=False).study
-        results.append([(t.params, t.value) for t in study.get_trials()])
-    assert results[0] == results[1]
 
 
 def test_ray_executor_survives_a_killed_actor_and_records_every_trial(tmp_path, world):
