@@ -4,6 +4,11 @@
 of its bounds' width (Optuna's ``CmaEsSampler`` searches the box normalized to [0, 1]; pycma gets ``sigma0`` with
 ``CMA_stds`` = the widths), so ``sigma0: 1/6`` puts the initial spread at a sixth of every parameter's range.
 
+Resume means the same search. The loop continues a trial a dead process left RUNNING in place (same number; the
+parameters its ask had not stored yet are sampled then). `make_sampler` returns Optuna's samplers with
+`_ReseedPerTrial` mixed in, which reseeds every random stream they hold from (seed, trial number, parameter) before
+each draw, so a trial's proposal depends only on the seed, its number and the study's record, not on the process.
+
 `PycmaSampler` keeps all of its state in the study, as plain JSON (never a pickle: a study database can come from
 someone else, and unpickling runs code), so a sampler built in a new process on the same storage continues exactly
 where the last one stopped:
@@ -22,8 +27,8 @@ where the last one stopped:
   refuses it (EvomergeError) rather than continue another search.
 - Failures. A slot whose trials all FAILed or were PRUNED (or whose value is not finite) is told the worst finite
   loss of its generation (the worst of the whole study if the generation has none), so CMA ranks it last.
-- Re-runs. A trial enqueued with exactly the params of a failed slot of the current generation (what the loop does
-  for trials a dead process left RUNNING) takes that slot over, so its value is what CMA is told; since the tell
+- Re-runs. A trial enqueued with exactly the params of a failed slot of the current generation (what evomerge
+  before in-place resume did for trials a dead process left RUNNING) takes that slot over, so its value is what CMA is told; since the tell
   waits until a candidate is needed, the re-run's value reaches CMA even when the failure closed the generation
   (as long as it is enqueued before the next ask; later, it is only an extra evaluation).
 - Other enqueued trials (the evaluated ``x0``) keep their fixed params and take no candidate.
