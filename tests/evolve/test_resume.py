@@ -150,15 +150,17 @@ def load(cfg: RunConfig) -> optuna.Study:
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_killed_during_asks_resumes_into_the_uninterrupted_run(sampler, fast_dir, monkeypatch):
+def test_killed_during_asks_and_an_evaluation_resumes_into_the_uninterrupted_run(sampler, fast_dir, monkeypatch,
+                                                                                fake_executor):
     expected = uninterrupted(fast_dir, sampler)
     assert len(expected[0]) == TRIALS and len({tuple(p.values()) for _, _, p, _ in expected[0]}) >= TRIALS - 2
     assert all(state == TrialState.COMPLETE for _, state, *_ in expected[0])
-    # x0 (enqueued) after 1 of its 4 parameters; trial 5, the first of CMA's second generation, whose ask tells the
-    # first, after 2; trial 10, TPE's first model-based one, after 3
-    cfg = config(fast_dir / f"ask-{sampler}", sampler)
+    # killed while asking x0 (enqueued) after 1 of its 4 parameters; trial 5, the first of CMA's second generation,
+    # whose ask tells the first, after 2; trial 10, TPE's first model-based one, after 3; and while evaluating 7
+    cfg = config(fast_dir / f"killed-{sampler}", sampler)
     killing_asks(monkeypatch, {0: 1, 5: 2, 10: 3})
-    run_killed(cfg, [0, 5, 10])
+    fake_executor.kill_at, fake_executor.evaluated = {7: Killed("killed while evaluating trial 7")}, []
+    run_killed(cfg, [0, 5, 7, 10])
     assert record(cfg) == expected
     trials = load(cfg).trials
     assert trials[0].user_attrs["x0"] is True and set(trials[0].params.values()) == {1.0}
@@ -166,19 +168,10 @@ def test_killed_during_asks_resumes_into_the_uninterrupted_run(sampler, fast_dir
     if sampler in premise:  # the killed asks are the ones that matter: CMA's tell, TPE's model
         number, key = premise[sampler]
         assert key in trials[number].system_attrs
-
-
-@pytest.mark.parametrize("sampler", SAMPLERS)
-def test_killed_during_an_evaluation_resumes_into_the_uninterrupted_run(sampler, fast_dir, fake_executor):
-    expected = uninterrupted(fast_dir, sampler)
-    cfg = config(fast_dir / f"eval-{sampler}", sampler)
-    fake_executor.kill_at, fake_executor.evaluated = {7: Killed("killed while evaluating trial 7")}, []
-    run_killed(cfg, [7])
-    assert record(cfg) == expected
-    # every trial evaluated once (the killed one on resume), except NSGA-II's repeated candidates, told the cache
-    assert fake_executor.evaluated == [t.number for t in load(cfg).trials if "cached_from" not in t.user_attrs]
+    # every trial evaluated once (the killed ones after a resume), except NSGA-II's repeated candidates, told the cache
+    assert fake_executor.evaluated == [t.number for t in trials if "cached_from" not in t.user_attrs]
     assert len(fake_executor.evaluated) >= TRIALS - 2 and 7 in fake_executor.evaluated
-    assert not any({"interrupted", "rerun_of"} & set(t.user_attrs) for t in load(cfg).trials)
+    assert not any({"interrupted", "rerun_of"} & set(t.user_attrs) for t in trials)
 
 
 def write_config(out: Path, sampler: str, trials: int = TRIALS) -> Path:
