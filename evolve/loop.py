@@ -5,6 +5,7 @@ import fcntl
 import logging
 import math
 import os
+import shlex
 import signal
 import socket
 import sqlite3
@@ -249,7 +250,7 @@ def storage_errors(cfg: RunConfig) -> Iterator[None]:
         gone = url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists()
         raise EvomergeError(f"storage {redact_url(url)} failed during the search: {storage_cause(e, url)}"
                             f"{' (the database file was deleted or moved)' if gone else ''}; the search stopped, and "
-                            f"once the storage works again `evolve resume {cfg.run_dir}` continues") from None
+                            f"once the storage works again `evolve resume {shlex.quote(str(cfg.run_dir))}` continues") from None
 
 
 def storage_cause(e: BaseException, url: str) -> str:
