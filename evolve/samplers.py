@@ -42,6 +42,7 @@ where the last one stopped:
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import warnings
@@ -51,6 +52,7 @@ from typing import Any
 import cma
 import numpy as np
 import optuna
+from optuna._transform import _SearchSpaceTransform
 from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.study import Study, StudyDirection
@@ -355,7 +357,46 @@ def _random_states(sampler: optuna.samplers.BaseSampler) -> list[tuple[str, np.r
 
 
 class ReseededCmaEsSampler(_ReseedPerTrial, optuna.samplers.CmaEsSampler):
-    """Optuna's CMA-ES, reseeded per trial (see `_ReseedPerTrial`)."""
+    """Optuna's CMA-ES, reseeded per trial (see `_ReseedPerTrial`), whose optimizer is rebuilt from the study's plain
+    record instead of unpickled from it.
+
+    Optuna's ``CmaEsSampler`` stores its ``cmaes`` optimizer pickled in trial system attrs (``cma:optimizer:<i>``)
+    and ``pickle.loads`` it on every ask: a crafted study database would run code. Here ``_restore_optimizer``
+    never reads those attrs: it builds a fresh optimizer (as ``_init_optimizer`` does) and replays ``tell`` for
+    every generation that has ``popsize`` completed trials (their params and values, in trial order: what Optuna
+    told). The replayed optimizer is the one Optuna would have unpickled (its random state aside, which Optuna
+    reseeds before every ask), so the search is unchanged; and since every full generation is told during the
+    replay, the sampler never reaches the branch that pickles an optimizer into the study.
+    """
+
+    def sample_relative(self, study: Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        self._replay_from = (study, search_space)
+        return super().sample_relative(study, trial, search_space)
+
+    def _restore_optimizer(self, completed_trials: list[FrozenTrial], *args: Any, **kwargs: Any) -> Any:
+        study, search_space = self._replay_from
+        trans = _SearchSpaceTransform(search_space, transform_step=not self._with_margin, transform_0_1=True)
+        rng_state = self._cma_rng.rng.get_state()
+        optimizer = self._init_optimizer(trans, study.direction)  # draws a seed from _cma_rng
+        sign = 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
+        while True:
+            solution_trials = self._get_solution_trials(completed_trials, optimizer.generation)
+            if optimizer.dim != len(trans.bounds) or len(solution_trials) < optimizer.population_size:
+                break
+            told = optimizer  # the object Optuna asks from right after its own tell
+            optimizer.tell([(trans.transform(t.params), sign * t.value)
+                            for t in solution_trials[: optimizer.population_size]])
+            optimizer = copy.deepcopy(optimizer)  # the round trip of Optuna's stored pickle (it re-symmetrizes C)
+        generations = {t.system_attrs.get(self._attr_key_generation, 0) for t in completed_trials}
+        if optimizer.generation > 0 and optimizer.generation not in generations:
+            optimizer = told  # the last tell is this trial's: Optuna would ask from the object it just told
+        # Optuna draws that seed only while no completed trial holds a stored optimizer, i.e. until the trial that
+        # made the first tell (the first of generation >= 1) has completed; keep its random stream exactly.
+        told_before = max(generations, default=0) >= 1
+        if told_before or optimizer.generation == 0:
+            self._cma_rng.rng.set_state(rng_state)
+        return optimizer if optimizer.generation > 0 else None  # None: Optuna initializes it, as before any tell
 
 
 class ReseededTPESampler(_ReseedPerTrial, optuna.samplers.TPESampler):

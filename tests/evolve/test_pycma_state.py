@@ -1,4 +1,5 @@
-"""PycmaSampler's state in the study is plain JSON, replayed in a new process; a pickle in a study is never loaded.
+"""PycmaSampler's state in the study is plain JSON, replayed in a new process; a pickle in a study is never loaded,
+neither by pycma nor by the default `cmaes` (Optuna's CMA-ES, whose optimizer evomerge rebuilds by replay).
 sigma0 is a fraction of each parameter's range for both CMA-ES samplers."""
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 
-from evolve.samplers import HISTORY_KEY, STATE_KEY, PycmaSampler
+from evolve.samplers import HISTORY_KEY, STATE_KEY, PycmaSampler, ReseededCmaEsSampler
 from merge_core.errors import EvomergeError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -136,3 +137,49 @@ def test_pycma_candidates_scale_with_the_box():
         return np.asarray(s._new_es().ask())
 
     assert np.allclose(generation(10.0), 10 * generation(1.0), rtol=1e-9, atol=0)
+
+
+# ---- Optuna's CmaEsSampler (the default `cmaes`): rebuilt by replay, never unpickled ------------------------------
+
+
+class PicklingCmaEs(ReseededCmaEsSampler):
+    """The same sampler with Optuna's own restore (unpickle the stored optimizer): the reference trajectory."""
+
+    _restore_optimizer = optuna.samplers.CmaEsSampler._restore_optimizer
+
+
+def cmaes_run(sampler_cls: type, n: int, url: str | None = None) -> list[tuple[dict[str, float], float]]:
+    names = ["a", "b", "c"]
+    study = optuna.create_study(storage=url, study_name="s", load_if_exists=True, direction="maximize",
+                                sampler=sampler_cls(x0=dict.fromkeys(names, 0.5), sigma0=0.2, seed=3, popsize=4))
+    dists = {k: optuna.distributions.FloatDistribution(0.0, 1.0) for k in names}
+    out = []
+    for _ in range(n):
+        trial = study.ask(dists)
+        value = -sum((trial.params[k] - t) ** 2 for k, t in zip(names, (0.2, 0.7, 0.4)))
+        study.tell(trial, value)
+        out.append((trial.params, value))
+    return out
+
+
+def test_cmaes_replay_proposes_what_optunas_unpickled_optimizer_proposes():
+    reference = cmaes_run(PicklingCmaEs, 6 * 4 + 2)
+    assert cmaes_run(ReseededCmaEsSampler, 6 * 4 + 2) == reference  # five tells replayed, same proposals
+
+
+def test_cmaes_never_unpickles_the_study_and_stores_no_pickle(tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    marker = tmp_path / "pwned"
+    cmaes_run(ReseededCmaEsSampler, 4 * 4 + 1, url)
+    study = optuna.load_study(study_name="s", storage=url)
+    stored = [k for t in study.trials for k in t.system_attrs if k.startswith("cma:optimizer")]
+    assert stored == []  # nothing pickled was written
+    crafted = study.ask({k: FloatDistribution(0.0, 1.0) for k in "abc"})  # a completed trial carrying a pickled "optimizer": what a crafted study holds
+    study._storage.set_trial_system_attr(crafted._trial_id, "cma:optimizer:0", pickle.dumps(Marker(marker)).hex())
+    study.tell(crafted, 0.0)
+    with pytest.raises(Exception):  # Optuna's own restore would load it: proof the payload is live
+        cmaes_run(PicklingCmaEs, 1, url)
+    assert marker.exists()
+    marker.unlink()
+    cmaes_run(ReseededCmaEsSampler, 4, url)
+    assert not marker.exists()

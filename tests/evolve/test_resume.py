@@ -164,10 +164,12 @@ def test_killed_during_asks_and_an_evaluation_resumes_into_the_uninterrupted_run
     assert record(cfg) == expected
     trials = load(cfg).trials
     assert trials[0].user_attrs["x0"] is True and set(trials[0].params.values()) == {1.0}
-    premise = {"cmaes": (5, "cma:optimizer:0"), "pycma": (5, "pycma:generation"), "tpe": (10, "tpe:relative_params:0")}
-    if sampler in premise:  # the killed asks are the ones that matter: CMA's tell, TPE's model
-        number, key = premise[sampler]
-        assert key in trials[number].system_attrs
+    premise = {"cmaes": (5, "cma:generation", 1), "pycma": (5, "pycma:generation", 1),
+               "tpe": (10, "tpe:relative_params:0", None)}
+    if sampler in premise:  # the killed asks are the ones that matter: CMA's tell (trial 5 opens generation 1), TPE's model
+        number, key, value = premise[sampler]
+        assert key in trials[number].system_attrs and value in (None, trials[number].system_attrs[key])
+        assert trials[number - 1].system_attrs.get(key, 0) != value or value is None
     # every trial evaluated once (the killed ones after a resume), except NSGA-II's repeated candidates, told the cache
     assert fake_executor.evaluated == [t.number for t in trials if "cached_from" not in t.user_attrs]
     assert len(fake_executor.evaluated) >= TRIALS - 2 and 7 in fake_executor.evaluated
