@@ -11,11 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from evolve.urls import expand_env, persisted_url, redact_url
 from merge_core.errors import EvomergeError
+from merge_core.recipe import DTYPES
 
 
 MAX_NAME = 100  # run, task and alias names: they name directories, studies and Optuna parameters
 MAX_SEED = 2**32  # seeds feed numpy (Optuna's samplers, pycma), which takes 0 <= seed < 2**32
 MAX_REPEATS = 1000  # dfs repeats (the slot count is bounded again, with the layer counts, by DataFlowSpace)
+DType = Literal[DTYPES]  # type: ignore[valid-type]  # merge_core.recipe.DTYPES, as a schema type
+SamplerName = Literal["cmaes", "pycma", "tpe", "random", "nsga2"]  # evolve.samplers.make_sampler builds each
 
 
 class _Strict(BaseModel):
@@ -71,7 +74,7 @@ class Space(_Strict):
     density_bounds: tuple[float, float] = (0.05, 1.0)
     x0: dict[Literal["weight", "density"], float] = Field(default_factory=lambda: {"weight": 0.5, "density": 0.5})
     params: dict[str, Any] = Field(default_factory=dict, description="fixed global method parameters")
-    dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
+    dtype: Optional[DType] = None
 
     @model_validator(mode="after")
     def _bounds(self) -> "Space":
@@ -109,7 +112,7 @@ class DataFlow(_Strict):
 
 
 class Optimizer(_Strict):
-    sampler: Literal["cmaes", "pycma", "tpe", "random", "nsga2"] = "cmaes"
+    sampler: SamplerName = "cmaes"
     sigma0: float = Field(default=1 / 6, gt=0)
     popsize: Optional[int] = Field(default=None, ge=2)
 
@@ -243,7 +246,7 @@ class Execution(_Strict):
     backend: Literal["local", "ray"] = "local"
     workers: int = Field(default=1, ge=1)
     device: str = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: DType = "float32"
     ray_address: Optional[str] = None
     cpus_per_worker: float = Field(default=0.5, gt=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)

@@ -47,7 +47,7 @@ import hashlib
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 import cma
 import numpy as np
@@ -58,6 +58,7 @@ from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from evolve.config import SamplerName
 from merge_core.errors import EvomergeError
 
 STATE_KEY = "pycma:state"
@@ -66,7 +67,7 @@ REPLAY_TOLERANCE = 1e-12
 GENERATION_KEY = "pycma:generation"
 INDEX_KEY = "pycma:index"
 
-SAMPLERS = ("cmaes", "pycma", "tpe", "random", "nsga2")
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 
 
 class _SeededRandn:

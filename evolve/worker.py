@@ -14,7 +14,7 @@ from evolve.config import RunConfig, Task, parse_config
 from merge_core.checkpoint import Checkpoint
 from merge_core.errors import EvomergeError
 from merge_core.materialize import Materializer
-from merge_core.merge import DTYPES
+from merge_core.merge import TORCH_DTYPES
 from merge_core.recipe import MergeRecipe
 from search_spaces.dfs import DataFlowRecipe, load_recipe
 
@@ -71,7 +71,7 @@ class MergeBackend:
     def __init__(self, cfg: RunConfig, template: MergeRecipe):
         self.materializer = Materializer(template, device=cfg.execution.device, allow_pickle=cfg.models.allow_pickle,
                                          trust_remote_code=cfg.models.trust_remote_code)
-        self.model = self.materializer.new_model(dtype=DTYPES[cfg.execution.dtype])
+        self.model = self.materializer.new_model(dtype=TORCH_DTYPES[cfg.execution.dtype])
         self.tokenizer_path = str(self.materializer.reference.path)
 
     def apply(self, recipe: MergeRecipe) -> None:
@@ -110,7 +110,7 @@ def load_live_model(cfg: RunConfig, ref: str):
 
     tc = cfg.models.trust_remote_code
     local = Checkpoint.open(ref, allow_pickle=cfg.models.allow_pickle, trust_remote_code=tc).path
-    model = AutoModelForCausalLM.from_pretrained(str(local), dtype=DTYPES[cfg.execution.dtype], trust_remote_code=tc)
+    model = AutoModelForCausalLM.from_pretrained(str(local), dtype=TORCH_DTYPES[cfg.execution.dtype], trust_remote_code=tc)
     return model.to(resolve_device(cfg.execution.device)).eval()
 
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Literal
 
+import psutil
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -12,7 +14,7 @@ from merge_core import methods
 from merge_core.checkpoint import Checkpoint
 from merge_core.errors import EvomergeError
 from merge_core.merge import (
-    DTYPES,
+    TORCH_DTYPES,
     check_recipe,
     compute_tensor,
     load_as_float32,
@@ -65,7 +67,7 @@ class Materializer:
         check_recipe(template, self.num_layers)
         self.out_dtype = output_dtype(template, self.reference)
         self.spec = method_spec(template)
-        load_dtype = DTYPES.get(template.dtype or "")
+        load_dtype = TORCH_DTYPES.get(template.dtype or "")
         self.names = list(self.reference.names)
         self._name_set = set(self.names)
         keep_deltas = self.spec.kind == "gta" and self._choose_task_vectors(resident, ckpts)
@@ -167,7 +169,7 @@ class Materializer:
         if resident != "auto":
             return resident == "task_vectors"
         ref = self.reference
-        f32_bytes = sum(4 * _numel(ref.shape(n)) for n in ref.names) * len(self.template.sources)
+        f32_bytes = sum(4 * math.prod(ref.shape(n)) for n in ref.names) * len(self.template.sources)
         return f32_bytes < 0.5 * _free_bytes(self.device)
 
 
@@ -178,19 +180,10 @@ def _resident(t: torch.Tensor, load_dtype: torch.dtype | None, device: torch.dev
     return out.clone() if out.data_ptr() == t.data_ptr() and device.type == "cpu" else out
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    import psutil
-
     return int(psutil.virtual_memory().available)
 
 

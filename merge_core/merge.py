@@ -11,11 +11,11 @@ import torch
 from merge_core import methods
 from merge_core.checkpoint import Checkpoint, ShardedWriter, copy_model_files, staged_output, validate_compatible
 from merge_core.errors import EvomergeError
-from merge_core.recipe import MergeRecipe, locate, resolve_parameter, validate_layout
+from merge_core.recipe import DTYPES, MergeRecipe, locate, resolve_parameter, validate_layout
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 RECIPE_FILE = "recipe.evomerge.yaml"  # the recipe a merged checkpoint was made with, written next to its weights
 
 
@@ -179,7 +179,7 @@ def open_models(recipe: MergeRecipe, *, allow_pickle: bool = False, trust_remote
 def output_dtype(recipe: MergeRecipe, reference: Checkpoint) -> torch.dtype:
     name = recipe.out_dtype or recipe.dtype
     if name is not None:
-        return DTYPES[name]
+        return TORCH_DTYPES[name]
     return reference.dtype(next(n for n in reference.names if n.endswith(".weight")))
 
 
@@ -203,7 +203,7 @@ def run_merge(
     check_recipe(recipe, reference.num_layers)
     dev = resolve_device(device)
     out_dtype = output_dtype(recipe, reference)
-    inputs = CheckpointInputs(ckpts, recipe.base_model, DTYPES.get(recipe.dtype or ""), dev)
+    inputs = CheckpointInputs(ckpts, recipe.base_model, TORCH_DTYPES.get(recipe.dtype or ""), dev)
     plans = {name: plan_tensor(recipe, name, reference.num_layers) for name in reference.names}  # fail before writing
     tokenizer_src = None
     if recipe.tokenizer_source not in (None, "base"):
