@@ -10,8 +10,7 @@ from evolve.config import RunConfig
 from evolve.worker import build_evaluators, score_metrics
 from merge_core.errors import EvomergeError
 from merge_core.merge import method_spec
-from merge_core.recipe import MergeRecipe, OutputSlice, SliceSource
-from search_spaces.dfs import DataFlowRecipe
+from merge_core.recipe import DataFlowRecipe, MergeRecipe, OutputSlice, Recipe, SliceSource
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ def score_checkpoint(cfg: RunConfig, path: str, *, split: Optional[str] = None, 
     return score_metrics(evaluators or heldout_evaluators(cfg, split, limit), model, tokenizer)
 
 
-def score_recipes(cfg: RunConfig, recipes: dict[str, Any], evaluators: list) -> dict[str, dict[str, float]]:
+def score_recipes(cfg: RunConfig, recipes: dict[str, Recipe], evaluators: list) -> dict[str, dict[str, float]]:
     """Score recipes in memory: one backend (Materializer, or models A and B) per group of compatible recipes."""
     from transformers import AutoTokenizer
 
@@ -91,7 +90,7 @@ def heldout_table(cfg: RunConfig) -> list[dict[str, Any]]:
     models = ([("base", cfg.models.base)] if cfg.models.base else []) + [(f"source {a}", s.path) for a, s in zip(cfg.models.aliases(), cfg.models.sources)]
     for label, path in models:
         rows.append({"model": label, **score_checkpoint(cfg, path, device=cfg.execution.device, evaluators=evaluators)})
-    recipes: dict[str, Any] = dict(untuned_recipes(cfg))
+    recipes: dict[str, Recipe] = dict(untuned_recipes(cfg))
     labels = {"ps": "evolved PS", "dfs": "evolved PS+DFS" if cfg.search.stages == ["ps", "dfs"] else "evolved DFS"}
     for stage in cfg.search.stages:
         study = optuna.load_study(study_name=study_name(cfg, stage), storage=cfg.storage_url)

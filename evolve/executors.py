@@ -11,7 +11,7 @@ from typing import Mapping, Protocol
 from evolve.config import RunConfig
 from evolve.worker import Outcome, Worker
 from merge_core.errors import EvomergeError
-from merge_core.recipe import MergeRecipe
+from merge_core.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ class Executor(Protocol):
 
     slots: int
 
-    def submit(self, key: int, recipe: MergeRecipe) -> None: ...
+    def submit(self, key: int, recipe: Recipe) -> None: ...
 
     def wait(self) -> tuple[int, Outcome]: ...
 
@@ -33,11 +33,11 @@ class LocalExecutor:
 
     slots = 1
 
-    def __init__(self, cfg: RunConfig, template: MergeRecipe):
+    def __init__(self, cfg: RunConfig, template: Recipe):
         self.worker = Worker(cfg, template.to_yaml(), worker_id="local")
-        self._pending: list[tuple[int, MergeRecipe]] = []
+        self._pending: list[tuple[int, Recipe]] = []
 
-    def submit(self, key: int, recipe: MergeRecipe) -> None:
+    def submit(self, key: int, recipe: Recipe) -> None:
         self._pending.append((key, recipe))
 
     def wait(self) -> tuple[int, Outcome]:
@@ -51,7 +51,7 @@ class LocalExecutor:
 class RayExecutor:
     """One actor per worker, each holding its Worker resident; a dead actor is replaced and its candidate re-run."""
 
-    def __init__(self, cfg: RunConfig, template: MergeRecipe):
+    def __init__(self, cfg: RunConfig, template: Recipe):
         import ray
 
         self.ray = ray
@@ -74,7 +74,7 @@ class RayExecutor:
         self.actors = {i: self._start(i) for i in range(self.slots)}
         ray.get([a.ping.remote() for a in self.actors.values()])  # surface build errors before the search starts
         self._free = list(self.actors)
-        self._running: dict[object, tuple[int, int, MergeRecipe]] = {}
+        self._running: dict[object, tuple[int, int, Recipe]] = {}
 
     def actor_name(self, slot: int) -> str:
         return f"evomerge-{self.cfg.name}-w{slot}-{self._generation}"
@@ -84,7 +84,7 @@ class RayExecutor:
         return self._remote.options(name=self.actor_name(slot)).remote(
             self.cfg.model_dump(mode="json"), self.template_yaml, f"ray-{slot}")
 
-    def submit(self, key: int, recipe: MergeRecipe) -> None:
+    def submit(self, key: int, recipe: Recipe) -> None:
         if not self._free:
             raise EvomergeError("ray executor: no free worker (the loop submitted more than `slots`)")
         slot = self._free.pop(0)
@@ -192,7 +192,7 @@ def _job_has_working_dir(environ: Mapping[str, str]) -> bool:
     return isinstance(job, dict) and bool((job.get("runtime_env") or {}).get("working_dir"))
 
 
-def make_executor(cfg: RunConfig, template: MergeRecipe) -> Executor:
+def make_executor(cfg: RunConfig, template: Recipe) -> Executor:
     if cfg.execution.backend == "ray":
         return RayExecutor(cfg, template)
     return LocalExecutor(cfg, template)

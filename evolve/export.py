@@ -11,8 +11,7 @@ from evolve.config import RunConfig
 from merge_core.checkpoint import staged_output
 from merge_core.errors import EvomergeError
 from merge_core.merge import RECIPE_FILE, run_merge
-from merge_core.recipe import MergeRecipe, OutputSlice, SliceSource
-from search_spaces.dfs import DataFlowRecipe
+from merge_core.recipe import DataFlowRecipe, MergeRecipe, OutputSlice, Recipe, SliceSource
 
 
 def export_trial(cfg: RunConfig, study: optuna.Study, out: Path, *, trial_number: Optional[int] = None,
@@ -31,9 +30,9 @@ def export_trial(cfg: RunConfig, study: optuna.Study, out: Path, *, trial_number
                             "export to another directory")
     with staged_output(out, overwrite=overwrite, inputs=models_read(cfg, recipe)) as tmp:
         if isinstance(recipe, DataFlowRecipe):  # a plain checkpoint with len(path) layers; scales folded into weights
-            from merge_core.dataflow import LayerPath, export_dataflow
+            from merge_core.dataflow import export_dataflow
 
-            export_dataflow(LayerPath(hops=recipe.hops, scales=recipe.scales), recipe.model_a, recipe.model_b, tmp)
+            export_dataflow(recipe.path, recipe.model_a, recipe.model_b, tmp)
             (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
         else:  # run_merge writes RECIPE_FILE: the recipe as searched (its model strings key the DARE/DELLA masks)
             run_merge(recipe, tmp, device=device, allow_pickle=cfg.models.allow_pickle,
@@ -47,7 +46,7 @@ def export_trial(cfg: RunConfig, study: optuna.Study, out: Path, *, trial_number
     return out
 
 
-def models_read(cfg: RunConfig, recipe) -> list[str]:
+def models_read(cfg: RunConfig, recipe: Recipe) -> list[str]:
     """Every model the export reads: the config's base and sources, the recipe's models and tokenizer source."""
     models = [cfg.models.base, *(s.path for s in cfg.models.sources)]
     if isinstance(recipe, DataFlowRecipe):
@@ -73,7 +72,7 @@ def absolute_paths(recipe: MergeRecipe) -> MergeRecipe:
                           tokenizer_source=tokenizer if tokenizer in (None, "base") else _absolute(tokenizer))
 
 
-def model_card(cfg: RunConfig, trial, recipe, scores: dict[str, float]) -> str:
+def model_card(cfg: RunConfig, trial, recipe: Recipe, scores: dict[str, float]) -> str:
     sources = "\n".join(f"- `{s.path}`" + (f" ({s.alias})" if s.alias else "") for s in cfg.models.sources)
     search = "\n".join(f"| {k} | {v:.4f} |" for k, v in (trial.user_attrs.get("metrics") or {}).items())
     held = "\n".join(f"| {k} | {v:.4f} |" for k, v in scores.items()) or "| (not scored) | |"
@@ -84,12 +83,12 @@ base_model: {cfg.models.base or cfg.models.sources[0].path}
 # {cfg.name} (evomerge trial {trial.number})
 
 An evolved merge found by evomerge with `{cfg.search.optimizer.sampler}` over a
-{recipe.to_dict()["merge_method"]} search space ({len(trial.params)} parameters).
+{recipe.merge_method} search space ({len(trial.params)} parameters).
 
 - base: `{cfg.models.base}`
 - sources:
 {sources}
-- method: `{recipe.to_dict()["merge_method"]}`
+- method: `{recipe.merge_method}`
 - search fitness: {trial.value:.4f} (trial {trial.number}; fitness = {' + '.join(f'{t.weight}*{t.metric}' + (' (min)' if t.direction == 'min' else '') for t in cfg.evaluation.fitness)})
 
 ## Search metrics (the split the search optimized)
@@ -102,5 +101,5 @@ An evolved merge found by evomerge with `{cfg.search.optimizer.sampler}` over a
 |---|---|
 {held}
 
-{"Layer path: " + recipe.describe() if isinstance(recipe, DataFlowRecipe) else "Reproduce with mergekit: `mergekit-yaml mergekit.yaml OUT` (model paths absolute); with evomerge: `evolve merge recipe.evomerge.yaml --out OUT` from the directory the search ran in (its model paths are the search's; DARE/DELLA masks depend on them)."}
+{"Layer path: " + recipe.path.describe() if isinstance(recipe, DataFlowRecipe) else "Reproduce with mergekit: `mergekit-yaml mergekit.yaml OUT` (model paths absolute); with evomerge: `evolve merge recipe.evomerge.yaml --out OUT` from the directory the search ran in (its model paths are the search's; DARE/DELLA masks depend on them)."}
 """

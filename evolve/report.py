@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from evolve.urls import redact_url  # noqa: E402
 from merge_core.errors import EvomergeError  # noqa: E402
+from merge_core.recipe import MODEL_NAMES, DataFlowRecipe, Recipe, load_recipe  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,9 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
     trials = study.get_trials(deepcopy=False)
     best = study.best_trial
     figures = {"fitness.png": plot_fitness(trials)}
-    if "layer_path:" in best.user_attrs.get("recipe", ""):  # a data-flow trial: draw its path
-        figures["best_path.png"] = plot_layer_path(best)
+    recipe = _readable_recipe(best)
+    if isinstance(recipe, DataFlowRecipe):  # a data-flow trial: draw its path
+        figures["best_path.png"] = plot_layer_path(best.number, recipe)
     else:
         figures["best_recipe.png"] = plot_best_recipe(best, _param_order(study, best))
     importances, why_not = compute_importances(study, len(complete))
@@ -64,21 +66,29 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
     return [*paths, html_path]
 
 
-def plot_layer_path(trial: FrozenTrial) -> plt.Figure:
-    """The best data-flow path: one box per hop, coloured by model, labelled with its layer and input scale."""
-    import yaml
+def _readable_recipe(trial: FrozenTrial) -> Recipe | None:
+    """The trial's recipe; None when it has none this report can read (its parameters are still drawn)."""
+    try:
+        return load_recipe(trial.user_attrs["recipe"], where=f"trial {trial.number} recipe")
+    except (KeyError, EvomergeError):
+        return None
 
-    hops = yaml.safe_load(trial.user_attrs["recipe"])["layer_path"]
+
+def plot_layer_path(number: int, recipe: DataFlowRecipe) -> plt.Figure:
+    """The best data-flow path: one box per hop, coloured by model, labelled with its layer and input scale."""
+    hops = list(zip(recipe.path.hops, recipe.path.scales))
     fig, ax = plt.subplots(figsize=(min(max(4.0, 0.55 * len(hops) + 1), 24), 1.9))
-    colors = {"A": "#4C72B0", "B": "#DD8452"}
-    for i, hop in enumerate(hops):
-        ax.add_patch(plt.Rectangle((i + 0.05, 0.1), 0.9, 0.8, color=colors[hop["model"]]))
-        ax.text(i + 0.5, 0.62, f"{hop['model']}{hop['layer']}", ha="center", va="center", color="white", fontsize=9, weight="bold")
-        ax.text(i + 0.5, 0.3, f"x{hop['scale']:.2f}", ha="center", va="center", color="white", fontsize=7)
+    colors = ("#4C72B0", "#DD8452")  # A, B
+    for i, ((model, layer), scale) in enumerate(hops):
+        ax.add_patch(plt.Rectangle((i + 0.05, 0.1), 0.9, 0.8, color=colors[model]))
+        ax.text(i + 0.5, 0.62, f"{MODEL_NAMES[model]}{layer}", ha="center", va="center", color="white", fontsize=9,
+                weight="bold")
+        ax.text(i + 0.5, 0.3, f"x{scale:.2f}", ha="center", va="center", color="white", fontsize=7)
     ax.set_xlim(0, len(hops))
     ax.set_ylim(0, 1)
     ax.axis("off")
-    ax.set_title(f"trial {trial.number}: {len(hops)} hops (A blue, B orange; scale multiplies the previous MLP output)", fontsize=9)
+    ax.set_title(f"trial {number}: {len(hops)} hops (A blue, B orange; scale multiplies the previous MLP output)",
+                 fontsize=9)
     return fig
 
 

@@ -5,7 +5,7 @@ import logging
 import math
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,8 +15,7 @@ from merge_core.checkpoint import Checkpoint
 from merge_core.errors import EvomergeError
 from merge_core.materialize import Materializer
 from merge_core.merge import TORCH_DTYPES
-from merge_core.recipe import MergeRecipe
-from search_spaces.dfs import DataFlowRecipe, load_recipe
+from merge_core.recipe import DataFlowRecipe, MergeRecipe, Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +34,6 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def build_evaluators(tasks: list[Task], *, seed: int, split: str | None = None, limit: int | None = None, heldout: bool = False) -> list[tuple[str, Any]]:
@@ -86,20 +82,14 @@ class DataFlowBackend:
 
         self.model_a = load_live_model(cfg, template.model_a)
         self.model_b = load_live_model(cfg, template.model_b)
-        self.model = DataFlowModel(self.model_a, self.model_b, _layer_path(template))
+        self.model = DataFlowModel(self.model_a, self.model_b, template.path)
         self.tokenizer_path = str(Checkpoint.open(template.model_a).path)
         self.template = template
 
     def apply(self, recipe: DataFlowRecipe) -> None:
         if (recipe.model_a, recipe.model_b) != (self.template.model_a, self.template.model_b):
             raise EvomergeError("recipe: a data-flow worker applies paths over the models A and B it was built with")
-        self.model.set_path(_layer_path(recipe))
-
-
-def _layer_path(recipe: DataFlowRecipe):
-    from merge_core.dataflow import LayerPath
-
-    return LayerPath(hops=recipe.hops, scales=recipe.scales)
+        self.model.set_path(recipe.path)
 
 
 def load_live_model(cfg: RunConfig, ref: str):
@@ -114,7 +104,7 @@ def load_live_model(cfg: RunConfig, ref: str):
     return model.to(resolve_device(cfg.execution.device)).eval()
 
 
-def make_backend(cfg: RunConfig, template: MergeRecipe | DataFlowRecipe) -> MergeBackend | DataFlowBackend:
+def make_backend(cfg: RunConfig, template: Recipe) -> MergeBackend | DataFlowBackend:
     return DataFlowBackend(cfg, template) if isinstance(template, DataFlowRecipe) else MergeBackend(cfg, template)
 
 

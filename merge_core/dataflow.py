@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
@@ -30,8 +28,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from merge_core.checkpoint import Checkpoint, ShardedWriter, copy_model_files, layer_index, module_kind
 from merge_core.errors import EvomergeError
+from merge_core.recipe import LayerPath
 
-MODEL_NAMES = ("A", "B")
 FULL, SLIDING = "full_attention", "sliding_attention"
 _MASK_FUNCTIONS = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
 # Config fields that decide what one decoder layer computes; A and B must agree on them, since the path runs
@@ -47,84 +45,6 @@ _DOWN_PROJ = ("mlp.down_proj.weight", "mlp.down_proj.bias")
 # reads `outputs.cache`; masks and attention take `cache=`, the old name only with a FutureWarning), `past_key_values`
 # up to 5.23. Read off the output class, so forward and its outputs follow the installed release.
 CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
-
-
-# --------------------------------------------------------------------------- the path
-
-
-@dataclass(frozen=True)
-class LayerPath:
-    """The hops of a data-flow model: `hops[t] = (model, layer)` with model 0 = A, 1 = B, and one scale per hop."""
-
-    hops: tuple[tuple[int, int], ...]
-    scales: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        try:
-            hops = tuple((int(m), int(l)) for m, l in self.hops)
-            scales = tuple(float(s) for s in self.scales)
-        except (TypeError, ValueError) as err:
-            raise EvomergeError(
-                f"layer path: hops must be (model, layer) integer pairs and scales numbers ({err})"
-            ) from err
-        object.__setattr__(self, "hops", hops)
-        object.__setattr__(self, "scales", scales)
-        if not hops:
-            raise EvomergeError("layer path: no hops; a path needs at least one (model, layer) hop")
-        if len(scales) != len(hops):
-            raise EvomergeError(f"layer path: {len(hops)} hops but {len(scales)} scales; give one scale per hop")
-        for t, (model, layer) in enumerate(hops):
-            if model not in (0, 1):
-                raise EvomergeError(f"layer path: hop {t} names model {model}; use 0 (A) or 1 (B)")
-            if layer < 0:
-                raise EvomergeError(f"layer path: hop {t} has negative layer index {layer}")
-        for t, scale in enumerate(scales):
-            if not math.isfinite(scale):
-                raise EvomergeError(f"layer path: hop {t} has non-finite scale {scale}")
-
-    @classmethod
-    def identity(cls, num_layers: int) -> LayerPath:
-        """A's own layers in order, every scale 1: the path that reproduces A."""
-        return cls(tuple((0, i) for i in range(num_layers)), (1.0,) * num_layers)
-
-    def __len__(self) -> int:
-        return len(self.hops)
-
-    def check_layers(self, num_layers: Sequence[int]) -> None:
-        """Raise unless every hop's model exists and its layer is below that model's layer count (A, B)."""
-        for t, (model, layer) in enumerate(self.hops):
-            if model >= len(num_layers):
-                raise EvomergeError(
-                    f"layer path: hop {t} uses model B ({self.describe_hop(t)}) but no model B was given"
-                )
-            if layer >= num_layers[model]:
-                raise EvomergeError(
-                    f"layer path: hop {t} ({self.describe_hop(t)}) is out of range; "
-                    f"model {MODEL_NAMES[model]} has {num_layers[model]} layers"
-                )
-
-    def describe_hop(self, t: int) -> str:
-        model, layer = self.hops[t]
-        scale = self.scales[t]
-        return f"{MODEL_NAMES[model]}{layer}" + ("" if scale == 1.0 else f"(x{scale:.4g})")
-
-    def describe(self) -> str:
-        """A readable one-liner such as `A0 A1 B3(x0.8) A2`; scales of 1 are left out."""
-        return " ".join(self.describe_hop(t) for t in range(len(self.hops)))
-
-    def to_dict(self) -> dict[str, list]:
-        """Plain lists for YAML/JSON: `{"hops": [[model, layer], ...], "scales": [...]}`."""
-        return {"hops": [list(hop) for hop in self.hops], "scales": list(self.scales)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LayerPath:
-        if not isinstance(data, Mapping) or set(data) != {"hops", "scales"}:
-            got = sorted(data) if isinstance(data, Mapping) else type(data).__name__
-            raise EvomergeError(f"layer path: expected a mapping with keys 'hops' and 'scales', got {got}")
-        hops = data["hops"]
-        if not isinstance(hops, Sequence) or any(not isinstance(h, Sequence) or len(h) != 2 for h in hops):
-            raise EvomergeError("layer path: 'hops' must be a list of [model, layer] pairs")
-        return cls(tuple(tuple(h) for h in hops), tuple(data["scales"]))
 
 
 # --------------------------------------------------------------------------- configs

@@ -1,6 +1,11 @@
-"""MergeRecipe: plain, hashable merge recipes in mergekit's YAML format, and per-tensor parameter resolution.
+"""Recipes: plain, hashable merges as data, and per-tensor parameter resolution.
 
-A recipe is mergekit's configuration (``merge_method``, ``base_model``, ``models`` or ``slices``,
+``Recipe`` is one of two kinds, read from YAML by ``load_recipe`` (``merge_method: dataflow`` selects the second):
+
+* ``MergeRecipe``: a parameter-space merge in mergekit's YAML format;
+* ``DataFlowRecipe``: a data-flow merge (Sakana's DFS), models A and B and the ``LayerPath`` run through them.
+
+A MergeRecipe is mergekit's configuration (``merge_method``, ``base_model``, ``models`` or ``slices``,
 ``parameters`` with filters and gradient lists, ``dtype``...) plus one evomerge field, ``seed``
 (DARE / DELLA masks). Parameters resolve per tensor exactly as mergekit does:
 
@@ -18,22 +23,23 @@ A recipe is mergekit's configuration (``merge_method``, ``base_model``, ``models
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import yaml
 
 from merge_core.errors import EvomergeError
+from merge_core.yamlio import load_yaml, read_text
 
 # A parameter setting, frozen: scalar | tuple of scalars (gradient) | tuple of Cond (filters).
 Setting = Any
 Params = tuple[tuple[str, Setting], ...]
-
-EVOMERGE_ONLY_KEYS = ("seed",)
+MODEL_NAMES = ("A", "B")  # a data-flow path's models, by index
 
 
 @dataclass(frozen=True)
@@ -78,20 +84,13 @@ class MergeRecipe:
 
     @staticmethod
     def from_yaml(text: str, where: str = "recipe") -> "MergeRecipe":
-        from merge_core.yamlio import load_yaml
-
-        d = load_yaml(text, where)  # safe_load, refusing duplicate keys and alias bombs
-        if not isinstance(d, dict):
-            raise EvomergeError(f"{where}: expected a mapping with merge_method and models or slices")
-        return _recipe_from_dict(d, where)
+        return _recipe_from_dict(_mapping(text, where), where)
 
     @staticmethod
     def load(path: str | Path) -> "MergeRecipe":
         p = Path(path)
         if not p.is_file():
             raise EvomergeError(f"{p}: recipe file not found")
-        from merge_core.yamlio import read_text
-
         return MergeRecipe.from_yaml(read_text(p, "recipe file"), where=str(p))
 
     # ---- serialization ------------------------------------------------------------------------
@@ -121,8 +120,7 @@ class MergeRecipe:
 
     def hash(self) -> str:
         """A stable content hash (the search loop's cache key)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=repr)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return _content_hash(self.to_dict())
 
     # ---- structure ----------------------------------------------------------------------------
     @property
@@ -139,9 +137,120 @@ class MergeRecipe:
         return tuple(m for m in self.models if m != self.base_model)
 
     def replace(self, **changes: Any) -> "MergeRecipe":
-        from dataclasses import replace
+        return dataclasses.replace(self, **changes)
 
-        return replace(self, **changes)
+
+# ---- data-flow recipes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerPath:
+    """The hops of a data-flow model: `hops[t] = (model, layer)` with model 0 = A, 1 = B, and one scale per hop."""
+
+    hops: tuple[tuple[int, int], ...]
+    scales: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        try:
+            hops = tuple((int(m), int(l)) for m, l in self.hops)
+            scales = tuple(float(s) for s in self.scales)
+        except (TypeError, ValueError) as err:
+            raise EvomergeError(
+                f"layer path: hops must be (model, layer) integer pairs and scales numbers ({err})"
+            ) from err
+        object.__setattr__(self, "hops", hops)
+        object.__setattr__(self, "scales", scales)
+        if not hops:
+            raise EvomergeError("layer path: no hops; a path needs at least one (model, layer) hop")
+        if len(scales) != len(hops):
+            raise EvomergeError(f"layer path: {len(hops)} hops but {len(scales)} scales; give one scale per hop")
+        for t, (model, layer) in enumerate(hops):
+            if model not in (0, 1):
+                raise EvomergeError(f"layer path: hop {t} names model {model}; use 0 (A) or 1 (B)")
+            if layer < 0:
+                raise EvomergeError(f"layer path: hop {t} has negative layer index {layer}")
+        for t, scale in enumerate(scales):
+            if not math.isfinite(scale):
+                raise EvomergeError(f"layer path: hop {t} has non-finite scale {scale}")
+
+    @classmethod
+    def identity(cls, num_layers: int) -> "LayerPath":
+        """A's own layers in order, every scale 1: the path that reproduces A."""
+        return cls(tuple((0, i) for i in range(num_layers)), (1.0,) * num_layers)
+
+    def __len__(self) -> int:
+        return len(self.hops)
+
+    def check_layers(self, num_layers: Sequence[int]) -> None:
+        """Raise unless every hop's model exists and its layer is below that model's layer count (A, B)."""
+        for t, (model, layer) in enumerate(self.hops):
+            if model >= len(num_layers):
+                raise EvomergeError(
+                    f"layer path: hop {t} uses model B ({self.describe_hop(t)}) but no model B was given"
+                )
+            if layer >= num_layers[model]:
+                raise EvomergeError(
+                    f"layer path: hop {t} ({self.describe_hop(t)}) is out of range; "
+                    f"model {MODEL_NAMES[model]} has {num_layers[model]} layers"
+                )
+
+    def describe_hop(self, t: int) -> str:
+        model, layer = self.hops[t]
+        scale = self.scales[t]
+        return f"{MODEL_NAMES[model]}{layer}" + ("" if scale == 1.0 else f"(x{scale:.4g})")
+
+    def describe(self) -> str:
+        """A readable one-liner such as `A0 A1 B3(x0.8) A2`; scales of 1 are left out."""
+        return " ".join(self.describe_hop(t) for t in range(len(self.hops)))
+
+
+@dataclass(frozen=True)
+class DataFlowRecipe:
+    """A data-flow merge as data: models A and B and the layer path through them.
+
+    YAML: ``merge_method: dataflow``, ``model_a``, ``model_b`` and ``layer_path``, a list of
+    ``{model: A|B, layer, scale}`` (the form search studies store in each trial's ``recipe`` attr).
+    """
+
+    model_a: str
+    model_b: str
+    path: LayerPath
+    merge_method: ClassVar[str] = "dataflow"
+
+    def to_dict(self) -> dict[str, Any]:
+        hops, scales = self.path.hops, self.path.scales
+        path = [{"model": MODEL_NAMES[m], "layer": l, "scale": s} for (m, l), s in zip(hops, scales)]
+        return {"merge_method": self.merge_method, "model_a": self.model_a, "model_b": self.model_b, "layer_path": path}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """A stable content hash (the search loop's cache key)."""
+        return _content_hash(self.to_dict())
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any], where: str = "recipe") -> "DataFlowRecipe":
+        try:
+            hops = tuple((MODEL_NAMES.index(h["model"]), int(h["layer"])) for h in d["layer_path"])
+            scales = tuple(float(h.get("scale", 1.0)) for h in d["layer_path"])
+            model_a, model_b = str(d["model_a"]), str(d["model_b"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise EvomergeError(f"{where}: a dataflow recipe needs model_a, model_b and layer_path "
+                                f"[{{model: A|B, layer, scale}}] ({e})") from None
+        try:
+            return DataFlowRecipe(model_a, model_b, LayerPath(hops, scales))
+        except EvomergeError as e:
+            raise EvomergeError(f"{where}: {e}") from None
+
+
+Recipe = MergeRecipe | DataFlowRecipe
+
+
+def load_recipe(text: str, where: str = "recipe") -> Recipe:
+    """A recipe from YAML text: a DataFlowRecipe for ``merge_method: dataflow``, else a MergeRecipe."""
+    d = _mapping(text, where)
+    return DataFlowRecipe.from_dict(d, where) if d.get("merge_method") == "dataflow" else _recipe_from_dict(d, where)
 
 
 # ---- resolution -------------------------------------------------------------------------------
@@ -238,6 +347,18 @@ def validate_layout(recipe: MergeRecipe, num_layers: int, where: str = "recipe")
 
 
 # ---- dict <-> frozen data ----------------------------------------------------------------------
+
+
+def _mapping(text: str, where: str) -> dict[str, Any]:
+    d = load_yaml(text, where)  # safe_load, refusing duplicate keys and alias bombs
+    if not isinstance(d, dict):
+        raise EvomergeError(f"{where}: expected a mapping with merge_method and models or slices")
+    return d
+
+
+def _content_hash(d: dict[str, Any]) -> str:
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _recipe_from_dict(d: Mapping[str, Any], where: str) -> MergeRecipe:
@@ -395,10 +516,6 @@ def _as_list(v: Any, where: str) -> list:
     return v
 
 
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
-
-
 class _FlowListDumper(yaml.SafeDumper):
     """Numbers lists (gradients) in flow style, like mergekit's dumper."""
 
@@ -409,9 +526,4 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
 
 
 _FlowListDumper.add_representer(list, _represent_list)
-
-
-def per_layer_conditions(values_by_filter: Sequence[tuple[str | None, Any]]) -> tuple[Cond, ...]:
-    """Build a filter-condition setting from (filter, value) pairs, in order (first match wins)."""
-    return tuple(Cond(value=v, filter=f) for f, v in values_by_filter)
 

@@ -1,9 +1,10 @@
-"""The SearchSpace protocol: a box-bounded vector x in R^d <-> a MergeRecipe."""
+"""The SearchSpace protocol: a box-bounded vector x in R^d -> a Recipe (ParameterSpace: MergeRecipe, DataFlowSpace:
+DataFlowRecipe). Each space also has ``encode``, the inverse for its own recipe kind, which the loop does not use."""
 from __future__ import annotations
 
 from typing import Protocol, Sequence
 
-from merge_core.recipe import MergeRecipe
+from merge_core.recipe import Recipe
 
 
 class SearchSpace(Protocol):
@@ -23,6 +24,4 @@ class SearchSpace(Protocol):
     def x0(self) -> list[float]:
         """The starting point (evaluated first)."""
 
-    def decode(self, x: Sequence[float]) -> MergeRecipe: ...
-
-    def encode(self, recipe: MergeRecipe) -> list[float]: ...
+    def decode(self, x: Sequence[float]) -> Recipe: ...

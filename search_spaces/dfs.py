@@ -10,67 +10,17 @@ I_t > 0; the hops are the on slots in order, framed by A's first and last layers
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
-
-import yaml
+from typing import Literal, Sequence
 
 from merge_core.errors import EvomergeError
+from merge_core.recipe import DataFlowRecipe, LayerPath
 
 Scales = Literal["matrix", "model_pair", "slot", "none"]
 # The slot count T = (L_A + L_B) * repeats bounds the genome (T indicators, and T scales with `slot`); Sakana's
 # 2 x 32 layers x 3 repeats is 192. Far beyond this, CMA-ES's T x T covariance alone takes gigabytes. The
 # `matrix` scales (M^2 for M = L_A + L_B layers) are bounded at four times that: 2 x 64 layers at most.
 MAX_SLOTS = 4096
-
-
-@dataclass(frozen=True)
-class DataFlowRecipe:
-    """A data-flow merge as data: models A and B and the layer path (hops (model, layer) with scales)."""
-
-    model_a: str
-    model_b: str
-    hops: tuple[tuple[int, int], ...]
-    scales: tuple[float, ...]
-
-    def to_dict(self, mergekit: bool = False) -> dict[str, Any]:
-        return {"merge_method": "dataflow", "model_a": self.model_a, "model_b": self.model_b,
-                "layer_path": [{"model": "AB"[m], "layer": l, "scale": s} for (m, l), s in zip(self.hops, self.scales)]}
-
-    def to_yaml(self, mergekit: bool = False) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def describe(self) -> str:
-        return " ".join(f"{'AB'[m]}{l}" + ("" if abs(s - 1) < 1e-9 else f"(x{s:.2f})") for (m, l), s in zip(self.hops, self.scales))
-
-    @staticmethod
-    def from_dict(d: dict[str, Any], where: str = "recipe") -> "DataFlowRecipe":
-        try:
-            hops = tuple(("AB".index(h["model"]), int(h["layer"])) for h in d["layer_path"])
-            scales = tuple(float(h.get("scale", 1.0)) for h in d["layer_path"])
-            return DataFlowRecipe(model_a=str(d["model_a"]), model_b=str(d["model_b"]), hops=hops, scales=scales)
-        except (KeyError, TypeError, ValueError) as e:
-            raise EvomergeError(f"{where}: a dataflow recipe needs model_a, model_b and layer_path [{{model: A|B, layer, scale}}] ({e})") from None
-
-    @staticmethod
-    def from_yaml(text: str, where: str = "recipe") -> "DataFlowRecipe":
-        return DataFlowRecipe.from_dict(yaml.safe_load(text), where)
-
-
-def load_recipe(text: str, where: str = "recipe"):
-    """A MergeRecipe or a DataFlowRecipe from YAML text (``merge_method: dataflow`` selects the latter)."""
-    from merge_core.recipe import MergeRecipe
-
-    d = yaml.safe_load(text)
-    if isinstance(d, dict) and d.get("merge_method") == "dataflow":
-        return DataFlowRecipe.from_dict(d, where)
-    return MergeRecipe.from_yaml(text, where)
 
 
 @dataclass
@@ -161,13 +111,13 @@ class DataFlowSpace:
         hops = tuple(self.slot(t) if t >= 0 else (0, 0 if t == -1 else self.layers_a - 1) for t in slots)
         params = dict(zip(self._scale_names, x[self.num_slots:]))
         scales = tuple(self._scale(params, slots, hops, k) for k in range(len(hops)))
-        return DataFlowRecipe(self.model_a, self.model_b, hops, scales)
+        return DataFlowRecipe(self.model_a, self.model_b, LayerPath(hops, scales))
 
     def encode(self, recipe: DataFlowRecipe) -> list[float]:
         """Indicators for the hops matched greedily to slots in order; scales where the parametrization holds them."""
         x = [self.indicator_x0_off] * self.num_slots
         t = 0
-        for hop in recipe.hops:
+        for hop in recipe.path.hops:
             while t < self.num_slots and self.slot(t) != hop:
                 t += 1
             if t == self.num_slots:

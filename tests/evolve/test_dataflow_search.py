@@ -88,10 +88,10 @@ def test_a_dfs_only_search_is_named_after_the_run_and_reads_model_a_by_alias(tmp
 
 def test_report_draws_the_best_layer_path(tmp_path):
     from evolve.report import write_report
-    from search_spaces.dfs import DataFlowRecipe
+    from merge_core.recipe import DataFlowRecipe, LayerPath
 
     study = optuna.create_study(direction="maximize")
-    recipe = DataFlowRecipe("a", "b", ((0, 0), (1, 1), (0, 1)), (1.0, 0.8, 1.2))
+    recipe = DataFlowRecipe("a", "b", LayerPath(((0, 0), (1, 1), (0, 1)), (1.0, 0.8, 1.2)))
     for v in (0.1, 0.3):
         t = study.ask({"I.r0.A00": optuna.distributions.FloatDistribution(-1, 1)})
         t.set_user_attr("recipe", recipe.to_yaml())

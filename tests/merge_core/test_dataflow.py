@@ -1,18 +1,17 @@
-"""Tests for merge_core.dataflow: the in-memory path model, its export, cached generation and LayerPath checks."""
+"""Tests for merge_core.dataflow: the in-memory path model, its export and cached generation."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from merge_core.checkpoint import Checkpoint
-from merge_core.dataflow import CACHE_NAME, DataFlowModel, LayerPath, check_compatible_configs, export_dataflow
+from merge_core.dataflow import CACHE_NAME, DataFlowModel, check_compatible_configs, export_dataflow
 from merge_core.errors import EvomergeError
+from merge_core.recipe import LayerPath
 from merge_core.synthetic import make_tiny_checkpoint
 
 torch.set_num_threads(1)
@@ -217,34 +216,3 @@ def test_incompatible_configs() -> None:
         check_compatible_configs(LlamaConfig(hidden_size=64), LlamaConfig(hidden_size=32))
     with pytest.raises(EvomergeError, match="'model_type' differs"):
         check_compatible_configs(LlamaConfig(), MistralConfig())
-
-
-def test_layer_path_round_trip_and_description() -> None:
-    data = yaml.safe_load(yaml.safe_dump(PATH.to_dict()))
-    assert LayerPath.from_dict(data) == PATH
-    assert hash(LayerPath.from_dict(data)) == hash(PATH)
-    assert PATH.describe() == "A0(x0.7) B1(x1.3) A1 A1(x0.9) B0(x1.1) A2(x1.2)"
-    assert LayerPath.identity(2) == LayerPath(((0, 0), (0, 1)), (1, 1))
-
-
-@pytest.mark.parametrize(
-    ("hops", "scales", "message"),
-    [
-        ((), (), "no hops"),
-        (((0, 0), (1, 0)), (1.0,), "2 hops but 1 scales"),
-        (((2, 0),), (1.0,), "hop 0 names model 2; use 0 \\(A\\) or 1 \\(B\\)"),
-        (((0, 0), (0, -1)), (1.0, 1.0), "hop 1 has negative layer index -1"),
-        (((0, 0),), (math.nan,), "hop 0 has non-finite scale nan"),
-        (((0, "x"),), (1.0,), "hops must be \\(model, layer\\) integer pairs"),
-    ],
-)
-def test_layer_path_validation(hops: tuple, scales: tuple, message: str) -> None:
-    with pytest.raises(EvomergeError, match=message):
-        LayerPath(hops, scales)
-
-
-def test_layer_path_from_dict_errors() -> None:
-    with pytest.raises(EvomergeError, match="keys 'hops' and 'scales', got \\['hops'\\]"):
-        LayerPath.from_dict({"hops": [[0, 0]]})
-    with pytest.raises(EvomergeError, match="'hops' must be a list of \\[model, layer\\] pairs"):
-        LayerPath.from_dict({"hops": [[0, 0, 1]], "scales": [1.0]})

@@ -1,8 +1,19 @@
-"""MergeRecipe: mergekit YAML round trip, per-tensor parameter resolution (gradients, filters, precedence), errors."""
+"""Recipes: mergekit YAML round trip, per-tensor parameter resolution (gradients, filters, precedence), errors;
+data-flow recipes (LayerPath) and load_recipe's dispatch."""
+import math
+
 import pytest
 
 from merge_core.errors import EvomergeError
-from merge_core.recipe import MergeRecipe, locate, resolve_parameter, validate_layout
+from merge_core.recipe import (
+    DataFlowRecipe,
+    LayerPath,
+    MergeRecipe,
+    load_recipe,
+    locate,
+    resolve_parameter,
+    validate_layout,
+)
 
 MERGEKIT_YAML = """
 merge_method: dare_ties
@@ -229,3 +240,57 @@ slices:
         validate_layout(r, 4)
     with pytest.raises(EvomergeError, match="slices cover 4 layers but the models have 6"):
         validate_layout(MergeRecipe.from_yaml(text.replace("[2, 4]", "[0, 2]").replace("[0, 2]}]\n  - sources: [{model: a, layer_range: [0, 2]", "[0, 2]}]\n  - sources: [{model: a, layer_range: [2, 4]")), 6)
+
+
+# A trial's `recipe` attr as DFS studies stored it before DataFlowRecipe moved to merge_core (PR for issue 10).
+STORED_DFS_RECIPE = (
+    "merge_method: dataflow\nmodel_a: data/zoo/a\nmodel_b: data/zoo/b\nlayer_path:\n"
+    "- model: A\n  layer: 0\n  scale: 0.9\n- model: B\n  layer: 0\n  scale: 0.8\n"
+    "- model: A\n  layer: 1\n  scale: 1.25\n- model: A\n  layer: 2\n  scale: 1.1\n"
+)
+
+
+def test_a_stored_dataflow_recipe_loads_and_serializes_identically():
+    r = load_recipe(STORED_DFS_RECIPE)
+    assert isinstance(r, DataFlowRecipe) and (r.model_a, r.model_b) == ("data/zoo/a", "data/zoo/b")
+    assert r.path == LayerPath(((0, 0), (1, 0), (0, 1), (0, 2)), (0.9, 0.8, 1.25, 1.1))
+    assert r.to_yaml() == STORED_DFS_RECIPE
+    assert r.hash() == "bae1bc369349ab86"  # the cache key trials of that study were stored under
+    assert r.merge_method == "dataflow" and r.path.describe() == "A0(x0.9) B0(x0.8) A1(x1.25) A2(x1.1)"
+
+
+def test_load_recipe_dispatches_on_merge_method():
+    assert load_recipe(MERGEKIT_YAML) == MergeRecipe.from_yaml(MERGEKIT_YAML)
+    with pytest.raises(EvomergeError, match="trial 3 recipe: a dataflow recipe needs model_a, model_b and layer_path"):
+        load_recipe("merge_method: dataflow\nmodel_a: x\nmodel_b: y\nlayer_path: [{model: C, layer: 0}]\n",
+                    where="trial 3 recipe")
+    with pytest.raises(EvomergeError, match="trial 3 recipe: layer path: hop 0 has negative layer index -1"):
+        load_recipe("merge_method: dataflow\nmodel_a: x\nmodel_b: y\nlayer_path: [{model: A, layer: -1}]\n",
+                    where="trial 3 recipe")
+    with pytest.raises(EvomergeError, match="recipe: expected a mapping"):
+        load_recipe("- merge_method: dataflow\n")
+
+
+def test_layer_path_round_trip_and_description() -> None:
+    path = LayerPath(((0, 0), (1, 1), (0, 1), (0, 1), (1, 0), (0, 2)), (0.7, 1.3, 1.0, 0.9, 1.1, 1.2))
+    again = load_recipe(DataFlowRecipe("a", "b", path).to_yaml()).path
+    assert again == path
+    assert hash(again) == hash(path)
+    assert path.describe() == "A0(x0.7) B1(x1.3) A1 A1(x0.9) B0(x1.1) A2(x1.2)"
+    assert LayerPath.identity(2) == LayerPath(((0, 0), (0, 1)), (1, 1))
+
+
+@pytest.mark.parametrize(
+    ("hops", "scales", "message"),
+    [
+        ((), (), "no hops"),
+        (((0, 0), (1, 0)), (1.0,), "2 hops but 1 scales"),
+        (((2, 0),), (1.0,), "hop 0 names model 2; use 0 \\(A\\) or 1 \\(B\\)"),
+        (((0, 0), (0, -1)), (1.0, 1.0), "hop 1 has negative layer index -1"),
+        (((0, 0),), (math.nan,), "hop 0 has non-finite scale nan"),
+        (((0, "x"),), (1.0,), "hops must be \\(model, layer\\) integer pairs"),
+    ],
+)
+def test_layer_path_validation(hops: tuple, scales: tuple, message: str) -> None:
+    with pytest.raises(EvomergeError, match=message):
+        LayerPath(hops, scales)

@@ -2,7 +2,8 @@
 import pytest
 
 from merge_core.errors import EvomergeError
-from search_spaces.dfs import DataFlowRecipe, DataFlowSpace, load_recipe
+from merge_core.recipe import DataFlowRecipe, load_recipe
+from search_spaces.dfs import DataFlowSpace
 
 
 def space(**kw):
@@ -25,22 +26,22 @@ def test_slots_are_a_then_b_repeated():
 def test_x0_is_model_a_alone():
     s = space()
     r = s.decode(s.x0)
-    assert r.hops == ((0, 0), (0, 1), (0, 2)) and r.scales == (1.0, 1.0, 1.0)
+    assert r.path.hops == ((0, 0), (0, 1), (0, 2)) and r.path.scales == (1.0, 1.0, 1.0)
 
 
 def test_indicator_to_hops_with_framing():
     s = space()
     # on: B0 (slot 3), A1 second repetition (slot 6): framed by A0 ... A2
     r = s.decode(genome(s, {3, 6}))
-    assert r.hops == ((0, 0), (1, 0), (0, 1), (0, 2))
+    assert r.path.hops == ((0, 0), (1, 0), (0, 1), (0, 2))
     # nothing on: A's first and last layer only
-    assert s.decode(genome(s, set())).hops == ((0, 0), (0, 2))
+    assert s.decode(genome(s, set())).path.hops == ((0, 0), (0, 2))
 
 
 def test_max_path_length_keeps_the_start_and_the_end():
     s = space(max_path_length=4)
     r = s.decode(genome(s, set(range(10))))
-    assert len(r.hops) == 4 and r.hops[0] == (0, 0) and r.hops[-1] == (0, 2)
+    assert len(r.path.hops) == 4 and r.path.hops[0] == (0, 0) and r.path.hops[-1] == (0, 2)
 
 
 def test_scales_multiply_by_model_pair_and_matrix():
@@ -48,14 +49,14 @@ def test_scales_multiply_by_model_pair_and_matrix():
     x = genome(s, {3})
     x[-5:] = [1.1, 1.2, 1.3, 1.4, 0.9]  # AA AB BA BB first
     r = s.decode(x)
-    assert r.hops == ((0, 0), (1, 0), (0, 2))
-    assert r.scales == pytest.approx((0.9, 1.2, 1.3))
+    assert r.path.hops == ((0, 0), (1, 0), (0, 2))
+    assert r.path.scales == pytest.approx((0.9, 1.2, 1.3))
     m = space(scales="matrix")
     assert m.dim == 10 + 25 + 1
     xm = genome(m, {3})
     xm[m.names.index("W.A00.B00")] = 0.7
     xm[m.names.index("W.B00.A02")] = 1.6
-    assert m.decode(xm).scales == pytest.approx((1.0, 0.7, 1.6))
+    assert m.decode(xm).path.scales == pytest.approx((1.0, 0.7, 1.6))
 
 
 def test_recipe_yaml_round_trip_and_encode():
@@ -63,8 +64,8 @@ def test_recipe_yaml_round_trip_and_encode():
     r = s.decode(genome(s, {3, 4, 6}))
     again = load_recipe(r.to_yaml())
     assert isinstance(again, DataFlowRecipe) and again == r and again.hash() == r.hash()
-    assert s.decode(s.encode(r)).hops == r.hops
-    assert "B0" in r.describe()
+    assert s.decode(s.encode(r)).path.hops == r.path.hops
+    assert "B0" in r.path.describe()
 
 
 def test_bad_settings():
