@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Mapping
 
-from evals.base import Evaluator, evaluate_all
+from evals.base import Evaluator
 from evals.data import ChoiceItem, GenerationItem, load_choice_items, load_generation_items, subsample
 from evals.extract import answers_match, extract_first_word, extract_last_number, make_extractor, normalize_answer
 from evals.fitness import Fitness, FitnessError, FitnessTerm
@@ -62,7 +62,6 @@ __all__ = [
     "WordPattern",
     "answers_match",
     "build_evaluator",
-    "evaluate_all",
     "extract_first_word",
     "extract_last_number",
     "japanese_share",

@@ -6,11 +6,9 @@ never cache results across calls.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from merge_core.errors import EvomergeError
 
 
 @runtime_checkable
@@ -22,17 +20,3 @@ class Evaluator(Protocol):
     def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
         ...
 
-
-def evaluate_all(
-    evaluators: Sequence[Evaluator], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
-) -> dict[str, float]:
-    """Run every evaluator and merge their metrics as ``"<evaluator name>/<metric>"``."""
-    names = [e.name for e in evaluators]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise EvomergeError(f"evaluator names must be unique; repeated: {duplicates} (set 'name' in the config)")
-    metrics: dict[str, float] = {}
-    for evaluator in evaluators:
-        for key, value in evaluator.evaluate(model, tokenizer).items():
-            metrics[f"{evaluator.name}/{key}"] = float(value)
-    return metrics

@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from evolve.urls import expand_env, persisted_url, redact_url
 from merge_core.errors import EvomergeError
-from merge_core.recipe import DTYPES
+from merge_core.recipe import DTYPES, _freeze_params
+from merge_core.yamlio import load_yaml, read_text
 
 
 MAX_NAME = 100  # run, task and alias names: they name directories, studies and Optuna parameters
@@ -328,14 +329,12 @@ class RunConfig(_Strict):
 
 def load_config(path: str | Path) -> RunConfig:
     """A run config file: UTF-8 YAML without duplicate keys or alias bombs (merge_core.yamlio), then validated."""
-    from merge_core.yamlio import load_yaml, read_text
-
     p = Path(path)
     data = load_yaml(read_text(p, "config file"), where=str(p))
-    return parse_config(data, where=str(p), base_dir=p.parent)
+    return parse_config(data, where=str(p))
 
 
-def parse_config(data: Any, where: str = "config", base_dir: Path | None = None) -> RunConfig:
+def parse_config(data: Any, where: str = "config") -> RunConfig:
     if not isinstance(data, dict):
         raise EvomergeError(f"{where}: expected a mapping with name, models, evaluation")
     try:
@@ -387,7 +386,7 @@ def _validate_run(cfg: RunConfig, offline: bool) -> list[str]:
     _check_tasks(cfg, offline=offline)
     _check_fitness_metrics(cfg)
     if "ps" in cfg.search.stages:
-        _check_space_params(cfg.search.space)
+        _check_space_params(cfg.search.space, cfg.models.sources)
     _check_writable_dir(cfg.run_dir, "output_dir" if cfg.output_dir else "run directory")
     if not offline:
         from merge_core.merge import resolve_device
@@ -467,15 +466,13 @@ def _check_fitness_metrics(cfg: RunConfig) -> None:
             raise EvomergeError(f"{where}: {task.type} task '{name}' reports {', '.join(names)}; no '{metric}'")
 
 
-def _check_space_params(space: Space) -> None:
-    """search.space: a supported method, and fixed `params` that are its parameters with valid values."""
+def _check_space_params(space: Space, sources: list[SourceModel]) -> None:
+    """search.space: a method the PS space can search, and fixed `params` that are its parameters with valid values."""
     from merge_core.merge import _setting_values
-    from merge_core.methods import METHODS, check_parameter
-    from merge_core.recipe import _freeze_params
+    from merge_core.methods import check_parameter
+    from search_spaces.ps import ps_method
 
-    spec = METHODS.get(space.method)
-    if spec is None:
-        raise EvomergeError(f"search.space.method: '{space.method}' is not supported (choose from {', '.join(sorted(METHODS))})")
+    spec = ps_method(space.method, len(sources))
     known = set(spec.global_params) | set(spec.tensor_params)
     for key, setting in _freeze_params(dict(space.params), "search.space.params"):
         if key not in known:

@@ -42,10 +42,7 @@ class TensorInputs(Protocol):
 
 
 def method_spec(recipe: MergeRecipe) -> "methods.MethodSpec":
-    spec = methods.METHODS.get(recipe.merge_method)
-    if spec is None:
-        raise EvomergeError(f"merge_method: '{recipe.merge_method}' is not supported (choose from {', '.join(sorted(methods.METHODS))})")
-    return spec
+    return methods.get_method(recipe.merge_method)
 
 
 def check_recipe(recipe: MergeRecipe, num_layers: int, where: str = "recipe") -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -435,46 +435,11 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
-def _gta_method(name: str) -> Callable[..., Tensor]:
-    """generalized_task_arithmetic with METHODS[name]'s sparsification, consensus and normalize/rescale defaults."""
-    spec = METHODS[name]
-    normalize_default, rescale_default = spec.global_params["normalize"], spec.global_params["rescale"]
-
-    def merge(
-        base: Tensor,
-        deltas: Sequence[Tensor],
-        weights: Sequence[float],
-        densities: Sequence[float] | None = None,
-        *,
-        normalize: bool = normalize_default,
-        rescale: bool = rescale_default,
-        lambda_: float = 1.0,
-        gammas: Sequence[float] | None = None,
-        epsilons: Sequence[float] | None = None,
-        generators: Sequence[torch.Generator | None] | None = None,
-    ) -> Tensor:
-        return generalized_task_arithmetic(
-            base, deltas, weights, densities, sparsification=spec.sparsification, consensus=spec.consensus,
-            normalize=normalize, rescale=rescale, lambda_=lambda_, gammas=gammas, epsilons=epsilons,
-            generators=generators,
-        )  # fmt: skip
-
-    merge.__name__ = merge.__qualname__ = name
-    merge.__doc__ = (
-        f"mergekit's {name}: generalized_task_arithmetic with sparsification={spec.sparsification}, "
-        f"consensus={spec.consensus}, normalize={normalize_default}, rescale={rescale_default}."
-    )
-    return merge
-
-
-task_arithmetic = _gta_method("task_arithmetic")
-ties = _gta_method("ties")
-dare_ties = _gta_method("dare_ties")
-dare_linear = _gta_method("dare_linear")
-breadcrumbs = _gta_method("breadcrumbs")
-breadcrumbs_ties = _gta_method("breadcrumbs_ties")
-della = _gta_method("della")
-della_linear = _gta_method("della_linear")
+def get_method(name: str, field: str = "merge_method") -> MethodSpec:
+    """The spec of a supported method; otherwise a one-line error naming `field`."""
+    if name not in METHODS:
+        raise EvomergeError(f"{field}: '{name}' is not supported (choose from {', '.join(sorted(METHODS))})")
+    return METHODS[name]
 
 
 def _resolved(defaults: dict[str, Any], given: dict[str, Any], method: str) -> dict[str, Any]:

@@ -11,13 +11,23 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from merge_core.errors import EvomergeError
-from merge_core.methods import METHODS
+from merge_core.methods import MethodSpec, get_method
 from merge_core.recipe import Cond, MergeRecipe, OutputSlice, SliceSource, locate, resolve_parameter
 
 MODULE_KINDS = ("attn", "mlp", "other")
 _MODULE_FILTER = {"attn": "self_attn.", "mlp": "mlp.", "other": ""}
 HEAD_FILTERS = ("lm_head", "model.norm.")
 _PROBE_SUFFIX = {"attn": "self_attn.q_proj.weight", "mlp": "mlp.up_proj.weight", "other": "input_layernorm.weight"}
+
+
+def ps_method(name: str, num_sources: int) -> MethodSpec:
+    """The spec of `search.space.method` if the parameter space can search it over `num_sources` sources."""
+    spec = get_method(name, "search.space.method")
+    if spec.kind == "slerp" and num_sources != 1:
+        raise EvomergeError("search.space.method: slerp interpolates the base and exactly one source")
+    if spec.kind == "model_stock":
+        raise EvomergeError("search.space.method: model_stock has no per-source parameters to search")
+    return spec
 
 
 @dataclass(frozen=True)
@@ -79,16 +89,10 @@ class ParameterSpace:
     coords: list[Coord] = field(init=False)
 
     def __post_init__(self) -> None:
-        spec = METHODS.get(self.method)
-        if spec is None:
-            raise EvomergeError(f"search.space.method: '{self.method}' is not supported (choose from {', '.join(sorted(METHODS))})")
+        spec = ps_method(self.method, len(self.sources))
         self.aliases = list(self.aliases or [_alias(s) for s in self.sources])
         if len(set(self.aliases)) != len(self.aliases):
             raise EvomergeError(f"models: source aliases must be unique, got {self.aliases}")
-        if spec.kind == "slerp" and len(self.sources) != 1:
-            raise EvomergeError("search.space.method: slerp interpolates the base and exactly one source")
-        if spec.kind == "model_stock":
-            raise EvomergeError("search.space.method: model_stock has no per-source parameters to search")
         n = self.layers_per_group or self.num_layers
         if n < 1 or self.num_layers % n:
             raise EvomergeError(f"search.space.layers_per_group: must divide num_hidden_layers={self.num_layers}, got {n}")
@@ -158,7 +162,7 @@ class ParameterSpace:
             groups.append(Group("head", special="head"))
         return groups
 
-    def _group_coords(self, g: Group, spec) -> list[Coord]:
+    def _group_coords(self, g: Group, spec: MethodSpec) -> list[Coord]:
         if spec.kind == "slerp":
             return [Coord(g, None, "t", 0.0, 1.0, 0.5)]
         wl, wh = self.weight_bounds

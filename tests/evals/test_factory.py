@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from evals import ChoiceEvaluator, GenerationEvaluator, PerplexityEvaluator, build_evaluator, evaluate_all
+from evals import ChoiceEvaluator, GenerationEvaluator, PerplexityEvaluator, build_evaluator
+from evals.data import write_jsonl
+from evolve.worker import score_metrics
 from merge_core.errors import EvomergeError
-from tests.evals.tiny import write_split
 
 
 def test_builds_each_native_type(half_solved_task: Path, tmp_path: Path) -> None:
@@ -16,7 +17,7 @@ def test_builds_each_native_type(half_solved_task: Path, tmp_path: Path) -> None
          "extract": "first_word", "language_check": {"type": "pattern", "pattern": r"^j\d+$"}, "name": "target"}
     )
     assert isinstance(generation, GenerationEvaluator) and generation.name == "target" and len(generation.items) == 5
-    write_split(tmp_path / "mc", "dev", [{"id": "a", "prompt": "p", "choices": ["x", "y"], "label": 1}])
+    write_jsonl(tmp_path / "mc" / "dev.jsonl", [{"id": "a", "prompt": "p", "choices": ["x", "y"], "label": 1}])
     assert isinstance(build_evaluator({"type": "choice", "task_dir": tmp_path / "mc"}), ChoiceEvaluator)
     (tmp_path / "t.txt").write_text("w1 w2 w3\n")
     assert isinstance(build_evaluator({"type": "perplexity", "text_file": tmp_path / "t.txt"}), PerplexityEvaluator)
@@ -38,12 +39,10 @@ def test_errors_name_the_field(spec: dict, message: str) -> None:
         build_evaluator(spec)
 
 
-def test_evaluate_all_prefixes_and_rejects_duplicates(half_solved_task: Path, lm) -> None:
+def test_score_metrics_prefixes_each_metric_with_its_task_name(half_solved_task: Path, lm) -> None:
     model, tokenizer = lm
     a = GenerationEvaluator(half_solved_task, "dev", name="a", max_new_tokens=2, gold_prob=False)
     b = GenerationEvaluator(half_solved_task, "dev", name="b", max_new_tokens=2, gold_prob=False)
-    assert sorted(evaluate_all([a, b], model, tokenizer)) == [
+    assert sorted(score_metrics([("a", a), ("b", b)], model, tokenizer)) == [
         "a/acc", "a/acc_value", "a/lang_ok", "b/acc", "b/acc_value", "b/lang_ok"
     ]
-    with pytest.raises(EvomergeError, match=r"repeated: \['a'\]"):
-        evaluate_all([a, a], model, tokenizer)

@@ -53,6 +53,7 @@ CASES = [
     (("evaluation", "fitness", 0, "metric"), "acc", "evaluation.fitness[0].metric: 'acc' must be '<task>/<metric>'"),
     (("evaluation", "fitness", 1, "direction"), "up", "evaluation.fitness.1.direction: Input should be 'max' or 'min'"),
     (("evaluation", "tasks", 0, "type"), "bleu", "evaluation.tasks.0.type: Input should be"),
+    (("evaluation", "heldout_tasks"), [{"name": "ja_sub", "task_dir": "x"}], "evaluation.tasks: task names must be unique"),
     (("execution",), {"backend": "local", "workers": 3}, "execution.workers: the local backend runs one in-process worker"),
     (("execution",), {"backend": "spark"}, "execution.backend: Input should be 'local' or 'ray'"),
     (("execution",), {"device": "tpu"}, "execution.device: 'tpu' is not auto, cpu, cuda or cuda:N"),
@@ -76,7 +77,7 @@ def test_the_good_config_parses():
 
 
 def test_run_seed_override_gets_its_own_run_directory():
-    from evolve.commands import with_overrides
+    from evolve.cli import with_overrides
 
     cfg = parse_config(GOOD)
     assert with_overrides(cfg) is cfg

@@ -10,12 +10,7 @@ from merge_core.errors import EvomergeError
 from merge_core.methods import (
     METHODS,
     bernoulli_mask,
-    breadcrumbs,
     dare_generator,
-    dare_linear,
-    dare_ties,
-    della,
-    della_linear,
     generalized_task_arithmetic,
     linear,
     magnitude_mask,
@@ -25,9 +20,16 @@ from merge_core.methods import (
     rank_magnitude_sample,
     sign_consensus,
     slerp,
-    task_arithmetic,
-    ties,
 )
+
+
+def gta(name: str, base, deltas, weights, densities=None, *, gammas=None, epsilons=None, generators=None, **params):
+    """METHODS[name] on one tensor through the real entry point, merge_tensor (params: normalize, rescale, lambda_)."""
+    given = {"density": densities, "gamma": gammas, "epsilon": epsilons}
+    per = [{"weight": w, **{k: v[i] for k, v in given.items() if v is not None}} for i, w in enumerate(weights)]
+    params = {("lambda" if k == "lambda_" else k): v for k, v in params.items()}
+    return merge_tensor(METHODS[name], base=base, tensors=[base + d for d in deltas], deltas=deltas, params=params,
+                        tensor_params=per, generators=generators)
 
 
 def t(*values: float) -> torch.Tensor:
@@ -141,8 +143,8 @@ def test_sign_consensus_sum_versus_count():
 
 def test_task_arithmetic_with_lambda():
     base, deltas = t(1, 2), [t(1, 0), t(0, 2)]
-    close(task_arithmetic(base, deltas, [0.5, 1.0], lambda_=2.0), t(2, 6))  # [1,2] + 2*([0.5,0] + [0,2])
-    close(task_arithmetic(base, deltas, [0.5, 1.0], normalize=True), t(1 + 0.5 / 1.5, 2 + 2 / 1.5))
+    close(gta("task_arithmetic", base, deltas, [0.5, 1.0], lambda_=2.0), t(2, 6))  # [1,2] + 2*([0.5,0] + [0,2])
+    close(gta("task_arithmetic", base, deltas, [0.5, 1.0], normalize=True), t(1 + 0.5 / 1.5, 2 + 2 / 1.5))
 
 
 def test_ties_worked_example():
@@ -154,25 +156,25 @@ def test_ties_worked_example():
     ]
     # summed mass [0.2, 0.55, -0.4, 0.7, -0.3] elects + + - + -; disjoint mean over agreeing weights:
     # [0.5/1, (0.15+0.4)/(0.5+1), -0.5/1, (0.4+0.3)/(1+1), -0.3/1]
-    merged = ties(base, deltas, [1.0, 0.5, 1.0], [0.6, 0.6, 0.6])
+    merged = gta("ties", base, deltas, [1.0, 0.5, 1.0], [0.6, 0.6, 0.6])
     close(merged, t(1.5, 1 + 0.55 / 1.5, 0.5, 1.35, 0.7))
 
 
 def test_ties_zero_divisor_and_rescale():
-    merged = ties(torch.zeros(3), [t(0, 2, 0), t(0, 0, 0)], [1.0, 1.0], [0.5, 0.5])
+    merged = gta("ties", torch.zeros(3), [t(0, 2, 0), t(0, 0, 0)], [1.0, 1.0], [0.5, 0.5])
     close(merged, t(0, 2, 0))  # no agreeing source at 0 and 2: divisor 1, no NaN
     # rescale: kept [0, 4] of [1, 4] times L1 ratio 5/4
-    close(ties(torch.zeros(2), [t(1, 4)], [1.0], [0.5], rescale=True), t(0, 5))
+    close(gta("ties", torch.zeros(2), [t(1, 4)], [1.0], [0.5], rescale=True), t(0, 5))
 
 
 def test_dare_keeps_elements_unchanged_or_l1_rescaled():
     delta = torch.randn(1000, generator=torch.Generator().manual_seed(1))
     gen = lambda: [dare_generator(0, "w", "a")]  # noqa: E731
-    plain = dare_linear(torch.zeros(1000), [delta], [1.0], [0.3], rescale=False, generators=gen())
+    plain = gta("dare_linear", torch.zeros(1000), [delta], [1.0], [0.3], rescale=False, generators=gen())
     kept = plain != 0
     assert 200 < int(kept.sum()) < 400
     assert torch.equal(plain[kept], delta[kept])
-    scaled = dare_linear(torch.zeros(1000), [delta], [1.0], [0.3], generators=gen())
+    scaled = gta("dare_linear", torch.zeros(1000), [delta], [1.0], [0.3], generators=gen())
     ratio = delta.abs().sum() / delta[kept].abs().sum()  # mergekit 0.1.5: rescale = L1 norm ratio
     close(scaled, plain * ratio, atol=1e-5)
     assert abs(ratio.item() * 0.3 - 1) < 0.15  # ~ 1/density on a large tensor
@@ -181,7 +183,7 @@ def test_dare_keeps_elements_unchanged_or_l1_rescaled():
 def test_dare_expectation_over_seeds_is_delta():
     delta = torch.randn(256, generator=torch.Generator().manual_seed(2))
     runs = [
-        dare_linear(torch.zeros(256), [delta], [1.0], [0.5], generators=[dare_generator(seed, "w", "a")])
+        gta("dare_linear", torch.zeros(256), [delta], [1.0], [0.5], generators=[dare_generator(seed, "w", "a")])
         for seed in range(300)
     ]
     mean = torch.stack(runs).mean(0)
@@ -200,7 +202,7 @@ def test_dare_generator_is_deterministic_per_seed_name_model():
 def test_dare_ties_elects_sign_on_dropped_deltas():
     deltas = [t(1, -2, 3, 1), t(-4, 1, 1, 1)]
     gens = [dare_generator(9, "w", "a"), dare_generator(9, "w", "b")]
-    merged = dare_ties(torch.zeros(4), deltas, [1.0, 0.5], [0.5, 0.5], rescale=False, generators=gens)
+    merged = gta("dare_ties", torch.zeros(4), deltas, [1.0, 0.5], [0.5, 0.5], rescale=False, generators=gens)
     gens = [dare_generator(9, "w", "a"), dare_generator(9, "w", "b")]
     kept = [d * bernoulli_mask((4,), 0.5, g, "cpu") * w for d, g, w in zip(deltas, gens, [1.0, 0.5])]
     masks = sign_consensus(kept)
@@ -209,7 +211,7 @@ def test_dare_ties_elects_sign_on_dropped_deltas():
 
 def test_breadcrumbs_merge():
     delta = t(0.3, -1.0, 0.5, 0.9, -0.1, 0.7, 0.2, -0.8, 0.6, 0.4)
-    merged = breadcrumbs(torch.ones(10), [delta], [2.0], [0.5], gammas=[0.1])
+    merged = gta("breadcrumbs", torch.ones(10), [delta], [2.0], [0.5], gammas=[0.1])
     close(merged, t(1, 1, 2.0, 2.8, 1, 2.4, 1, -0.6, 2.2, 1))  # 1 + 2 * kept
 
 
@@ -229,9 +231,9 @@ def test_della_merges_rescale_by_l1_and_lambda():
     gen = lambda: [torch.Generator().manual_seed(4)]  # noqa: E731
     sample = rank_magnitude_sample(delta, 0.5, 0.2, gen()[0], rescale=False)
     expected = sample * (delta.abs().sum() / sample.abs().sum())
-    close(della_linear(torch.zeros(5), [delta], [1.0], [0.5], epsilons=[0.2], generators=gen()), expected)
+    close(gta("della_linear", torch.zeros(5), [delta], [1.0], [0.5], epsilons=[0.2], generators=gen()), expected)
     # della: one source, consensus + normalize by the weight 2 -> the same, then lambda 3
-    close(della(torch.zeros(5), [delta], [2.0], [0.5], epsilons=[0.2], lambda_=3.0, generators=gen()), 3 * expected)
+    close(gta("della", torch.zeros(5), [delta], [2.0], [0.5], epsilons=[0.2], lambda_=3.0, generators=gen()), 3 * expected)
 
 
 # ----------------------------------------------------------------------------- model stock
@@ -263,11 +265,11 @@ def test_bf16_inputs_give_float32_equal_to_upcast():
     close(linear([a, b], [0.3, 0.9]), linear(up[1:], [0.3, 0.9]), atol=0)
     close(slerp(0.3, base, a), slerp(0.3, up[0], up[1]), atol=0)
     close(model_stock(base, [a, b]), model_stock(up[0], up[1:]), atol=0)
-    close(ties(base, [a, b], [1.0, 0.5], [0.5, 0.5]), ties(up[0], up[1:], [1.0, 0.5], [0.5, 0.5]), atol=0)
+    close(gta("ties", base, [a, b], [1.0, 0.5], [0.5, 0.5]), gta("ties", up[0], up[1:], [1.0, 0.5], [0.5, 0.5]), atol=0)
     gens = lambda: [dare_generator(0, "w", m) for m in "ab"]  # noqa: E731
     close(
-        dare_ties(base, [a, b], [1.0, 0.5], [0.5, 0.5], generators=gens()),
-        dare_ties(up[0], up[1:], [1.0, 0.5], [0.5, 0.5], generators=gens()),
+        gta("dare_ties", base, [a, b], [1.0, 0.5], [0.5, 0.5], generators=gens()),
+        gta("dare_ties", up[0], up[1:], [1.0, 0.5], [0.5, 0.5], generators=gens()),
         atol=0,
     )
 
@@ -294,7 +296,8 @@ def test_merge_tensor_dispatches_with_defaults():
     via = merge_tensor(
         METHODS["dare_ties"], base=base, tensors=[a, b], deltas=deltas, params={}, tensor_params=per, generators=gens()
     )
-    close(via, dare_ties(base, deltas, [1.0, 0.5], [0.5, 0.5], generators=gens()))
+    close(via, generalized_task_arithmetic(base, deltas, [1.0, 0.5], [0.5, 0.5], sparsification="random", consensus="sum",
+                                             normalize=False, rescale=True, generators=gens()))  # mergekit's defaults
     weights = [{"weight": 1}, {"weight": 3}]
     close(merge_tensor(METHODS["linear"], base=None, tensors=[a, b], params={}, tensor_params=weights), t(2, 1.75))
     slerped = merge_tensor(METHODS["slerp"], base=t(2, 0), tensors=[t(0, 2)], params={"t": 1.0}, tensor_params=[{}])
