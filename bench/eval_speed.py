@@ -11,7 +11,6 @@ Without a task directory (and no zoo), a tiny task and a random tiny Llama are g
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
@@ -28,12 +27,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from evals.data import load_generation_items  # noqa: E402
+from evals.data import load_generation_items, write_jsonl  # noqa: E402
 from evals.lm_eval_backend import LmEvalEvaluator, write_jsonl_task_yaml  # noqa: E402
 from evals.native import GenerationEvaluator  # noqa: E402
-from merge_core.synthetic import word_tokenizer  # noqa: E402
+from merge_core.synthetic import tiny_model, word_tokenizer  # noqa: E402
 
 log = logging.getLogger("bench.eval_speed")
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,13 +44,11 @@ def generated_task(out: Path, n: int = 128, seed: int = 0) -> Path:
     """A tiny word task: random prompts ending in "kotae", one-word J-numeral answers."""
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(40)]
-    task_dir = out / "tiny_task"
-    task_dir.mkdir(parents=True)
-    with open(task_dir / "test.jsonl", "w", encoding="utf-8") as handle:
-        for i in range(n):
-            prompt = " ".join(rng.choice(words) for _ in range(rng.randint(4, 24))) + " kotae"
-            handle.write(json.dumps({"id": str(i), "prompt": prompt, "answer": f"j{rng.randint(0, 18)}"}) + "\n")
-    return task_dir
+    rows = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(4, 24))) + " kotae"
+        rows.append({"id": str(i), "prompt": prompt, "answer": f"j{rng.randint(0, 18)}"})
+    return write_jsonl(out / "tiny_task" / "test.jsonl", rows).parent
 
 
 def random_model(task_dir: Path, split: str) -> tuple[Any, Any]:
@@ -59,13 +56,9 @@ def random_model(task_dir: Path, split: str) -> tuple[Any, Any]:
     items = load_generation_items(task_dir, split)
     vocab = sorted({w for item in items for w in (item.prompt + " " + item.answer).split()})
     tokenizer = word_tokenizer(vocab)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(config).eval(), tokenizer
+    model = tiny_model(tokenizer, seed=0, hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4,
+                       num_kv_heads=4, max_position_embeddings=256)
+    return model, tokenizer
 
 
 def median_seconds(run: Callable[[], dict[str, float]], repeats: int) -> tuple[float, dict[str, float]]:

@@ -57,6 +57,14 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def write_jsonl(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Write `rows` as a UTF-8 JSONL file, one object a line (non-ASCII kept as is), creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
 def _require(row: dict[str, Any], fields: Sequence[str], where: str) -> None:
     missing = [f for f in fields if f not in row]
     if missing:

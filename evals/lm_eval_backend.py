@@ -189,10 +189,9 @@ def _answer_filter(extract: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"name": "regex", "filter": steps + [{"function": "take_first"}]}, {}
 
 
-def write_jsonl_task_yaml(
+def jsonl_task_config(
     task_name: str,
     data_dir: str | Path,
-    out_dir: str | Path,
     *,
     split: str = "test",
     stop: Sequence[str] = (),
@@ -200,8 +199,8 @@ def write_jsonl_task_yaml(
     max_new_tokens: int = 32,
     prompt_template: str | None = None,
     absolute: bool = True,
-) -> Path:
-    """Write `<out_dir>/<task_name>.yaml`: one of our generation JSONL tasks as an lm-eval generate_until task.
+) -> dict[str, Any]:
+    """One of our generation JSONL tasks as an lm-eval generate_until task config.
 
     `extract` is "first_word", "last_number" (the filter is named after it) or a regex whose first group
     is the answer (filter "regex"); the metric is exact_match against the ``answer`` field, so the result
@@ -230,9 +229,38 @@ def write_jsonl_task_yaml(
     }
     if "train" in data_files and split != "train":
         config |= {"training_split": "train", "fewshot_split": "train"}
+    return config
+
+
+def write_jsonl_task_yaml(task_name: str, data_dir: str | Path, out_dir: str | Path, **options: Any) -> Path:
+    """Write `<out_dir>/<task_name>.yaml`: `jsonl_task_config(task_name, data_dir, **options)`."""
+    return _write_yaml(Path(out_dir) / f"{task_name}.yaml", jsonl_task_config(task_name, data_dir, **options))
+
+
+def write_jsonl_task_group(
+    group: str, data_dirs: Mapping[str, str | Path], out_dir: str | Path, **options: Any
+) -> list[Path]:
+    """Write tasks (name -> JSONL folder, same `options`) as lm-eval writes a task family; returns the paths.
+
+    `_<group>_template_yaml` holds the fields all tasks share (not a task: lm-eval indexes only `*.yaml`),
+    each `<task>.yaml` holds ``include:`` of it and its own fields, and `_<group>.yaml` is the group
+    (``group: <group>``, ``task: [...]``, no aggregate: each task is scored on its own).
+    """
+    configs = [jsonl_task_config(name, data_dir, **options) for name, data_dir in data_dirs.items()]
+    shared = {k: v for k, v in configs[0].items() if k != "task" and all(c.get(k) == v for c in configs)}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{task_name}.yaml"
-    path.write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    log.info("wrote lm-eval task %s -> %s", task_name, path)
+    template = f"_{group}_template_yaml"
+    paths = [_write_yaml(out / template, shared)]
+    for config in configs:
+        own = {k: v for k, v in config.items() if k not in shared}
+        paths.append(_write_yaml(out / f"{config['task']}.yaml", {"include": template, **own}))
+    members = {"group": group, "task": [c["task"] for c in configs], "metadata": {"version": 1.0}}
+    paths.append(_write_yaml(out / f"_{group}.yaml", members))
+    return paths
+
+
+def _write_yaml(path: Path, config: Mapping[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dict(config), allow_unicode=True, sort_keys=False), encoding="utf-8")
+    log.info("wrote lm-eval config %s", path)
     return path

@@ -92,6 +92,32 @@ def make_tiny_checkpoint(
     if from_checkpoint is not None:
         return _save_finetune(Path(from_checkpoint), out, seed=seed, dtype=dtype, noise=noise, **shard_kwargs)
     tokenizer = word_tokenizer(words if words is not None else DEFAULT_WORDS)
+    model = tiny_model(
+        tokenizer, family, seed=seed, dtype=dtype, hidden_size=hidden_size, num_layers=num_layers,
+        intermediate_size=intermediate_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        tie_word_embeddings=tie_word_embeddings, **config_overrides,
+    )
+    model.save_pretrained(out, **shard_kwargs)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_model(
+    tokenizer: PreTrainedTokenizerFast,
+    family: str = "llama",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    intermediate_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    tie_word_embeddings: bool = False,
+    **config_overrides: Any,
+) -> PreTrainedModel:
+    """A seeded random decoder over `tokenizer`'s vocabulary, in eval mode with a greedy generation config
+    (`config_overrides` go to the model config, e.g. `initializer_range`; the global torch RNG is left as it was)."""
     config = _tiny_config(
         family, tokenizer, hidden_size=hidden_size, num_layers=num_layers,
         intermediate_size=intermediate_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -106,9 +132,7 @@ def make_tiny_checkpoint(
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
     )
-    model.save_pretrained(out, **shard_kwargs)
-    tokenizer.save_pretrained(out)
-    return out
+    return model.eval()
 
 
 def make_tiny_trio(

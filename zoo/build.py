@@ -1,12 +1,11 @@
 """Build the tiny zoo: a base model, a J ("Japanese") expert and a math expert, plus evaluation task splits.
 
-    python -m evolve.zoo.build --out data/zoo --seed 0
+    python -m zoo build --out data/zoo --seed 0
 
 Everything is a deterministic function of the seed (model init, training data, task splits) at a fixed thread count.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -14,21 +13,22 @@ import logging
 import platform
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import transformers
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from evals.data import write_jsonl
+from evals.lm_eval_backend import write_jsonl_task_group
 from merge_core.errors import EvomergeError
 from merge_core.synthetic import word_tokenizer
-from evolve.zoo.train import TrainSchedule, new_model, train
-from evolve.zoo.world import (
+from zoo.train import TrainSchedule, new_model, train
+from zoo.world import (
     TASKS, TERMINATOR, Item, Mixture, TaskSpec, base_mixture, expert_ja_mixture, expert_math_mixture,
     sample_item, vocabulary,
 )
@@ -120,26 +120,23 @@ def write_tasks(out_dir: Path, seed: int, plan: ZooSize) -> frozenset[Item]:
     """Write tasks/<task>/{train,dev,test}.jsonl and tasks/tasks.json; returns the reserved items."""
     splits, reserved = task_splits(seed, plan)
     for name, by_split in splits.items():
-        (out_dir / "tasks" / name).mkdir(parents=True)
         for split, rows in by_split.items():
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            (out_dir / "tasks" / name / f"{split}.jsonl").write_text(text, encoding="utf-8")
+            write_jsonl(out_dir / "tasks" / name / f"{split}.jsonl", rows)
     manifest = json.dumps(tasks_manifest(plan), indent=2, ensure_ascii=False)
     (out_dir / "tasks" / "tasks.json").write_text(manifest + "\n", encoding="utf-8")
     write_lm_eval_tasks(out_dir)
     return reserved
 
 
-def write_lm_eval_tasks(out_dir: Path) -> list[Path]:
-    """tasks/lm_eval/zoo_<task>.yaml: each task as an lm-eval task (test split), scored like the native evaluator
-    (first word of a greedy continuation, exact match; the J tasks' gold answers are J numerals, so the native
-    language check is implied). Data paths are written as ``out_dir`` is given: `--out data/zoo` run from the
-    repository root gives YAMLs that lm-eval loads from the repository root (`--include_path data/zoo/tasks/lm_eval`)."""
-    from evals.lm_eval_backend import write_jsonl_task_yaml
-
-    return [write_jsonl_task_yaml(f"zoo_{name}", out_dir / "tasks" / name, out_dir / "tasks" / "lm_eval", split="test",
+def write_lm_eval_tasks(out_dir: Path, yaml_dir: Path | None = None) -> list[Path]:
+    """The tasks as the lm-eval task group `zoo` in `yaml_dir` (default out_dir/tasks/lm_eval): tasks `zoo_<task>`
+    (test split), scored like the native evaluator (first word of a greedy continuation, exact match; the J tasks'
+    gold answers are J numerals, so the native language check is implied). Data paths are written as ``out_dir``
+    is given: `--out data/zoo` run from the repository root gives YAMLs that lm-eval loads from the repository
+    root (`--include_path data/zoo/tasks/lm_eval`)."""
+    data_dirs = {f"zoo_{name}": out_dir / "tasks" / name for name in TASKS}
+    return write_jsonl_task_group("zoo", data_dirs, yaml_dir or out_dir / "tasks" / "lm_eval", split="test",
                                   stop=[TERMINATOR], extract="first_word", max_new_tokens=2, absolute=False)
-            for name in TASKS]
 
 
 def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
@@ -258,28 +255,3 @@ def _write_records(
         "version on CPU; zoo.json lists the full hashes.", "",
     ]
     (out_dir / "BUILD.md").write_text("\n".join(lines), encoding="utf-8")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m evolve.zoo.build --out DIR --seed N [--size full|ci] [--overwrite]`."""
-    parser = argparse.ArgumentParser(prog="python -m evolve.zoo.build", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data/zoo", help="output folder (default: data/zoo)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", choices=sorted(SIZES), default="full")
-    parser.add_argument("--overwrite", action="store_true", help="replace a zoo already in --out")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the hashes depend on it)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    command = f"python -m evolve.zoo.build --out {args.out} --seed {args.seed} --size {args.size}"
-    if args.threads != 1:
-        command += f" --threads {args.threads}"
-    try:
-        build_zoo(args.out, args.seed, args.size, overwrite=args.overwrite, threads=args.threads, command=command)
-    except EvomergeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

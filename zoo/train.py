@@ -7,9 +7,10 @@ import random
 from dataclasses import dataclass
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from evolve.zoo.world import Doc, Mixture
+from merge_core.synthetic import tiny_model
+from zoo.world import Doc, Mixture
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +38,8 @@ class TrainSchedule:
 
 def new_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
     """A freshly initialized Llama (hidden 128, 4 layers, 4 heads, intermediate 512, untied embeddings)."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=MAX_POSITIONS,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model
+    return tiny_model(tokenizer, seed=seed, hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4,
+                      num_kv_heads=4, max_position_embeddings=MAX_POSITIONS)
 
 
 def encode_batch(docs: list[Doc], tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:

@@ -28,7 +28,6 @@ OBJECTS = ("pens", "apples", "cups", "books", "coins", "cards", "eggs", "hats")
 ADD_VERBS = ("buys", "gets", "finds")
 SUB_VERBS = ("sells", "loses", "gives")
 OTHER_VERBS = ("has", "sees", "wants")
-QUESTION_WORDS = ("how", "many", "does", "have", "?", ".", E_CUE)
 
 CIPHER: dict[str, str] = {
     "eva": "hana", "tom": "kenji", "ann": "yuki", "ben": "sora",

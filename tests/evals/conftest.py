@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from evals.data import write_jsonl
 from evals.native import generate_greedy
-from tests.evals.tiny import make_lm, random_prompts, write_split
+from tests.evals.tiny import make_lm, random_prompts
 
 
 @pytest.fixture()
@@ -28,6 +29,6 @@ def half_solved_task(tmp_path: Path, lm) -> Path:
         answer = words[0] if i % 2 == 0 and words else "w0 w0"
         rows.append({"id": f"q{i}", "prompt": prompt, "answer": answer})
     task_dir = tmp_path / "tiny_task"
-    write_split(task_dir, "test", rows)
-    write_split(task_dir, "dev", rows[:10])
+    write_jsonl(task_dir / "test.jsonl", rows)
+    write_jsonl(task_dir / "dev.jsonl", rows[:10])
     return task_dir

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from evals.data import load_choice_items, load_generation_items, subsample, subsample_indices
+from evals.data import load_choice_items, load_generation_items, subsample, subsample_indices, write_jsonl
 from merge_core.errors import EvomergeError
-from tests.evals.tiny import write_split
 
 
 def test_subsample_is_deterministic_and_ordered() -> None:
@@ -27,10 +26,10 @@ def test_subsample_rejects_zero() -> None:
 
 
 def test_load_items(tmp_path: Path) -> None:
-    write_split(tmp_path, "dev", [{"id": "a", "prompt": "1 + 1 =", "answer": "2"}, {"prompt": "x", "answer": 3}])
+    write_jsonl(tmp_path / "dev.jsonl", [{"id": "a", "prompt": "1 + 1 =", "answer": "2"}, {"prompt": "x", "answer": 3}])
     items = load_generation_items(tmp_path, "dev")
     assert [(i.id, i.prompt, i.answer) for i in items] == [("a", "1 + 1 =", "2"), ("1", "x", "3")]
-    write_split(tmp_path, "test", [{"id": "c", "prompt": "sky is", "choices": ["blue", "green"], "label": 0}])
+    write_jsonl(tmp_path / "test.jsonl", [{"id": "c", "prompt": "sky is", "choices": ["blue", "green"], "label": 0}])
     (choice,) = load_choice_items(tmp_path, "test")
     assert choice.choices == ("blue", "green") and choice.label == 0
 
@@ -38,9 +37,9 @@ def test_load_items(tmp_path: Path) -> None:
 def test_load_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(EvomergeError, match="train.jsonl"):
         load_generation_items(tmp_path, "train")
-    write_split(tmp_path, "dev", [{"id": "a", "prompt": "p"}])
+    write_jsonl(tmp_path / "dev.jsonl", [{"id": "a", "prompt": "p"}])
     with pytest.raises(EvomergeError, match=r"missing field\(s\) \['answer'\]"):
         load_generation_items(tmp_path, "dev")
-    write_split(tmp_path, "test", [{"id": "c", "prompt": "p", "choices": ["a"], "label": 2}])
+    write_jsonl(tmp_path / "test.jsonl", [{"id": "c", "prompt": "p", "choices": ["a"], "label": 2}])
     with pytest.raises(EvomergeError, match="label 2 out of range"):
         load_choice_items(tmp_path, "test")

@@ -11,10 +11,17 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evolve.zoo import world
-from evolve.zoo.build import MODELS, SIZES, SPLITS, build_zoo, main, make_tokenizer, task_splits
-from evolve.zoo.world import Problem, Recall, TASKS
+from evals.lm_eval_backend import LmEvalEvaluator, build_task_manager
+from evals.native import GenerationEvaluator
+from evolve.baselines import heldout_evaluators, score_checkpoint
+from evolve.config import load_config
+from evolve.loop import build_space
 from merge_core.errors import EvomergeError
+from merge_core.materialize import Materializer
+from zoo import world
+from zoo.__main__ import main
+from zoo.build import MODELS, SIZES, SPLITS, build_zoo, make_tokenizer, task_splits, write_lm_eval_tasks
+from zoo.world import Problem, Recall, TASKS
 
 ZOO = Path(__file__).resolve().parents[2] / "data" / "zoo"
 
@@ -142,11 +149,11 @@ def test_ci_build_is_deterministic_in_the_seed(tmp_path: Path) -> None:
 
 
 def test_build_refuses_to_overwrite_without_asking(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--out", str(tmp_path), "--seed", "0", "--size", "ci"]) == 0
-    assert "python -m evolve.zoo.build --out" in (tmp_path / "BUILD.md").read_text()
+    assert main(["build", "--out", str(tmp_path), "--seed", "0", "--size", "ci"]) == 0
+    assert "python -m zoo build --out" in (tmp_path / "BUILD.md").read_text()
     with pytest.raises(EvomergeError, match="already holds a zoo"):
         build_zoo(tmp_path, seed=0, size="ci")
-    assert main(["--out", str(tmp_path), "--size", "ci"]) == 1
+    assert main(["build", "--out", str(tmp_path), "--size", "ci"]) == 2
     assert "already holds a zoo" in capsys.readouterr().err
     with pytest.raises(EvomergeError, match="unknown zoo size"):
         build_zoo(tmp_path / "x", size="huge")  # type: ignore[arg-type]
@@ -164,6 +171,16 @@ def test_ci_build_loads_and_generates(tmp_path: Path) -> None:
 
 
 # --- the committed zoo ------------------------------------------------------------------------------
+
+
+def test_committed_lm_eval_tasks_are_what_the_build_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ZOO.parent.parent)  # the build was run from the repository root with --out data/zoo
+    written = write_lm_eval_tasks(Path("data/zoo"), tmp_path)
+    committed = ZOO / "tasks" / "lm_eval"
+    assert sorted(p.name for p in written) == sorted(p.name for p in committed.iterdir())
+    assert all(p.read_text() == (committed / p.name).read_text() for p in written)
+    manager = build_task_manager(["zoo"], "data/zoo/tasks/lm_eval")  # a group of the five tasks, no template task
+    assert set(manager.all_tasks) == {"zoo", *(f"zoo_{t}" for t in TASKS)}
 
 
 def test_committed_zoo_loads_and_has_tasks() -> None:
@@ -200,9 +217,6 @@ README_ROWS = {"base": "base", "source: Japanese expert": "expert_ja", "source: 
 
 
 def test_each_source_scores_on_the_held_out_split_what_the_readme_table_says(monkeypatch: pytest.MonkeyPatch) -> None:
-    from evolve.baselines import heldout_evaluators, score_checkpoint
-    from evolve.config import load_config
-
     root = ZOO.parent.parent
     monkeypatch.chdir(root)  # the demo config's paths are relative to the repo root, as the README runs it
     table = {}
@@ -225,12 +239,6 @@ EVOLVED_SEED0 = {"embed.ja.weight": 0.103, "embed.math.weight": 0.913, "L00.ja.w
 
 
 def test_shipped_lm_eval_task_agrees_with_the_native_evaluator_on_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
-    from evals.lm_eval_backend import LmEvalEvaluator
-    from evals.native import GenerationEvaluator
-    from evolve.config import load_config
-    from evolve.loop import build_space
-    from merge_core.materialize import Materializer
-
     root = ZOO.parent.parent
     monkeypatch.chdir(root)  # the shipped YAMLs name their data relative to the repo root, like the configs
     cfg = load_config("configs/tiny_jp_math.yaml")
