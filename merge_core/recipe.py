@@ -250,7 +250,9 @@ Recipe = MergeRecipe | DataFlowRecipe
 def load_recipe(text: str, where: str = "recipe") -> Recipe:
     """A recipe from YAML text: a DataFlowRecipe for ``merge_method: dataflow``, else a MergeRecipe."""
     d = _mapping(text, where)
-    return DataFlowRecipe.from_dict(d, where) if d.get("merge_method") == "dataflow" else _recipe_from_dict(d, where)
+    if d.get("merge_method") == DataFlowRecipe.merge_method:
+        return DataFlowRecipe.from_dict(d, where)
+    return _recipe_from_dict(d, where)
 
 
 # ---- resolution -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 from merge_core.errors import EvomergeError
-from merge_core.recipe import DataFlowRecipe, LayerPath
+from merge_core.recipe import MODEL_NAMES, DataFlowRecipe, LayerPath
 
 Scales = Literal["matrix", "model_pair", "slot", "none"]
 # The slot count T = (L_A + L_B) * repeats bounds the genome (T indicators, and T scales with `slot`); Sakana's
@@ -73,7 +73,7 @@ class DataFlowSpace:
 
     def _layer_label(self, i: int) -> str:
         m, l = (0, i) if i < self.layers_a else (1, i - self.layers_a)
-        return f"{'AB'[m]}{l:02d}"
+        return f"{MODEL_NAMES[m]}{l:02d}"
 
     def _make_scale_names(self) -> list[str]:
         if self.scales == "matrix":
@@ -149,7 +149,7 @@ class DataFlowSpace:
             return float(params["scale.first"])
         (pm, pl), (m, l) = hops[k - 1], hops[k]
         if self.scales == "model_pair":
-            return float(params[f"scale.{'AB'[pm]}{'AB'[m]}"])
+            return float(params[f"scale.{MODEL_NAMES[pm]}{MODEL_NAMES[m]}"])
         i = pl if pm == 0 else self.layers_a + pl
         j = l if m == 0 else self.layers_a + l
         return float(params[self._scale_names[i * self.num_layers + j]])
