@@ -4,10 +4,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator, model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from evolve.urls import expand_env, persisted_url, redact_url
 from merge_core.errors import EvomergeError
@@ -160,12 +164,20 @@ class FitnessTerm(_Strict):
     direction: Literal["max", "min"] = "max"
 
 
-class Task(BaseModel):
-    """One evaluator: its name prefixes its metrics; the other keys go to evals.build_evaluator."""
+_Count = lambda minimum: Annotated[int, Field(ge=minimum)]  # noqa: E731
+_Paths = Union[str, list[str]]
+_ERROR_LOC_NOISE = ("function-", "list[", "dict[", "str", "int", "bool", "nullable")
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+
+class _Task(BaseModel):
+    """One evaluator: its name prefixes its metrics; the fields given go to its constructor (evals.build_evaluator)
+    as written: strict types, nothing coerced, and only the fields given (the evaluator keeps its defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     name: str = Field(max_length=MAX_NAME)
-    type: Literal["generation", "choice", "perplexity", "lm_eval"] = "generation"
+    limit: Optional[_Count(1)] = None
+    seed: Annotated[int, Field(ge=0, lt=MAX_SEED)] = 0
+    batch_size: _Count(1) = 8
 
     @field_validator("name")
     @classmethod
@@ -174,53 +186,84 @@ class Task(BaseModel):
             raise ValueError(f"'{v}' must be letters, digits, '_', '-' or '.'")
         return v
 
-    @model_validator(mode="after")
-    def _field_types(self) -> "Task":
-        """The evaluator fields' types (the values go to the evaluator as written, so nothing is coerced);
-        which fields each type takes is checked against its constructor by `validate_run`."""
-        for key, value in (self.model_extra or {}).items():
-            adapter = _task_field_adapter(key)
-            if adapter is None:
-                continue
-            try:
-                adapter.validate_python(value, strict=True)
-            except ValidationError as e:
-                err = e.errors()[0]
-                where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]
-                                if not str(x).startswith(("function-", "list[", "dict[", "str", "int", "bool", "nullable")))
-                raise ValueError(f"{key}{where}: {err['msg']}, got {err['input']!r}"[:300]) from None
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_line(cls, data: Any, handler: Any) -> Any:
+        """An evaluator field's error as 'field[index]: message, got value'; an unknown one with the allowed fields."""
+        try:
+            return handler(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key, *rest = err["loc"] or ("",)
+            if err["type"] == "extra_forbidden":
+                allowed = ", ".join(sorted(set(cls.model_fields) - {"name", "type"}))
+                raise PydanticCustomError("task_field", "{key}: not a field of {kind} tasks (allowed: {allowed})",
+                                          {"key": key, "kind": _TASK_KIND[cls], "allowed": allowed}) from None
+            if key in ("name", "type") or err["type"] == "missing":
+                raise
+            where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in rest
+                            if not str(x).startswith(_ERROR_LOC_NOISE))
+            raise ValueError(f"{key}{where}: {err['msg']}, got {err['input']!r}"[:300]) from None
+
+    @model_serializer(mode="wrap")
+    def _given_fields(self, handler: Any) -> dict[str, Any]:
+        """Only the fields the config gives (and name, type): the evaluator's own defaults and the run seed apply."""
+        data = handler(self)
+        return {"name": data["name"], "type": data["type"], **{k: data[k] for k in data if k in self.model_fields_set}}
 
     def evaluator_spec(self, **overrides: Any) -> dict[str, Any]:
         return {**self.model_dump(), **overrides}
 
 
-def _task_field_types() -> dict[str, Any]:
-    from typing import Annotated, Union
-
-    count = lambda minimum: Annotated[int, Field(ge=minimum)]  # noqa: E731
-    paths = Union[str, list[str]]
-    return {
-        "task_dir": str, "text_file": str, "split": str, "delimiter": str, "prompt_template": Optional[str],
-        "stop": list[str], "gold_prob": bool, "extract_gold": bool,
-        "extract": Union[str, dict[str, Any]], "language_check": Optional[dict[str, Any]],
-        "limit": Optional[count(1)], "batch_size": count(1), "max_new_tokens": count(1),
-        "max_length": Optional[count(2)], "num_fewshot": Optional[count(0)],
-        "seed": Annotated[int, Field(ge=0, lt=MAX_SEED)],
-        "tasks": Annotated[list[str], Field(min_length=1)], "include_path": Optional[paths],
-        "metrics": Optional[dict[str, paths]],
-    }
+class _ItemsTask(_Task):
+    task_dir: str
+    split: str = "dev"
+    prompt_template: Optional[str] = None
+    delimiter: str = " "
 
 
-_TASK_ADAPTERS: dict[str, Any] = {}
+class GenerationTask(_ItemsTask):
+    type: Literal["generation"] = "generation"
+    max_new_tokens: _Count(1) = 32
+    stop: list[str] = []
+    extract: Union[str, dict[str, Any]] = "last_number"
+    language_check: Optional[dict[str, Any]] = None
+    gold_prob: bool = True
+    extract_gold: bool = False
 
 
-def _task_field_adapter(key: str) -> Any:
-    from pydantic import TypeAdapter
+class ChoiceTask(_ItemsTask):
+    type: Literal["choice"]
 
-    if not _TASK_ADAPTERS:
-        _TASK_ADAPTERS.update({k: TypeAdapter(t) for k, t in _task_field_types().items()})
-    return _TASK_ADAPTERS.get(key)
+
+class PerplexityTask(_Task):
+    type: Literal["perplexity"]
+    text_file: str
+    max_length: _Count(2) = 512
+
+
+class LmEvalTask(_Task):
+    type: Literal["lm_eval"]
+    tasks: Annotated[list[str], Field(min_length=1)]
+    include_path: Optional[_Paths] = None
+    metrics: Optional[dict[str, _Paths]] = None
+    num_fewshot: Optional[_Count(0)] = None
+    max_length: Optional[_Count(2)] = None
+
+
+_TASK_KIND = {GenerationTask: "generation", ChoiceTask: "choice", PerplexityTask: "perplexity", LmEvalTask: "lm_eval"}
+TASK_TYPES = tuple(_TASK_KIND.values())  # evals.EVALUATOR_TYPES builds each
+
+
+def _task_type(v: Any) -> Any:
+    return v.get("type", "generation") if isinstance(v, dict) else getattr(v, "type", None)
+
+
+Task = Annotated[
+    Union[tuple(Annotated[model, Tag(kind)] for model, kind in _TASK_KIND.items())],  # type: ignore[valid-type]
+    Discriminator(_task_type, custom_error_type="task_type",
+                  custom_error_message=f"Input should be {', '.join(map(repr, TASK_TYPES))}"),
+]
 
 
 class Evaluation(_Strict):
@@ -346,7 +389,12 @@ def parse_config(data: Any, where: str = "config") -> RunConfig:
 def format_validation_error(e: ValidationError) -> str:
     """The first error as 'yaml.path: message'."""
     err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-")) or "(top level)"
+    parts = [x for i, x in enumerate(err["loc"]) if not (x in TASK_TYPES and i and isinstance(err["loc"][i - 1], int))]
+    if err["type"] == "task_type":
+        parts.append("type")
+    elif err["type"] == "task_field":  # an unknown evaluator field, as `evaluation.tasks[0].field`
+        parts = [*parts[:-2], f"{parts[-2]}[{parts[-1]}]"]
+    loc = ".".join(str(x) for x in parts if not str(x).startswith("function-")) or "(top level)"
     msg = err["msg"]
     msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
     if err["type"] == "extra_forbidden":
@@ -404,24 +452,12 @@ def _validate_run(cfg: RunConfig, offline: bool) -> list[str]:
 
 
 def _check_tasks(cfg: RunConfig, offline: bool) -> None:
-    """Fields against each evaluator's constructor; unless offline, the data: native evaluators are built (their
+    """The data files exist; unless offline, the data: native evaluators are built (their
     data read, templates, extractors and language checks parsed) for the search split and the held-out split."""
-    import inspect
-
-    from evals import EVALUATOR_TYPES
-
     ev = cfg.evaluation
     for group, tasks in (("tasks", ev.tasks), ("heldout_tasks", ev.heldout_tasks)):
         for i, task in enumerate(tasks):
             spec = task.evaluator_spec()
-            params = inspect.signature(EVALUATOR_TYPES[task.type]).parameters
-            unknown = sorted(set(spec) - set(params) - {"type"})
-            if unknown:
-                raise EvomergeError(f"evaluation.{group}[{i}].{unknown[0]}: not a field of {task.type} tasks "
-                                    f"(allowed: {', '.join(sorted(set(params) - {'name'}))})")
-            missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in spec]
-            if missing:
-                raise EvomergeError(f"evaluation.{group}[{i}].{missing[0]}: required for {task.type} tasks")
             for key in ("task_dir", "text_file"):
                 if not offline and isinstance(spec.get(key), str) and not Path(spec[key]).exists():
                     raise EvomergeError(f"evaluation.{group}[{i}].{key}: {spec[key]} does not exist")
