@@ -75,7 +75,7 @@ class ParameterSpace:
     base: str | None
     sources: Sequence[str]
     num_layers: int
-    aliases: Sequence[str] | None = None
+    aliases: Sequence[str]  # one distinct name per source (the config's `models.aliases()`), in parameter names
     layers_per_group: int | None = None  # None: one group for all layers
     modules: bool = False  # split each layer group into attn / mlp / other
     embed_head_groups: bool = True
@@ -90,9 +90,6 @@ class ParameterSpace:
 
     def __post_init__(self) -> None:
         spec = ps_method(self.method, len(self.sources))
-        self.aliases = list(self.aliases or [_alias(s) for s in self.sources])
-        if len(set(self.aliases)) != len(self.aliases):
-            raise EvomergeError(f"models: source aliases must be unique, got {self.aliases}")
         n = self.layers_per_group or self.num_layers
         if n < 1 or self.num_layers % n:
             raise EvomergeError(f"search.space.layers_per_group: must divide num_hidden_layers={self.num_layers}, got {n}")
@@ -180,7 +177,3 @@ class ParameterSpace:
 
 def _params(by_param: dict[str, list[Cond]]) -> tuple:
     return tuple(sorted((k, tuple(v)) for k, v in by_param.items()))
-
-
-def _alias(path: str) -> str:
-    return path.rstrip("/").split("/")[-1].lower()
