@@ -17,6 +17,7 @@ from evolve.urls import expand_env, persisted_url, redact_url
 from merge_core.errors import EvomergeError
 from merge_core.recipe import DTYPES, _freeze_params
 from merge_core.yamlio import load_yaml, read_text
+from search_spaces.ps import ps_method
 
 
 MAX_NAME = 100  # run, task and alias names: they name directories, studies and Optuna parameters
@@ -506,7 +507,6 @@ def _check_space_params(space: Space, sources: list[SourceModel]) -> None:
     """search.space: a method the PS space can search, and fixed `params` that are its parameters with valid values."""
     from merge_core.merge import _setting_values
     from merge_core.methods import check_parameter
-    from search_spaces.ps import ps_method
 
     spec = ps_method(space.method, len(sources))
     known = set(spec.global_params) | set(spec.tensor_params)

@@ -9,7 +9,6 @@ import base64
 import html
 import logging
 import math
-import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,16 +24,15 @@ from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 from evolve.urls import redact_url  # noqa: E402
 from merge_core.errors import EvomergeError  # noqa: E402
 from merge_core.recipe import MODEL_NAMES, DataFlowRecipe, Recipe, load_recipe  # noqa: E402
+from search_spaces.ps import MODULE_KINDS, group_order, parse_param_name  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-MODULES = ("attn", "mlp", "other")
 MIN_TRIALS_FOR_IMPORTANCE = 10
 IMPORTANCE_TIMEOUT_S = 10.0
 MAX_IMPORTANCE_BARS = 25
 MAX_ANNOTATED_CELLS = 150
 DPI = 100
-_LAYER_GROUP = re.compile(r"^L(\d+)(?:-(\d+))?$")
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -101,37 +99,9 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 # ---- parameter names ----------------------------------------------------------------------------
 
 
-def parse_param_name(name: str) -> tuple[str, str | None, str | None, str]:
-    """``L08-15.mlp.math.density`` -> ("L08-15", "mlp", "math", "density"); ``L00.t`` -> ("L00", None, None, "t").
-
-    Group first, an optional module (attn | mlp | other), the source alias (absent for global parameters,
-    may itself contain dots), the parameter last.
-    """
-    parts = name.split(".")
-    if len(parts) < 2 or not all(parts):
-        raise EvomergeError(f"parameter name '{name}' is not GROUP[.MODULE][.SOURCE].PARAM")
-    group, rest, param = parts[0], parts[1:-1], parts[-1]
-    module = rest.pop(0) if rest and rest[0] in MODULES else None
-    return group, module, (".".join(rest) or None), param
-
-
-def _group_key(group: str) -> tuple:
-    """embed, then layer groups by first layer (``all`` spans every layer), then head; unknown names last."""
-    if group == "embed":
-        return (0, 0, group)
-    if group == "all":
-        return (1, -1, group)
-    m = _LAYER_GROUP.match(group)
-    if m:
-        return (1, int(m.group(1)), group)
-    if group == "head":
-        return (2, 0, group)
-    return (3, 0, group)
-
-
 def _column_key(col: tuple[str, str | None]) -> tuple:
     group, module = col
-    return (*_group_key(group), -1 if module is None else MODULES.index(module))
+    return (*group_order(group), -1 if module is None else MODULE_KINDS.index(module))
 
 
 def _param_order(study: optuna.Study, best: FrozenTrial) -> list[str]:

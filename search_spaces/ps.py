@@ -7,14 +7,18 @@ the names and values Optuna shows are the recipe's.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from merge_core.errors import EvomergeError
-from merge_core.methods import MethodSpec, get_method
 from merge_core.recipe import Cond, MergeRecipe, OutputSlice, SliceSource, locate, resolve_parameter
 
-MODULE_KINDS = ("attn", "mlp", "other")
+if TYPE_CHECKING:
+    from merge_core.methods import MethodSpec
+
+MODULE_KINDS = ("attn", "mlp", "other")  # a layer group's modules (`modules: true`): self_attn.*, mlp.*, the rest
+_LAYER_GROUP = re.compile(r"^L(\d+)(?:-(\d+))?$")  # L08 (one layer), L08-15 (a range); `all` is every layer
 _MODULE_FILTER = {"attn": "self_attn.", "mlp": "mlp.", "other": ""}
 HEAD_FILTERS = ("lm_head", "model.norm.")
 _PROBE_SUFFIX = {"attn": "self_attn.q_proj.weight", "mlp": "mlp.up_proj.weight", "other": "input_layernorm.weight"}
@@ -22,12 +26,42 @@ _PROBE_SUFFIX = {"attn": "self_attn.q_proj.weight", "mlp": "mlp.up_proj.weight",
 
 def ps_method(name: str, num_sources: int) -> MethodSpec:
     """The spec of `search.space.method` if the parameter space can search it over `num_sources` sources."""
+    from merge_core.methods import get_method  # torch: parameter names parse without it (evolve report)
+
     spec = get_method(name, "search.space.method")
     if spec.kind == "slerp" and num_sources != 1:
         raise EvomergeError("search.space.method: slerp interpolates the base and exactly one source")
     if spec.kind == "model_stock":
         raise EvomergeError("search.space.method: model_stock has no per-source parameters to search")
     return spec
+
+
+def parse_param_name(name: str) -> tuple[str, str | None, str | None, str]:
+    """``L08-15.mlp.math.density`` -> ("L08-15", "mlp", "math", "density"); ``L00.t`` -> ("L00", None, None, "t").
+
+    Group first, an optional module (attn | mlp | other), the source alias (absent for global parameters,
+    may itself contain dots), the parameter last: the names `ParameterSpace.names` writes.
+    """
+    parts = name.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise EvomergeError(f"parameter name '{name}' is not GROUP[.MODULE][.SOURCE].PARAM")
+    group, rest, param = parts[0], parts[1:-1], parts[-1]
+    module = rest.pop(0) if rest and rest[0] in MODULE_KINDS else None
+    return group, module, (".".join(rest) or None), param
+
+
+def group_order(group: str) -> tuple:
+    """Sort key: embed, then layer groups by first layer (``all`` spans every layer), then head; unknown names last."""
+    if group == "embed":
+        return (0, 0, group)
+    if group == "all":
+        return (1, -1, group)
+    m = _LAYER_GROUP.match(group)
+    if m:
+        return (1, int(m.group(1)), group)
+    if group == "head":
+        return (2, 0, group)
+    return (3, 0, group)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from evolve import report
-from evolve.report import parse_param_name, recipe_grid, write_report
+from evolve.report import recipe_grid, write_report
+from search_spaces.ps import parse_param_name
+from evolve.study import best_trial
 from merge_core.errors import EvomergeError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -110,7 +112,7 @@ def test_write_report(sqlite_study, tmp_path):
         assert 300 <= width <= 3000 and 200 <= height <= 2000, (p.name, width, height)
 
     page = paths[-1].read_text(encoding="utf-8")
-    best = study.best_trial
+    best = best_trial(study)
     assert "PS search &lt;test&gt;" in page
     assert f"{best.value:.6g}" in page and f"<td>{best.number}</td>" in page
     assert f"merge_method: dare_ties  # trial {best.number}" in page
