@@ -280,11 +280,10 @@ def evaluate_setting(tensor_name: str, setting: Setting, t: float) -> Any:
 
 @dataclass(frozen=True)
 class TensorSite:
-    """Where a tensor sits in the output: which slice, which input layer per source, and its t."""
+    """Where a tensor sits in the output: which slice, and its t."""
 
     slice_index: int
     t: float
-    source_layers: tuple[int | None, ...]  # input layer index per slice source (None outside layers)
 
 
 def locate(recipe: MergeRecipe, tensor_name: str, num_layers: int) -> TensorSite:
@@ -294,15 +293,13 @@ def locate(recipe: MergeRecipe, tensor_name: str, num_layers: int) -> TensorSite
     layer = layer_index(tensor_name)
     if layer is None:
         i = 0 if "embed" in tensor_name else len(recipe.slices) - 1
-        return TensorSite(i, 0.0, (None,) * len(recipe.slices[i].sources))
+        return TensorSite(i, 0.0)
     start = 0
     for i, sl in enumerate(recipe.slices):
         n = _slice_len(sl, num_layers)
         if start <= layer < start + n:
             idx = layer - start
-            t = idx / (n - 1) if n > 1 else 1.0
-            src_layers = tuple((s.layer_range[0] if s.layer_range else 0) + idx for s in sl.sources)
-            return TensorSite(i, t, src_layers)
+            return TensorSite(i, idx / (n - 1) if n > 1 else 1.0)
         start += n
     raise EvomergeError(f"tensor {tensor_name}: layer {layer} is not covered by the recipe's slices ({start} layers)")
 
