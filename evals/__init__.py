@@ -7,7 +7,6 @@ from typing import Any, Mapping
 from evals.base import Evaluator
 from evals.data import ChoiceItem, GenerationItem, load_choice_items, load_generation_items, subsample
 from evals.extract import answers_match, extract_first_word, extract_last_number, make_extractor, normalize_answer
-from evals.fitness import Fitness, FitnessError, FitnessTerm
 from evals.language import JapaneseScript, WordPattern, japanese_share, make_language_check
 from evals.lm_eval_backend import LmEvalEvaluator, write_jsonl_task_yaml
 from evals.native import ChoiceEvaluator, GenerationEvaluator, PerplexityEvaluator
@@ -51,9 +50,6 @@ __all__ = [
     "ChoiceEvaluator",
     "ChoiceItem",
     "Evaluator",
-    "Fitness",
-    "FitnessError",
-    "FitnessTerm",
     "GenerationEvaluator",
     "GenerationItem",
     "JapaneseScript",

@@ -13,6 +13,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from evolve.fitness import FitnessTerm
 from evolve.urls import expand_env, persisted_url, redact_url
 from merge_core.errors import EvomergeError
 from merge_core.recipe import DTYPES, _freeze_params
@@ -157,12 +158,6 @@ class Search(_Strict):
             assert self.dfs is not None
             return self.dfs.space, self.dfs.optimizer, self.dfs.budget
         return self.space, self.optimizer, self.budget
-
-
-class FitnessTerm(_Strict):
-    metric: str = Field(description="'<task>/<metric>' as the evaluator reports it")
-    weight: float = 1.0
-    direction: Literal["max", "min"] = "max"
 
 
 _Count = lambda minimum: Annotated[int, Field(ge=minimum)]  # noqa: E731

@@ -114,7 +114,7 @@ class Worker:
     def __init__(self, cfg: RunConfig | dict, template_yaml: str, worker_id: str = "local"):
         from transformers import AutoTokenizer
 
-        from evals.fitness import Fitness
+        from evolve.fitness import Fitness
 
         self.cfg = cfg if isinstance(cfg, RunConfig) else parse_config(cfg)
         self.worker_id = worker_id
@@ -124,7 +124,7 @@ class Worker:
         self.tokenizer = AutoTokenizer.from_pretrained(self.backend.tokenizer_path,
                                                        trust_remote_code=self.cfg.models.trust_remote_code)
         self.evaluators = build_evaluators(list(self.cfg.evaluation.tasks), seed=self.cfg.seed)
-        self.fitness = Fitness([(t.metric, t.weight, t.direction) for t in self.cfg.evaluation.fitness])
+        self.fitness = Fitness(self.cfg.evaluation.fitness)
 
     def evaluate(self, recipe_yaml: str) -> Outcome:
         out = Outcome(worker=self.worker_id)

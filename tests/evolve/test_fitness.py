@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from evals.fitness import Fitness, FitnessError, FitnessTerm
+from evolve.fitness import Fitness, FitnessError, FitnessTerm
 
 
 def test_score_with_directions() -> None:
@@ -16,7 +16,7 @@ def test_score_with_directions() -> None:
 
 
 def test_terms_from_dicts_and_defaults() -> None:
-    fitness = Fitness([{"metric": "a"}, FitnessTerm("b", 2.0, "min")])
+    fitness = Fitness([{"metric": "a"}, FitnessTerm(metric="b", weight=2.0, direction="min")])
     assert fitness.score({"a": 1.0, "b": 0.25}) == pytest.approx(0.5)
 
 
@@ -36,5 +36,7 @@ def test_bad_metric_names_it(metrics: dict[str, float], message: str) -> None:
 def test_bad_terms() -> None:
     with pytest.raises(FitnessError, match="direction must be 'max' or 'min'"):
         Fitness([("ppl", 1.0, "lower")])
+    with pytest.raises(FitnessError, match="'acc': weight must be a finite number, got inf"):
+        Fitness([("acc", math.inf)])
     with pytest.raises(FitnessError, match="at least one term"):
         Fitness([])

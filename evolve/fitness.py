@@ -2,36 +2,29 @@
 
 A "min" metric (perplexity, loss) is negated here, so users never encode direction as a negative
 weight. A missing, NaN or infinite metric raises `FitnessError` naming it; the search marks that
-trial FAIL with the message.
+trial FAIL with the message. `FitnessTerm` is also the config's `evaluation.fitness` entry.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
-from merge_core.errors import EvomergeError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-Direction = Literal["max", "min"]
+from merge_core.errors import EvomergeError
 
 
 class FitnessError(EvomergeError):
     """A metric the fitness needs is missing or not a finite number."""
 
 
-@dataclass(frozen=True)
-class FitnessTerm:
+class FitnessTerm(BaseModel):
     """One named metric, its weight and whether higher ("max") or lower ("min") is better."""
 
-    metric: str
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    metric: str = Field(description="'<task>/<metric>' as the evaluator reports it")
     weight: float = 1.0
-    direction: Direction = "max"
-
-    def __post_init__(self) -> None:
-        if self.direction not in ("max", "min"):
-            raise FitnessError(f"fitness term {self.metric!r}: direction must be 'max' or 'min', got {self.direction!r}")
-        if not math.isfinite(self.weight):
-            raise FitnessError(f"fitness term {self.metric!r}: weight must be a finite number, got {self.weight}")
+    direction: Literal["max", "min"] = "max"
 
     def value(self, metrics: Mapping[str, float]) -> float:
         """The metric, sign-flipped for "min", checked to be present and finite."""
@@ -46,9 +39,17 @@ class FitnessTerm:
 def _as_term(term: FitnessTerm | Sequence[Any] | Mapping[str, Any]) -> FitnessTerm:
     if isinstance(term, FitnessTerm):
         return term
-    if isinstance(term, Mapping):
-        return FitnessTerm(**term)
-    return FitnessTerm(*term)
+    fields = dict(term) if isinstance(term, Mapping) else dict(zip(FitnessTerm.model_fields, term))
+    try:
+        return FitnessTerm(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(map(str, err["loc"]))
+        rule = _TERM_RULES.get(field, err["msg"])
+        raise FitnessError(f"fitness term {fields.get('metric')!r}: {field} {rule}, got {err['input']!r}") from None
+
+
+_TERM_RULES = {"metric": "must be a string", "weight": "must be a finite number", "direction": "must be 'max' or 'min'"}
 
 
 class Fitness:
