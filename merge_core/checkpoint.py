@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Protocol
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, PretrainedConfig
@@ -267,11 +269,6 @@ def _fetch_from_hub(hub_id: str, allow_pickle: bool, trust_remote_code: bool) ->
 
 
 def _snapshot(hub_id: str, patterns: list[str]) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
-    )
-
     try:
         return Path(snapshot_download(hub_id, allow_patterns=patterns))
     except HFValidationError:
