@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from evolve.cli import main
-from evolve.config import load_config, parse_config, redact_url
+from evolve.config import TASK_TYPES, load_config, parse_config, redact_url
 from merge_core.errors import EvomergeError
 
 GOOD = {
@@ -68,6 +68,12 @@ CASES = [
     (("evaluation", "tasks", 0, "stop"), [123, None], "evaluation.tasks.0.stop[0]: Input should be a valid string, got 123"),
     (("evaluation", "tasks", 0, "limit"), 0, "evaluation.tasks.0.limit: Input should be greater than or equal to 1"),
 ]
+
+
+def test_each_task_type_has_an_evaluator():
+    from evals import EVALUATOR_TYPES  # torch, transformers
+
+    assert tuple(EVALUATOR_TYPES) == TASK_TYPES
 
 
 def test_the_good_config_parses():
