@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from evolve.baselines import global_recipe, heldout_evaluators, score_checkpoint, score_recipes, untuned_recipes  # noqa: E402
 from evolve.config import RunConfig, load_config  # noqa: E402
-from evolve.loop import best_trial, run_search, study_name, trial_recipe  # noqa: E402
+from evolve.loop import run_search  # noqa: E402
+from evolve.study import best_trial, trial_recipe  # noqa: E402
 from evolve.worker import Worker  # noqa: E402
 
 from results import write_section  # noqa: E402  (bench/ is on sys.path: scripts run from it)
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "demo_bar")
     parser.add_argument("--write", action="store_true", help="write the table to bench/RESULTS.md")
     args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # as `evolve run` does
     os.chdir(ROOT)
     command = shlex.join([".venv/bin/python", "bench/demo_bar.py", *sys.argv[1:]])
     base_cfg = load_config(args.config)

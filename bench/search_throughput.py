@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +74,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "search_throughput")
     ap.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
     args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # as `evolve run` does
     rows = [run_backend(args.config, "local", 1, args.trials, args.work),
             run_backend(args.config, "ray", args.ray_workers, args.trials, args.work)]
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())

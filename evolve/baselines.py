@@ -4,9 +4,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-import optuna
-
 from evolve.config import RunConfig
+from evolve.study import best_trial, load_study, trial_recipe
 from evolve.worker import build_evaluators, score_metrics
 from merge_core.errors import EvomergeError
 from merge_core.merge import method_spec
@@ -83,8 +82,6 @@ def untuned_recipes(cfg: RunConfig, density: float = 0.7) -> dict[str, MergeReci
 
 def heldout_table(cfg: RunConfig) -> list[dict[str, Any]]:
     """Rows for the end-of-run table: base, each source, the untuned merges, and each stage's best trial."""
-    from evolve.loop import best_trial, study_name, trial_recipe
-
     evaluators = heldout_evaluators(cfg)
     rows: list[dict[str, Any]] = []
     models = ([("base", cfg.models.base)] if cfg.models.base else []) + [(f"source {a}", s.path) for a, s in zip(cfg.models.aliases(), cfg.models.sources)]
@@ -93,8 +90,7 @@ def heldout_table(cfg: RunConfig) -> list[dict[str, Any]]:
     recipes: dict[str, Recipe] = dict(untuned_recipes(cfg))
     labels = {"ps": "evolved PS", "dfs": "evolved PS+DFS" if cfg.search.stages == ["ps", "dfs"] else "evolved DFS"}
     for stage in cfg.search.stages:
-        study = optuna.load_study(study_name=study_name(cfg, stage), storage=cfg.storage_url)
-        best = best_trial(study)
+        best = best_trial(load_study(cfg, stage))
         recipes[f"{labels[stage]} (trial {best.number})"] = trial_recipe(best)
     for label, metrics in score_recipes(cfg, recipes, evaluators).items():
         rows.append({"model": label, **metrics})

@@ -1,47 +1,31 @@
-"""The `evolve` command: one entry point, one subcommand per verb; user errors print one line and exit non-zero."""
+"""The `evolve` command: merge, run, resume, status, report, export, check, eval. User errors print one line and exit
+2. Modules that import torch or Optuna are imported inside the commands, so `evolve --help` stays fast."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
+import os
+import shlex
+import signal
 import sys
-from typing import Callable, Sequence
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
+from evolve.config import RunConfig, load_config, parse_config, validate_run
+from evolve.urls import redact_url
 from merge_core.errors import EvomergeError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
-Command = Callable[[argparse.Namespace], int]
-COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
-
-
-def command(name: str, help: str):
-    """Register `evolve NAME`: the decorated function takes the parsed args; `args_fn` adds its arguments."""
-
-    def wrap(args_fn: Callable[[argparse.ArgumentParser], None]):
-        def deco(fn: Command) -> Command:
-            COMMANDS[name] = (fn, args_fn, help)
-            return fn
-
-        return deco
-
-    return wrap
-
 
 # ---- evolve merge -----------------------------------------------------------------------------
 
 
-def _merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML (evomerge's or a mergekit config)")
-    p.add_argument("--out", required=True, help="output directory for the HF checkpoint (new or empty; see --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (only once the new checkpoint is complete)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when present)")
-    p.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 2GB or 500MB")
-    p.add_argument("--allow-pickle", action="store_true", help="allow reading pickled .bin checkpoints (runs code from the file)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow models whose config needs remote code")
-
-
-@command("merge", "apply one recipe (ours or mergekit's) and write an HF checkpoint")(_merge_args)
 def cmd_merge(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -65,9 +49,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def parse_size(text: str, what: str) -> int:
     """'5GB', '500MB', '1.5GiB' -> bytes; a positive size of at least one byte, or a one-line error."""
-    import math
-
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "B": 1}
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "B": 1}
     t = text.strip().upper()
     for unit in sorted(units, key=len, reverse=True):
         if t.endswith(unit):
@@ -81,6 +64,213 @@ def parse_size(text: str, what: str) -> int:
     raise EvomergeError(f"{what}: '{text}' is not a size such as 5GB or 500MB")
 
 
+# ---- run / resume -----------------------------------------------------------------------------
+
+
+def resolve_run(target: str) -> RunConfig:
+    """A config file, or a run directory holding the config.yaml that `evolve run` saved there."""
+    p = Path(target)
+    if p.is_dir():
+        if not (p / "config.yaml").is_file():
+            raise EvomergeError(f"{p}: not a run directory (no config.yaml); pass the run's config file")
+        return load_config(p / "config.yaml").in_run_dir(p)  # its study.db is the one next to it
+    return load_config(p)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _search(with_overrides(resolve_run(args.config), seed=args.seed, name=args.name), args)
+
+
+def with_overrides(cfg: RunConfig, *, seed: int | None = None, name: str | None = None) -> RunConfig:
+    """`evolve run --seed/--name`: a changed seed gets its own run directory, so it never continues another seed's
+    study.
+
+    A renamed run's directory is named after it, next to the original one (runs/NEW, or beside output_dir or the
+    run directory the config was read from)."""
+    if seed is None and name is None:
+        return cfg
+    data = cfg.model_dump(mode="json")
+    if seed is not None and seed != cfg.seed:
+        data["seed"] = seed
+        data["name"] = f"{cfg.name}-seed{seed}"
+    if name is not None:
+        data["name"] = name
+    if data["name"] == cfg.name:  # the same run: the same run directory
+        return parse_config(data, where="--seed/--name").in_run_dir(cfg.run_dir)
+    if cfg.output_dir is not None or cfg.run_dir != Path(f"runs/{cfg.name}"):
+        data["output_dir"] = str(cfg.run_dir.parent / data["name"])
+    return parse_config(data, where="--seed/--name")
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    cfg = resolve_run(args.config)
+    if not (cfg.run_dir / "config.yaml").is_file() and cfg.storage is None:
+        raise EvomergeError(f"{cfg.run_dir}: no search to resume there yet; use `evolve run`")
+    if not args.restart:
+        _require_study(cfg)
+    return _search(cfg, args)
+
+
+def _require_study(cfg: RunConfig) -> None:
+    """Resume continues a study: refuse, in one line, when it is gone (a new one would start silently)."""
+    import optuna
+
+    from evolve.study import cannot_open, missing_database, study_name
+
+    name = study_name(cfg, cfg.search.stages[0])
+    hint = "pass --restart to start the search over (or restore the study)"
+    db = missing_database(cfg.storage_url)
+    if db:
+        raise EvomergeError(f"{cfg.run_dir}: the search's database {db} does not exist; {hint}")
+    try:
+        names = optuna.study.get_all_study_names(storage=cfg.storage_url)
+    except Exception as e:  # noqa: BLE001 - any storage failure: one line, no password
+        raise cannot_open(cfg.storage_url, e) from None
+    if name not in names:
+        raise EvomergeError(f"study '{name}' is not in {redact_url(cfg.storage_url)}: nothing to resume (deleted, or "
+                            f"never started); {hint}")
+
+
+def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from evolve.loop import run_search
+    from evolve.study import best_trial
+
+    validate_run(cfg)  # every input checked before anything is written or a study opened
+    stages = "; ".join(f"{s} {b.max_trials} trials, {o.sampler}"
+                       for s in cfg.search.stages for _, o, b in [cfg.search.stage(s)])
+    print(f"search '{cfg.name}': storage {redact_url(cfg.storage_url)}, {stages}, backend {cfg.execution.backend}")
+    with _second_interrupt_exits():
+        try:
+            result = run_search(cfg, progress=not args.no_progress)
+            best = best_trial(result.study)
+            print(f"stopped: {result.stopped_because}. best trial {best.number}: fitness {best.value:.4f} "
+                  f"{_metrics_line(best.user_attrs.get('metrics'))}")
+            if not args.no_final_table and cfg.evaluation.heldout_split:
+                from evolve.baselines import heldout_table
+
+                rows = heldout_table(cfg)
+                print(f"\nheld-out ({cfg.evaluation.heldout_split} split):")
+                _print_table(rows, ["model", *[k for k in rows[0] if k != "model"]])
+        except KeyboardInterrupt:  # finished trials are told; trials in flight stay RUNNING and continue in place
+            print(f"\ninterrupted: finished trials are recorded; `evolve resume {shlex.quote(str(cfg.run_dir))}` "
+                  "continues", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    return 0
+
+
+@contextmanager
+def _second_interrupt_exits() -> Iterator[None]:
+    """Ctrl-C: the first raises KeyboardInterrupt (the search stops after recording what finished); a second one,
+    while that is being done, exits at once (the record stays consistent: it survives SIGKILL too)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if pressed:
+            os.write(2, b"\ninterrupted again: stopped at once\n")
+            os._exit(EXIT_INTERRUPTED)
+        pressed.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _metrics_line(metrics: dict | None) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in (metrics or {}).items())
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    print("  ".join("-" * widths[c] for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "" if v is None else str(v)
+
+
+# ---- status / report / export -----------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from optuna.trial import TrialState
+
+    from evolve.study import best_first, counted, load_study
+
+    cfg = resolve_run(args.run)
+    study = load_study(cfg, args.stage)
+    trials = study.get_trials(deepcopy=False)
+    states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    print(f"study '{cfg.name}' ({redact_url(cfg.storage_url)}): {sum(counted(t) for t in trials)}/"
+          f"{cfg.search.budget.max_trials} trials; " + ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v))
+    complete = best_first(trials)[: args.top]
+    if not complete:
+        print("no complete trial yet")
+        return 0
+    metric_keys = sorted({k for t in complete for k in (t.user_attrs.get("metrics") or {})})
+    rows = [{"trial": t.number, "fitness": t.value, **(t.user_attrs.get("metrics") or {}),
+             "worker": t.user_attrs.get("worker", "")} for t in complete]
+    _print_table(rows, ["trial", "fitness", *metric_keys, "worker"])
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from evolve.report import write_report
+    from evolve.study import load_study
+
+    cfg = resolve_run(args.run)
+    stage = args.stage or cfg.search.stages[-1]
+    out = cfg.run_dir / ("report" if stage == cfg.search.stages[0] else f"report-{stage}")
+    for p in write_report(load_study(cfg, stage), out, title=f"{cfg.name} ({stage})"):
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from evolve.export import export_trial
+    from evolve.study import load_study
+
+    cfg = resolve_run(args.run)
+    out = export_trial(cfg, load_study(cfg, args.stage), Path(args.out), trial_number=args.trial, device=args.device,
+                       heldout=not args.no_heldout, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+# ---- check / eval -----------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    stages = validate_run(cfg, where=args.config, offline=args.offline)
+    print(f"{args.config}: config OK{' (offline: checkpoints not opened)' if args.offline else ''}; "
+          + "; ".join(stages))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from evolve.baselines import score_checkpoint
+
+    cfg = load_config(args.config)
+    metrics = score_checkpoint(cfg, args.checkpoint, split=args.split or cfg.evaluation.heldout_split,
+                               limit=args.limit, device=args.device)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        _print_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"])
+    return 0
+
+
 # ---- entry point ------------------------------------------------------------------------------
 
 
@@ -88,29 +278,75 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evolve", description="Evolutionary optimization of model-merge recipes.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (fn, args_fn, help) in COMMANDS.items():
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        args_fn(p)
-        p.set_defaults(func=fn)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("merge", cmd_merge, "apply one recipe (ours or mergekit's) and write an HF checkpoint")
+    p.add_argument("recipe", help="recipe YAML (evomerge's or a mergekit config)")
+    p.add_argument("--out", required=True,
+                   help="output directory for the HF checkpoint (new or empty; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (only once the new checkpoint is complete)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when present)")
+    p.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 2GB or 500MB")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow reading pickled .bin checkpoints (runs code from the file)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow models whose config needs remote code")
+
+    run = command("run", cmd_run, "search merge recipes for a config (continues the study if it exists)")
+    resume = command("resume", cmd_resume, "continue a killed or finished search (RUN_DIR or config)")
+    for p in (run, resume):
+        p.add_argument("config", help="run config YAML (or, for resume, a run directory)")
+        p.add_argument("--no-progress", action="store_true", help="no live progress line")
+        p.add_argument("--no-final-table", action="store_true", help="skip the held-out table at the end")
+    run.add_argument("--seed", type=int, default=None,
+                     help="override the config's seed; the run is then named NAME-seedN unless --name is given")
+    run.add_argument("--name", default=None,
+                     help="override the config's name (and so its run directory and default storage)")
+    resume.add_argument("--restart", action="store_true",
+                        help="start the search over when its study is gone (default: refuse)")
+
+    for p in (command("status", cmd_status, "table of the best trials of a search"),
+              command("report", cmd_report, "plots and an HTML page for a search")):
+        p.add_argument("run", help="run directory or config file")
+        p.add_argument("--top", type=int, default=10, help="how many of the best trials to list")
+        p.add_argument("--stage", choices=["ps", "dfs"], default=None, help="which stage's study (default: the last)")
+
+    p = command("export", cmd_export, "write the best (or a chosen) trial as an HF checkpoint + recipes + model card")
+    p.add_argument("run", help="run directory or config file")
+    p.add_argument("--out", required=True, help="output directory (new or empty; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (only once the new export is complete)")
+    p.add_argument("--trial", type=int, default=None, help="trial number (default: the best)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-heldout", action="store_true", help="skip scoring the export on the held-out split")
+    p.add_argument("--stage", choices=["ps", "dfs"], default=None, help="which stage's study (default: the last)")
+
+    p = command("check", cmd_check, "validate a config (and, unless --offline, the checkpoints' compatibility)")
+    p.add_argument("config")
+    p.add_argument("--offline", action="store_true", help="validate structure only; open no checkpoint")
+
+    p = command("eval", cmd_eval, "score any HF checkpoint on a config's tasks")
+    p.add_argument("checkpoint", help="HF checkpoint directory")
+    p.add_argument("--config", required=True, help="a run config whose evaluation.tasks to score")
+    p.add_argument("--split", default=None, help="split to score (default: the config's held-out split)")
+    p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return parser
 
 
-def _load_subcommands() -> None:
-    """Import modules that register further subcommands (kept out of merge's import path)."""
-    import importlib
-
-    for module in ("evolve.commands",):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    _load_subcommands()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.func is not cmd_merge:  # the other commands use studies: no INFO line from Optuna per trial
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except EvomergeError as e:
@@ -121,7 +357,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-if __name__ == "__main__":  # `python -m evolve.cli`: run the imported module, where subcommands register
-    from evolve.cli import main as _main
-
-    sys.exit(_main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,6 +8,7 @@ from typing import Optional
 import optuna
 
 from evolve.config import RunConfig
+from evolve.study import best_trial, trial_recipe
 from merge_core.checkpoint import staged_output
 from merge_core.errors import EvomergeError
 from merge_core.merge import RECIPE_FILE, run_merge
@@ -20,7 +21,6 @@ def export_trial(cfg: RunConfig, study: optuna.Study, out: Path, *, trial_number
     sibling of `out` that takes its place once complete; `out` must be new or empty (or `overwrite`), and neither an
     input model (nor inside one) nor the run directory (nor holding it)."""
     from evolve.baselines import score_checkpoint
-    from evolve.loop import best_trial, trial_recipe
 
     trial = best_trial(study, trial_number)
     recipe = trial_recipe(trial)

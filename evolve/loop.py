@@ -1,40 +1,39 @@
 """The search: ask the study for a vector, decode it to a recipe, have a worker score it, tell the study. Resumable."""
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
 import os
-import shlex
 import signal
-import socket
-import sqlite3
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import optuna
-import sqlalchemy.exc
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
 
-from evolve.config import RunConfig, dump_config, redact_url
-from evolve.urls import has_secret, redact_text
+from evolve.config import Budget, RunConfig, dump_config
 from evolve.executors import Executor, check_ray_job_storage, make_executor
 from evolve.samplers import make_sampler
+from evolve.study import (RunLock, best_trial, counted, load_study, open_study, resume_trial, storage_errors,
+                          trial_recipe)
+from evolve.urls import has_secret
 from evolve.worker import Outcome
 from merge_core.checkpoint import Checkpoint
 from merge_core.errors import EvomergeError
-from search_spaces.dfs import DataFlowSpace, load_recipe
+from merge_core.merge import RECIPE_FILE, run_merge
+from merge_core.recipe import load_recipe
+from search_spaces.dfs import DataFlowSpace
+from search_spaces.base import SearchSpace
 from search_spaces.ps import ParameterSpace
 
 log = logging.getLogger(__name__)
-optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def build_space(cfg: RunConfig, stage: str = "ps"):
+def build_space(cfg: RunConfig, stage: str = "ps") -> SearchSpace:
     """The genome of one stage: PS over the sources, or DFS over models A and B."""
     return build_ps_space(cfg) if stage == "ps" else build_dfs_space(cfg)
 
@@ -63,7 +62,8 @@ def build_dfs_space(cfg: RunConfig) -> DataFlowSpace:
     a, b = dfs_model_a(cfg), resolve_model(cfg, d.model_b)
     opts = dict(allow_pickle=cfg.models.allow_pickle, trust_remote_code=cfg.models.trust_remote_code)
     not_merged_yet = a == str(cfg.run_dir / "ps_best") and not Path(a).exists()  # the PS merge has the base's shape
-    layers_a = Checkpoint.open(cfg.models.base or cfg.models.sources[0].path if not_merged_yet else a, **opts).num_layers
+    path_a = cfg.models.base or cfg.models.sources[0].path if not_merged_yet else a
+    layers_a = Checkpoint.open(path_a, **opts).num_layers
     cb = Checkpoint.open(b, **opts)
     return DataFlowSpace(model_a=a, model_b=b, layers_a=layers_a, layers_b=cb.num_layers, repeats=d.repeats,
                          scales=d.scales, max_path_length=d.max_path_length, scale_bounds=tuple(d.scale_bounds))
@@ -72,9 +72,8 @@ def build_dfs_space(cfg: RunConfig) -> DataFlowSpace:
 def build_ps_space(cfg: RunConfig) -> ParameterSpace:
     """The PS genome for this config (the number of layers is read from the base checkpoint's config)."""
     m, sp = cfg.models, cfg.search.space
-    ref = Checkpoint.open(m.base or m.sources[0].path, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
-    if sp.layers_per_group is not None and ref.num_layers % sp.layers_per_group:
-        raise EvomergeError(f"search.space.layers_per_group: must divide num_hidden_layers={ref.num_layers}, got {sp.layers_per_group}")
+    ref = Checkpoint.open(m.base or m.sources[0].path, allow_pickle=m.allow_pickle,
+                          trust_remote_code=m.trust_remote_code)
     return ParameterSpace(
         method=sp.method, base=m.base, sources=[s.path for s in m.sources], num_layers=ref.num_layers,
         aliases=m.aliases(), layers_per_group=sp.layers_per_group, modules=sp.modules,
@@ -84,83 +83,8 @@ def build_ps_space(cfg: RunConfig) -> ParameterSpace:
     )
 
 
-# ---- the study ------------------------------------------------------------------------------
-
-
-def study_name(cfg: RunConfig, stage: str) -> str:
-    """The first stage's study is named after the run; later stages get a suffix (`NAME-dfs`)."""
-    return cfg.name if stage == cfg.search.stages[0] else f"{cfg.name}-{stage}"
-
-
-def open_study(cfg: RunConfig, space, sampler: Optional[optuna.samplers.BaseSampler] = None, stage: str = "ps") -> optuna.Study:
-    """Create or reopen a stage's study; refuse one whose genome differs from this config's."""
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    name = study_name(cfg, stage)
-    for attempt in range(3):  # two processes creating one new storage's schema at once: the loser retries
-        try:
-            study = optuna.create_study(study_name=name, storage=cfg.storage_url, direction="maximize",
-                                        sampler=sampler, load_if_exists=True)
-            break
-        except Exception as e:  # storage errors carry the URL; never print its password
-            if attempt < 2 and "IntegrityError" in type(e).__name__ + str(e):
-                time.sleep(0.5)
-                continue
-            raise EvomergeError(f"storage {redact_url(cfg.storage_url)}: cannot open ({storage_cause(e, cfg.storage_url)})") from None
-    stored = study.user_attrs.get("space_names")
-    if stored is None:
-        study.set_user_attr("space_names", space.names)
-        study.set_user_attr("config", dump_config(cfg))
-        study.set_user_attr("stage", stage)
-    elif stored != space.names:
-        raise EvomergeError(f"study '{name}' in {redact_url(cfg.storage_url)} was made with another search space "
-                            f"({len(stored)} parameters, this config has {space.dim}); give the run a new name")
-    return study
-
-
-def distributions(space: ParameterSpace) -> dict[str, FloatDistribution]:
+def distributions(space: SearchSpace) -> dict[str, FloatDistribution]:
     return {n: FloatDistribution(lo, hi) for n, (lo, hi) in zip(space.names, space.bounds)}
-
-
-def counted(t: FrozenTrial) -> bool:
-    """Trials that used the budget: finished ones, except those an older evomerge marked `interrupted` (it re-ran
-    them as new trials; trials a dead process leaves RUNNING now continue in place, see `resume_trial`)."""
-    return t.state in (TrialState.COMPLETE, TrialState.FAIL) and not t.user_attrs.get("interrupted")
-
-
-def resume_trial(study: optuna.Study, left: FrozenTrial, dists: dict[str, FloatDistribution]) -> optuna.Trial:
-    """Take over a trial a dead process left RUNNING, in place: same number, its stored parameters as stored, the
-    ones its ask had not set yet sampled now (an enqueued trial's from its fixed params). Like `study.ask`, the
-    `Trial` calls `sampler.before_trial`; with `make_sampler`'s per-trial reseeding the missing values are the ones
-    the dead process would have drawn."""
-    study._thread_local.cached_all_trials = None  # as study.ask does: the sampler reads the current record
-    trial = optuna.Trial(study, left._trial_id)
-    for name, d in dists.items():
-        trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
-    return trial
-
-
-class RunLock:
-    """One `evolve run` per run directory at a time (fcntl lock, released when the process dies)."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
-        self._fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._fh.seek(0)
-            holder = self._fh.read().strip() or "another process"
-            self._fh.close()
-            raise EvomergeError(f"{run_dir}: a search is already running on this study ({holder}); "
-                                "wait for it, or set execution.shared_study: true to add workers to it") from None
-        self._fh.seek(0)
-        self._fh.truncate()
-        self._fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        self._fh.flush()
-
-    def release(self) -> None:
-        fcntl.flock(self._fh, fcntl.LOCK_UN)
-        self._fh.close()
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -169,7 +93,7 @@ class RunLock:
 @dataclass
 class SearchResult:
     study: optuna.Study
-    space: ParameterSpace
+    space: SearchSpace
     stopped_because: str
 
 
@@ -177,8 +101,6 @@ class Progress:
     """One live line: trials done / budget, best fitness, trials per minute, ETA."""
 
     def __init__(self, total: int, done: int, enabled: bool):
-        from tqdm import tqdm
-
         self.bar = tqdm(total=total, initial=done, disable=not enabled, unit="trial", dynamic_ncols=True,
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
         self.t0, self.start_done = time.monotonic(), done
@@ -192,7 +114,8 @@ class Progress:
         self.bar.close()
 
 
-def run_search(cfg: RunConfig, *, progress: bool = True, executor_factory: Callable[..., Executor] = make_executor) -> SearchResult:
+def run_search(cfg: RunConfig, *, progress: bool = True,
+               executor_factory: Callable[..., Executor] = make_executor) -> SearchResult:
     """Run (or continue) every stage of the search until its budget is spent; the studies hold the record."""
     check_ray_job_storage(cfg)  # inside `ray job submit`: no SQLite study in Ray's temporary working directory
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -238,70 +161,34 @@ def run_stage(cfg: RunConfig, stage: str, *, progress: bool, executor_factory: C
             executor.close()
 
 
-@contextmanager
-def storage_errors(cfg: RunConfig) -> Iterator[None]:
-    """The storage failing mid-run (deleted, corrupted, full, unreachable): one line naming it and the real cause
-    (Optuna reports every failed commit as "invalid data ... e.g. exceeding max length"). Trials in flight stay
-    RUNNING in the storage and continue in place on the next `evolve resume`."""
-    try:
-        yield
-    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as e:
-        url = cfg.storage_url
-        gone = url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists()
-        raise EvomergeError(f"storage {redact_url(url)} failed during the search: {storage_cause(e, url)}"
-                            f"{' (the database file was deleted or moved)' if gone else ''}; the search stopped, and "
-                            f"once the storage works again `evolve resume {shlex.quote(str(cfg.run_dir))}` continues") from None
-
-
-def storage_cause(e: BaseException, url: str) -> str:
-    """What went wrong with a storage, in one line and without its password: the innermost cause (the DB-API error
-    under SQLAlchemy's and Optuna's wrappers, e.g. `sqlite3.OperationalError: database or disk is full`), or the
-    driver module that is missing and how to install it."""
-    while True:
-        inner = getattr(e, "orig", None) or e.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        e = inner
-    if isinstance(e, ModuleNotFoundError) and e.name:
-        fix = ('pip install "evomerge[postgres]"' if e.name.split(".")[0] in ("psycopg", "psycopg2")
-               else "install the driver this URL names")
-        return f"the database driver module '{e.name}' is not installed; {fix}"
-    kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
-    text = " ".join(redact_text(str(e), url).split())
-    return f"{kind}: {text[:300]}" if text else kind
-
-
 def export_ps_best(cfg: RunConfig) -> Path:
     """Write the PS stage's best merge to RUN_DIR/ps_best (model A of a hybrid's DFS stage), once per best trial."""
-    from merge_core.merge import RECIPE_FILE, run_merge
-
-    study = optuna.load_study(study_name=study_name(cfg, "ps"), storage=cfg.storage_url)
-    recipe = trial_recipe(best_trial(study))
+    recipe = trial_recipe(best_trial(load_study(cfg, "ps")))
     out = cfg.run_dir / "ps_best"
     marker = out / RECIPE_FILE
-    if not (marker.is_file() and load_recipe(marker.read_text()) == recipe):  # replaced only once the new one is complete
+    # replaced only once the new one is complete
+    if not (marker.is_file() and load_recipe(marker.read_text()) == recipe):
         run_merge(recipe, out, device=cfg.execution.device, allow_pickle=cfg.models.allow_pickle,
                   trust_remote_code=cfg.models.trust_remote_code, overwrite=True)
     return out
 
 
-def _loop(budget, study: optuna.Study, space, sampler, executor: Executor, show: bool,
+def _loop(budget: Budget, study: optuna.Study, space: SearchSpace, sampler, executor: Executor, show: bool,
           left: list[FrozenTrial] = ()) -> str:
     dists = distributions(space)
     cap = min(executor.slots, getattr(sampler, "max_parallel", executor.slots))
     trials = study.get_trials(deepcopy=False)
-    cache = {t.user_attrs["recipe_hash"]: t for t in trials if t.state == TrialState.COMPLETE and "recipe_hash" in t.user_attrs}
-    done = sum(counted(t) for t in trials)
-    best, since_best, failures = _replay_progress(trials)
-    deadline = time.monotonic() + 60 * budget.max_minutes if budget.max_minutes else math.inf
+    cache = {t.user_attrs["recipe_hash"]: t for t in trials
+             if t.state == TrialState.COMPLETE and "recipe_hash" in t.user_attrs}
+    state = LoopState.replay(budget, trials)
     inflight: dict[int, optuna.Trial] = {}
     resumable = sorted(left, key=lambda t: t.number)  # asked before the stop: finished whatever the budget says now
-    bar = Progress(budget.max_trials, done, show)
+    bar = Progress(budget.max_trials, state.done, show)
     reason = "budget: max_trials reached"
     try:
         while True:
-            stop = _stop_reason(budget, done, since_best, failures, deadline)
-            while len(inflight) < cap and (resumable or (stop is None and done + len(inflight) < budget.max_trials
+            stop = state.stop_reason()
+            while len(inflight) < cap and (resumable or (stop is None and state.done + len(inflight) < budget.max_trials
                                                          and _can_ask(sampler, study))):
                 trial = resume_trial(study, resumable.pop(0), dists) if resumable else study.ask(dists)
                 recipe = space.decode([trial.params[n] for n in space.names])
@@ -310,8 +197,8 @@ def _loop(budget, study: optuna.Study, space, sampler, executor: Executor, show:
                 trial.set_user_attr("recipe_hash", h)
                 if h in cache:  # an identical candidate is never evaluated twice
                     _tell_cached(study, trial, cache[h])
-                    done += 1
-                    bar.update(best)
+                    state.record(cache[h].value, cached=True)
+                    bar.update(state.best)
                     continue
                 executor.submit(trial.number, recipe)
                 inflight[trial.number] = trial
@@ -322,38 +209,65 @@ def _loop(budget, study: optuna.Study, space, sampler, executor: Executor, show:
             number, outcome = executor.wait()
             trial = inflight.pop(number)
             _tell(study, trial, outcome)
-            done += 1
             if outcome.ok:
                 cache[trial.user_attrs["recipe_hash"]] = study._storage.get_trial(trial._trial_id)
             else:
                 log.warning("trial %d failed: %s", number, outcome.error)
-            best, since_best, failures = _progress(best, since_best, failures,
-                                                   sampler_value(outcome.fitness) if outcome.ok else None)
-            bar.update(best)
-    finally:  # Ctrl-C (KeyboardInterrupt) goes up: told trials are recorded, in-flight ones stay RUNNING for resume
-        bar.close()
-    if failures >= budget.max_consecutive_failures:
-        raise EvomergeError(f"stopped after {failures} consecutive failed trials; last: {_last_fail_reason(study)}")
+            state.record(sampler_value(outcome.fitness) if outcome.ok else None)
+            bar.update(state.best)
+    finally:  # Ctrl-C (KeyboardInterrupt) goes up: told trials are recorded, in-flight ones stay RUNNING and
+        bar.close()  # continue in place on resume (`resume_trial`), as after a crash
+    if state.failures >= budget.max_consecutive_failures:
+        raise EvomergeError(f"stopped after {state.failures} consecutive failed trials; "
+                            f"last: {_last_fail_reason(study)}")
     return reason
 
 
-def _progress(best: float | None, since_best: int, failures: int, value: float | None) -> tuple[float | None, int, int]:
-    """(best, trials since it improved, consecutive failures) after one evaluated trial (value None: it failed)."""
-    if value is None:
-        return best, since_best, failures + 1
-    if best is None or value > best:
-        return value, 0, 0
-    return best, since_best + 1, 0
+@dataclass
+class LoopState:
+    """What the stop rules count: trials that used the budget, the best value told, evaluated trials since it
+    improved, consecutive failures. Rebuilt from the record (`replay`), so patience and the failure limit count
+    across a resume exactly as in one uninterrupted process."""
 
+    budget: Budget
+    deadline: float
+    done: int = 0
+    best: Optional[float] = None
+    since_best: int = 0
+    failures: int = 0
 
-def _replay_progress(trials: list[FrozenTrial]) -> tuple[float | None, int, int]:
-    """The loop's (best, since_best, failures) rebuilt from the record, so patience and the failure limit count
-    across a resume exactly as in one uninterrupted process (cached duplicates count for neither)."""
-    state: tuple[float | None, int, int] = (None, 0, 0)
-    for t in sorted(trials, key=lambda t: t.number):
-        if counted(t) and "cached_from" not in t.user_attrs:
-            state = _progress(*state, t.value if t.state == TrialState.COMPLETE else None)
-    return state
+    @classmethod
+    def replay(cls, budget: Budget, trials: list[FrozenTrial]) -> LoopState:
+        state = cls(budget, time.monotonic() + 60 * budget.max_minutes if budget.max_minutes else math.inf)
+        for t in sorted(trials, key=lambda t: t.number):
+            if counted(t):
+                state.record(t.value if t.state == TrialState.COMPLETE else None, cached="cached_from" in t.user_attrs)
+        return state
+
+    def record(self, value: Optional[float], cached: bool = False) -> None:
+        """One more trial used the budget, told `value` (None: it failed); a cached duplicate of an evaluated trial
+        counts for neither patience nor the failure limit."""
+        self.done += 1
+        if cached:
+            return
+        if value is None:
+            self.failures += 1
+        elif self.best is None or value > self.best:
+            self.best, self.since_best, self.failures = value, 0, 0
+        else:
+            self.since_best, self.failures = self.since_best + 1, 0
+
+    def stop_reason(self) -> Optional[str]:
+        b = self.budget
+        if self.done >= b.max_trials:
+            return "budget: max_trials reached"
+        if self.failures >= b.max_consecutive_failures:
+            return "too many consecutive failures"
+        if time.monotonic() >= self.deadline:
+            return "budget: max_minutes reached"
+        if b.patience is not None and self.since_best >= b.patience:
+            return f"patience: {self.since_best} trials without improvement"
+        return None
 
 
 def _fault(study: optuna.Study, number: int) -> None:
@@ -367,18 +281,6 @@ def _can_ask(sampler, study: optuna.Study) -> bool:
     """Generational samplers (pycma) hand out a generation at a time: ask only when a candidate is free."""
     available = getattr(sampler, "available", None)
     return available is None or available(study) > 0
-
-
-def _stop_reason(b, done: int, since_best: int, failures: int, deadline: float) -> Optional[str]:
-    if done >= b.max_trials:
-        return "budget: max_trials reached"
-    if failures >= b.max_consecutive_failures:
-        return "too many consecutive failures"
-    if time.monotonic() >= deadline:
-        return "budget: max_minutes reached"
-    if b.patience is not None and since_best >= b.patience:
-        return f"patience: {since_best} trials without improvement"
-    return None
 
 
 FITNESS_DIGITS = 10
@@ -411,26 +313,6 @@ def _tell_cached(study: optuna.Study, trial: optuna.Trial, source: FrozenTrial) 
 
 
 def _last_fail_reason(study: optuna.Study) -> str:
-    fails = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if not t.user_attrs.get("interrupted")]
+    fails = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+             if not t.user_attrs.get("interrupted")]
     return fails[-1].user_attrs.get("fail_reason", "unknown") if fails else "unknown"
-
-
-def evaluated_trials(study: optuna.Study) -> list[FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False) if counted(t)]
-
-
-def best_trial(study: optuna.Study, number: Optional[int] = None) -> FrozenTrial:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        raise EvomergeError(f"study '{study.study_name}' has no complete trial yet")
-    if number is None:
-        return max(complete, key=lambda t: (t.value, -t.number))
-    for t in complete:
-        if t.number == number:
-            return t
-    raise EvomergeError(f"--trial {number}: no complete trial with that number (complete: {len(complete)})")
-
-
-def trial_recipe(t: FrozenTrial):
-    """The trial's recipe: a MergeRecipe (ps) or a DataFlowRecipe (dfs)."""
-    return load_recipe(t.user_attrs["recipe"], where=f"trial {t.number} recipe")

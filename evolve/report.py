@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
+from evolve.study import best_trial  # noqa: E402
 from evolve.urls import redact_url  # noqa: E402
 from merge_core.errors import EvomergeError  # noqa: E402
 from merge_core.recipe import MODEL_NAMES, DataFlowRecipe, Recipe, load_recipe  # noqa: E402
@@ -46,7 +47,7 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
-    best = study.best_trial
+    best = best_trial(study)
     figures = {"fitness.png": plot_fitness(trials)}
     recipe = _readable_recipe(best)
     if isinstance(recipe, DataFlowRecipe):  # a data-flow trial: draw its path

@@ -10,7 +10,8 @@ from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM
 
 from evolve.config import load_config
-from evolve.loop import build_dfs_space, counted, run_search, study_name
+from evolve.loop import build_dfs_space, run_search
+from evolve.study import counted, study_name
 from tests.evolve.test_search import evolve_cli, world, write_config  # noqa: F401  (fixture)
 
 DFS = {"space": {"model_a": "ja", "model_b": "math", "repeats": 2, "scales": "model_pair", "max_path_length": 8},

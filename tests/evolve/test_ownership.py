@@ -14,7 +14,8 @@ import merge_core.merge as merge_module
 from evolve.cli import main
 from evolve.config import load_config, parse_config
 from evolve.export import export_trial
-from evolve.loop import RunLock, export_ps_best, run_search
+from evolve.loop import export_ps_best, run_search
+from evolve.study import RunLock, best_trial
 from merge_core.errors import EvomergeError
 from merge_core.merge import RECIPE_FILE, run_merge
 from merge_core.recipe import MergeRecipe
@@ -118,7 +119,7 @@ def test_export_is_all_or_nothing_and_mergekit_paths_are_absolute(finished, tmp_
     models = [mk["base_model"], *(m["model"] for m in mk["models"])]
     assert all(Path(m).is_absolute() and Path(m).is_dir() for m in models), models
     assert RECIPE_FILE in os.listdir(out) and "evomerge_recipe.yaml" not in os.listdir(out)  # one evomerge recipe
-    assert MergeRecipe.load(out / RECIPE_FILE) == MergeRecipe.from_yaml(study.best_trial.user_attrs["recipe"])
+    assert MergeRecipe.load(out / RECIPE_FILE) == MergeRecipe.from_yaml(best_trial(study).user_attrs["recipe"])
 
     before = digest(out)
     assert main(["export", str(cfg.run_dir), "--out", str(out), "--no-heldout", "--device", "cpu"]) == 2
@@ -157,7 +158,7 @@ def test_default_storage_is_absolute_and_inside_the_run_dir(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     cfg = parse_config(config_dict(("b", "x", "y"), Path("rel/run")))
     assert cfg.run_dir == Path("rel/run") and cfg.storage_url == f"sqlite:///{tmp_path / 'rel/run/study.db'}"
-    from evolve.commands import with_overrides
+    from evolve.cli import with_overrides
 
     seeded = with_overrides(cfg, seed=5)
     assert seeded.run_dir == Path("rel/t-seed5") and seeded.storage_url.endswith("/rel/t-seed5/study.db")
@@ -179,7 +180,7 @@ def test_resume_refuses_when_the_study_is_gone_unless_restart(finished, monkeypa
     assert main(["resume", str(cfg.run_dir)]) == 2
     assert "study 't' is not in sqlite:///" in capsys.readouterr().err
     started = []
-    monkeypatch.setattr("evolve.commands._search", lambda c, args: started.append(c.storage_url) or 0)
+    monkeypatch.setattr("evolve.cli._search", lambda c, args: started.append(c.storage_url) or 0)
     assert main(["resume", str(cfg.run_dir), "--restart"]) == 0 and started == [cfg.storage_url]
 
 

@@ -236,7 +236,7 @@ def test_optuna_samplers_propose_from_the_seed_trial_number_and_record_alone(kin
 
 
 def test_pycma_trial_left_running_mid_ask_gets_its_candidate_back_in_place(tmp_path: Path) -> None:
-    from evolve.loop import resume_trial
+    from evolve.study import resume_trial
 
     total = 1 + 3 * POPSIZE
     uninterrupted = run(new_study(None), total)

@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 
 from evolve.cli import main
 from evolve.config import load_config
-from evolve.loop import counted, run_search
+from evolve.loop import run_search
+from evolve.study import RunLock, best_trial, counted
 from merge_core.synthetic import DEFAULT_WORDS, make_tiny_trio
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,7 +134,7 @@ def test_end_to_end_run_status_export_report(whole_run):
     assert not torch.equal(model.state_dict()["model.layers.0.mlp.down_proj.weight"],  # merged, not a copy
                            base.state_dict()["model.layers.0.mlp.down_proj.weight"])
     # the exported checkpoint scores on the search split exactly what the trial recorded
-    best = study.best_trial
+    best = best_trial(study)
     ev = evolve_cli("eval", str(out), "--config", str(cfg_path), "--split", "dev", "--limit", "20", "--json")
     assert ev.returncode == 0, ev.stderr[-2000:]
     scored = json.loads(ev.stdout)
@@ -168,8 +169,6 @@ def test_sigkill_mid_trial_then_resume_ends_as_the_uninterrupted_run(whole_run, 
 
 def test_a_second_concurrent_run_is_refused(tmp_path, world, capsys):
     cfg_path = write_config(tmp_path, world)
-    from evolve.loop import RunLock
-
     (tmp_path / "run").mkdir()
     lock = RunLock(tmp_path / "run")
     try:

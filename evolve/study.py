@@ -1,0 +1,190 @@
+"""The study: its name, opening it (to search or to read), trials a dead process left RUNNING, which trials count,
+the best trial, a trial's recipe, the run lock, and a failing storage in one line."""
+from __future__ import annotations
+
+import fcntl
+import os
+import shlex
+import socket
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import optuna
+import sqlalchemy.exc
+from optuna.distributions import FloatDistribution
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+
+from evolve.config import RunConfig, dump_config
+from evolve.urls import redact_text, redact_url
+from merge_core.errors import EvomergeError
+from merge_core.recipe import load_recipe
+
+CONNECT_TIMEOUT_S = 10
+
+
+def study_name(cfg: RunConfig, stage: str) -> str:
+    """The first stage's study is named after the run; later stages get a suffix (`NAME-dfs`)."""
+    return cfg.name if stage == cfg.search.stages[0] else f"{cfg.name}-{stage}"
+
+
+def open_study(cfg: RunConfig, space, sampler: Optional[optuna.samplers.BaseSampler] = None,
+               stage: str = "ps") -> optuna.Study:
+    """Create or reopen a stage's study to search it; refuse one whose genome differs from this config's."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    name = study_name(cfg, stage)
+    for attempt in range(3):  # two processes creating one new storage's schema at once: the loser retries
+        try:
+            study = optuna.create_study(study_name=name, storage=cfg.storage_url, direction="maximize",
+                                        sampler=sampler, load_if_exists=True)
+            break
+        except Exception as e:  # storage errors carry the URL; never print its password
+            if attempt < 2 and "IntegrityError" in type(e).__name__ + str(e):
+                time.sleep(0.5)
+                continue
+            raise cannot_open(cfg.storage_url, e) from None
+    stored = study.user_attrs.get("space_names")
+    if stored is None:
+        study.set_user_attr("space_names", space.names)
+        study.set_user_attr("config", dump_config(cfg))
+        study.set_user_attr("stage", stage)
+    elif stored != space.names:
+        raise EvomergeError(f"study '{name}' in {redact_url(cfg.storage_url)} was made with another search space "
+                            f"({len(stored)} parameters, this config has {space.dim}); give the run a new name")
+    return study
+
+
+def load_study(cfg: RunConfig, stage: Optional[str] = None) -> optuna.Study:
+    """An existing stage's study (default: the last stage's), to read; a server that does not answer fails within
+    CONNECT_TIMEOUT_S, and a missing SQLite file is reported, not created."""
+    name = study_name(cfg, stage or cfg.search.stages[-1])
+    url = cfg.storage_url
+    db = missing_database(url)
+    if db:
+        raise EvomergeError(f"no study '{name}': {db} does not exist; run `evolve run` first")
+    network = url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql")
+    try:
+        storage = (RDBStorage(url, engine_kwargs={"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}},
+                              skip_table_creation=True) if network else url)
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise EvomergeError(f"no study '{name}' in {redact_url(url)}; run `evolve run` first") from None
+    except Exception as e:  # noqa: BLE001 - unreachable server, missing driver, corrupt file: one line, no password
+        raise cannot_open(url, e) from None
+
+
+def missing_database(url: str) -> Optional[str]:
+    """The SQLite file a storage URL names when it does not exist (reading must not create it, nor its directory)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    db = make_url(url).database
+    return db if db and db != ":memory:" and not Path(db).is_file() else None
+
+
+def counted(t: FrozenTrial) -> bool:
+    """Trials that used the budget: finished ones, except those an older evomerge marked `interrupted` (it re-ran
+    them as new trials; trials a dead process leaves RUNNING now continue in place, see `resume_trial`)."""
+    return t.state in (TrialState.COMPLETE, TrialState.FAIL) and not t.user_attrs.get("interrupted")
+
+
+def resume_trial(study: optuna.Study, left: FrozenTrial, dists: dict[str, FloatDistribution]) -> optuna.Trial:
+    """Take over a trial a dead process left RUNNING, in place: same number, its stored parameters as stored, the
+    ones its ask had not set yet sampled now (an enqueued trial's from its fixed params). Like `study.ask`, the
+    `Trial` calls `sampler.before_trial`; with `make_sampler`'s per-trial reseeding the missing values are the ones
+    the dead process would have drawn."""
+    study._thread_local.cached_all_trials = None  # as study.ask does: the sampler reads the current record
+    trial = optuna.Trial(study, left._trial_id)
+    for name, d in dists.items():
+        trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
+    return trial
+
+
+def best_first(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
+    """The complete trials, best first: the highest value, the lowest trial number among equal values. This is
+    what "best trial" means everywhere (the search's summary, status, report, export, the held-out table)."""
+    return sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (-t.value, t.number))
+
+
+def best_trial(study: optuna.Study, number: Optional[int] = None) -> FrozenTrial:
+    """The best complete trial (see `best_first`), or the complete trial with this number."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise EvomergeError(f"study '{study.study_name}' has no complete trial yet")
+    if number is None:
+        return best_first(complete)[0]
+    for t in complete:
+        if t.number == number:
+            return t
+    raise EvomergeError(f"--trial {number}: no complete trial with that number (complete: {len(complete)})")
+
+
+def trial_recipe(t: FrozenTrial):
+    """The trial's recipe: a MergeRecipe (ps) or a DataFlowRecipe (dfs)."""
+    return load_recipe(t.user_attrs["recipe"], where=f"trial {t.number} recipe")
+
+
+class RunLock:
+    """One `evolve run` per run directory at a time (fcntl lock, released when the process dies)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "another process"
+            self._fh.close()
+            raise EvomergeError(f"{run_dir}: a search is already running on this study ({holder}); "
+                                "wait for it, or set execution.shared_study: true to add workers to it") from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self._fh.flush()
+
+    def release(self) -> None:
+        fcntl.flock(self._fh, fcntl.LOCK_UN)
+        self._fh.close()
+
+
+@contextmanager
+def storage_errors(cfg: RunConfig) -> Iterator[None]:
+    """The storage failing mid-run (deleted, corrupted, full, unreachable): one line naming it and the real cause
+    (Optuna reports every failed commit as "invalid data ... e.g. exceeding max length"). Trials in flight stay
+    RUNNING in the storage and continue in place on the next `evolve resume`."""
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as e:
+        url = cfg.storage_url
+        gone = url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists()
+        raise EvomergeError(f"storage {redact_url(url)} failed during the search: {storage_cause(e, url)}"
+                            f"{' (the database file was deleted or moved)' if gone else ''}; the search stopped, and "
+                            f"once the storage works again `evolve resume {shlex.quote(str(cfg.run_dir))}` continues"
+                            ) from None
+
+
+def cannot_open(url: str, e: BaseException) -> EvomergeError:
+    """The one-line error for a storage that could not be opened."""
+    return EvomergeError(f"storage {redact_url(url)}: cannot open ({storage_cause(e, url)})")
+
+
+def storage_cause(e: BaseException, url: str) -> str:
+    """What went wrong with a storage, in one line and without its password: the innermost cause (the DB-API error
+    under SQLAlchemy's and Optuna's wrappers, e.g. `sqlite3.OperationalError: database or disk is full`), or the
+    driver module that is missing and how to install it."""
+    while True:
+        inner = getattr(e, "orig", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        fix = ('pip install "evomerge[postgres]"' if e.name.split(".")[0] in ("psycopg", "psycopg2")
+               else "install the driver this URL names")
+        return f"the database driver module '{e.name}' is not installed; {fix}"
+    kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+    text = " ".join(redact_text(str(e), url).split())
+    return f"{kind}: {text[:300]}" if text else kind
