@@ -1,7 +1,6 @@
 """evals: evaluators that score a live model: native fast paths and the lm-eval backend."""
 from __future__ import annotations
 
-import inspect
 from typing import Any, Mapping
 
 from evals.base import Evaluator
@@ -18,30 +17,14 @@ EVALUATOR_TYPES: dict[str, type] = {
     "perplexity": PerplexityEvaluator,
     "lm_eval": LmEvalEvaluator,
 }
-_COUNT_FIELDS = {"batch_size": 1, "max_new_tokens": 1, "limit": 1, "max_length": 2, "seed": 0, "num_fewshot": 0}
-
-
-def _check_counts(kind: str, fields: Mapping[str, Any]) -> None:
-    for field, minimum in _COUNT_FIELDS.items():
-        value = fields.get(field)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-            raise EvomergeError(f"evaluator ({kind}).{field} must be an integer >= {minimum}, got {value!r}")
 
 
 def build_evaluator(spec: Mapping[str, Any]) -> Evaluator:
-    """An evaluator from a config dict: ``{"type": "generation"|"choice"|"perplexity"|"lm_eval", **constructor kwargs}``."""
+    """An evaluator from a task's fields as `evolve.config` validated them: ``{"type": ..., **constructor kwargs}``."""
     fields = dict(spec)
     kind = fields.pop("type", None)
     if kind not in EVALUATOR_TYPES:
         raise EvomergeError(f"evaluator.type: {kind!r} is not one of {sorted(EVALUATOR_TYPES)}")
-    params = inspect.signature(EVALUATOR_TYPES[kind]).parameters
-    unknown = sorted(set(fields) - set(params))
-    if unknown:
-        raise EvomergeError(f"evaluator ({kind}): unknown field(s) {unknown} (allowed: {sorted(params)})")
-    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in fields]
-    if missing:
-        raise EvomergeError(f"evaluator ({kind}): missing required field(s) {missing}")
-    _check_counts(kind, fields)
     return EVALUATOR_TYPES[kind](**fields)
 
 

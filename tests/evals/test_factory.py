@@ -1,4 +1,4 @@
-"""build_evaluator: config dicts to evaluators, with one-line errors naming the bad field."""
+"""build_evaluator: a task's fields (validated by evolve.config: tests/evolve/test_config.py) to its evaluator."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,9 +28,6 @@ def test_builds_each_native_type(half_solved_task: Path, tmp_path: Path) -> None
     [
         ({"type": "bleu"}, r"evaluator.type: 'bleu' is not one of"),
         ({"task_dir": "x"}, r"evaluator.type: None"),
-        ({"type": "generation", "task_dir": "x", "max_tokens": 3}, r"unknown field\(s\) \['max_tokens'\]"),
-        ({"type": "perplexity"}, r"missing required field\(s\) \['text_file'\]"),
-        ({"type": "generation", "task_dir": "x", "batch_size": 0}, r"batch_size must be an integer >= 1"),
         ({"type": "generation", "task_dir": "/nonexistent", "split": "dev"}, r"task data not found"),
     ],
 )

@@ -67,6 +67,9 @@ CASES = [
     (("models", "sources"), ["zoo/base/", "zoo/expert_ja"], "models.sources[0]: 'zoo/base/' is the base model"),
     (("evaluation", "tasks", 0, "stop"), [123, None], "evaluation.tasks.0.stop[0]: Input should be a valid string, got 123"),
     (("evaluation", "tasks", 0, "limit"), 0, "evaluation.tasks.0.limit: Input should be greater than or equal to 1"),
+    (("evaluation", "tasks", 0, "max_tokens"), 3, "evaluation.tasks[0].max_tokens: not a field of generation tasks"),
+    (("evaluation", "tasks", 0), {"name": "ja_sub", "type": "perplexity"}, "evaluation.tasks.0.text_file: required"),
+    (("evaluation", "tasks", 0, "batch_size"), 0, "evaluation.tasks.0.batch_size: Input should be greater than or equal"),
 ]
 
 
