@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from evolve.config import load_config
 from evolve.loop import build_dfs_space, run_search
 from evolve.study import counted, study_name
-from tests.evolve.test_search import evolve_cli, world, write_config  # noqa: F401  (fixture)
+from tests.evolve.harness import evolve_cli, resume, run_killed, write_config
 
 DFS = {"space": {"model_a": "ja", "model_b": "math", "repeats": 2, "scales": "model_pair", "max_path_length": 8},
        "optimizer": {"sampler": "cmaes", "sigma0": 0.5, "popsize": 4}, "budget": {"max_trials": 8}}
@@ -20,19 +20,18 @@ KILL_AT = 6  # in the DFS stage: after x0 and CMA's first generation of 4, whose
 
 
 @pytest.fixture(scope="module")
-def hybrid(tmp_path_factory, world):  # noqa: F811
+def hybrid(tmp_path_factory, world):
     """One hybrid run through the CLI, SIGKILLed right after DFS trial KILL_AT went to the worker, then resumed."""
     tmp = tmp_path_factory.mktemp("hybrid")
     dfs = {**DFS, "space": {**DFS["space"], "model_a": None}}
     cfg_path = write_config(tmp, world, **{"search.stages": ["ps", "dfs"], "search.dfs": dfs,
                                            "search.budget.max_trials": 4})
     cfg = load_config(cfg_path)
-    killed = evolve_cli("run", str(cfg_path), "--no-progress", "--no-final-table",
-                        env={"EVOMERGE_FAULT": f"sigkill-after-submit:t-dfs:{KILL_AT}"})
+    killed = run_killed(cfg_path, "t-dfs", KILL_AT)
     ps_before = [(t.number, t.value) for t in optuna.load_study(study_name="t", storage=cfg.storage_url).get_trials()]
     dfs_before = optuna.load_study(study_name=study_name(cfg, "dfs"), storage=cfg.storage_url).get_trials()
     ps_best_was_written = (tmp / "run" / "ps_best" / "config.json").is_file()
-    resumed = evolve_cli("resume", str(tmp / "run"), "--no-progress", "--no-final-table")
+    resumed = resume(tmp / "run")
     return SimpleNamespace(dir=tmp, cfg_path=cfg_path, cfg=cfg, killed=killed, resumed=resumed, ps_before=ps_before,
                            dfs_before=dfs_before, ps_best_was_written=ps_best_was_written)
 
@@ -78,7 +77,7 @@ def test_dfs_trial_exports_a_plain_checkpoint_that_reproduces_its_score(hybrid):
         assert scored[key] == pytest.approx(v, abs=1e-4), key
 
 
-def test_a_dfs_only_search_is_named_after_the_run_and_reads_model_a_by_alias(tmp_path, world):  # noqa: F811
+def test_a_dfs_only_search_is_named_after_the_run_and_reads_model_a_by_alias(tmp_path, world):
     cfg = load_config(write_config(tmp_path, world, **{"search.stages": ["dfs"],
                                                        "search.dfs": {**DFS, "budget": {"max_trials": 2}}}))
     assert study_name(cfg, "dfs") == "t" and build_dfs_space(cfg).model_a == world["a"]

@@ -24,8 +24,8 @@ import yaml
 from optuna.trial import TrialState
 
 from evolve.cli import main
+from tests.evolve.harness import evolve_cli, resume, run_killed, zoo_config_data
 
-ROOT = Path(__file__).resolve().parents[2]
 TRIALS, KILL_AT = 5, 3
 
 
@@ -89,40 +89,26 @@ def postgres():
 
 
 def zoo_config(tmp_path: Path, storage: str) -> Path:
-    data = yaml.safe_load((ROOT / "configs" / "tiny_jp_math.yaml").read_text())
-    data["name"] = "pg"
+    data = zoo_config_data("pg", tmp_path / "run", "cmaes", TRIALS)
     data["storage"] = storage
-    data["output_dir"] = str(tmp_path / "run")
-    data["models"]["base"] = str(ROOT / data["models"]["base"])
-    for s in data["models"]["sources"]:
-        s["path"] = str(ROOT / s["path"])
     for t in data["evaluation"]["tasks"]:
-        t.update(task_dir=str(ROOT / t["task_dir"]), limit=20, batch_size=20)
-    data["search"]["space"].update(layers_per_group=2, embed_head_groups=False)
-    data["search"]["optimizer"] = {"sampler": "cmaes", "sigma0": 0.3, "popsize": 4}
-    data["search"]["budget"] = {"max_trials": TRIALS}
+        t.update(limit=20, batch_size=20)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def evolve_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evolve.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
 
 
 def test_postgres_search_killed_and_resumed_loses_nothing_and_never_writes_the_password(postgres, tmp_path):
     url, password, dump = postgres
     config = zoo_config(tmp_path, url)
     run_dir = tmp_path / "run"
-    killed = evolve_cli("run", str(config), "--no-progress", "--no-final-table",
-                        env={"EVOMERGE_FAULT": f"sigkill-after-submit:pg:{KILL_AT}"})
+    killed = run_killed(config, "pg", KILL_AT)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     study = optuna.load_study(study_name="pg", storage=url)
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * KILL_AT + [TrialState.RUNNING]
 
     # from the run directory, whose config holds no password: the driver reads it from PGPASSWORD
-    resumed = evolve_cli("resume", str(run_dir), "--no-progress", "--no-final-table", env={"PGPASSWORD": password})
+    resumed = resume(run_dir, env={"PGPASSWORD": password})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     trials = optuna.load_study(study_name="pg", storage=url).get_trials()
     assert [t.number for t in trials] == list(range(TRIALS))  # nothing lost, nothing added, numbers unchanged

@@ -27,8 +27,8 @@ from evolve.cli import main
 from evolve.config import RunConfig, parse_config
 from evolve.loop import build_ps_space, run_search
 from evolve.worker import Outcome
+from tests.evolve.harness import ROOT, zoo_config_data
 
-ROOT = Path(__file__).resolve().parents[2]
 TRIALS, POPSIZE = 12, 4  # x0, then 11 asked: CMA generations of 4; TPE's 10 random start-up trials, then TPE
 SAMPLERS = ["cmaes", "pycma", "tpe", "random", "nsga2"]
 TARGET = [1.7, 0.4, 1.1, 2.2]
@@ -48,18 +48,7 @@ def fast_dir():
 
 
 def config_data(out: Path, sampler: str, trials: int = TRIALS) -> dict:
-    data = yaml.safe_load((ROOT / "configs" / "tiny_jp_math.yaml").read_text())
-    data["name"] = "resume"
-    data["output_dir"] = str(out)
-    data["models"]["base"] = str(ROOT / data["models"]["base"])
-    for s in data["models"]["sources"]:
-        s["path"] = str(ROOT / s["path"])
-    for t in data["evaluation"]["tasks"]:
-        t["task_dir"] = str(ROOT / t["task_dir"])
-    data["search"]["space"].update(layers_per_group=2, embed_head_groups=False)  # 4 parameters
-    data["search"]["optimizer"] = {"sampler": sampler, "sigma0": 0.3, "popsize": POPSIZE}
-    data["search"]["budget"] = {"max_trials": trials}
-    return data
+    return zoo_config_data("resume", out, sampler, trials, POPSIZE)
 
 
 def config(out: Path, sampler: str, trials: int = TRIALS) -> RunConfig:

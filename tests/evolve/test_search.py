@@ -1,13 +1,9 @@
 """The search loop through the real CLI: run, status, export, report; SIGKILL + resume = the uninterrupted run; Ray faults."""
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
@@ -21,60 +17,12 @@ from evolve.cli import main
 from evolve.config import load_config
 from evolve.loop import run_search
 from evolve.study import RunLock, best_trial, counted
-from merge_core.synthetic import DEFAULT_WORDS, make_tiny_trio
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny base + two fine-tunes and a generation task whose answers are vocabulary words."""
-    root = tmp_path_factory.mktemp("world")
-    base, a, b = make_tiny_trio(root / "models", "llama", seed=0, noise=0.05)
-    words = [w for w in DEFAULT_WORDS if w.isalpha()][:40]
-    task = root / "task"
-    task.mkdir()
-    for split, n in (("dev", 40), ("test", 30)):
-        with open(task / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                prompt = " ".join(words[(i + k) % len(words)] for k in range(5))
-                f.write(json.dumps({"id": f"{split}-{i}", "prompt": prompt, "answer": words[(i * 7) % len(words)]}) + "\n")
-    return {"base": str(base), "a": str(a), "b": str(b), "task": str(task)}
-
-
-def write_config(tmp_path, world, **overrides):
-    cfg = {
-        "name": "t",
-        "seed": 3,
-        "models": {"base": world["base"], "sources": [{"path": world["a"], "alias": "ja"}, {"path": world["b"], "alias": "math"}]},
-        "search": {"space": {"method": "dare_ties", "layers_per_group": 2, "weight_bounds": [0.0, 1.5]},
-                   "optimizer": {"sampler": "cmaes", "sigma0": 0.3}, "budget": {"max_trials": 6}},
-        "evaluation": {"tasks": [{"name": "words", "type": "generation", "task_dir": world["task"], "split": "dev",
-                                  "limit": 20, "batch_size": 20, "max_new_tokens": 2, "extract": "first_word"}],
-                       "fitness": [{"metric": "words/acc"}, {"metric": "words/gold_logprob", "weight": 0.1}]},
-        "execution": {"backend": "local", "device": "cpu"},
-        "output_dir": str(tmp_path / "run"),
-    }
-    for dotted, value in overrides.items():
-        node = cfg
-        *keys, last = dotted.split(".")
-        for k in keys:
-            node = node.setdefault(k, {})
-        node[last] = value
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+from tests.evolve.harness import evolve_cli, resume, run_killed, write_config
 
 
 def study_of(cfg_path):
     cfg = load_config(cfg_path)
     return optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
-
-
-def evolve_cli(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "evolve.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, **kw)
 
 
 TRIALS, KILL_AT = 8, 6  # CMA generations of 4 after x0: trial 5's ask tells the first; trial 6 is killed
@@ -94,10 +42,9 @@ def killed_run(tmp_path_factory, world):
     """The same run SIGKILLed (a deterministic point: right after trial KILL_AT went to the worker), then resumed."""
     tmp = tmp_path_factory.mktemp("killed")
     cfg_path = write_config(tmp, world, **SEARCH)
-    killed = evolve_cli("run", str(cfg_path), "--no-progress", "--no-final-table",
-                        env={"EVOMERGE_FAULT": f"sigkill-after-submit:t:{KILL_AT}"})
+    killed = run_killed(cfg_path, "t", KILL_AT)
     before = study_of(cfg_path).get_trials()
-    resumed = evolve_cli("resume", str(tmp / "run"), "--no-progress", "--no-final-table")
+    resumed = resume(tmp / "run")
     return SimpleNamespace(cfg_path=cfg_path, killed=killed, before=before, resumed=resumed)
 
 
