@@ -11,6 +11,7 @@ Grid points are chosen by the search's own fitness (the config's fitness split a
 chooses its best trial; every row is then scored on the held-out split. The sources and untuned merges are the
 end-of-run table's. The margin is the evolved merge's held-out accuracy minus the best of every other row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,21 +31,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results import write_section  # noqa: E402  (bench/ is on sys.path: scripts run from it)
+
 from evolve.baselines import global_recipe, heldout_evaluators, score_checkpoint, score_recipes, untuned_recipes  # noqa: E402
 from evolve.config import RunConfig, load_config  # noqa: E402
 from evolve.loop import run_search  # noqa: E402
 from evolve.study import best_trial, trial_recipe  # noqa: E402
 from evolve.worker import Worker  # noqa: E402
 
-from results import write_section  # noqa: E402  (bench/ is on sys.path: scripts run from it)
-
 SECTION = "Demo bar (zoo issue): evolved merge vs sources, controls and untuned merges"
 
 
 def variant(cfg: RunConfig, work: Path, name: str, seed: int, sources: list | None = None) -> RunConfig:
     models = cfg.models if sources is None else cfg.models.model_copy(update={"sources": sources})
-    return cfg.model_copy(update={"name": name, "seed": seed, "models": models, "storage": None,
-                                  "output_dir": str(work / name)})
+    return cfg.model_copy(
+        update={"name": name, "seed": seed, "models": models, "storage": None, "output_dir": str(work / name)}
+    )
 
 
 def search(cfg: RunConfig) -> tuple[Any, float]:
@@ -75,8 +77,12 @@ def grid_search(cfg: RunConfig, grid: list[float]) -> tuple[dict[str, Any], int]
         nonzero = [i for i, w in enumerate(point) if w != 0]
         if len(nonzero) == 1:  # base + a*tau_i: the other experts' coefficients are 0; written with that expert alone
             i = nonzero[0]
-            keep(f"base + a*tau_{aliases[i]}", f"base + a*tau_{aliases[i]} (a={point[i]:g})", out.fitness,
-                 global_recipe(cfg, "task_arithmetic", {paths[i]: point[i]}))
+            keep(
+                f"base + a*tau_{aliases[i]}",
+                f"base + a*tau_{aliases[i]} (a={point[i]:g})",
+                out.fitness,
+                global_recipe(cfg, "task_arithmetic", {paths[i]: point[i]}),
+            )
     del worker
     return {label: recipe for _, label, recipe in best.values()}, len(points)
 
@@ -85,8 +91,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny_jp_math.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--grid", type=float, nargs="+", default=[round(0.125 * i, 3) for i in range(21)],
-                        help="coefficients tried per expert (default 0, 0.125, ..., 2.5: the search's bounds)")
+    parser.add_argument(
+        "--grid",
+        type=float,
+        nargs="+",
+        default=[round(0.125 * i, 3) for i in range(21)],
+        help="coefficients tried per expert (default 0, 0.125, ..., 2.5: the search's bounds)",
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "demo_bar")
     parser.add_argument("--write", action="store_true", help="write the table to bench/RESULTS.md")
     args = parser.parse_args()
@@ -99,9 +110,13 @@ def main() -> None:
     evaluators = heldout_evaluators(base_cfg)
     fixed: dict[str, dict[str, float]] = {}
     if base_cfg.models.base:
-        fixed["base"] = score_checkpoint(base_cfg, base_cfg.models.base, device=base_cfg.execution.device, evaluators=evaluators)
+        fixed["base"] = score_checkpoint(
+            base_cfg, base_cfg.models.base, device=base_cfg.execution.device, evaluators=evaluators
+        )
     for alias, s in zip(base_cfg.models.aliases(), base_cfg.models.sources):
-        fixed[f"source {alias}"] = score_checkpoint(base_cfg, s.path, device=base_cfg.execution.device, evaluators=evaluators)
+        fixed[f"source {alias}"] = score_checkpoint(
+            base_cfg, s.path, device=base_cfg.execution.device, evaluators=evaluators
+        )
 
     acc = next(t.metric for t in base_cfg.evaluation.fitness if t.metric.endswith("/acc"))
     per_seed: list[dict[str, Any]] = []
@@ -121,9 +136,19 @@ def main() -> None:
         scores = score_recipes(cfg, recipes, heldout_evaluators(cfg))
         rows = {**fixed, **scores}
         others = max(v[acc] for k, v in rows.items() if not k.startswith("evolved"))
-        per_seed.append({"seed": seed, "rows": rows, "margin": rows["evolved (per-layer, both experts)"][acc] - others,
-                         "search_s": wall, "grid_points": n_points})
-        print(f"seed {seed}: evolved {rows['evolved (per-layer, both experts)'][acc]:.3f}, best other {others:.3f}", flush=True)
+        per_seed.append(
+            {
+                "seed": seed,
+                "rows": rows,
+                "margin": rows["evolved (per-layer, both experts)"][acc] - others,
+                "search_s": wall,
+                "grid_points": n_points,
+            }
+        )
+        print(
+            f"seed {seed}: evolved {rows['evolved (per-layer, both experts)'][acc]:.3f}, best other {others:.3f}",
+            flush=True,
+        )
 
     text = render(per_seed, acc, command, base_cfg)
     print(text)
@@ -137,12 +162,16 @@ def render(per_seed: list[dict[str, Any]], acc: str, command: str, cfg: RunConfi
 
     order = list(dict.fromkeys(short(k) for r in per_seed for k in r["rows"]))
     order = [k for k in order if not k.startswith("evolved")] + [k for k in order if k.startswith("evolved")]
-    lines = [f"## {SECTION}", "",
-             f"Measured with `{command}` on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-             f"torch {torch.__version__}, no other job running. Held-out: {cfg.evaluation.heldout_split} split, all items; "
-             f"`{acc}` (cell) and, for the grid rows, the chosen coefficients.", "",
-             "| row | " + " | ".join(f"seed {r['seed']}" for r in per_seed) + " |",
-             "|---|" + "---|" * len(per_seed)]
+    lines = [
+        f"## {SECTION}",
+        "",
+        f"Measured with `{command}` on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, no other job running. Held-out: {cfg.evaluation.heldout_split} split, all items; "
+        f"`{acc}` (cell) and, for the grid rows, the chosen coefficients.",
+        "",
+        "| row | " + " | ".join(f"seed {r['seed']}" for r in per_seed) + " |",
+        "|---|" + "---|" * len(per_seed),
+    ]
     for label in order:
         cells = []
         for r in per_seed:
@@ -151,17 +180,23 @@ def render(per_seed: list[dict[str, Any]], acc: str, command: str, cfg: RunConfi
                 cells.append("")
                 continue
             k, v = match[0]
-            note = k[len(label):].strip()
+            note = k[len(label) :].strip()
             cells.append(f"{v[acc]:.3f}" + (f" {note}" if note else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("| **margin: evolved − best other row** | " + " | ".join(f"**{r['margin']:+.3f}**" for r in per_seed) + " |")
+    lines.append(
+        "| **margin: evolved − best other row** | " + " | ".join(f"**{r['margin']:+.3f}**" for r in per_seed) + " |"
+    )
     lines.append("| evolved search wall time (s) | " + " | ".join(f"{r['search_s']:.0f}" for r in per_seed) + " |")
     margins = [r["margin"] for r in per_seed]
     verdict = "met" if min(margins) >= 0.30 else "**missed**"
-    lines += ["", f"The bar (evolved ≥ 0.30 above every other row on each seed): {verdict}; smallest margin "
-              f"{min(margins):+.3f}, mean {float(np.mean(margins)):+.3f}. Grid rows are chosen on the fitness split "
-              f"({getattr(cfg.evaluation.tasks[0], 'split', None)}, limit {getattr(cfg.evaluation.tasks[0], 'limit', None)}) over "
-              f"{per_seed[0]['grid_points']} points, like the search's own best trial."]
+    lines += [
+        "",
+        f"The bar (evolved ≥ 0.30 above every other row on each seed): {verdict}; smallest margin "
+        f"{min(margins):+.3f}, mean {float(np.mean(margins)):+.3f}. Grid rows are chosen on the fitness split "
+        f"({getattr(cfg.evaluation.tasks[0], 'split', None)}, "
+        f"limit {getattr(cfg.evaluation.tasks[0], 'limit', None)}) over "
+        f"{per_seed[0]['grid_points']} points, like the search's own best trial.",
+    ]
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ one-time setup (TaskManager + task load) is reported apart, since a worker pays 
 
 Without a task directory (and no zoo), a tiny task and a random tiny Llama are generated in a temp dir.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,8 +59,16 @@ def random_model(task_dir: Path, split: str) -> tuple[Any, Any]:
     items = load_generation_items(task_dir, split)
     vocab = sorted({w for item in items for w in (item.prompt + " " + item.answer).split()})
     tokenizer = word_tokenizer(vocab)
-    model = tiny_model(tokenizer, seed=0, hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4,
-                       num_kv_heads=4, max_position_embeddings=256)
+    model = tiny_model(
+        tokenizer,
+        seed=0,
+        hidden_size=128,
+        intermediate_size=512,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
+        max_position_embeddings=256,
+    )
     return model, tokenizer
 
 
@@ -106,31 +117,45 @@ def main() -> None:
     rows = []
     for batch_size in args.batch_sizes:
         native = GenerationEvaluator(
-            task_dir, split, limit=args.limit, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
-            stop=stop, extract="first_word", gold_prob=False,
+            task_dir,
+            split,
+            limit=args.limit,
+            batch_size=batch_size,
+            max_new_tokens=args.max_new_tokens,
+            stop=stop,
+            extract="first_word",
+            gold_prob=False,
         )
         backend = LmEvalEvaluator(
-            ["bench_task"], include_path=yaml_dir, limit=args.limit, batch_size=batch_size,
+            ["bench_task"],
+            include_path=yaml_dir,
+            limit=args.limit,
+            batch_size=batch_size,
             metrics={"bench_task": "exact_match,first_word"},
         )
         n = len(native.items)
-        native_s, native_metrics = median_seconds(lambda: native.evaluate(model, tokenizer), args.repeats)
-        lm_s, lm_metrics = median_seconds(lambda: backend.evaluate(model, tokenizer), args.repeats)
-        rows.append((batch_size, n / native_s, n / lm_s, lm_s / native_s, native_metrics["acc"], lm_metrics["bench_task"]))
+        native_s, native_metrics = median_seconds(partial(native.evaluate, model, tokenizer), args.repeats)
+        lm_s, lm_metrics = median_seconds(partial(backend.evaluate, model, tokenizer), args.repeats)
+        rows.append(
+            (batch_size, n / native_s, n / lm_s, lm_s / native_s, native_metrics["acc"], lm_metrics["bench_task"])
+        )
 
     params = sum(p.numel() for p in model.parameters())
     lines = [
         f"Measured with `{shlex.join(['.venv/bin/python', 'bench/eval_speed.py', *sys.argv[1:]])}` "
         f"({os.cpu_count()} CPUs, torch {torch.__version__}): task `{_shown(task_dir)}` ({split}, {n} items), "
         f"model `{_shown(args.model) if args.model else 'random tiny Llama'}` ({params / 1e6:.2f}M params), "
-        f"{args.threads} thread(s), max_new_tokens {args.max_new_tokens}, stop {stop}; median of {args.repeats} after a warm-up; "
+        f"{args.threads} thread(s), max_new_tokens {args.max_new_tokens}, stop {stop}; "
+        f"median of {args.repeats} after a warm-up; "
         f"lm-eval one-time setup (task manager + task load, paid once per worker) {setup:.2f} s.",
         "",
         "| batch size | native items/s | lm-eval items/s | native speedup | native acc | lm-eval acc |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for batch_size, native_rate, lm_rate, speedup, native_acc, lm_acc in rows:
-        lines.append(f"| {batch_size} | {native_rate:.1f} | {lm_rate:.1f} | {speedup:.2f}x | {native_acc:.3f} | {lm_acc:.3f} |")
+        lines.append(
+            f"| {batch_size} | {native_rate:.1f} | {lm_rate:.1f} | {speedup:.2f}x | {native_acc:.3f} | {lm_acc:.3f} |"
+        )
     print("\n".join(lines))
     if args.write:
         from results import write_section  # bench/ is on sys.path: scripts run from it

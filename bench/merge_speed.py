@@ -17,6 +17,7 @@ in-memory re-merge (`Materializer.apply`) against a memory-bandwidth bound.
 mergekit lives in its own venv, bench/_work/mk-venv (created on first use with torch pinned to 2.13.0, the local
 CPU wheel; checked CPU-only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,10 +46,11 @@ from safetensors import safe_open  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from results import RESULTS, write_section  # noqa: E402  (bench/ is on sys.path: scripts run from it)
+
 from merge_core.materialize import Materializer  # noqa: E402
 from merge_core.recipe import MergeRecipe  # noqa: E402
 from merge_core.synthetic import make_tiny_checkpoint  # noqa: E402
-from results import RESULTS, write_section  # noqa: E402  (bench/ is on sys.path: scripts run from it)
 
 SECTION = "Merge speed"
 INMEM_SECTION = "In-memory re-merge (Materializer.apply)"
@@ -76,7 +78,11 @@ def ensure_checkpoints(work: Path) -> dict[str, Path]:
     root = work / "models"
     stamp = root / "sizes.json"
     paths = {name: root / name for name in ("base", "ft_a", "ft_b")}
-    if stamp.is_file() and json.loads(stamp.read_text()) == SIZES and all((p / "config.json").is_file() for p in paths.values()):
+    if (
+        stamp.is_file()
+        and json.loads(stamp.read_text()) == SIZES
+        and all((p / "config.json").is_file() for p in paths.values())
+    ):
         return paths
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
@@ -188,7 +194,8 @@ def compare_outputs(ours: Path, theirs: Path, exact: bool) -> str:
 
 
 # mergekit 0.1.5's own GTA code (merge_group of generalized_task_arithmetic.py, replicated line by line around its
-# `magnitude` and `get_mask`) on a few tensors, run in the storage dtype (what mergekit does) and in float32 (what we do).
+# `magnitude` and `get_mask`) on a few tensors, run in the storage dtype (what mergekit does) and in float32
+# (what we do).
 GTA_REPLICA = r"""
 import glob, json, sys, torch
 from safetensors import safe_open
@@ -232,25 +239,41 @@ for name in args["names"]:
     out["n"] += base.numel()
 print(json.dumps(out))
 """
-REPLICA_TENSORS = ["model.layers.0.mlp.down_proj.weight", "model.layers.11.self_attn.q_proj.weight", "model.norm.weight"]
+REPLICA_TENSORS = [
+    "model.layers.0.mlp.down_proj.weight",
+    "model.layers.11.self_attn.q_proj.weight",
+    "model.norm.weight",
+]
 
 
 def ties_replica_check(mk_python: Path, models: dict[str, Path], ours: Path, theirs: Path) -> str:
     """Where ties outputs differ: mergekit's GTA code in bf16 vs its output, and in float32 vs ours."""
-    args = dict(names=REPLICA_TENSORS, models={k: str(v) for k, v in models.items()}, ours=str(ours),
-                mergekit=str(theirs), weights=list(WEIGHTS), densities=[DENSITY, DENSITY])
+    args = dict(
+        names=REPLICA_TENSORS,
+        models={k: str(v) for k, v in models.items()},
+        ours=str(ours),
+        mergekit=str(theirs),
+        weights=list(WEIGHTS),
+        densities=[DENSITY, DENSITY],
+    )
     done = subprocess.run([str(mk_python), "-c", GTA_REPLICA, json.dumps(args)], capture_output=True, text=True)
     if done.returncode != 0:
         return f"replica check failed: {done.stderr.strip().splitlines()[-1:]}"
     r = json.loads(done.stdout.strip().splitlines()[-1])
     pct = lambda c: 100 * c / r["n"]  # noqa: E731
-    return (f"mergekit's own ties code on {len(REPLICA_TENSORS)} tensors ({r['n']:,} elements): run in bf16 it reproduces "
-            f"mergekit's output (max diff {r['bf16_vs_mergekit'][0]:.3g}, {pct(r['bf16_vs_mergekit'][1]):.4f}% differ); "
-            f"run in float32 it is within magnitude-tie order of ours (max diff {r['f32_vs_ours'][0]:.3g}, "
-            f"{pct(r['f32_vs_ours'][1]):.4f}% differ), and with a stable argsort (equal |delta|: lower index first, as ours) "
-            f"max diff {r['f32_stable_vs_ours'][0]:.3g}, {pct(r['f32_stable_vs_ours'][1]):.4f}% differ"
-            + (". So the gap is mergekit's GTA arithmetic in the storage dtype (bf16), where ours computes in float32"
-               if r["bf16_vs_mergekit"][1] == 0 and r["f32_stable_vs_ours"][1] == 0 else ""))
+    return (
+        f"mergekit's own ties code on {len(REPLICA_TENSORS)} tensors ({r['n']:,} elements): run in bf16 it reproduces "
+        f"mergekit's output (max diff {r['bf16_vs_mergekit'][0]:.3g}, {pct(r['bf16_vs_mergekit'][1]):.4f}% differ); "
+        f"run in float32 it is within magnitude-tie order of ours (max diff {r['f32_vs_ours'][0]:.3g}, "
+        f"{pct(r['f32_vs_ours'][1]):.4f}% differ), and with a stable argsort "
+        "(equal |delta|: lower index first, as ours) "
+        f"max diff {r['f32_stable_vs_ours'][0]:.3g}, {pct(r['f32_stable_vs_ours'][1]):.4f}% differ"
+        + (
+            ". So the gap is mergekit's GTA arithmetic in the storage dtype (bf16), where ours computes in float32"
+            if r["bf16_vs_mergekit"][1] == 0 and r["f32_stable_vs_ours"][1] == 0
+            else ""
+        )
+    )
 
 
 # ---- in memory --------------------------------------------------------------------------------
@@ -294,31 +317,56 @@ def in_memory_worker(method: str, models: dict[str, Path], repeats: int, out: Pa
             t0 = time.perf_counter()
             mat.apply(candidate, model)
             times.append(time.perf_counter() - t0)
-    out.write_text(json.dumps(dict(
-        resident_bytes=mat.resident_bytes,
-        output_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
-        kind="float32 task vectors + bf16 base" if mat._deltas else "bf16 sources",
-        build_s=mat.build_seconds, first_apply_s=times[0], apply_s=times[len(CANDIDATES):], cache_bytes=mat.cache_bytes,
-    )))
+    out.write_text(
+        json.dumps(
+            dict(
+                resident_bytes=mat.resident_bytes,
+                output_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+                kind="float32 task vectors + bf16 base" if mat._deltas else "bf16 sources",
+                build_s=mat.build_seconds,
+                first_apply_s=times[0],
+                apply_s=times[len(CANDIDATES) :],
+                cache_bytes=mat.cache_bytes,
+            )
+        )
+    )
 
 
 def in_memory(method: str, work: Path, repeats: int, bandwidth_gbs: float, env: dict[str, str]) -> InMemory:
     """Run in_memory_worker in a fresh process (its peak RSS is the worker's alone)."""
     out = work / f"in_memory_{method}.json"
-    run = timed([sys.executable, __file__, "--work", str(work), "--repeats", str(repeats), "--in-memory-worker", method],
-                work / f"in_memory_{method}.log", env)
+    run = timed(
+        [sys.executable, __file__, "--work", str(work), "--repeats", str(repeats), "--in-memory-worker", method],
+        work / f"in_memory_{method}.log",
+        env,
+    )
     r = json.loads(out.read_text())
     bound = (r["resident_bytes"] + r["cache_bytes"] + r["output_bytes"]) / (bandwidth_gbs * 1e9)
-    return InMemory(method, r["resident_bytes"] / MIB, r["kind"], r["build_s"], run.peak_rss_mib, r["apply_s"], bound,
-                    r["first_apply_s"], r["cache_bytes"] / MIB)
+    return InMemory(
+        method,
+        r["resident_bytes"] / MIB,
+        r["kind"],
+        r["build_s"],
+        run.peak_rss_mib,
+        r["apply_s"],
+        bound,
+        r["first_apply_s"],
+        r["cache_bytes"] / MIB,
+    )
 
 
 # ---- report -----------------------------------------------------------------------------------
 
 
 def machine_facts(mergekit_version: str | None) -> list[str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     facts = [
         f"CPU: {cpu}, {os.cpu_count()} logical cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM; "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); Python {platform.python_version()}",
@@ -342,13 +390,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each timing (min reported)")
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--mergekit-python", help="python of an existing venv with mergekit 0.1.5")
-    parser.add_argument("--threads", type=int, help="torch threads here and OMP/MKL threads of both CLIs (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads here and OMP/MKL threads of both CLIs (default: torch's)"
+    )
     parser.add_argument("--in-memory-worker", metavar="METHOD", help=argparse.SUPPRESS)
     parser.add_argument("--in-memory-only", action="store_true", help="only the in-memory re-merge (its own section)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
-    command = shlex.join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else sys.executable,
-                          os.path.relpath(__file__, REPO), *sys.argv[1:]])
+    command = shlex.join(
+        [
+            os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else sys.executable,
+            os.path.relpath(__file__, REPO),
+            *sys.argv[1:],
+        ]
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -359,7 +414,9 @@ def main() -> None:
 
     models = ensure_checkpoints(work)
     if args.in_memory_worker:
-        return in_memory_worker(args.in_memory_worker, models, args.repeats, work / f"in_memory_{args.in_memory_worker}.json")
+        return in_memory_worker(
+            args.in_memory_worker, models, args.repeats, work / f"in_memory_{args.in_memory_worker}.json"
+        )
     shapes = checkpoint_shapes(models["base"])
     n_params = sum(numel(s) for s in shapes.values())
     print(f"{n_params:,} parameters per checkpoint ({len(shapes)} tensors, bf16)", flush=True)
@@ -377,37 +434,80 @@ def main() -> None:
         ours, theirs = [], []
         for rep in range(args.repeats):
             shutil.rmtree(ours_out, ignore_errors=True)
-            ours.append(timed([sys.executable, "-m", "evolve.cli", "merge", str(recipe), "--out", str(ours_out),
-                               "--device", "cpu"], work / f"evolve_{method}.log", env))
-            print(f"{method} evolve merge #{rep + 1}: {ours[-1].seconds:.1f}s, peak RSS {ours[-1].peak_rss_mib:.0f} MiB", flush=True)
+            ours.append(
+                timed(
+                    [
+                        sys.executable,
+                        "-m",
+                        "evolve.cli",
+                        "merge",
+                        str(recipe),
+                        "--out",
+                        str(ours_out),
+                        "--device",
+                        "cpu",
+                    ],
+                    work / f"evolve_{method}.log",
+                    env,
+                )
+            )
+            print(
+                f"{method} evolve merge #{rep + 1}: {ours[-1].seconds:.1f}s, peak RSS {ours[-1].peak_rss_mib:.0f} MiB",
+                flush=True,
+            )
             if mk_python:
                 shutil.rmtree(mk_out, ignore_errors=True)
-                theirs.append(timed([str(mk_python.parent / "mergekit-yaml"), str(recipe), str(mk_out)],
-                                    work / f"mergekit_{method}.log", env))
-                print(f"{method} mergekit-yaml #{rep + 1}: {theirs[-1].seconds:.1f}s, peak RSS {theirs[-1].peak_rss_mib:.0f} MiB", flush=True)
+                theirs.append(
+                    timed(
+                        [str(mk_python.parent / "mergekit-yaml"), str(recipe), str(mk_out)],
+                        work / f"mergekit_{method}.log",
+                        env,
+                    )
+                )
+                print(
+                    f"{method} mergekit-yaml #{rep + 1}: {theirs[-1].seconds:.1f}s, "
+                    f"peak RSS {theirs[-1].peak_rss_mib:.0f} MiB",
+                    flush=True,
+                )
         agreement = compare_outputs(ours_out, mk_out, exact=method != "dare_ties") if mk_python else "—"
         if mk_python and method == "ties":
             notes.append(f"ties outputs: {ties_replica_check(mk_python, models, ours_out, mk_out)}.")
-        rows.append((method, min(r.seconds for r in ours), max(r.peak_rss_mib for r in ours),
-                     min(r.seconds for r in theirs) if theirs else None,
-                     max(r.peak_rss_mib for r in theirs) if theirs else None, agreement))
+        rows.append(
+            (
+                method,
+                min(r.seconds for r in ours),
+                max(r.peak_rss_mib for r in ours),
+                min(r.seconds for r in theirs) if theirs else None,
+                max(r.peak_rss_mib for r in theirs) if theirs else None,
+                agreement,
+            )
+        )
 
     lines = [f"Command (from the repository root): `{command}`", ""]
     lines += [f"- {fact}" for fact in facts_start + ([machine_facts(mk_version)[-1]] if mk_version else [])]
     lines.append(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    lines += [f"- checkpoints: 3 random Llamas (base + two fine-tunes = base + 0.02·N(0,1)), {n_params:,} parameters "
-              f"each ({len(shapes)} tensors, bf16, {n_params * 2 / 2**30:.2f} GiB): "
-              + ", ".join(f"{k} {v}" for k, v in SIZES.items()),
-              f"- recipe: weights {WEIGHTS[0]}/{WEIGHTS[1]}, density {DENSITY} (ties, dare_ties), dtype bfloat16; linear merges "
-              "the two fine-tunes, ties/dare_ties use the base as base_model; the same YAML is fed to both tools",
-              f"- wall time of the whole CLI process (imports included), min of {args.repeats}; peak RSS from wait4 "
-              "(includes file-backed pages of memory-mapped inputs)", ""]
-    lines += ["| method | evolve merge (s) | mergekit-yaml (s) | ours / mergekit | evolve peak RSS (MiB) | mergekit peak RSS (MiB) | outputs agree |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        f"- checkpoints: 3 random Llamas (base + two fine-tunes = base + 0.02·N(0,1)), {n_params:,} parameters "
+        f"each ({len(shapes)} tensors, bf16, {n_params * 2 / 2**30:.2f} GiB): "
+        + ", ".join(f"{k} {v}" for k, v in SIZES.items()),
+        f"- recipe: weights {WEIGHTS[0]}/{WEIGHTS[1]}, density {DENSITY} (ties, dare_ties), "
+        "dtype bfloat16; linear merges "
+        "the two fine-tunes, ties/dare_ties use the base as base_model; the same YAML is fed to both tools",
+        f"- wall time of the whole CLI process (imports included), min of {args.repeats}; peak RSS from wait4 "
+        "(includes file-backed pages of memory-mapped inputs)",
+        "",
+    ]
+    lines += [
+        "| method | evolve merge (s) | mergekit-yaml (s) | ours / mergekit | evolve peak RSS (MiB) "
+        "| mergekit peak RSS (MiB) | outputs agree |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for method, ours_s, ours_rss, mk_s, mk_rss, agreement in rows:
         ratio = fmt_ratio(ours_s, mk_s, TARGETS[method]) if mk_s else "—"
-        lines.append(f"| {method} | {ours_s:.1f} | {f'{mk_s:.1f}' if mk_s else 'skipped'} | {ratio} | {ours_rss:.0f} | "
-                     f"{f'{mk_rss:.0f}' if mk_rss else '—'} | {agreement} |")
+        lines.append(
+            f"| {method} | {ours_s:.1f} | {f'{mk_s:.1f}' if mk_s else 'skipped'} | {ratio} | {ours_rss:.0f} | "
+            f"{f'{mk_rss:.0f}' if mk_rss else '—'} | {agreement} |"
+        )
     lines += [""] + [f"- {note}" for note in notes] if notes else []
     text = "\n".join(lines) + "\n"
     print("\n" + text)
@@ -417,7 +517,9 @@ def main() -> None:
     in_memory_section(args, work, env, command, facts_start)
 
 
-def in_memory_section(args: argparse.Namespace, work: Path, env: dict[str, str], command: str, facts: list[str]) -> None:
+def in_memory_section(
+    args: argparse.Namespace, work: Path, env: dict[str, str], command: str, facts: list[str]
+) -> None:
     """The in-memory re-merge of each method in a fresh worker process, against the copy-bandwidth bound."""
     bandwidth = copy_bandwidth_gbs()
     print(f"copy bandwidth: {bandwidth:.1f} GB/s (read + write)", flush=True)
@@ -425,25 +527,37 @@ def in_memory_section(args: argparse.Namespace, work: Path, env: dict[str, str],
     for method in args.methods:
         r = in_memory(method, work, args.repeats, bandwidth, env)
         inmem.append(r)
-        print(f"{method} in memory: build {r.build_s:.1f}s, first apply {r.first_apply_s:.2f}s, apply min {min(r.apply_s):.2f}s, "
-              f"bound {r.bound_s:.2f}s", flush=True)
+        print(
+            f"{method} in memory: build {r.build_s:.1f}s, first apply {r.first_apply_s:.2f}s, "
+            f"apply min {min(r.apply_s):.2f}s, "
+            f"bound {r.bound_s:.2f}s",
+            flush=True,
+        )
     lines = [f"Command (from the repository root): `{command}`", ""]
     lines += [f"- {fact}" for fact in facts]
     lines.append(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    lines += ["", f"`Materializer.apply` into a live bf16 model, one fresh worker process per method, on the checkpoints of "
-              f"the Merge speed section; {len(CANDIDATES)} candidates (varying weights and densities) applied once to fill "
-              f"the cache (the first apply is reported apart), then {args.repeats} more rounds = "
-              f"{len(CANDIDATES) * args.repeats} timed applies. Bound = (resident bytes + cache bytes, all read once per "
-              f"candidate, + output bytes written) / copy bandwidth {bandwidth:.1f} GB/s (torch `copy_` of a 1 GiB float32 "
-              "buffer, read + write bytes counted).", "",
-              "| method | resident (MiB, what) | cache (MiB) | build (s) | first apply (s) | worker peak RSS (MiB) | apply min / median (s) | bound (s) | apply / bound |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"`Materializer.apply` into a live bf16 model, one fresh worker process per method, on the checkpoints of "
+        f"the Merge speed section; {len(CANDIDATES)} candidates (varying weights and densities) applied once to fill "
+        f"the cache (the first apply is reported apart), then {args.repeats} more rounds = "
+        f"{len(CANDIDATES) * args.repeats} timed applies. Bound = (resident bytes + cache bytes, all read once per "
+        f"candidate, + output bytes written) / copy bandwidth {bandwidth:.1f} GB/s (torch `copy_` of a 1 GiB float32 "
+        "buffer, read + write bytes counted).",
+        "",
+        "| method | resident (MiB, what) | cache (MiB) | build (s) | first apply (s) | worker peak RSS (MiB) "
+        "| apply min / median (s) | bound (s) | apply / bound |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in inmem:
         ratio = min(r.apply_s) / r.bound_s
         verdict = "met" if ratio <= INMEM_TARGET else "MISSED"
-        lines.append(f"| {r.method} | {r.resident_mib:.0f} ({r.resident_kind}) | {r.cache_mib:.0f} | {r.build_s:.1f} | "
-                     f"{r.first_apply_s:.2f} | {r.peak_rss_mib:.0f} | {min(r.apply_s):.2f} / {statistics.median(r.apply_s):.2f} | "
-                     f"{r.bound_s:.2f} | {ratio:.1f}× ({verdict}, ≤ {INMEM_TARGET:g}×) |")
+        lines.append(
+            f"| {r.method} | {r.resident_mib:.0f} ({r.resident_kind}) | {r.cache_mib:.0f} | {r.build_s:.1f} | "
+            f"{r.first_apply_s:.2f} | {r.peak_rss_mib:.0f} | "
+            f"{min(r.apply_s):.2f} / {statistics.median(r.apply_s):.2f} | "
+            f"{r.bound_s:.2f} | {ratio:.1f}× ({verdict}, ≤ {INMEM_TARGET:g}×) |"
+        )
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if not args.no_write:

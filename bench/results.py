@@ -1,4 +1,5 @@
 """bench/RESULTS.md: one `## title` section per benchmark, replaced in place by the script that measured it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +13,7 @@ def write_section(title: str, body: str, path: Path = RESULTS) -> None:
     head = f"## {title}\n"
     if head in text:
         before, rest = text.split(head, 1)
-        after = rest[rest.find("\n## "):] if "\n## " in rest else ""
+        after = rest[rest.find("\n## ") :] if "\n## " in rest else ""
         text = before + head + "\n" + body.strip() + "\n" + after
     else:
         text = text.rstrip() + "\n\n" + head + "\n" + body.strip() + "\n"

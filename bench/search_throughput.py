@@ -5,6 +5,7 @@
 Each backend runs a fresh study (same config, seed and budget) under bench/_work/search_throughput/. Setup time
 (worker build: sources resident, live model, evaluators; Ray start) is reported apart from the steady rate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,21 +22,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results import write_section  # noqa: E402  (bench/ is on sys.path: scripts run from it)
+
 from evolve.config import load_config  # noqa: E402
 from evolve.loop import run_search  # noqa: E402
-from results import write_section  # noqa: E402  (bench/ is on sys.path: scripts run from it)
 
 
 def run_backend(config: Path, backend: str, workers: int, trials: int, work: Path) -> dict:
     cfg = load_config(config)
     execution = {**cfg.execution.model_dump(), "backend": backend, "workers": workers}
-    cfg = cfg.model_copy(update={
-        "name": f"{cfg.name}-{backend}{workers}",
-        "output_dir": str(work / f"{backend}{workers}"),
-        "storage": None,
-        "execution": cfg.execution.model_copy(update=execution),
-        "search": cfg.search.model_copy(update={"budget": cfg.search.budget.model_copy(update={"max_trials": trials})}),
-    })
+    cfg = cfg.model_copy(
+        update={
+            "name": f"{cfg.name}-{backend}{workers}",
+            "output_dir": str(work / f"{backend}{workers}"),
+            "storage": None,
+            "execution": cfg.execution.model_copy(update=execution),
+            "search": cfg.search.model_copy(
+                update={"budget": cfg.search.budget.model_copy(update={"max_trials": trials})}
+            ),
+        }
+    )
     for f in (work / f"{backend}{workers}").glob("study.db*"):
         f.unlink()
     t0 = time.perf_counter()
@@ -58,11 +64,16 @@ def run_backend(config: Path, backend: str, workers: int, trials: int, work: Pat
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| executor | trials | wall (s) | setup (s) | candidates/min (steady) | median merge (s) | median eval (s) | best fitness |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| executor | trials | wall (s) | setup (s) | candidates/min (steady) "
+        "| median merge (s) | median eval (s) | best fitness |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['backend']} | {r['trials']} | {r['wall_s']:.1f} | {r['setup_s']:.1f} | {r['per_min']:.1f} | "
-                     f"{r['merge_s']:.3f} | {r['eval_s']:.3f} | {r['best']:.4f} |")
+        lines.append(
+            f"| {r['backend']} | {r['trials']} | {r['wall_s']:.1f} | {r['setup_s']:.1f} | {r['per_min']:.1f} | "
+            f"{r['merge_s']:.3f} | {r['eval_s']:.3f} | {r['best']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -75,17 +86,24 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # as `evolve run` does
-    rows = [run_backend(args.config, "local", 1, args.trials, args.work),
-            run_backend(args.config, "ray", args.ray_workers, args.trials, args.work)]
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    rows = [
+        run_backend(args.config, "local", 1, args.trials, args.work),
+        run_backend(args.config, "ray", args.ray_workers, args.trials, args.work),
+    ]
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     config = args.config.resolve()
     shown = config.relative_to(ROOT) if config.is_relative_to(ROOT) else config
-    body = (f"Command: `.venv/bin/python bench/search_throughput.py --config {shown} --trials {args.trials} --write`\n\n"
-            f"Machine: {cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-            f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}.\n\n{table(rows)}\n\n"
-            "Against mergekit-evolve (mergekit 0.1.5) on the same models, task data and method, same machine: see "
-            "[mergekit_evolve.md](mergekit_evolve.md) (it needed four workarounds to run without a GPU; 40-50 "
-            "candidates/min against evomerge's 167).\n")
+    body = (
+        f"Command: `.venv/bin/python bench/search_throughput.py --config {shown} --trials {args.trials} --write`\n\n"
+        f"Machine: {cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+        f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}.\n\n{table(rows)}\n\n"
+        "Against mergekit-evolve (mergekit 0.1.5) on the same models, task data and method, same machine: see "
+        "[mergekit_evolve.md](mergekit_evolve.md) (it needed four workarounds to run without a GPU; 40-50 "
+        "candidates/min against evomerge's 167).\n"
+    )
     print(body)
     if args.write:
         write_section("Search throughput", body)

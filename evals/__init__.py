@@ -1,7 +1,9 @@
 """evals: evaluators that score a live model: native fast paths and the lm-eval backend."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from evals.base import Evaluator
 from evals.data import ChoiceItem, GenerationItem, load_choice_items, load_generation_items, subsample

@@ -4,6 +4,7 @@ An evaluator is built once per worker (data loaded, tasks indexed) and called on
 The same model object is passed again with its weights changed in place, so an evaluator must
 never cache results across calls.
 """
+
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
@@ -17,6 +18,4 @@ class Evaluator(Protocol):
 
     name: str
 
-    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
-        ...
-
+    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]: ...

@@ -3,13 +3,15 @@
 Generation items are ``{"id", "prompt", "answer"}`` (the prompt ends where the model must answer);
 multiple-choice items are ``{"id", "prompt", "choices": [...], "label": int}``.
 """
+
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from merge_core.errors import EvomergeError
 
@@ -96,7 +98,8 @@ def load_choice_items(task_dir: str | Path, split: str) -> list[ChoiceItem]:
 
 
 def subsample_indices(n: int, limit: int | None, seed: int) -> list[int]:
-    """Sorted indices of `limit` items drawn without replacement by `random.Random(seed)`; all when limit is None or >= n."""
+    """Sorted indices of `limit` items drawn without replacement by `random.Random(seed)`; all when limit is None
+    or >= n."""
     if limit is None or limit >= n:
         return list(range(n))
     if limit < 1:

@@ -5,13 +5,15 @@ An extractor maps a response to the answer it states (or None when it states non
 not 0), `first_word`, `exact` (the stripped response). `answers_match` compares an extracted answer
 with the gold string after normalization, so 1000 == "1,000" == "1000.0" == "１０００".
 """
+
 from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from merge_core.errors import EvomergeError
 

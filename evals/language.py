@@ -3,12 +3,14 @@
 Sakana's MGSM-JA score counted an answer only if the response was Japanese (they used fastText
 lid.176); here a script-share test stands in. A check maps a response to a bool.
 """
+
 from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 from merge_core.errors import EvomergeError
 

@@ -5,11 +5,13 @@ and the task dict. Each call wraps the live model in `HFLM(pretrained=model)` (r
 model object comes back) and runs `lm_eval.evaluator.evaluate` with request caching off, so in-place
 weight updates are always seen. `simple_evaluate` is avoided: it re-probes the environment per call.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -25,7 +27,8 @@ SPLITS = ("train", "dev", "test")
 
 
 def build_task_manager(tasks: Sequence[str], include_path: str | Path | Sequence[str | Path] | None) -> Any:
-    """A TaskManager over `include_path`; lm-eval's ~15k built-in tasks are indexed only if a task is not found there."""
+    """A TaskManager over `include_path`; lm-eval's ~15k built-in tasks are indexed only if a task is not found
+    there."""
     from lm_eval.tasks import TaskManager
 
     paths = [str(p) for p in ([include_path] if isinstance(include_path, (str, Path)) else include_path or [])]
@@ -78,8 +81,9 @@ class LmEvalEvaluator:
     """lm-eval tasks scored on the live model.
 
     Returns every ``"<task>/<metric>,<filter>"`` (e.g. ``"ja_sub/exact_match,first_word"``) and, for each
-    entry of `metrics` (task -> ``"<metric>,<filter>"`` or ``[metric, filter]``), the headline ``"<task>"``. `limit` draws the same
-    items as the native evaluators (`subsample_indices(n, limit, seed)`), not lm-eval's first `limit`.
+    entry of `metrics` (task -> ``"<metric>,<filter>"`` or ``[metric, filter]``), the headline ``"<task>"``.
+    `limit` draws the same items as the native evaluators (`subsample_indices(n, limit, seed)`), not lm-eval's
+    first `limit`.
     """
 
     def __init__(

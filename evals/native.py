@@ -4,11 +4,13 @@ All run the live model in eval mode under `torch.inference_mode` on the model's 
 items by length (results do not depend on the batch size). Prompts are tokenized with the
 tokenizer's default special tokens (as lm-eval's HFLM does), so both backends see the same ids.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from transformers import (
@@ -19,13 +21,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from evals.data import (
-    ChoiceItem,
-    GenerationItem,
-    load_choice_items,
-    load_generation_items,
-    subsample,
-)
+from evals.data import ChoiceItem, GenerationItem, load_choice_items, load_generation_items, subsample
 from evals.extract import Extractor, answers_match, make_extractor
 from evals.language import LanguageCheck, make_language_check
 from merge_core.errors import EvomergeError
@@ -120,7 +116,9 @@ def split_stops(tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> tupl
     return ids, [s for s in stop if s and s not in special]
 
 
-def decode_until(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], end_ids: Sequence[int], stop: Sequence[str]) -> str:
+def decode_until(
+    tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], end_ids: Sequence[int], stop: Sequence[str]
+) -> str:
     """`ids` decoded up to the first end id (special tokens dropped), cut at the first stop string."""
     ends = [i for i, token in enumerate(ids) if token in end_ids]
     text = tokenizer.decode(ids[: ends[0]] if ends else ids, skip_special_tokens=True)
@@ -180,11 +178,7 @@ def continuation_token_ids(
 
 
 def sum_logprobs(
-    model: PreTrainedModel,
-    sequences: Sequence[tuple[Sequence[int], int]],
-    *,
-    pad_id: int,
-    batch_size: int,
+    model: PreTrainedModel, sequences: Sequence[tuple[Sequence[int], int]], *, pad_id: int, batch_size: int
 ) -> list[float]:
     """For each (token ids, start): the sum of log p(ids[t] | ids[:t]) over t >= start (teacher forcing)."""
     totals = [0.0] * len(sequences)
@@ -203,11 +197,7 @@ def sum_logprobs(
 
 
 def continuation_logprobs(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[tuple[str, str]],
-    *,
-    batch_size: int,
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], *, batch_size: int
 ) -> list[float]:
     """log p(continuation | context) for each (context, continuation) pair."""
     sequences = []
@@ -307,7 +297,7 @@ class GenerationEvaluator:
         lang_ok = [self.language_check(r.strip()) if self.language_check else True for r in responses]
         n = len(self.items)
         return {
-            "acc": sum(v and l for v, l in zip(value_ok, lang_ok)) / n,
+            "acc": sum(value and lang for value, lang in zip(value_ok, lang_ok)) / n,
             "acc_value": sum(value_ok) / n,
             "lang_ok": sum(lang_ok) / n,
         }

@@ -1,4 +1,5 @@
 """`python -m evolve` runs the evolve command."""
+
 import sys
 
 from evolve.cli import main

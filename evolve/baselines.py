@@ -1,8 +1,9 @@
 """Held-out scoring: any checkpoint, any set of recipes, and the end-of-run table (sources, untuned merges, evolved)."""
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 from evolve.config import RunConfig
 from evolve.study import best_trial, load_study, trial_recipe
@@ -14,14 +15,26 @@ from merge_core.recipe import DataFlowRecipe, MergeRecipe, OutputSlice, Recipe, 
 log = logging.getLogger(__name__)
 
 
-def heldout_evaluators(cfg: RunConfig, split: Optional[str] = None, limit: Optional[int] = None) -> list[tuple[str, Any]]:
+def heldout_evaluators(cfg: RunConfig, split: str | None = None, limit: int | None = None) -> list[tuple[str, Any]]:
     ev = cfg.evaluation
-    return build_evaluators([*ev.tasks, *ev.heldout_tasks], seed=cfg.seed, split=split or ev.heldout_split,
-                            limit=limit if limit is not None else ev.heldout_limit, heldout=True)
+    return build_evaluators(
+        [*ev.tasks, *ev.heldout_tasks],
+        seed=cfg.seed,
+        split=split or ev.heldout_split,
+        limit=limit if limit is not None else ev.heldout_limit,
+        heldout=True,
+    )
 
 
-def score_checkpoint(cfg: RunConfig, path: str, *, split: Optional[str] = None, limit: Optional[int] = None,
-                     device: str = "auto", evaluators: Optional[list] = None) -> dict[str, float]:
+def score_checkpoint(
+    cfg: RunConfig,
+    path: str,
+    *,
+    split: str | None = None,
+    limit: int | None = None,
+    device: str = "auto",
+    evaluators: list | None = None,
+) -> dict[str, float]:
     """Load an HF checkpoint with transformers and score it on the config's tasks."""
     from transformers import AutoTokenizer
 
@@ -30,7 +43,9 @@ def score_checkpoint(cfg: RunConfig, path: str, *, split: Optional[str] = None, 
 
     cfg = cfg.model_copy(update={"execution": cfg.execution.model_copy(update={"device": device})})
     model = load_live_model(cfg, path)
-    tokenizer = AutoTokenizer.from_pretrained(str(Checkpoint.open(path).path), trust_remote_code=cfg.models.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(Checkpoint.open(path).path), trust_remote_code=cfg.models.trust_remote_code
+    )
     return score_metrics(evaluators or heldout_evaluators(cfg, split, limit), model, tokenizer)
 
 
@@ -42,7 +57,11 @@ def score_recipes(cfg: RunConfig, recipes: dict[str, Recipe], evaluators: list) 
 
     groups: dict[tuple, list[str]] = {}
     for label, r in recipes.items():
-        key = (r.model_a, r.model_b) if isinstance(r, DataFlowRecipe) else (method_spec(r).kind, r.models, r.base_model, r.dtype)
+        key = (
+            (r.model_a, r.model_b)
+            if isinstance(r, DataFlowRecipe)
+            else (method_spec(r).kind, r.models, r.base_model, r.dtype)
+        )
         groups.setdefault(key, []).append(label)
     out: dict[str, dict[str, float]] = {}
     for labels in groups.values():
@@ -55,19 +74,25 @@ def score_recipes(cfg: RunConfig, recipes: dict[str, Recipe], evaluators: list) 
     return out
 
 
-def global_recipe(cfg: RunConfig, method: str, weights: dict[str, float], density: Optional[float] = None) -> MergeRecipe:
+def global_recipe(cfg: RunConfig, method: str, weights: dict[str, float], density: float | None = None) -> MergeRecipe:
     """One coefficient per expert for the whole model (the sources named in ``weights``, by path), over the base."""
     base = cfg.models.base
     if base is None:
         raise EvomergeError("models.base: a global merge of task vectors needs a base model")
     per_density = (("density", density),) if density is not None else ()
     sources = tuple(SliceSource(model=p, parameters=(("weight", w),) + per_density) for p, w in weights.items())
-    return MergeRecipe(merge_method=method, slices=(OutputSlice(sources=sources + (SliceSource(model=base),)),),
-                       base_model=base, dtype=cfg.search.space.dtype, seed=cfg.seed)
+    return MergeRecipe(
+        merge_method=method,
+        slices=(OutputSlice(sources=sources + (SliceSource(model=base),)),),
+        base_model=base,
+        dtype=cfg.search.space.dtype,
+        seed=cfg.seed,
+    )
 
 
 def untuned_recipes(cfg: RunConfig, density: float = 0.7) -> dict[str, MergeRecipe]:
-    """The merges a user would try without search: linear average of the sources, task arithmetic 1/1, TIES, DARE-TIES."""
+    """The merges a user would try without search: linear average of the sources, task arithmetic 1/1, TIES,
+    DARE-TIES."""
     if cfg.models.base is None:
         return {}
     paths = [s.path for s in cfg.models.sources]
@@ -84,7 +109,9 @@ def heldout_table(cfg: RunConfig) -> list[dict[str, Any]]:
     """Rows for the end-of-run table: base, each source, the untuned merges, and each stage's best trial."""
     evaluators = heldout_evaluators(cfg)
     rows: list[dict[str, Any]] = []
-    models = ([("base", cfg.models.base)] if cfg.models.base else []) + [(f"source {a}", s.path) for a, s in zip(cfg.models.aliases(), cfg.models.sources)]
+    models = ([("base", cfg.models.base)] if cfg.models.base else []) + [
+        (f"source {a}", s.path) for a, s in zip(cfg.models.aliases(), cfg.models.sources)
+    ]
     for label, path in models:
         rows.append({"model": label, **score_checkpoint(cfg, path, device=cfg.execution.device, evaluators=evaluators)})
     recipes: dict[str, Recipe] = dict(untuned_recipes(cfg))

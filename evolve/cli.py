@@ -1,5 +1,6 @@
 """The `evolve` command: merge, run, resume, status, report, export, check, eval. User errors print one line and exit
 2. Modules that import torch or Optuna are imported inside the commands, so `evolve --help` stays fast."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,9 +12,10 @@ import shlex
 import signal
 import sys
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from evolve.config import RunConfig, load_config, parse_config, validate_run
 from evolve.urls import redact_url
@@ -49,8 +51,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def parse_size(text: str, what: str) -> int:
     """'5GB', '500MB', '1.5GiB' -> bytes; a positive size of at least one byte, or a one-line error."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "B": 1}
+    units = {
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "B": 1,
+    }
     t = text.strip().upper()
     for unit in sorted(units, key=len, reverse=True):
         if t.endswith(unit):
@@ -127,8 +138,10 @@ def _require_study(cfg: RunConfig) -> None:
     except Exception as e:  # noqa: BLE001 - any storage failure: one line, no password
         raise cannot_open(cfg.storage_url, e) from None
     if name not in names:
-        raise EvomergeError(f"study '{name}' is not in {redact_url(cfg.storage_url)}: nothing to resume (deleted, or "
-                            f"never started); {hint}")
+        raise EvomergeError(
+            f"study '{name}' is not in {redact_url(cfg.storage_url)}: nothing to resume (deleted, or "
+            f"never started); {hint}"
+        )
 
 
 def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
@@ -136,15 +149,18 @@ def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
     from evolve.study import best_trial
 
     validate_run(cfg)  # every input checked before anything is written or a study opened
-    stages = "; ".join(f"{s} {b.max_trials} trials, {o.sampler}"
-                       for s in cfg.search.stages for _, o, b in [cfg.search.stage(s)])
+    stages = "; ".join(
+        f"{s} {b.max_trials} trials, {o.sampler}" for s in cfg.search.stages for _, o, b in [cfg.search.stage(s)]
+    )
     print(f"search '{cfg.name}': storage {redact_url(cfg.storage_url)}, {stages}, backend {cfg.execution.backend}")
     with _second_interrupt_exits():
         try:
             result = run_search(cfg, progress=not args.no_progress)
             best = best_trial(result.study)
-            print(f"stopped: {result.stopped_because}. best trial {best.number}: fitness {best.value:.4f} "
-                  f"{_metrics_line(best.user_attrs.get('metrics'))}")
+            print(
+                f"stopped: {result.stopped_because}. best trial {best.number}: fitness {best.value:.4f} "
+                f"{_metrics_line(best.user_attrs.get('metrics'))}"
+            )
             if not args.no_final_table and cfg.evaluation.heldout_split:
                 from evolve.baselines import heldout_table
 
@@ -152,8 +168,11 @@ def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
                 print(f"\nheld-out ({cfg.evaluation.heldout_split} split):")
                 _print_table(rows, ["model", *[k for k in rows[0] if k != "model"]])
         except KeyboardInterrupt:  # finished trials are told; trials in flight stay RUNNING and continue in place
-            print(f"\ninterrupted: finished trials are recorded; `evolve resume {shlex.quote(str(cfg.run_dir))}` "
-                  "continues", file=sys.stderr)
+            print(
+                f"\ninterrupted: finished trials are recorded; `evolve resume {shlex.quote(str(cfg.run_dir))}` "
+                "continues",
+                file=sys.stderr,
+            )
             return EXIT_INTERRUPTED
     return 0
 
@@ -211,15 +230,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     study = load_study(cfg, args.stage)
     trials = study.get_trials(deepcopy=False)
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
-    print(f"study '{cfg.name}' ({redact_url(cfg.storage_url)}): {sum(counted(t) for t in trials)}/"
-          f"{cfg.search.budget.max_trials} trials; " + ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v))
+    print(
+        f"study '{cfg.name}' ({redact_url(cfg.storage_url)}): {sum(counted(t) for t in trials)}/"
+        f"{cfg.search.budget.max_trials} trials; " + ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v)
+    )
     complete = best_first(trials)[: args.top]
     if not complete:
         print("no complete trial yet")
         return 0
     metric_keys = sorted({k for t in complete for k in (t.user_attrs.get("metrics") or {})})
-    rows = [{"trial": t.number, "fitness": t.value, **(t.user_attrs.get("metrics") or {}),
-             "worker": t.user_attrs.get("worker", "")} for t in complete]
+    rows = [
+        {
+            "trial": t.number,
+            "fitness": t.value,
+            **(t.user_attrs.get("metrics") or {}),
+            "worker": t.user_attrs.get("worker", ""),
+        }
+        for t in complete
+    ]
     _print_table(rows, ["trial", "fitness", *metric_keys, "worker"])
     return 0
 
@@ -241,8 +269,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from evolve.study import load_study
 
     cfg = resolve_run(args.run)
-    out = export_trial(cfg, load_study(cfg, args.stage), Path(args.out), trial_number=args.trial, device=args.device,
-                       heldout=not args.no_heldout, overwrite=args.overwrite)
+    out = export_trial(
+        cfg,
+        load_study(cfg, args.stage),
+        Path(args.out),
+        trial_number=args.trial,
+        device=args.device,
+        heldout=not args.no_heldout,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -253,8 +288,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     stages = validate_run(cfg, where=args.config, offline=args.offline)
-    print(f"{args.config}: config OK{' (offline: checkpoints not opened)' if args.offline else ''}; "
-          + "; ".join(stages))
+    print(
+        f"{args.config}: config OK{' (offline: checkpoints not opened)' if args.offline else ''}; " + "; ".join(stages)
+    )
     return 0
 
 
@@ -262,8 +298,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from evolve.baselines import score_checkpoint
 
     cfg = load_config(args.config)
-    metrics = score_checkpoint(cfg, args.checkpoint, split=args.split or cfg.evaluation.heldout_split,
-                               limit=args.limit, device=args.device)
+    metrics = score_checkpoint(
+        cfg, args.checkpoint, split=args.split or cfg.evaluation.heldout_split, limit=args.limit, device=args.device
+    )
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -286,14 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("merge", cmd_merge, "apply one recipe (ours or mergekit's) and write an HF checkpoint")
     p.add_argument("recipe", help="recipe YAML (evomerge's or a mergekit config)")
-    p.add_argument("--out", required=True,
-                   help="output directory for the HF checkpoint (new or empty; see --overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --out (only once the new checkpoint is complete)")
+    p.add_argument(
+        "--out", required=True, help="output directory for the HF checkpoint (new or empty; see --overwrite)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --out (only once the new checkpoint is complete)"
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when present)")
     p.add_argument("--shard-size", default="5GB", help="maximum shard size, e.g. 2GB or 500MB")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow reading pickled .bin checkpoints (runs code from the file)")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="allow reading pickled .bin checkpoints (runs code from the file)"
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="allow models whose config needs remote code")
 
     run = command("run", cmd_run, "search merge recipes for a config (continues the study if it exists)")
@@ -302,15 +342,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="run config YAML (or, for resume, a run directory)")
         p.add_argument("--no-progress", action="store_true", help="no live progress line")
         p.add_argument("--no-final-table", action="store_true", help="skip the held-out table at the end")
-    run.add_argument("--seed", type=int, default=None,
-                     help="override the config's seed; the run is then named NAME-seedN unless --name is given")
-    run.add_argument("--name", default=None,
-                     help="override the config's name (and so its run directory and default storage)")
-    resume.add_argument("--restart", action="store_true",
-                        help="start the search over when its study is gone (default: refuse)")
+    run.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="override the config's seed; the run is then named NAME-seedN unless --name is given",
+    )
+    run.add_argument(
+        "--name", default=None, help="override the config's name (and so its run directory and default storage)"
+    )
+    resume.add_argument(
+        "--restart", action="store_true", help="start the search over when its study is gone (default: refuse)"
+    )
 
-    for p in (command("status", cmd_status, "table of the best trials of a search"),
-              command("report", cmd_report, "plots and an HTML page for a search")):
+    for p in (
+        command("status", cmd_status, "table of the best trials of a search"),
+        command("report", cmd_report, "plots and an HTML page for a search"),
+    ):
         p.add_argument("run", help="run directory or config file")
         p.add_argument("--top", type=int, default=10, help="how many of the best trials to list")
         p.add_argument("--stage", choices=["ps", "dfs"], default=None, help="which stage's study (default: the last)")
@@ -318,8 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", cmd_export, "write the best (or a chosen) trial as an HF checkpoint + recipes + model card")
     p.add_argument("run", help="run directory or config file")
     p.add_argument("--out", required=True, help="output directory (new or empty; see --overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a non-empty --out (only once the new export is complete)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --out (only once the new export is complete)"
+    )
     p.add_argument("--trial", type=int, default=None, help="trial number (default: the best)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-heldout", action="store_true", help="skip scoring the export on the held-out split")
@@ -341,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.func is not cmd_merge:  # the other commands use studies: no INFO line from Optuna per trial
         import optuna
 

@@ -1,14 +1,23 @@
 """The run config: one YAML file -> a validated pydantic model; every error names the field's YAML path, in one line."""
+
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator, model_serializer,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -19,7 +28,6 @@ from merge_core.errors import EvomergeError
 from merge_core.recipe import DTYPES, _freeze_params
 from merge_core.yamlio import load_yaml, read_text
 from search_spaces.ps import ps_method
-
 
 MAX_NAME = 100  # run, task and alias names: they name directories, studies and Optuna parameters
 MAX_SEED = 2**32  # seeds feed numpy (Optuna's samplers, pycma), which takes 0 <= seed < 2**32
@@ -34,18 +42,18 @@ class _Strict(BaseModel):
 
 class SourceModel(_Strict):
     path: str = Field(min_length=1, description="local directory or hub id")
-    alias: Optional[str] = Field(default=None, max_length=MAX_NAME)
+    alias: str | None = Field(default=None, max_length=MAX_NAME)
 
     @field_validator("alias")
     @classmethod
-    def _alias_ok(cls, v: Optional[str]) -> Optional[str]:
+    def _alias_ok(cls, v: str | None) -> str | None:
         if v is not None and not re.fullmatch(r"[A-Za-z0-9_\-]+", v):
             raise ValueError(f"'{v}' must be letters, digits, '_' or '-' (it names Optuna parameters)")
         return v
 
 
 class Models(_Strict):
-    base: Optional[str] = None
+    base: str | None = None
     sources: list[SourceModel] = Field(min_length=1)
     allow_pickle: bool = False
     trust_remote_code: bool = False
@@ -59,7 +67,7 @@ class Models(_Strict):
         return [s.alias or Path(s.path.rstrip("/")).name.lower() for s in self.sources]
 
     @model_validator(mode="after")
-    def _distinct_models(self) -> "Models":
+    def _distinct_models(self) -> Models:
         """The base is not a source, and no source is listed twice (each would count double in the merge)."""
         norm = lambda p: os.path.normpath(os.path.expanduser(p))  # noqa: E731
         paths = [norm(s.path) for s in self.sources]
@@ -74,17 +82,17 @@ class Models(_Strict):
 class Space(_Strict):
     type: Literal["ps"] = "ps"
     method: str = "dare_ties"
-    layers_per_group: Optional[int] = Field(default=None, ge=1)
+    layers_per_group: int | None = Field(default=None, ge=1)
     modules: bool = False
     embed_head_groups: bool = True
     weight_bounds: tuple[float, float] = (0.0, 1.0)
     density_bounds: tuple[float, float] = (0.05, 1.0)
     x0: dict[Literal["weight", "density"], float] = Field(default_factory=lambda: {"weight": 0.5, "density": 0.5})
     params: dict[str, Any] = Field(default_factory=dict, description="fixed global method parameters")
-    dtype: Optional[DType] = None
+    dtype: DType | None = None
 
     @model_validator(mode="after")
-    def _bounds(self) -> "Space":
+    def _bounds(self) -> Space:
         lo, hi = self.weight_bounds
         if not lo < hi:
             raise ValueError(f"weight_bounds: low {lo} must be below high {hi}")
@@ -103,15 +111,17 @@ class Space(_Strict):
 class DataFlow(_Strict):
     """The data-flow (DFS) space: A's and B's layers repeated `repeats` times, an indicator per slot, hop scales."""
 
-    model_a: Optional[str] = Field(default=None, description="path/hub id or source alias; default: the base (PS result in a hybrid)")
+    model_a: str | None = Field(
+        default=None, description="path/hub id or source alias; default: the base (PS result in a hybrid)"
+    )
     model_b: str = Field(description="path/hub id or source alias")
     repeats: int = Field(default=3, ge=1, le=MAX_REPEATS)
     scales: Literal["matrix", "model_pair", "slot", "none"] = "matrix"
-    max_path_length: Optional[int] = Field(default=None, ge=2)
+    max_path_length: int | None = Field(default=None, ge=2)
     scale_bounds: tuple[float, float] = (0.0, 2.0)
 
     @model_validator(mode="after")
-    def _scale_bounds(self) -> "DataFlow":
+    def _scale_bounds(self) -> DataFlow:
         lo, hi = self.scale_bounds
         if not lo < hi:
             raise ValueError(f"scale_bounds: low {lo} must be below high {hi}")
@@ -121,13 +131,13 @@ class DataFlow(_Strict):
 class Optimizer(_Strict):
     sampler: SamplerName = "cmaes"
     sigma0: float = Field(default=1 / 6, gt=0)
-    popsize: Optional[int] = Field(default=None, ge=2)
+    popsize: int | None = Field(default=None, ge=2)
 
 
 class Budget(_Strict):
     max_trials: int = Field(default=100, ge=1)
-    max_minutes: Optional[float] = Field(default=None, gt=0)
-    patience: Optional[int] = Field(default=None, ge=1, description="stop after this many trials without improvement")
+    max_minutes: float | None = Field(default=None, gt=0)
+    patience: int | None = Field(default=None, ge=1, description="stop after this many trials without improvement")
     max_consecutive_failures: int = Field(default=10, ge=1)
 
 
@@ -142,11 +152,15 @@ class Search(_Strict):
     space: Space = Field(default_factory=Space)
     optimizer: Optimizer = Field(default_factory=Optimizer)
     budget: Budget = Field(default_factory=Budget)
-    dfs: Optional[DataFlowStage] = None
+    dfs: DataFlowStage | None = None
 
     @model_validator(mode="after")
-    def _stages(self) -> "Search":
-        if not self.stages or len(set(self.stages)) != len(self.stages) or (self.stages[0] == "dfs" and len(self.stages) > 1):
+    def _stages(self) -> Search:
+        if (
+            not self.stages
+            or len(set(self.stages)) != len(self.stages)
+            or (self.stages[0] == "dfs" and len(self.stages) > 1)
+        ):
             raise ValueError(f"stages: one of [ps], [dfs] or [ps, dfs], got {self.stages}")
         if "dfs" in self.stages and self.dfs is None:
             raise ValueError("dfs: a dfs stage needs a `search.dfs` section (space: {model_b, repeats, scales, ...})")
@@ -161,7 +175,7 @@ class Search(_Strict):
 
 
 _Count = lambda minimum: Annotated[int, Field(ge=minimum)]  # noqa: E731
-_Paths = Union[str, list[str]]
+_Paths = str | list[str]
 _ERROR_LOC_NOISE = ("function-", "list[", "dict[", "str", "int", "bool", "nullable")
 
 
@@ -171,7 +185,7 @@ class _Task(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     name: str = Field(max_length=MAX_NAME)
-    limit: Optional[_Count(1)] = None
+    limit: _Count(1) | None = None
     seed: Annotated[int, Field(ge=0, lt=MAX_SEED)] = 0
     batch_size: _Count(1) = 8
 
@@ -193,12 +207,16 @@ class _Task(BaseModel):
             key, *rest = err["loc"] or ("",)
             if err["type"] == "extra_forbidden":
                 allowed = ", ".join(sorted(set(cls.model_fields) - {"name", "type"}))
-                raise PydanticCustomError("task_field", "{key}: not a field of {kind} tasks (allowed: {allowed})",
-                                          {"key": key, "kind": _TASK_KIND[cls], "allowed": allowed}) from None
+                raise PydanticCustomError(
+                    "task_field",
+                    "{key}: not a field of {kind} tasks (allowed: {allowed})",
+                    {"key": key, "kind": _TASK_KIND[cls], "allowed": allowed},
+                ) from None
             if key in ("name", "type") or err["type"] == "missing":
                 raise
-            where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in rest
-                            if not str(x).startswith(_ERROR_LOC_NOISE))
+            where = "".join(
+                f"[{x}]" if isinstance(x, int) else f".{x}" for x in rest if not str(x).startswith(_ERROR_LOC_NOISE)
+            )
             raise ValueError(f"{key}{where}: {err['msg']}, got {err['input']!r}"[:300]) from None
 
     @model_serializer(mode="wrap")
@@ -214,7 +232,7 @@ class _Task(BaseModel):
 class _ItemsTask(_Task):
     task_dir: str
     split: str = "dev"
-    prompt_template: Optional[str] = None
+    prompt_template: str | None = None
     delimiter: str = " "
 
 
@@ -222,8 +240,8 @@ class GenerationTask(_ItemsTask):
     type: Literal["generation"] = "generation"
     max_new_tokens: _Count(1) = 32
     stop: list[str] = []
-    extract: Union[str, dict[str, Any]] = "last_number"
-    language_check: Optional[dict[str, Any]] = None
+    extract: str | dict[str, Any] = "last_number"
+    language_check: dict[str, Any] | None = None
     gold_prob: bool = True
     extract_gold: bool = False
 
@@ -241,10 +259,10 @@ class PerplexityTask(_Task):
 class LmEvalTask(_Task):
     type: Literal["lm_eval"]
     tasks: Annotated[list[str], Field(min_length=1)]
-    include_path: Optional[_Paths] = None
-    metrics: Optional[dict[str, _Paths]] = None
-    num_fewshot: Optional[_Count(0)] = None
-    max_length: Optional[_Count(2)] = None
+    include_path: _Paths | None = None
+    metrics: dict[str, _Paths] | None = None
+    num_fewshot: _Count(0) | None = None
+    max_length: _Count(2) | None = None
 
 
 _TASK_KIND = {GenerationTask: "generation", ChoiceTask: "choice", PerplexityTask: "perplexity", LmEvalTask: "lm_eval"}
@@ -256,9 +274,14 @@ def _task_type(v: Any) -> Any:
 
 
 Task = Annotated[
-    Union[tuple(Annotated[model, Tag(kind)] for model, kind in _TASK_KIND.items())],  # type: ignore[valid-type]
-    Discriminator(_task_type, custom_error_type="task_type",
-                  custom_error_message=f"Input should be {', '.join(map(repr, TASK_TYPES))}"),
+    # noqa below: the members are a tuple built at runtime, which `X | Y` cannot spell (ruff's UP007 fix drops the
+    # Union and leaves a bare tuple, so the module no longer imports)
+    Union[tuple(Annotated[model, Tag(kind)] for model, kind in _TASK_KIND.items())],  # type: ignore[valid-type]  # noqa: UP007
+    Discriminator(
+        _task_type,
+        custom_error_type="task_type",
+        custom_error_message=f"Input should be {', '.join(map(repr, TASK_TYPES))}",
+    ),
 ]
 
 
@@ -266,11 +289,11 @@ class Evaluation(_Strict):
     tasks: list[Task] = Field(min_length=1)
     fitness: list[FitnessTerm] = Field(min_length=1)
     heldout_tasks: list[Task] = Field(default_factory=list, description="scored only for the final table and export")
-    heldout_split: Optional[str] = "test"
-    heldout_limit: Optional[int] = Field(default=None, ge=1)
+    heldout_split: str | None = "test"
+    heldout_limit: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
-    def _metrics_name_tasks(self) -> "Evaluation":
+    def _metrics_name_tasks(self) -> Evaluation:
         names = [t.name for t in self.tasks]
         all_names = names + [t.name for t in self.heldout_tasks]
         if len(set(all_names)) != len(all_names):
@@ -278,7 +301,9 @@ class Evaluation(_Strict):
         for i, term in enumerate(self.fitness):
             task = term.metric.split("/", 1)[0]
             if "/" not in term.metric or task not in names:
-                raise ValueError(f"fitness[{i}].metric: '{term.metric}' must be '<task>/<metric>' with task one of {names}")
+                raise ValueError(
+                    f"fitness[{i}].metric: '{term.metric}' must be '<task>/<metric>' with task one of {names}"
+                )
         return self
 
 
@@ -287,7 +312,7 @@ class Execution(_Strict):
     workers: int = Field(default=1, ge=1)
     device: str = "auto"
     dtype: DType = "float32"
-    ray_address: Optional[str] = None
+    ray_address: str | None = None
     cpus_per_worker: float = Field(default=0.5, gt=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)
     shared_study: bool = Field(default=False, description="allow several `evolve run` processes on one study")
@@ -300,9 +325,11 @@ class Execution(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _local_is_one(self) -> "Execution":
+    def _local_is_one(self) -> Execution:
         if self.backend == "local" and self.workers != 1:
-            raise ValueError(f"workers: the local backend runs one in-process worker; use backend: ray for {self.workers}")
+            raise ValueError(
+                f"workers: the local backend runs one in-process worker; use backend: ray for {self.workers}"
+            )
         return self
 
 
@@ -313,9 +340,12 @@ class RunConfig(_Strict):
     search: Search = Field(default_factory=Search)
     evaluation: Evaluation
     execution: Execution = Field(default_factory=Execution)
-    storage: Optional[str] = Field(default=None, description="Optuna storage URL; default sqlite:///<run dir, absolute>/study.db; "
-                                   "${ENV_VAR} is expanded when used, a literal password is never written")
-    output_dir: Optional[str] = None
+    storage: str | None = Field(
+        default=None,
+        description="Optuna storage URL; default sqlite:///<run dir, absolute>/study.db; "
+        "${ENV_VAR} is expanded when used, a literal password is never written",
+    )
+    output_dir: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -328,13 +358,15 @@ class RunConfig(_Strict):
 
     @field_validator("storage")
     @classmethod
-    def _storage_ok(cls, v: Optional[str]) -> Optional[str]:
+    def _storage_ok(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^(sqlite|postgresql|postgresql\+\w+|mysql|mysql\+\w+)://", v):
-            raise ValueError(f"'{redact_url(v)}' is not an Optuna RDB URL (sqlite:///path.db or postgresql://user@host/db)")
+            raise ValueError(
+                f"'{redact_url(v)}' is not an Optuna RDB URL (sqlite:///path.db or postgresql://user@host/db)"
+            )
         return v
 
     @model_validator(mode="after")
-    def _aliases_unique(self) -> "RunConfig":
+    def _aliases_unique(self) -> RunConfig:
         aliases = self.models.aliases()
         if len(set(aliases)) != len(aliases):
             raise ValueError(f"models.sources: aliases {aliases} collide; give each source an 'alias'")
@@ -343,7 +375,7 @@ class RunConfig(_Strict):
     # ---- derived -------------------------------------------------------------------------------
     # The run directory this config was read from (`evolve status|resume|export|report RUN_DIR`), wherever it
     # was moved or copied; None for a config file, whose run directory is output_dir or runs/NAME (from the CWD).
-    _loaded_from: Optional[Path] = PrivateAttr(default=None)
+    _loaded_from: Path | None = PrivateAttr(default=None)
 
     @property
     def run_dir(self) -> Path:
@@ -359,7 +391,7 @@ class RunConfig(_Strict):
             return expand_env(self.storage)
         return f"sqlite:///{self.run_dir.resolve() / 'study.db'}"
 
-    def in_run_dir(self, run_dir: Path) -> "RunConfig":
+    def in_run_dir(self, run_dir: Path) -> RunConfig:
         """This config as read from its run directory: that directory is the run's, whatever output_dir says."""
         cfg = self.model_copy()
         cfg._loaded_from = Path(run_dir)
@@ -443,7 +475,9 @@ def _validate_run(cfg: RunConfig, offline: bool) -> list[str]:
     for stage in cfg.search.stages:
         _, opt, budget = cfg.search.stage(stage)
         run = f"{budget.max_trials} trials, sampler {opt.sampler}"
-        lines.append(f"{stage}: {run} (checkpoints not opened)" if offline else f"{stage}: {_check_stage(cfg, stage)}, {run}")
+        lines.append(
+            f"{stage}: {run} (checkpoints not opened)" if offline else f"{stage}: {_check_stage(cfg, stage)}, {run}"
+        )
     return lines
 
 
@@ -465,9 +499,20 @@ def _check_tasks(cfg: RunConfig, offline: bool) -> None:
     native = lambda ts: [t for t in ts if t.type != "lm_eval"]  # noqa: E731  (lm-eval's task index takes long)
     for label, build in (
         ("evaluation.tasks", lambda: build_evaluators(native(ev.tasks), seed=cfg.seed)),
-        (f"evaluation.heldout_split '{ev.heldout_split}'",
-         lambda: build_evaluators(native([*ev.tasks, *ev.heldout_tasks]), seed=cfg.seed, split=ev.heldout_split,
-                                  limit=ev.heldout_limit, heldout=True) if ev.heldout_split else None),
+        (
+            f"evaluation.heldout_split '{ev.heldout_split}'",
+            lambda: (
+                build_evaluators(
+                    native([*ev.tasks, *ev.heldout_tasks]),
+                    seed=cfg.seed,
+                    split=ev.heldout_split,
+                    limit=ev.heldout_limit,
+                    heldout=True,
+                )
+                if ev.heldout_split
+                else None
+            ),
+        ),
     ):
         try:
             build()
@@ -491,9 +536,11 @@ def _check_fitness_metrics(cfg: RunConfig) -> None:
         if names is None:
             headline = metric in (spec.get("metrics") or {})
             if not headline and not re.fullmatch(r"[^/,]+/[^/,]+,[^/,]+", metric):
-                raise EvomergeError(f"{where}: an lm_eval task reports '{name}/<lm-eval task>/<metric>,<filter>' (e.g. "
-                                    f"'{name}/ja_sub/exact_match,first_word'), or '{name}/<lm-eval task>' for a task "
-                                    "named in its `metrics`")
+                raise EvomergeError(
+                    f"{where}: an lm_eval task reports '{name}/<lm-eval task>/<metric>,<filter>' (e.g. "
+                    f"'{name}/ja_sub/exact_match,first_word'), or '{name}/<lm-eval task>' for a task "
+                    "named in its `metrics`"
+                )
         elif metric not in names:
             raise EvomergeError(f"{where}: {task.type} task '{name}' reports {', '.join(names)}; no '{metric}'")
 
@@ -507,7 +554,9 @@ def _check_space_params(space: Space, sources: list[SourceModel]) -> None:
     known = set(spec.global_params) | set(spec.tensor_params)
     for key, setting in _freeze_params(dict(space.params), "search.space.params"):
         if key not in known:
-            raise EvomergeError(f"search.space.params.{key}: not a parameter of {spec.name} (known: {', '.join(sorted(known))})")
+            raise EvomergeError(
+                f"search.space.params.{key}: not a parameter of {spec.name} (known: {', '.join(sorted(known))})"
+            )
         for value in _setting_values(setting):
             problem = check_parameter(key, value)
             if problem:
@@ -555,16 +604,26 @@ def _check_stage(cfg: RunConfig, stage: str) -> str:
     for what in ("hidden_size", "vocab_size"):
         va, vb = (getattr(c.config.get_text_config(), what, None) for c in (ca, cb))
         if va != vb:
-            raise EvomergeError(f"search.dfs.space.model_b: {what} {vb} differs from model A's {va}; "
-                                "data-flow merging stacks layers of models with one hidden size and vocabulary")
+            raise EvomergeError(
+                f"search.dfs.space.model_b: {what} {vb} differs from model A's {va}; "
+                "data-flow merging stacks layers of models with one hidden size and vocabulary"
+            )
     _check_tokenizer(ca)
-    return (f"{space.repeats} repeats x ({space.layers_a} + {space.layers_b}) layers = {space.num_slots} slots, "
-            f"{space.dim} parameters")
+    return (
+        f"{space.repeats} repeats x ({space.layers_a} + {space.layers_b}) layers = {space.num_slots} slots, "
+        f"{space.dim} parameters"
+    )
 
 
 def _check_tokenizer(ckpt: Any) -> None:
     """The candidates are scored with this checkpoint's tokenizer: its files must be there."""
-    vocab_files = [*(ckpt.path / f for f in TOKENIZER_MODEL_FILES), *ckpt.path.glob("*.model"), *ckpt.path.glob("*.tiktoken")]
+    vocab_files = [
+        *(ckpt.path / f for f in TOKENIZER_MODEL_FILES),
+        *ckpt.path.glob("*.model"),
+        *ckpt.path.glob("*.tiktoken"),
+    ]
     if not any(f.is_file() for f in vocab_files):
-        raise EvomergeError(f"model '{ckpt.name}': no tokenizer ({', '.join(TOKENIZER_MODEL_FILES[:4])}) in {ckpt.path}; "
-                            "the search scores candidates with this model's tokenizer: add its tokenizer files")
+        raise EvomergeError(
+            f"model '{ckpt.name}': no tokenizer ({', '.join(TOKENIZER_MODEL_FILES[:4])}) in {ckpt.path}; "
+            "the search scores candidates with this model's tokenizer: add its tokenizer files"
+        )

@@ -1,12 +1,17 @@
-"""Executors: where candidates are scored. `local` runs one in-process Worker; `ray` keeps one resident Worker per actor."""
+"""Executors: where candidates are scored.
+
+`local` runs one in-process Worker; `ray` keeps one resident Worker per actor.
+"""
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Protocol
 
 from evolve.config import RunConfig
 from evolve.worker import Outcome, Worker
@@ -63,11 +68,18 @@ class RayExecutor:
                 try:
                     ray.init(address=address, log_to_driver=False)
                 except (ConnectionError, ray.exceptions.AuthenticationError) as e:
-                    raise EvomergeError(ray_auth_hint(address) or f"execution.ray_address '{address}': cannot join the "
-                                        f"Ray cluster ({' '.join(str(e).split())[:300]})") from None
+                    raise EvomergeError(
+                        ray_auth_hint(address)
+                        or f"execution.ray_address '{address}': cannot join the "
+                        f"Ray cluster ({' '.join(str(e).split())[:300]})"
+                    ) from None
             else:  # a private local cluster: dashboard off, short temp dir, enough CPUs for fractional actors
-                ray.init(num_cpus=max(os.cpu_count() or 1, 1), include_dashboard=False, log_to_driver=False,
-                         _temp_dir=os.path.join(tempfile.gettempdir(), "ray_evo"))
+                ray.init(
+                    num_cpus=max(os.cpu_count() or 1, 1),
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    _temp_dir=os.path.join(tempfile.gettempdir(), "ray_evo"),
+                )
         self._remote = ray.remote(num_cpus=ex.cpus_per_worker, num_gpus=ex.gpus_per_worker, max_restarts=0)(Worker)
         self.slots = ex.workers
         self._generation = 0
@@ -82,7 +94,8 @@ class RayExecutor:
     def _start(self, slot: int):
         self._generation += 1
         return self._remote.options(name=self.actor_name(slot)).remote(
-            self.cfg.model_dump(mode="json"), self.template_yaml, f"ray-{slot}")
+            self.cfg.model_dump(mode="json"), self.template_yaml, f"ray-{slot}"
+        )
 
     def submit(self, key: int, recipe: Recipe) -> None:
         if not self._free:
@@ -99,7 +112,12 @@ class RayExecutor:
             try:
                 outcome = self.ray.get(ref)
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError) as e:
-                log.warning("worker %d died during trial %d (%s); replacing it and re-running the trial", slot, key, type(e).__name__)
+                log.warning(
+                    "worker %d died during trial %d (%s); replacing it and re-running the trial",
+                    slot,
+                    key,
+                    type(e).__name__,
+                )
                 self.actors[slot] = self._start(slot)
                 self._free.append(slot)
                 self.submit(key, recipe)
@@ -135,10 +153,12 @@ def ray_auth_hint(address: str, environ: Mapping[str, str] = os.environ, home: P
         source = "~/.ray/auth_token"
     else:
         return None
-    return (f"execution.ray_address '{address}': the cluster refused to connect; a Ray auth token is set up here "
-            f"({source}) but RAY_AUTH_MODE is unset, and Ray sends the token to an explicit address only with "
-            "RAY_AUTH_MODE=token: run with RAY_AUTH_MODE=token (the cluster's token), or use ray_address: auto "
-            "for a cluster started on this machine")
+    return (
+        f"execution.ray_address '{address}': the cluster refused to connect; a Ray auth token is set up here "
+        f"({source}) but RAY_AUTH_MODE is unset, and Ray sends the token to an explicit address only with "
+        "RAY_AUTH_MODE=token: run with RAY_AUTH_MODE=token (the cluster's token), or use ray_address: auto "
+        "for a cluster started on this machine"
+    )
 
 
 RAY_JOB_ENV = ("RAY_JOB_ID", "RAY_JOB_CONFIG_JSON_ENV_VAR")
@@ -181,7 +201,8 @@ def check_ray_job_storage(cfg: RunConfig, environ: Mapping[str, str] = os.enviro
         raise EvomergeError(
             f"{field}: inside a Ray job the SQLite study '{given}' {problem}, a temporary copy Ray deletes and other "
             "nodes cannot see; set storage: to a postgresql:// URL, or give output_dir (or storage: sqlite:////...) "
-            "as an absolute path on a disk the cluster shares")
+            "as an absolute path on a disk the cluster shares"
+        )
 
 
 def _job_has_working_dir(environ: Mapping[str, str]) -> bool:

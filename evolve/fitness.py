@@ -4,10 +4,12 @@ A "min" metric (perplexity, loss) is negated here, so users never encode directi
 weight. A missing, NaN or infinite metric raises `FitnessError` naming it; the search marks that
 trial FAIL with the message. `FitnessTerm` is also the config's `evaluation.fitness` entry.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 

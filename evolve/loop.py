@@ -1,4 +1,5 @@
 """The search: ask the study for a vector, decode it to a recipe, have a worker score it, tell the study. Resumable."""
+
 from __future__ import annotations
 
 import logging
@@ -6,9 +7,9 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import optuna
 from optuna.distributions import FloatDistribution
@@ -18,16 +19,24 @@ from tqdm import tqdm
 from evolve.config import Budget, RunConfig, dump_config
 from evolve.executors import Executor, check_ray_job_storage, make_executor
 from evolve.samplers import make_sampler
-from evolve.study import (RunLock, best_trial, counted, load_study, open_study, resume_trial, storage_errors,
-                          trial_recipe)
+from evolve.study import (
+    RunLock,
+    best_trial,
+    counted,
+    load_study,
+    open_study,
+    resume_trial,
+    storage_errors,
+    trial_recipe,
+)
 from evolve.urls import has_secret
 from evolve.worker import Outcome
 from merge_core.checkpoint import Checkpoint
 from merge_core.errors import EvomergeError
 from merge_core.merge import RECIPE_FILE, run_merge
 from merge_core.recipe import load_recipe
-from search_spaces.dfs import DataFlowSpace
 from search_spaces.base import SearchSpace
+from search_spaces.dfs import DataFlowSpace
 from search_spaces.ps import ParameterSpace
 
 log = logging.getLogger(__name__)
@@ -65,21 +74,40 @@ def build_dfs_space(cfg: RunConfig) -> DataFlowSpace:
     path_a = cfg.models.base or cfg.models.sources[0].path if not_merged_yet else a
     layers_a = Checkpoint.open(path_a, **opts).num_layers
     cb = Checkpoint.open(b, **opts)
-    return DataFlowSpace(model_a=a, model_b=b, layers_a=layers_a, layers_b=cb.num_layers, repeats=d.repeats,
-                         scales=d.scales, max_path_length=d.max_path_length, scale_bounds=tuple(d.scale_bounds))
+    return DataFlowSpace(
+        model_a=a,
+        model_b=b,
+        layers_a=layers_a,
+        layers_b=cb.num_layers,
+        repeats=d.repeats,
+        scales=d.scales,
+        max_path_length=d.max_path_length,
+        scale_bounds=tuple(d.scale_bounds),
+    )
 
 
 def build_ps_space(cfg: RunConfig) -> ParameterSpace:
     """The PS genome for this config (the number of layers is read from the base checkpoint's config)."""
     m, sp = cfg.models, cfg.search.space
-    ref = Checkpoint.open(m.base or m.sources[0].path, allow_pickle=m.allow_pickle,
-                          trust_remote_code=m.trust_remote_code)
+    ref = Checkpoint.open(
+        m.base or m.sources[0].path, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code
+    )
     return ParameterSpace(
-        method=sp.method, base=m.base, sources=[s.path for s in m.sources], num_layers=ref.num_layers,
-        aliases=m.aliases(), layers_per_group=sp.layers_per_group, modules=sp.modules,
-        embed_head_groups=sp.embed_head_groups, weight_bounds=tuple(sp.weight_bounds),
-        density_bounds=tuple(sp.density_bounds), weight_x0=sp.x0.get("weight", 0.5),
-        density_x0=sp.x0.get("density", 0.5), params=dict(sp.params), seed=cfg.seed, dtype=sp.dtype,
+        method=sp.method,
+        base=m.base,
+        sources=[s.path for s in m.sources],
+        num_layers=ref.num_layers,
+        aliases=m.aliases(),
+        layers_per_group=sp.layers_per_group,
+        modules=sp.modules,
+        embed_head_groups=sp.embed_head_groups,
+        weight_bounds=tuple(sp.weight_bounds),
+        density_bounds=tuple(sp.density_bounds),
+        weight_x0=sp.x0.get("weight", 0.5),
+        density_x0=sp.x0.get("density", 0.5),
+        params=dict(sp.params),
+        seed=cfg.seed,
+        dtype=sp.dtype,
     )
 
 
@@ -101,8 +129,14 @@ class Progress:
     """One live line: trials done / budget, best fitness, trials per minute, ETA."""
 
     def __init__(self, total: int, done: int, enabled: bool):
-        self.bar = tqdm(total=total, initial=done, disable=not enabled, unit="trial", dynamic_ncols=True,
-                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            disable=not enabled,
+            unit="trial",
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{postfix}",
+        )
         self.t0, self.start_done = time.monotonic(), done
 
     def update(self, best: float | None) -> None:
@@ -114,17 +148,21 @@ class Progress:
         self.bar.close()
 
 
-def run_search(cfg: RunConfig, *, progress: bool = True,
-               executor_factory: Callable[..., Executor] = make_executor) -> SearchResult:
+def run_search(
+    cfg: RunConfig, *, progress: bool = True, executor_factory: Callable[..., Executor] = make_executor
+) -> SearchResult:
     """Run (or continue) every stage of the search until its budget is spent; the studies hold the record."""
     check_ray_job_storage(cfg)  # inside `ray job submit`: no SQLite study in Ray's temporary working directory
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     lock = None if cfg.execution.shared_study else RunLock(cfg.run_dir)  # before writing anything
     try:
         if has_secret(cfg.storage):
-            log.warning("storage: the password in the storage URL is not written to %s nor to the study; to resume "
-                        "from the run directory give it as PGPASSWORD or in ~/.pgpass, or write the URL with "
-                        "${ENV_VAR} in its place", cfg.run_dir / "config.yaml")
+            log.warning(
+                "storage: the password in the storage URL is not written to %s nor to the study; to resume "
+                "from the run directory give it as PGPASSWORD or in ~/.pgpass, or write the URL with "
+                "${ENV_VAR} in its place",
+                cfg.run_dir / "config.yaml",
+            )
         (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
         result = None
         for stage in cfg.search.stages:
@@ -141,8 +179,15 @@ def run_search(cfg: RunConfig, *, progress: bool = True,
 def run_stage(cfg: RunConfig, stage: str, *, progress: bool, executor_factory: Callable[..., Executor]) -> SearchResult:
     space = build_space(cfg, stage)
     _, opt, budget = cfg.search.stage(stage)
-    sampler = make_sampler(opt.sampler, names=space.names, x0=space.x0, bounds=space.bounds,
-                           sigma0=opt.sigma0, seed=cfg.seed, popsize=opt.popsize)
+    sampler = make_sampler(
+        opt.sampler,
+        names=space.names,
+        x0=space.x0,
+        bounds=space.bounds,
+        sigma0=opt.sigma0,
+        seed=cfg.seed,
+        popsize=opt.popsize,
+    )
     study = open_study(cfg, space, sampler, stage)
     with storage_errors(cfg):
         if not study.trials:
@@ -168,18 +213,34 @@ def export_ps_best(cfg: RunConfig) -> Path:
     marker = out / RECIPE_FILE
     # replaced only once the new one is complete
     if not (marker.is_file() and load_recipe(marker.read_text()) == recipe):
-        run_merge(recipe, out, device=cfg.execution.device, allow_pickle=cfg.models.allow_pickle,
-                  trust_remote_code=cfg.models.trust_remote_code, overwrite=True)
+        run_merge(
+            recipe,
+            out,
+            device=cfg.execution.device,
+            allow_pickle=cfg.models.allow_pickle,
+            trust_remote_code=cfg.models.trust_remote_code,
+            overwrite=True,
+        )
     return out
 
 
-def _loop(budget: Budget, study: optuna.Study, space: SearchSpace, sampler, executor: Executor, show: bool,
-          left: list[FrozenTrial] = ()) -> str:
+def _loop(
+    budget: Budget,
+    study: optuna.Study,
+    space: SearchSpace,
+    sampler,
+    executor: Executor,
+    show: bool,
+    left: list[FrozenTrial] = (),
+) -> str:
     dists = distributions(space)
     cap = min(executor.slots, getattr(sampler, "max_parallel", executor.slots))
     trials = study.get_trials(deepcopy=False)
-    cache = {t.user_attrs["recipe_hash"]: t for t in trials
-             if t.state == TrialState.COMPLETE and "recipe_hash" in t.user_attrs}
+    cache = {
+        t.user_attrs["recipe_hash"]: t
+        for t in trials
+        if t.state == TrialState.COMPLETE and "recipe_hash" in t.user_attrs
+    }
     state = LoopState.replay(budget, trials)
     inflight: dict[int, optuna.Trial] = {}
     resumable = sorted(left, key=lambda t: t.number)  # asked before the stop: finished whatever the budget says now
@@ -188,8 +249,10 @@ def _loop(budget: Budget, study: optuna.Study, space: SearchSpace, sampler, exec
     try:
         while True:
             stop = state.stop_reason()
-            while len(inflight) < cap and (resumable or (stop is None and state.done + len(inflight) < budget.max_trials
-                                                         and _can_ask(sampler, study))):
+            while len(inflight) < cap and (
+                resumable
+                or (stop is None and state.done + len(inflight) < budget.max_trials and _can_ask(sampler, study))
+            ):
                 trial = resume_trial(study, resumable.pop(0), dists) if resumable else study.ask(dists)
                 recipe = space.decode([trial.params[n] for n in space.names])
                 h = recipe.hash()
@@ -218,8 +281,9 @@ def _loop(budget: Budget, study: optuna.Study, space: SearchSpace, sampler, exec
     finally:  # Ctrl-C (KeyboardInterrupt) goes up: told trials are recorded, in-flight ones stay RUNNING and
         bar.close()  # continue in place on resume (`resume_trial`), as after a crash
     if state.failures >= budget.max_consecutive_failures:
-        raise EvomergeError(f"stopped after {state.failures} consecutive failed trials; "
-                            f"last: {_last_fail_reason(study)}")
+        raise EvomergeError(
+            f"stopped after {state.failures} consecutive failed trials; last: {_last_fail_reason(study)}"
+        )
     return reason
 
 
@@ -232,7 +296,7 @@ class LoopState:
     budget: Budget
     deadline: float
     done: int = 0
-    best: Optional[float] = None
+    best: float | None = None
     since_best: int = 0
     failures: int = 0
 
@@ -244,7 +308,7 @@ class LoopState:
                 state.record(t.value if t.state == TrialState.COMPLETE else None, cached="cached_from" in t.user_attrs)
         return state
 
-    def record(self, value: Optional[float], cached: bool = False) -> None:
+    def record(self, value: float | None, cached: bool = False) -> None:
         """One more trial used the budget, told `value` (None: it failed); a cached duplicate of an evaluated trial
         counts for neither patience nor the failure limit."""
         self.done += 1
@@ -257,7 +321,7 @@ class LoopState:
         else:
             self.since_best, self.failures = self.since_best + 1, 0
 
-    def stop_reason(self) -> Optional[str]:
+    def stop_reason(self) -> str | None:
         b = self.budget
         if self.done >= b.max_trials:
             return "budget: max_trials reached"
@@ -313,6 +377,7 @@ def _tell_cached(study: optuna.Study, trial: optuna.Trial, source: FrozenTrial) 
 
 
 def _last_fail_reason(study: optuna.Study) -> str:
-    fails = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-             if not t.user_attrs.get("interrupted")]
+    fails = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if not t.user_attrs.get("interrupted")
+    ]
     return fails[-1].user_attrs.get("fail_reason", "unknown") if fails else "unknown"

@@ -3,6 +3,7 @@
 Everything is read from the Optuna study the search loop writes (see the study and trial user attrs it sets),
 so a report can be drawn for a running search, a finished one, or one copied from another machine.
 """
+
 from __future__ import annotations
 
 import base64
@@ -80,14 +81,23 @@ def plot_layer_path(number: int, recipe: DataFlowRecipe) -> plt.Figure:
     colors = ("#4C72B0", "#DD8452")  # A, B
     for i, ((model, layer), scale) in enumerate(hops):
         ax.add_patch(plt.Rectangle((i + 0.05, 0.1), 0.9, 0.8, color=colors[model]))
-        ax.text(i + 0.5, 0.62, f"{MODEL_NAMES[model]}{layer}", ha="center", va="center", color="white", fontsize=9,
-                weight="bold")
+        ax.text(
+            i + 0.5,
+            0.62,
+            f"{MODEL_NAMES[model]}{layer}",
+            ha="center",
+            va="center",
+            color="white",
+            fontsize=9,
+            weight="bold",
+        )
         ax.text(i + 0.5, 0.3, f"x{scale:.2f}", ha="center", va="center", color="white", fontsize=7)
     ax.set_xlim(0, len(hops))
     ax.set_ylim(0, 1)
     ax.axis("off")
-    ax.set_title(f"trial {number}: {len(hops)} hops (A blue, B orange; scale multiplies the previous MLP output)",
-                 fontsize=9)
+    ax.set_title(
+        f"trial {number}: {len(hops)} hops (A blue, B orange; scale multiplies the previous MLP output)", fontsize=9
+    )
     return fig
 
 
@@ -123,10 +133,21 @@ def plot_fitness(trials: list[FrozenTrial]) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.scatter([t.number for t in fresh], [t.value for t in fresh], s=18, color="tab:blue", label="trial")
     if cached:
-        ax.scatter([t.number for t in cached], [t.value for t in cached], s=18, facecolors="none",
-                   edgecolors="tab:blue", label="cached duplicate")
-    ax.step([t.number for t in done], np.maximum.accumulate([t.value for t in done]), where="post",
-            color="tab:orange", label="best so far")
+        ax.scatter(
+            [t.number for t in cached],
+            [t.value for t in cached],
+            s=18,
+            facecolors="none",
+            edgecolors="tab:blue",
+            label="cached duplicate",
+        )
+    ax.step(
+        [t.number for t in done],
+        np.maximum.accumulate([t.value for t in done]),
+        where="post",
+        color="tab:orange",
+        label="best so far",
+    )
     if failed:
         low, high = min(t.value for t in done), max(t.value for t in done)
         floor = low - 0.05 * ((high - low) or 1.0)
@@ -222,19 +243,35 @@ def plot_importances(importances: dict[str, float]) -> plt.Figure:
 # ---- HTML ---------------------------------------------------------------------------------------
 
 
-def render_html(study: optuna.Study, trials: list[FrozenTrial], best: FrozenTrial, images: dict[str, Path], *,
-                title: str | None = None, importance_note: str | None = None) -> str:
+def render_html(
+    study: optuna.Study,
+    trials: list[FrozenTrial],
+    best: FrozenTrial,
+    images: dict[str, Path],
+    *,
+    title: str | None = None,
+    importance_note: str | None = None,
+) -> str:
     """One page with no external references: summary table, best recipe YAML, figures inlined as base64."""
     title = title or f"evomerge report: {study.study_name}"
     esc = html.escape
     body = [f"<h1>{esc(title)}</h1>", "<h2>Summary</h2>", _summary_table(study, trials, best)]
     body += ["<h2>Best recipe</h2>", f"<pre>{esc(str(best.user_attrs.get('recipe', '(not recorded)')))}</pre>"]
-    body += [_img(images[name], alt) for name, alt in (("fitness.png", "fitness per trial"),
-                                                       ("best_recipe.png", "best recipe parameters"),
-                                                       ("best_path.png", "best data-flow layer path")) if name in images]
+    body += [
+        _img(images[name], alt)
+        for name, alt in (
+            ("fitness.png", "fitness per trial"),
+            ("best_recipe.png", "best recipe parameters"),
+            ("best_path.png", "best data-flow layer path"),
+        )
+        if name in images
+    ]
     body.append("<h2>Parameter importances</h2>")
-    body.append(_img(images["importances.png"], "parameter importances") if "importances.png" in images
-                else f"<p>Skipped: {esc(importance_note or 'not computed')}.</p>")
+    body.append(
+        _img(images["importances.png"], "parameter importances")
+        if "importances.png" in images
+        else f"<p>Skipped: {esc(importance_note or 'not computed')}.</p>"
+    )
     if "config" in study.user_attrs:
         config = redact_url(str(study.user_attrs["config"]))  # a study written before passwords were dropped
         body.append(f"<details><summary>Run config</summary><pre>{esc(config)}</pre></details>")
@@ -243,15 +280,24 @@ def render_html(study: optuna.Study, trials: list[FrozenTrial], best: FrozenTria
 
 def _summary_table(study: optuna.Study, trials: list[FrozenTrial], best: FrozenTrial) -> str:
     counts = {s: sum(t.state == s for t in trials) for s in TrialState}
-    rows: list[tuple[str, Any]] = [("study", study.study_name), ("stage", study.user_attrs.get("stage", "-")),
-                                   ("trials complete", counts[TrialState.COMPLETE]),
-                                   ("trials failed", counts[TrialState.FAIL])]
-    rows += [(f"trials {s.name.lower()}", n) for s, n in counts.items()
-             if n and s not in (TrialState.COMPLETE, TrialState.FAIL)]
+    rows: list[tuple[str, Any]] = [
+        ("study", study.study_name),
+        ("stage", study.user_attrs.get("stage", "-")),
+        ("trials complete", counts[TrialState.COMPLETE]),
+        ("trials failed", counts[TrialState.FAIL]),
+    ]
+    rows += [
+        (f"trials {s.name.lower()}", n)
+        for s, n in counts.items()
+        if n and s not in (TrialState.COMPLETE, TrialState.FAIL)
+    ]
     rows += [("best fitness", f"{best.value:.6g}"), ("best trial", best.number)]
     rows += [(f"best {k}", _fmt(v)) for k, v in (best.user_attrs.get("metrics") or {}).items()]
-    rows += [(k.replace("_", " "), _fmt(best.user_attrs[k])) for k in ("merge_seconds", "eval_seconds")
-             if k in best.user_attrs]
+    rows += [
+        (k.replace("_", " "), _fmt(best.user_attrs[k]))
+        for k in ("merge_seconds", "eval_seconds")
+        if k in best.user_attrs
+    ]
     cells = "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return f"<table>\n{cells}\n</table>"
 

@@ -28,9 +28,10 @@ where the last one stopped:
 - Failures. A slot whose trials all FAILed or were PRUNED (or whose value is not finite) is told the worst finite
   loss of its generation (the worst of the whole study if the generation has none), so CMA ranks it last.
 - Re-runs. A trial enqueued with exactly the params of a failed slot of the current generation (what evomerge
-  before in-place resume did for trials a dead process left RUNNING) takes that slot over, so its value is what CMA is told; since the tell
-  waits until a candidate is needed, the re-run's value reaches CMA even when the failure closed the generation
-  (as long as it is enqueued before the next ask; later, it is only an extra evaluation).
+  before in-place resume did for trials a dead process left RUNNING) takes that slot over, so its value is what
+  CMA is told; since the tell waits until a candidate is needed, the re-run's value reaches CMA even when the
+  failure closed the generation (as long as it is enqueued before the next ask; later, it is only an extra
+  evaluation).
 - Other enqueued trials (the evaluated ``x0``) keep their fixed params and take no candidate.
 - Randomness. pycma's ``randn`` option gets a private generator seeded with ``seed``, replayed with the ES
   (pycma's own ``seed`` option would seed numpy's global RNG).
@@ -40,6 +41,7 @@ where the last one stopped:
   in flight, but capping at it is not enough: ``available(study)`` says how many asks can be made now without
   that error. Asks must come from one thread and one process at a time.
 """
+
 from __future__ import annotations
 
 import copy
@@ -86,11 +88,20 @@ class _SeededRandn:
 class PycmaSampler(optuna.samplers.BaseSampler):
     """CMA-ES from the ``cma`` package over a fixed box of FloatDistributions, resumable from the study alone."""
 
-    def __init__(self, names: list[str], x0: list[float], bounds: list[tuple[float, float]], sigma0: float,
-                 seed: int, popsize: int | None = None) -> None:
+    def __init__(
+        self,
+        names: list[str],
+        x0: list[float],
+        bounds: list[tuple[float, float]],
+        sigma0: float,
+        seed: int,
+        popsize: int | None = None,
+    ) -> None:
         if not names or len(x0) != len(names) or len(bounds) != len(names):
-            raise EvomergeError(f"pycma: names, x0 and bounds must have the same non-zero length, "
-                                f"got {len(names)}, {len(x0)}, {len(bounds)}")
+            raise EvomergeError(
+                f"pycma: names, x0 and bounds must have the same non-zero length, "
+                f"got {len(names)}, {len(x0)}, {len(bounds)}"
+            )
         for name, x, (low, high) in zip(names, x0, bounds):
             if not low < high or not low <= x <= high:
                 raise EvomergeError(f"pycma: {name}: x0 {x} must lie in bounds [{low}, {high}] with low < high")
@@ -111,9 +122,15 @@ class PycmaSampler(optuna.samplers.BaseSampler):
 
     def _new_es(self) -> cma.CMAEvolutionStrategy:
         lows, highs = zip(*self._bounds)
-        options = {"bounds": [list(lows), list(highs)], "randn": _SeededRandn(self._seed), "seed": math.nan,
-                   "CMA_stds": [high - low for low, high in self._bounds],  # sigma0 in units of each range's width
-                   "verbose": -9, "verb_disp": 0, "verb_log": 0}
+        options = {
+            "bounds": [list(lows), list(highs)],
+            "randn": _SeededRandn(self._seed),
+            "seed": math.nan,
+            "CMA_stds": [high - low for low, high in self._bounds],  # sigma0 in units of each range's width
+            "verbose": -9,
+            "verb_disp": 0,
+            "verb_log": 0,
+        }
         if self._popsize is not None:
             options["popsize"] = self._popsize
         return cma.CMAEvolutionStrategy(self._x0, self._sigma0, options)
@@ -123,8 +140,9 @@ class PycmaSampler(optuna.samplers.BaseSampler):
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return dict(self._space)
 
-    def sample_relative(self, study: Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         if not search_space or trial.system_attrs.get("fixed_params"):
             return {}  # an enqueued trial: its params are given, it takes no candidate
         self._raise_error_if_multi_objective(study)
@@ -141,11 +159,14 @@ class PycmaSampler(optuna.samplers.BaseSampler):
         storage.set_trial_system_attr(trial._trial_id, INDEX_KEY, free[0])
         return self._params(state["candidates"][free[0]])
 
-    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
+    def sample_independent(
+        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
         if param_name not in self._space or not trial.system_attrs.get("fixed_params"):
-            raise EvomergeError(f"pycma: parameter {param_name!r} with {param_distribution} is outside the "
-                                f"sampler's fixed search space {sorted(self._space)} and bounds")
+            raise EvomergeError(
+                f"pycma: parameter {param_name!r} with {param_distribution} is outside the "
+                f"sampler's fixed search space {sorted(self._space)} and bounds"
+            )
         return self._x0[self._names.index(param_name)]  # an enqueued trial that fixes only some params
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
@@ -171,8 +192,10 @@ class PycmaSampler(optuna.samplers.BaseSampler):
         if free:
             return len(waiting) + free
         rerun = [t.system_attrs.get("fixed_params") for t in waiting]
-        done = all(_loss(study, owners) is not None and not (_failed(owners) and owners[-1].params in rerun)
-                   for owners in slots.values())
+        done = all(
+            _loss(study, owners) is not None and not (_failed(owners) and owners[-1].params in rerun)
+            for owners in slots.values()
+        )
         return len(waiting) + (len(state["candidates"]) if done else 0)
 
     # State
@@ -186,29 +209,36 @@ class PycmaSampler(optuna.samplers.BaseSampler):
         _check_generation(state, STATE_KEY)
         started = (len(state["candidates"][0]), len(state["candidates"]))
         if started != (len(self._names), self.max_parallel):
-            raise EvomergeError(f"pycma: the study was started with {started[0]} parameters and popsize "
-                                f"{started[1]}, this sampler has {len(self._names)} and {self.max_parallel}; "
-                                f"use a new study name")
+            raise EvomergeError(
+                f"pycma: the study was started with {started[0]} parameters and popsize "
+                f"{started[1]}, this sampler has {len(self._names)} and {self.max_parallel}; "
+                f"use a new study name"
+            )
         return state
 
-    def _next_generation(self, study: Study, state: dict[str, Any],
-                         slots: dict[int, list[FrozenTrial]]) -> dict[str, Any]:
+    def _next_generation(
+        self, study: Study, state: dict[str, Any], slots: dict[int, list[FrozenTrial]]
+    ) -> dict[str, Any]:
         generation, candidates = state["generation"], state["candidates"]
         losses = [_loss(study, slots[i]) for i in range(len(candidates))]
         running = sum(loss is None for loss in losses)
         if running:
-            raise RuntimeError(f"PycmaSampler: all {len(candidates)} candidates of generation {generation} are "
-                               f"handed out and {running} are not finished; ask at most "
-                               f"sampler.available(study) trials (sampler.max_parallel={self.max_parallel} "
-                               f"per generation)")
+            raise RuntimeError(
+                f"PycmaSampler: all {len(candidates)} candidates of generation {generation} are "
+                f"handed out and {running} are not finished; ask at most "
+                f"sampler.available(study) trials (sampler.max_parallel={self.max_parallel} "
+                f"per generation)"
+            )
         finite = [loss for loss in losses if math.isfinite(loss)] or _study_losses(study)
         if not finite:
-            raise EvomergeError(f"pycma: every trial so far failed (generation {generation}); "
-                                f"check the evaluation before searching")
+            raise EvomergeError(
+                f"pycma: every trial so far failed (generation {generation}); check the evaluation before searching"
+            )
         losses = [loss if math.isfinite(loss) else max(finite) for loss in losses]
         es = self._es_asked(study, state)
-        study._storage.set_study_system_attr(study._study_id, f"{HISTORY_KEY}:{generation}",
-                                             {"candidates": candidates, "losses": losses})
+        study._storage.set_study_system_attr(
+            study._study_id, f"{HISTORY_KEY}:{generation}", {"candidates": candidates, "losses": losses}
+        )
         es.tell([np.asarray(c, dtype=float) for c in candidates], losses)
         state = _save_state(study, generation + 1, es.ask())
         self._es_at = (study._study_id, generation + 1, state["candidates"])
@@ -225,8 +255,10 @@ class PycmaSampler(optuna.samplers.BaseSampler):
         for g in range(generation):
             key = f"{HISTORY_KEY}:{g}"
             if key not in attrs:
-                raise EvomergeError(f"pycma: study '{study.study_name}' has no {key} to rebuild its CMA-ES from (made "
-                                    f"by an older evomerge, whose pickled state is never loaded); use a new study name")
+                raise EvomergeError(
+                    f"pycma: study '{study.study_name}' has no {key} to rebuild its CMA-ES from (made "
+                    f"by an older evomerge, whose pickled state is never loaded); use a new study name"
+                )
             told = attrs[key]
             _check_generation(told, key, with_losses=True)
             _check_replay(es.ask(), told["candidates"], key)
@@ -252,28 +284,39 @@ def _save_state(study: Study, generation: int, candidates: list[np.ndarray]) -> 
 def _check_generation(stored: Any, key: str, with_losses: bool = False) -> None:
     """A stored generation is plain JSON of the right shape, or a one-line error (the database is not trusted)."""
     ok = isinstance(stored, dict) and isinstance(stored.get("candidates"), list) and stored["candidates"]
-    ok = ok and all(isinstance(c, list) and c and all(isinstance(x, (int, float)) for x in c) for c in stored["candidates"])
+    ok = ok and all(
+        isinstance(c, list) and c and all(isinstance(x, (int, float)) for x in c) for c in stored["candidates"]
+    )
     ok = ok and len({len(c) for c in stored["candidates"]}) == 1
     if not with_losses:
         ok = ok and isinstance(stored.get("generation"), int) and stored["generation"] >= 0
     else:
         losses = stored.get("losses") if ok else None
-        ok = (isinstance(losses, list) and len(losses) == len(stored["candidates"])
-              and all(isinstance(v, (int, float)) and math.isfinite(v) for v in losses))
+        ok = (
+            isinstance(losses, list)
+            and len(losses) == len(stored["candidates"])
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in losses)
+        )
     if not ok:
-        raise EvomergeError(f"pycma: the study's {key} is not the sampler's state (generation, candidates"
-                            f"{', losses' if with_losses else ''}); use a new study name")
+        raise EvomergeError(
+            f"pycma: the study's {key} is not the sampler's state (generation, candidates"
+            f"{', losses' if with_losses else ''}); use a new study name"
+        )
 
 
 def _check_replay(asked: list[np.ndarray], stored: list[list[float]], key: str) -> None:
     """Replaying must ask exactly what was stored: otherwise this is not the search the study recorded."""
     if len(asked) != len(stored) or np.asarray(asked).shape != np.asarray(stored).shape:
-        raise EvomergeError(f"pycma: replaying {key} asked {len(asked)} candidates, the study stored {len(stored)}; "
-                            f"use a new study name")
+        raise EvomergeError(
+            f"pycma: replaying {key} asked {len(asked)} candidates, the study stored {len(stored)}; "
+            f"use a new study name"
+        )
     diff = float(np.max(np.abs(np.asarray(asked, dtype=float) - np.asarray(stored, dtype=float))))
     if not diff <= REPLAY_TOLERANCE:
-        raise EvomergeError(f"pycma: replaying the study's CMA-ES differs from its {key} by {diff:.3g}: the study was "
-                            f"made with another pycma/numpy version (or CPU); resume it there, or use a new study name")
+        raise EvomergeError(
+            f"pycma: replaying the study's CMA-ES differs from its {key} by {diff:.3g}: the study was "
+            f"made with another pycma/numpy version (or CPU); resume it there, or use a new study name"
+        )
 
 
 def _slots(study: Study, generation: int) -> dict[int, list[FrozenTrial]]:
@@ -300,8 +343,11 @@ def _loss(study: Study, owners: list[FrozenTrial]) -> float | None:
 
 def _study_losses(study: Study) -> list[float]:
     sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
-    return [sign * t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if math.isfinite(t.value)]
+    return [
+        sign * t.value
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if math.isfinite(t.value)
+    ]
 
 
 class _ReseedPerTrial:
@@ -329,13 +375,15 @@ class _ReseedPerTrial:
             digest = hashlib.sha256(f"{self._reseed_base}:{trial.number}:{key}:{path}".encode()).digest()
             rng.seed(int.from_bytes(digest[:4], "little"))
 
-    def sample_relative(self, study: Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         self._reseed(trial, "relative")
         return super().sample_relative(study, trial, search_space)
 
-    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
+    def sample_independent(
+        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
         self._reseed(trial, f"param:{param_name}")
         return super().sample_independent(study, trial, param_name, param_distribution)
 
@@ -370,8 +418,9 @@ class ReseededCmaEsSampler(_ReseedPerTrial, optuna.samplers.CmaEsSampler):
     replay, the sampler never reaches the branch that pickles an optimizer into the study.
     """
 
-    def sample_relative(self, study: Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         self._replay_from = (study, search_space)
         return super().sample_relative(study, trial, search_space)
 
@@ -386,8 +435,9 @@ class ReseededCmaEsSampler(_ReseedPerTrial, optuna.samplers.CmaEsSampler):
             if optimizer.dim != len(trans.bounds) or len(solution_trials) < optimizer.population_size:
                 break
             told = optimizer  # the object Optuna asks from right after its own tell
-            optimizer.tell([(trans.transform(t.params), sign * t.value)
-                            for t in solution_trials[: optimizer.population_size]])
+            optimizer.tell(
+                [(trans.transform(t.params), sign * t.value) for t in solution_trials[: optimizer.population_size]]
+            )
             optimizer = copy.deepcopy(optimizer)  # the round trip of Optuna's stored pickle (it re-symmetrizes C)
         generations = {t.system_attrs.get(self._attr_key_generation, 0) for t in completed_trials}
         if optimizer.generation > 0 and optimizer.generation not in generations:
@@ -412,8 +462,16 @@ class ReseededNSGAIISampler(_ReseedPerTrial, optuna.samplers.NSGAIISampler):
     """Optuna's NSGA-II, reseeded per trial and parameter (see `_ReseedPerTrial`)."""
 
 
-def make_sampler(name: str, *, names: list[str], x0: list[float], bounds: list[tuple[float, float]],
-                 sigma0: float, seed: int, popsize: int | None = None) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    name: str,
+    *,
+    names: list[str],
+    x0: list[float],
+    bounds: list[tuple[float, float]],
+    sigma0: float,
+    seed: int,
+    popsize: int | None = None,
+) -> optuna.samplers.BaseSampler:
     """The sampler the config's ``search.optimizer.sampler`` names. Optuna's samplers come reseeded per trial
     (`_ReseedPerTrial`) and PycmaSampler keeps its state in the study, so with the same seed a resumed search asks
     exactly the trials the uninterrupted one would have asked."""

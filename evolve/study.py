@@ -1,5 +1,6 @@
 """The study: its name, opening it (to search or to read), trials a dead process left RUNNING, which trials count,
 the best trial, a trial's recipe, the run lock, and a failing storage in one line."""
+
 from __future__ import annotations
 
 import fcntl
@@ -8,9 +9,9 @@ import shlex
 import socket
 import sqlite3
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
 
 import optuna
 import sqlalchemy.exc
@@ -32,15 +33,17 @@ def study_name(cfg: RunConfig, stage: str) -> str:
     return cfg.name if stage == cfg.search.stages[0] else f"{cfg.name}-{stage}"
 
 
-def open_study(cfg: RunConfig, space, sampler: Optional[optuna.samplers.BaseSampler] = None,
-               stage: str = "ps") -> optuna.Study:
+def open_study(
+    cfg: RunConfig, space, sampler: optuna.samplers.BaseSampler | None = None, stage: str = "ps"
+) -> optuna.Study:
     """Create or reopen a stage's study to search it; refuse one whose genome differs from this config's."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     name = study_name(cfg, stage)
     for attempt in range(3):  # two processes creating one new storage's schema at once: the loser retries
         try:
-            study = optuna.create_study(study_name=name, storage=cfg.storage_url, direction="maximize",
-                                        sampler=sampler, load_if_exists=True)
+            study = optuna.create_study(
+                study_name=name, storage=cfg.storage_url, direction="maximize", sampler=sampler, load_if_exists=True
+            )
             break
         except Exception as e:  # storage errors carry the URL; never print its password
             if attempt < 2 and "IntegrityError" in type(e).__name__ + str(e):
@@ -53,12 +56,14 @@ def open_study(cfg: RunConfig, space, sampler: Optional[optuna.samplers.BaseSamp
         study.set_user_attr("config", dump_config(cfg))
         study.set_user_attr("stage", stage)
     elif stored != space.names:
-        raise EvomergeError(f"study '{name}' in {redact_url(cfg.storage_url)} was made with another search space "
-                            f"({len(stored)} parameters, this config has {space.dim}); give the run a new name")
+        raise EvomergeError(
+            f"study '{name}' in {redact_url(cfg.storage_url)} was made with another search space "
+            f"({len(stored)} parameters, this config has {space.dim}); give the run a new name"
+        )
     return study
 
 
-def load_study(cfg: RunConfig, stage: Optional[str] = None) -> optuna.Study:
+def load_study(cfg: RunConfig, stage: str | None = None) -> optuna.Study:
     """An existing stage's study (default: the last stage's), to read; a server that does not answer fails within
     CONNECT_TIMEOUT_S, and a missing SQLite file is reported, not created."""
     name = study_name(cfg, stage or cfg.search.stages[-1])
@@ -68,8 +73,13 @@ def load_study(cfg: RunConfig, stage: Optional[str] = None) -> optuna.Study:
         raise EvomergeError(f"no study '{name}': {db} does not exist; run `evolve run` first")
     network = url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql")
     try:
-        storage = (RDBStorage(url, engine_kwargs={"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}},
-                              skip_table_creation=True) if network else url)
+        storage = (
+            RDBStorage(
+                url, engine_kwargs={"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}, skip_table_creation=True
+            )
+            if network
+            else url
+        )
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         raise EvomergeError(f"no study '{name}' in {redact_url(url)}; run `evolve run` first") from None
@@ -77,7 +87,7 @@ def load_study(cfg: RunConfig, stage: Optional[str] = None) -> optuna.Study:
         raise cannot_open(url, e) from None
 
 
-def missing_database(url: str) -> Optional[str]:
+def missing_database(url: str) -> str | None:
     """The SQLite file a storage URL names when it does not exist (reading must not create it, nor its directory)."""
     if not url.startswith("sqlite:///"):
         return None
@@ -109,7 +119,7 @@ def best_first(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
     return sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (-t.value, t.number))
 
 
-def best_trial(study: optuna.Study, number: Optional[int] = None) -> FrozenTrial:
+def best_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
     """The best complete trial (see `best_first`), or the complete trial with this number."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
@@ -139,8 +149,10 @@ class RunLock:
             self._fh.seek(0)
             holder = self._fh.read().strip() or "another process"
             self._fh.close()
-            raise EvomergeError(f"{run_dir}: a search is already running on this study ({holder}); "
-                                "wait for it, or set execution.shared_study: true to add workers to it") from None
+            raise EvomergeError(
+                f"{run_dir}: a search is already running on this study ({holder}); "
+                "wait for it, or set execution.shared_study: true to add workers to it"
+            ) from None
         self._fh.seek(0)
         self._fh.truncate()
         self._fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
@@ -160,11 +172,12 @@ def storage_errors(cfg: RunConfig) -> Iterator[None]:
         yield
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as e:
         url = cfg.storage_url
-        gone = url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists()
-        raise EvomergeError(f"storage {redact_url(url)} failed during the search: {storage_cause(e, url)}"
-                            f"{' (the database file was deleted or moved)' if gone else ''}; the search stopped, and "
-                            f"once the storage works again `evolve resume {shlex.quote(str(cfg.run_dir))}` continues"
-                            ) from None
+        gone = url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists()
+        raise EvomergeError(
+            f"storage {redact_url(url)} failed during the search: {storage_cause(e, url)}"
+            f"{' (the database file was deleted or moved)' if gone else ''}; the search stopped, and "
+            f"once the storage works again `evolve resume {shlex.quote(str(cfg.run_dir))}` continues"
+        ) from None
 
 
 def cannot_open(url: str, e: BaseException) -> EvomergeError:
@@ -182,8 +195,11 @@ def storage_cause(e: BaseException, url: str) -> str:
             break
         e = inner
     if isinstance(e, ModuleNotFoundError) and e.name:
-        fix = ('pip install "evomerge[postgres]"' if e.name.split(".")[0] in ("psycopg", "psycopg2")
-               else "install the driver this URL names")
+        fix = (
+            'pip install "evomerge[postgres]"'
+            if e.name.split(".")[0] in ("psycopg", "psycopg2")
+            else "install the driver this URL names"
+        )
         return f"the database driver module '{e.name}' is not installed; {fix}"
     kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
     text = " ".join(redact_text(str(e), url).split())

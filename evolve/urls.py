@@ -7,6 +7,7 @@ password, or an escaped ``%40``), and ``?password=...`` (any query key containin
 it is expanded only when the URL is used (:func:`expand_env`), and the reference itself is kept when persisting,
 being no secret. A URL without a password leaves it to the driver (libpq reads ``PGPASSWORD`` and ``~/.pgpass``).
 """
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,7 @@ def _split(url: str) -> tuple[str, str | None, str | None, str] | None:
     if rest.startswith("/") or at < 0:  # sqlite:///path (no user info), or no user info at all
         return prefix, None, None, rest
     user, colon, password = rest[:at].partition(":")
-    return prefix, user, password if colon else None, rest[at + 1:]
+    return prefix, user, password if colon else None, rest[at + 1 :]
 
 
 def _rewrite(url: str, secret: str | None) -> str:
@@ -122,7 +123,9 @@ def expand_env(url: str) -> str:
     def value(m: re.Match[str]) -> str:
         name = m.group(1)
         if name not in os.environ:
-            raise EvomergeError(f"storage: environment variable {name} is not set (the storage URL refers to ${{{name}}})")
+            raise EvomergeError(
+                f"storage: environment variable {name} is not set (the storage URL refers to ${{{name}}})"
+            )
         return os.environ[name]
 
     parts = _split(url)
@@ -133,6 +136,8 @@ def expand_env(url: str) -> str:
     userinfo = "" if user is None else escaped(user) + ("" if password is None else ":" + escaped(password)) + "@"
     head, q, query = rest.partition("?")
     if q:
-        query = "&".join(k + e + _ENV_REF.sub(lambda m: quote(value(m), safe=""), v)
-                         for k, e, v in (pair.partition("=") for pair in query.split("&")))
+        query = "&".join(
+            k + e + _ENV_REF.sub(lambda m: quote(value(m), safe=""), v)
+            for k, e, v in (pair.partition("=") for pair in query.split("&"))
+        )
     return prefix + userinfo + _ENV_REF.sub(value, head) + (q + query if q else "")

@@ -1,4 +1,5 @@
 """A search worker: sources resident, one live model, evaluators built once; scores one recipe per call."""
+
 from __future__ import annotations
 
 import logging
@@ -36,7 +37,9 @@ class Outcome:
         return self.error is None
 
 
-def build_evaluators(tasks: list[Task], *, seed: int, split: str | None = None, limit: int | None = None, heldout: bool = False) -> list[tuple[str, Any]]:
+def build_evaluators(
+    tasks: list[Task], *, seed: int, split: str | None = None, limit: int | None = None, heldout: bool = False
+) -> list[tuple[str, Any]]:
     """(task name, evaluator) pairs; the held-out variant swaps the split and the sample limit."""
     from evals import build_evaluator
 
@@ -65,8 +68,12 @@ class MergeBackend:
     """Parameter-space candidates: a Materializer and one live model written in place per candidate."""
 
     def __init__(self, cfg: RunConfig, template: MergeRecipe):
-        self.materializer = Materializer(template, device=cfg.execution.device, allow_pickle=cfg.models.allow_pickle,
-                                         trust_remote_code=cfg.models.trust_remote_code)
+        self.materializer = Materializer(
+            template,
+            device=cfg.execution.device,
+            allow_pickle=cfg.models.allow_pickle,
+            trust_remote_code=cfg.models.trust_remote_code,
+        )
         self.model = self.materializer.new_model(dtype=TORCH_DTYPES[cfg.execution.dtype])
         self.tokenizer_path = str(self.materializer.reference.path)
 
@@ -75,7 +82,8 @@ class MergeBackend:
 
 
 class DataFlowBackend:
-    """Data-flow candidates: models A and B live (weights shared, never copied), the layer path swapped per candidate."""
+    """Data-flow candidates: models A and B live (weights shared, never copied), the layer path swapped per
+    candidate."""
 
     def __init__(self, cfg: RunConfig, template: DataFlowRecipe):
         from merge_core.dataflow import DataFlowModel
@@ -100,7 +108,9 @@ def load_live_model(cfg: RunConfig, ref: str):
 
     tc = cfg.models.trust_remote_code
     local = Checkpoint.open(ref, allow_pickle=cfg.models.allow_pickle, trust_remote_code=tc).path
-    model = AutoModelForCausalLM.from_pretrained(str(local), dtype=TORCH_DTYPES[cfg.execution.dtype], trust_remote_code=tc)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(local), dtype=TORCH_DTYPES[cfg.execution.dtype], trust_remote_code=tc
+    )
     return model.to(resolve_device(cfg.execution.device)).eval()
 
 
@@ -121,8 +131,9 @@ class Worker:
         torch.manual_seed(self.cfg.seed)
         self.backend = make_backend(self.cfg, load_recipe(template_yaml))
         self.model = self.backend.model
-        self.tokenizer = AutoTokenizer.from_pretrained(self.backend.tokenizer_path,
-                                                       trust_remote_code=self.cfg.models.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            self.backend.tokenizer_path, trust_remote_code=self.cfg.models.trust_remote_code
+        )
         self.evaluators = build_evaluators(list(self.cfg.evaluation.tasks), seed=self.cfg.seed)
         self.fitness = Fitness(self.cfg.evaluation.fitness)
 

@@ -2,6 +2,7 @@
 
 Nothing here knows about search or evaluation.
 """
+
 from merge_core.errors import EvomergeError, IncompatibleModelsError
 
 __all__ = ["EvomergeError", "IncompatibleModelsError"]

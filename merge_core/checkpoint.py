@@ -1,4 +1,5 @@
 """Checkpoint IO: lazy memory-mapped reading, sharded safetensors writing, and merge-compatibility checks."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,8 +9,9 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Protocol
+from typing import Protocol
 
 import torch
 from huggingface_hub import snapshot_download
@@ -103,7 +105,9 @@ class _SafetensorsShard:
             self._file = safe_open(str(path), framework="pt")
         except Exception as err:  # SafetensorError (corrupt or truncated: the header must cover the file), OSError
             reason = " ".join(str(err).split())[:200] or type(err).__name__
-            raise EvomergeError(f"{path}: not a readable safetensors file ({reason}); re-download or re-save it") from None
+            raise EvomergeError(
+                f"{path}: not a readable safetensors file ({reason}); re-download or re-save it"
+            ) from None
 
     def keys(self) -> list[str]:
         return list(self._file.keys())
@@ -182,7 +186,9 @@ class Checkpoint:
         headers: dict[str, _SafetensorsShard] = {}  # opened to check, then dropped: reading stays lazy
         for file in sorted(set(self._weight_map.values())):
             if not (self.path / file).is_file():
-                raise EvomergeError(f"model '{self.name}': weight file {file} listed in the index is missing from {self.path}")
+                raise EvomergeError(
+                    f"model '{self.name}': weight file {file} listed in the index is missing from {self.path}"
+                )
             if not self._pickled:
                 headers[file] = _SafetensorsShard(self.path / file)
         text = self.config.get_text_config()
@@ -191,10 +197,15 @@ class Checkpoint:
         if isinstance(hidden, int) and embed is not None and not self._pickled:
             shape = headers[self._weight_map[embed]].shape(embed)
             # a few families embed narrower and project up (OPT's word_embed_proj_dim, ALBERT's embedding_size)
-            widths = {hidden} | {getattr(text, k) for k in ("word_embed_proj_dim", "embedding_size") if isinstance(getattr(text, k, None), int)}
+            widths = {hidden} | {
+                getattr(text, k)
+                for k in ("word_embed_proj_dim", "embedding_size")
+                if isinstance(getattr(text, k, None), int)
+            }
             if len(shape) == 2 and shape[1] not in widths:
                 raise EvomergeError(
-                    f"model '{self.name}': config.json hidden_size {hidden} but tensor '{embed}' has shape {list(shape)}; "
+                    f"model '{self.name}': config.json hidden_size {hidden} "
+                    f"but tensor '{embed}' has shape {list(shape)}; "
                     "the config does not describe these weights"
                 )
         layers = {layer_index(n) for n in self._weight_map} - {None}
@@ -365,8 +376,10 @@ def check_output_dir(out_dir: str | Path, *, overwrite: bool = False, inputs: It
             continue  # a hub id: not a directory here
         path = path.resolve()
         if out == path or path in out.parents:
-            raise EvomergeError(f"--out {out_dir}: is {'' if out == path else 'inside '}the input model {model}; "
-                                "write the merge to another directory")
+            raise EvomergeError(
+                f"--out {out_dir}: is {'' if out == path else 'inside '}the input model {model}; "
+                "write the merge to another directory"
+            )
         if out in path.parents:
             raise EvomergeError(f"--out {out_dir}: holds the input model {model}; write the merge to another directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -474,8 +487,12 @@ def _standalone_cpu(tensor: torch.Tensor, buffered: Iterable[torch.Tensor]) -> t
 
 def _remove_stale_weights(out_dir: Path, keep: set[Path]) -> None:
     """Delete weight files of an earlier export, which transformers might otherwise load instead."""
-    stale = [*out_dir.glob("model*.safetensors"), *out_dir.glob("pytorch_model*.bin"),
-             out_dir / SAFETENSORS_INDEX, out_dir / PICKLE_INDEX]
+    stale = [
+        *out_dir.glob("model*.safetensors"),
+        *out_dir.glob("pytorch_model*.bin"),
+        out_dir / SAFETENSORS_INDEX,
+        out_dir / PICKLE_INDEX,
+    ]
     for file in stale:
         if file.is_file() and file not in keep:
             file.unlink()
@@ -578,9 +595,7 @@ def _check_tensors(name: str, ckpt: Checkpoint, ref_label: str, ref: Checkpoint)
     missing, extra = sorted(ref_names - names), sorted(names - ref_names)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise IncompatibleModelsError(
-            f"model '{name}': tensor '{missing[0]}'{more} missing (present in {ref_label})"
-        )
+        raise IncompatibleModelsError(f"model '{name}': tensor '{missing[0]}'{more} missing (present in {ref_label})")
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
         raise IncompatibleModelsError(f"model '{name}': has tensor '{extra[0]}'{more} that {ref_label} lacks")

@@ -12,6 +12,7 @@ The forward pass over hops t = 1..H, each running layer l_t of model A (0) or B 
 writes the same function as an ordinary checkpoint of A's architecture with H layers (s_1 folded into the
 embeddings, s_t into a copy of hop t-1's `mlp.down_proj`, which m_{t-1} is linear in).
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,9 +36,23 @@ _MASK_FUNCTIONS = {FULL: create_causal_mask, SLIDING: create_sliding_window_caus
 # Config fields that decide what one decoder layer computes; A and B must agree on them, since the path runs
 # under A's config (masks, rotary embedding) and exports as one config.
 _LAYER_FIELDS = (
-    "model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "hidden_act", "rms_norm_eps", "attention_bias", "mlp_bias", "rope_parameters", "rope_theta", "rope_scaling",
-    "partial_rotary_factor", "sliding_window", "use_sliding_window", "_attn_implementation",
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "attention_bias",
+    "mlp_bias",
+    "rope_parameters",
+    "rope_theta",
+    "rope_scaling",
+    "partial_rotary_factor",
+    "sliding_window",
+    "use_sliding_window",
+    "_attn_implementation",
 )
 _LAYER_PREFIX_RE = re.compile(r"(^|\.)layers\.\d+\.")
 _DOWN_PROJ = ("mlp.down_proj.weight", "mlp.down_proj.bias")
@@ -182,7 +197,9 @@ class DataFlowModel(PreTrainedModel, GenerationMixin):
         cache = past_key_values if cache is None else cache
         for name, wanted in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
             if wanted:
-                raise TypeError(f"DataFlowModel.forward: {name}=True is not supported (it returns logits and the cache)")
+                raise TypeError(
+                    f"DataFlowModel.forward: {name}=True is not supported (it returns logits and the cache)"
+                )
         if (input_ids is None) == (inputs_embeds is None):
             raise EvomergeError("DataFlowModel: pass exactly one of input_ids or inputs_embeds")
         decoder_a = _decoder(self.model_a)
@@ -195,8 +212,11 @@ class DataFlowModel(PreTrainedModel, GenerationMixin):
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
         mask_args = {
-            "config": self.model_a.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
-            CACHE_NAME: cache, "position_ids": position_ids,
+            "config": self.model_a.config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            CACHE_NAME: cache,
+            "position_ids": position_ids,
         }
         hop_types = layer_types(self.config)
         masks = {kind: _MASK_FUNCTIONS[kind](**mask_args) for kind in set(hop_types)}

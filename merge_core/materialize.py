@@ -1,4 +1,7 @@
-"""In-memory materialization for the search loop: sources resident on the worker's device, each candidate written into a live model in place."""
+"""In-memory materialization for the search loop: sources resident on the worker's device, each candidate
+written into a live model in place.
+"""
+
 from __future__ import annotations
 
 import logging
@@ -85,13 +88,24 @@ class Materializer:
             else:
                 for m, t in stored.items():
                     self._tensors[(m, name)] = t
-        self.resident_bytes = sum(t.numel() * t.element_size() for t in (*self._tensors.values(), *self._deltas.values()))
+        self.resident_bytes = sum(
+            t.numel() * t.element_size() for t in (*self._tensors.values(), *self._deltas.values())
+        )
         self._precomputed: dict[tuple[str, str], tuple[methods.Precomputed, int | None]] = {}  # (cache, its DARE seed)
-        self.precompute = keep_deltas and self.spec.sparsification in _CACHEABLE and (
-            precompute is True or (precompute == "auto" and self._cache_fits()))
+        self.precompute = (
+            keep_deltas
+            and self.spec.sparsification in _CACHEABLE
+            and (precompute is True or (precompute == "auto" and self._cache_fits()))
+        )
         self.build_seconds = time.perf_counter() - t0
-        log.info("materializer: %d tensors resident on %s (%.1f MiB, %s) in %.1fs", len(self.names), self.device,
-                 self.resident_bytes / 2**20, "task vectors" if keep_deltas else "sources", self.build_seconds)
+        log.info(
+            "materializer: %d tensors resident on %s (%.1f MiB, %s) in %.1fs",
+            len(self.names),
+            self.device,
+            self.resident_bytes / 2**20,
+            "task vectors" if keep_deltas else "sources",
+            self.build_seconds,
+        )
 
     # ---- TensorInputs ---------------------------------------------------------------------------
     def tensor(self, model: str, name: str) -> torch.Tensor:
@@ -127,8 +141,12 @@ class Materializer:
     @property
     def cache_bytes(self) -> int:
         """Bytes held by the precomputed ranks / uniforms / norms so far (filled during the first apply)."""
-        return sum(t.numel() * t.element_size() for pre, _ in self._precomputed.values()
-                   for t in (pre.rank, pre.uniform, pre.l1) if t is not None)
+        return sum(
+            t.numel() * t.element_size()
+            for pre, _ in self._precomputed.values()
+            for t in (pre.rank, pre.uniform, pre.l1)
+            if t is not None
+        )
 
     def _cache_fits(self) -> bool:
         per_element = 4  # int32 rank or float32 uniform per task-vector element
@@ -159,10 +177,15 @@ class Materializer:
     def _check_same_models(self, recipe: MergeRecipe) -> None:
         t = self.template
         if (recipe.models, recipe.base_model, recipe.dtype) != (t.models, t.base_model, t.dtype):
-            raise EvomergeError("recipe: a Materializer applies recipes over the models, base and dtype it was built with")
+            raise EvomergeError(
+                "recipe: a Materializer applies recipes over the models, base and dtype it was built with"
+            )
         spec = method_spec(recipe)
         if spec.kind != self.spec.kind:
-            raise EvomergeError(f"recipe: merge_method {spec.name} needs a Materializer built for a {spec.kind} method, not {self.spec.name}")
+            raise EvomergeError(
+                f"recipe: merge_method {spec.name} needs a Materializer built for a {spec.kind} method, "
+                f"not {self.spec.name}"
+            )
         check_recipe(recipe, self.num_layers)
 
     def _choose_task_vectors(self, resident: Resident, ckpts: dict[str, Checkpoint]) -> bool:

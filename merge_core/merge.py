@@ -1,10 +1,14 @@
-"""Apply a MergeRecipe tensor by tensor: one planning step and one compute step shared by the on-disk merge and the in-memory Materializer."""
+"""Apply a MergeRecipe tensor by tensor: one planning step and one compute step shared by the on-disk merge and
+the in-memory Materializer.
+"""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -41,7 +45,7 @@ class TensorInputs(Protocol):
     # sparsification inputs a worker caches across candidates (the Materializer has it; checkpoints do not).
 
 
-def method_spec(recipe: MergeRecipe) -> "methods.MethodSpec":
+def method_spec(recipe: MergeRecipe) -> methods.MethodSpec:
     return methods.get_method(recipe.merge_method)
 
 
@@ -52,7 +56,9 @@ def check_recipe(recipe: MergeRecipe, num_layers: int, where: str = "recipe") ->
     if spec.needs_base and recipe.base_model is None:
         raise EvomergeError(f"{where}: base_model: required by {spec.name}")
     if spec.kind == "slerp" and (len(recipe.models) != 2 or recipe.base_model not in recipe.models):
-        raise EvomergeError(f"{where}: slerp merges exactly two models, one of them the base_model (got {len(recipe.models)})")
+        raise EvomergeError(
+            f"{where}: slerp merges exactly two models, one of them the base_model (got {len(recipe.models)})"
+        )
     if spec.kind == "model_stock" and len(recipe.sources) < 2:
         raise EvomergeError(f"{where}: model_stock needs a base_model and at least two other models")
     if spec.kind == "gta" and not recipe.sources:
@@ -61,7 +67,9 @@ def check_recipe(recipe: MergeRecipe, num_layers: int, where: str = "recipe") ->
     for where_p, params in _all_param_sets(recipe, where):
         for key, setting in params:
             if key not in known:
-                raise EvomergeError(f"{where_p}.{key}: not a parameter of {spec.name} (known: {', '.join(sorted(known))})")
+                raise EvomergeError(
+                    f"{where_p}.{key}: not a parameter of {spec.name} (known: {', '.join(sorted(known))})"
+                )
             for value in _setting_values(setting):
                 problem = methods.check_parameter(key, value)
                 if problem:
@@ -105,7 +113,7 @@ def plan_tensor(recipe: MergeRecipe, name: str, num_layers: int) -> TensorPlan:
     return TensorPlan(name=name, params=params, model_params=model_params)
 
 
-def _needs(spec: "methods.MethodSpec", model: str, recipe: MergeRecipe) -> bool:
+def _needs(spec: methods.MethodSpec, model: str, recipe: MergeRecipe) -> bool:
     """Per-model parameters are required for every model that contributes a weight (not the GTA/slerp base)."""
     return spec.kind == "linear" or (spec.kind == "gta" and model != recipe.base_model)
 
@@ -129,7 +137,9 @@ def compute_tensor(recipe: MergeRecipe, plan: TensorPlan, inputs: TensorInputs, 
         deltas=[inputs.delta(m, name) for m in contributors] if gta else None,
         params=dict(plan.params),
         tensor_params=[plan.model_params[m] for m in contributors],
-        generators=[methods.dare_generator(recipe.seed, name, m, device) for m in contributors] if spec.stochastic else None,
+        generators=[methods.dare_generator(recipe.seed, name, m, device) for m in contributors]
+        if spec.stochastic
+        else None,
         precomputed=[cache(m, name, spec, recipe.seed) for m in contributors] if cache is not None else None,
     )
 
@@ -140,7 +150,13 @@ def compute_tensor(recipe: MergeRecipe, plan: TensorPlan, inputs: TensorInputs, 
 class CheckpointInputs:
     """Tensors read from checkpoints per output tensor (the on-disk merge): load, cast to the recipe dtype, upcast."""
 
-    def __init__(self, checkpoints: Mapping[str, Checkpoint], base: str | None, load_dtype: torch.dtype | None, device: torch.device):
+    def __init__(
+        self,
+        checkpoints: Mapping[str, Checkpoint],
+        base: str | None,
+        load_dtype: torch.dtype | None,
+        device: torch.device,
+    ):
         self.checkpoints, self.base, self.load_dtype, self.device = checkpoints, base, load_dtype, device
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -166,9 +182,13 @@ def load_as_float32(t: torch.Tensor, load_dtype: torch.dtype | None, device: tor
     return t.float()
 
 
-def open_models(recipe: MergeRecipe, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict[str, Checkpoint]:
+def open_models(
+    recipe: MergeRecipe, *, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> dict[str, Checkpoint]:
     """Open every model the recipe names and check they can be merged."""
-    ckpts = {m: Checkpoint.open(m, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for m in recipe.models}
+    ckpts = {
+        m: Checkpoint.open(m, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) for m in recipe.models
+    }
     validate_compatible(ckpts, recipe.base_model)
     return ckpts
 

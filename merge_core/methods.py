@@ -11,12 +11,14 @@ Conventions shared with mergekit 0.1.5 (read from its source, not paraphrased fr
 - `lambda` scales the merged task vector after the optional normalization, for every GTA method.
 - `int8_mask` is accepted for YAML compatibility; it only sets mergekit's mask storage dtype.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -137,7 +139,10 @@ def magnitude_outliers_mask(delta: Tensor, density: float, gamma: float = 0.01, 
 
 
 def bernoulli_mask(
-    shape: Sequence[int], density: float, generator: torch.Generator | None, device: torch.device | str = "cpu",
+    shape: Sequence[int],
+    density: float,
+    generator: torch.Generator | None,
+    device: torch.device | str = "cpu",
     uniform: Tensor | None = None,
 ) -> Tensor:
     """m_j = [u_j < density], u_j ~ U[0, 1) (drawn from ``generator``, or the given draws), as float32 0/1."""
@@ -208,7 +213,9 @@ def sparsify(
     if method == "magnitude":
         return rescaled(delta, magnitude_mask(delta, density, pre.rank), rescale, pre.l1)
     if method == "random":
-        return rescaled(delta, bernoulli_mask(delta.shape, density, generator, delta.device, pre.uniform), rescale, pre.l1)
+        return rescaled(
+            delta, bernoulli_mask(delta.shape, density, generator, delta.device, pre.uniform), rescale, pre.l1
+        )
     if method == "magnitude_outliers":
         return rescaled(delta, magnitude_outliers_mask(delta, density, gamma, pre.rank), rescale, pre.l1)
     if method == "della_magprune":
@@ -276,7 +283,9 @@ def generalized_task_arithmetic(
     generators = _per_source(generators, count, None, "generators")
     precomputed = _per_source(precomputed, count, None, "precomputed")
     weighted = (
-        _weighted(sparsify(d, p, sparsification, rescale=rescale, gamma=g, epsilon=e, generator=r, precomputed=c), d, float(w))
+        _weighted(
+            sparsify(d, p, sparsification, rescale=rescale, gamma=g, epsilon=e, generator=r, precomputed=c), d, float(w)
+        )
         for d, w, p, g, e, r, c in zip(deltas, weights, densities, gammas, epsilons, generators, precomputed)
     )
     if consensus is None:

@@ -21,15 +21,17 @@ A MergeRecipe is mergekit's configuration (``merge_method``, ``base_model``, ``m
   ``with_t(i / (n - 1))``, ``t = 1`` for a one-layer slice). In the ``models:`` form there is one slice, so all
   three use the ``models`` entries' first gradient value.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import yaml
 
@@ -79,15 +81,15 @@ class MergeRecipe:
 
     # ---- construction -------------------------------------------------------------------------
     @staticmethod
-    def from_dict(d: Mapping[str, Any], where: str = "recipe") -> "MergeRecipe":
+    def from_dict(d: Mapping[str, Any], where: str = "recipe") -> MergeRecipe:
         return _recipe_from_dict(d, where)
 
     @staticmethod
-    def from_yaml(text: str, where: str = "recipe") -> "MergeRecipe":
+    def from_yaml(text: str, where: str = "recipe") -> MergeRecipe:
         return _recipe_from_dict(_mapping(text, where), where)
 
     @staticmethod
-    def load(path: str | Path) -> "MergeRecipe":
+    def load(path: str | Path) -> MergeRecipe:
         p = Path(path)
         if not p.is_file():
             raise EvomergeError(f"{p}: recipe file not found")
@@ -136,7 +138,7 @@ class MergeRecipe:
         """The models other than the base."""
         return tuple(m for m in self.models if m != self.base_model)
 
-    def replace(self, **changes: Any) -> "MergeRecipe":
+    def replace(self, **changes: Any) -> MergeRecipe:
         return dataclasses.replace(self, **changes)
 
 
@@ -152,7 +154,7 @@ class LayerPath:
 
     def __post_init__(self) -> None:
         try:
-            hops = tuple((int(m), int(l)) for m, l in self.hops)
+            hops = tuple((int(model), int(layer)) for model, layer in self.hops)
             scales = tuple(float(s) for s in self.scales)
         except (TypeError, ValueError) as err:
             raise EvomergeError(
@@ -174,7 +176,7 @@ class LayerPath:
                 raise EvomergeError(f"layer path: hop {t} has non-finite scale {scale}")
 
     @classmethod
-    def identity(cls, num_layers: int) -> "LayerPath":
+    def identity(cls, num_layers: int) -> LayerPath:
         """A's own layers in order, every scale 1: the path that reproduces A."""
         return cls(tuple((0, i) for i in range(num_layers)), (1.0,) * num_layers)
 
@@ -219,7 +221,9 @@ class DataFlowRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         hops, scales = self.path.hops, self.path.scales
-        path = [{"model": MODEL_NAMES[m], "layer": l, "scale": s} for (m, l), s in zip(hops, scales)]
+        path = [
+            {"model": MODEL_NAMES[model], "layer": layer, "scale": scale} for (model, layer), scale in zip(hops, scales)
+        ]
         return {"merge_method": self.merge_method, "model_a": self.model_a, "model_b": self.model_b, "layer_path": path}
 
     def to_yaml(self) -> str:
@@ -230,14 +234,15 @@ class DataFlowRecipe:
         return _content_hash(self.to_dict())
 
     @staticmethod
-    def from_dict(d: Mapping[str, Any], where: str = "recipe") -> "DataFlowRecipe":
+    def from_dict(d: Mapping[str, Any], where: str = "recipe") -> DataFlowRecipe:
         try:
             hops = tuple((MODEL_NAMES.index(h["model"]), int(h["layer"])) for h in d["layer_path"])
             scales = tuple(float(h.get("scale", 1.0)) for h in d["layer_path"])
             model_a, model_b = str(d["model_a"]), str(d["model_b"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise EvomergeError(f"{where}: a dataflow recipe needs model_a, model_b and layer_path "
-                                f"[{{model: A|B, layer, scale}}] ({e})") from None
+            raise EvomergeError(
+                f"{where}: a dataflow recipe needs model_a, model_b and layer_path [{{model: A|B, layer, scale}}] ({e})"
+            ) from None
         try:
             return DataFlowRecipe(model_a, model_b, LayerPath(hops, scales))
         except EvomergeError as e:
@@ -304,9 +309,7 @@ def locate(recipe: MergeRecipe, tensor_name: str, num_layers: int) -> TensorSite
     raise EvomergeError(f"tensor {tensor_name}: layer {layer} is not covered by the recipe's slices ({start} layers)")
 
 
-def resolve_parameter(
-    recipe: MergeRecipe, site: TensorSite, tensor_name: str, name: str, model: str | None
-) -> Any:
+def resolve_parameter(recipe: MergeRecipe, site: TensorSite, tensor_name: str, name: str, model: str | None) -> Any:
     """One parameter for one tensor (and model, for per-model parameters), None when unset anywhere."""
     sl = recipe.slices[site.slice_index]
     levels: list[Params] = []
@@ -332,7 +335,9 @@ def validate_layout(recipe: MergeRecipe, num_layers: int, where: str = "recipe")
                 continue
             lo, hi = s.layer_range
             if hi - lo != n:
-                raise EvomergeError(f"{where}: slices[{i}].sources[{j}].layer_range: all sources of a slice must have the same length")
+                raise EvomergeError(
+                    f"{where}: slices[{i}].sources[{j}].layer_range: all sources of a slice must have the same length"
+                )
             if lo != total:
                 raise EvomergeError(
                     f"{where}: slices[{i}].sources[{j}].layer_range {list(s.layer_range)} rearranges layers "
@@ -361,8 +366,19 @@ def _content_hash(d: dict[str, Any]) -> str:
 
 
 def _recipe_from_dict(d: Mapping[str, Any], where: str) -> MergeRecipe:
-    known = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-             "tokenizer_source", "seed", "tokenizer", "chat_template"}
+    known = {
+        "merge_method",
+        "base_model",
+        "models",
+        "slices",
+        "parameters",
+        "dtype",
+        "out_dtype",
+        "tokenizer_source",
+        "seed",
+        "tokenizer",
+        "chat_template",
+    }
     unknown = sorted(set(d) - known)
     if unknown:
         raise EvomergeError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
@@ -411,7 +427,10 @@ def _slice(d: Any, where: str) -> OutputSlice:
     if not isinstance(d, dict) or "sources" not in d:
         raise EvomergeError(f"{where}: a slice needs 'sources' (a list of {{model, layer_range}})")
     _refuse_unknown(d, ("sources", "parameters"), where)
-    sources = tuple(_source(s, f"{where}.sources[{i}]", with_range=True) for i, s in enumerate(_as_list(d["sources"], f"{where}.sources")))
+    sources = tuple(
+        _source(s, f"{where}.sources[{i}]", with_range=True)
+        for i, s in enumerate(_as_list(d["sources"], f"{where}.sources"))
+    )
     return OutputSlice(sources=sources, parameters=_freeze_params(d.get("parameters"), f"{where}.parameters"))
 
 
@@ -427,12 +446,14 @@ def _source(d: Any, where: str, with_range: bool) -> SliceSource:
         if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr) and lr[0] < lr[1]):
             raise EvomergeError(f"{where}.layer_range: must be [start, end) with start < end, got {lr!r}")
         layer_range = (lr[0], lr[1])
-    return SliceSource(model=d["model"], layer_range=layer_range,
-                       parameters=_freeze_params(d.get("parameters"), f"{where}.parameters"))
+    return SliceSource(
+        model=d["model"], layer_range=layer_range, parameters=_freeze_params(d.get("parameters"), f"{where}.parameters")
+    )
 
 
 def _refuse_unknown(d: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
-    """Keys mergekit knows but evomerge does not follow (a slice's base_model, residual_weight) are refused, not ignored."""
+    """Keys mergekit knows but evomerge does not follow (a slice's base_model, residual_weight) are refused, not
+    ignored."""
     unknown = sorted(set(d) - set(known))
     if unknown:
         raise EvomergeError(f"{where}: unsupported key '{unknown[0]}' (supported here: {', '.join(known)})")
@@ -465,7 +486,9 @@ def _freeze_setting(v: Any, where: str) -> Setting:
             return tuple(_freeze_setting(e, f"{where}[{i}]")[0] for i, e in enumerate(v))
         if all(isinstance(e, (bool, int, float, str)) for e in v):
             return tuple(_freeze_setting(e, f"{where}[{i}]") for i, e in enumerate(v))
-    raise EvomergeError(f"{where}: expected a number, a list of numbers (gradient) or a list of {{filter, value}}; got {v!r}")
+    raise EvomergeError(
+        f"{where}: expected a number, a list of numbers (gradient) or a list of {{filter, value}}; got {v!r}"
+    )
 
 
 def _thaw_setting(s: Setting) -> Any:
@@ -525,4 +548,3 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
 
 
 _FlowListDumper.add_representer(list, _represent_list)
-

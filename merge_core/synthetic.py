@@ -1,12 +1,14 @@
 """Locally built tokenizers and random checkpoints, for tests, benchmarks and the tiny zoo (nothing is downloaded)."""
+
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
@@ -93,9 +95,17 @@ def make_tiny_checkpoint(
         return _save_finetune(Path(from_checkpoint), out, seed=seed, dtype=dtype, noise=noise, **shard_kwargs)
     tokenizer = word_tokenizer(words if words is not None else DEFAULT_WORDS)
     model = tiny_model(
-        tokenizer, family, seed=seed, dtype=dtype, hidden_size=hidden_size, num_layers=num_layers,
-        intermediate_size=intermediate_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        tie_word_embeddings=tie_word_embeddings, **config_overrides,
+        tokenizer,
+        family,
+        seed=seed,
+        dtype=dtype,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        intermediate_size=intermediate_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        tie_word_embeddings=tie_word_embeddings,
+        **config_overrides,
     )
     model.save_pretrained(out, **shard_kwargs)
     tokenizer.save_pretrained(out)
@@ -119,9 +129,15 @@ def tiny_model(
     """A seeded random decoder over `tokenizer`'s vocabulary, in eval mode with a greedy generation config
     (`config_overrides` go to the model config, e.g. `initializer_range`; the global torch RNG is left as it was)."""
     config = _tiny_config(
-        family, tokenizer, hidden_size=hidden_size, num_layers=num_layers,
-        intermediate_size=intermediate_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        tie_word_embeddings=tie_word_embeddings, **config_overrides,
+        family,
+        tokenizer,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        intermediate_size=intermediate_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        tie_word_embeddings=tie_word_embeddings,
+        **config_overrides,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -7,6 +7,7 @@
   composed node graph, each distinct node once, so the check itself is linear in the file; recursive aliases
   (``&a [*a]``) are refused too.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,8 +47,10 @@ class StrictLoader(yaml.SafeLoader):
                     continue
                 line = key_node.start_mark.line + 1
                 if first is not None:
-                    raise EvomergeError(f"{self.where}: duplicate key {key!r} (line {first} and line {line}); "
-                                        "remove one (YAML would silently keep the last)")
+                    raise EvomergeError(
+                        f"{self.where}: duplicate key {key!r} (line {first} and line {line}); "
+                        "remove one (YAML would silently keep the last)"
+                    )
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -92,8 +95,10 @@ def load_yaml(text: str, where: str) -> Any:
             except EvomergeError as e:
                 raise EvomergeError(f"{where}: {e}; write the values out instead") from None
             if n > MAX_NODES:
-                raise EvomergeError(f"{where}: aliases expand the document past {MAX_NODES} values (a YAML alias "
-                                    "bomb?); write the values out instead of nesting aliases")
+                raise EvomergeError(
+                    f"{where}: aliases expand the document past {MAX_NODES} values (a YAML alias "
+                    "bomb?); write the values out instead of nesting aliases"
+                )
         return loader.construct_document(root)
     except yaml.YAMLError as e:
         raise EvomergeError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
@@ -115,5 +120,6 @@ def read_text(path: str | Path, what: str = "file") -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise EvomergeError(f"{p}: not a UTF-8 text file (byte {e.start} is 0x{data[e.start]:02x}); "
-                            f"is it the right file?") from None
+        raise EvomergeError(
+            f"{p}: not a UTF-8 text file (byte {e.start} is 0x{data[e.start]:02x}); is it the right file?"
+        ) from None

@@ -1,8 +1,10 @@
 """The SearchSpace protocol: a box-bounded vector x in R^d -> a Recipe (ParameterSpace: MergeRecipe, DataFlowSpace:
 DataFlowRecipe). Each space also has ``encode``, the inverse for its own recipe kind, which the loop does not use."""
+
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from merge_core.recipe import Recipe
 

@@ -1,4 +1,5 @@
-"""Data-flow space (DFS): which layers of models A and B run in what order, with per-hop input scales (Sakana's formulation).
+"""Data-flow space (DFS): which layers of models A and B run in what order, with per-hop input scales
+(Sakana's formulation).
 
 Slots: the M = L_A + L_B layers (A's, then B's) repeated r times, T = M*r. Slot t is on when its indicator
 I_t > 0; the hops are the on slots in order, framed by A's first and last layers (added when absent) and cut to
@@ -8,10 +9,12 @@ I_t > 0; the hops are the on slots in order, framed by A's first and last layers
   * ``slot``: one scale per slot (T parameters), used when the slot is on;
   * ``none``: all scales 1.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 from merge_core.errors import EvomergeError
 from merge_core.recipe import MODEL_NAMES, DataFlowRecipe, LayerPath
@@ -72,16 +75,22 @@ class DataFlowSpace:
         return (0, i) if i < self.layers_a else (1, i - self.layers_a)
 
     def _layer_label(self, i: int) -> str:
-        m, l = (0, i) if i < self.layers_a else (1, i - self.layers_a)
-        return f"{MODEL_NAMES[m]}{l:02d}"
+        model, layer = (0, i) if i < self.layers_a else (1, i - self.layers_a)
+        return f"{MODEL_NAMES[model]}{layer:02d}"
 
     def _make_scale_names(self) -> list[str]:
         if self.scales == "matrix":
-            return [f"W.{self._layer_label(i)}.{self._layer_label(j)}" for i in range(self.num_layers) for j in range(self.num_layers)] + ["scale.first"]
+            return [
+                f"W.{self._layer_label(i)}.{self._layer_label(j)}"
+                for i in range(self.num_layers)
+                for j in range(self.num_layers)
+            ] + ["scale.first"]
         if self.scales == "model_pair":
             return ["scale.AA", "scale.AB", "scale.BA", "scale.BB", "scale.first"]
         if self.scales == "slot":
-            return [f"scale.r{t // self.num_layers}.{self._layer_label(t % self.num_layers)}" for t in range(self.num_slots)]
+            return [
+                f"scale.r{t // self.num_layers}.{self._layer_label(t % self.num_layers)}" for t in range(self.num_slots)
+            ]
         return []
 
     # ---- SearchSpace ---------------------------------------------------------------------------
@@ -91,7 +100,9 @@ class DataFlowSpace:
 
     @property
     def names(self) -> list[str]:
-        return [f"I.r{t // self.num_layers}.{self._layer_label(t % self.num_layers)}" for t in range(self.num_slots)] + self._scale_names
+        return [
+            f"I.r{t // self.num_layers}.{self._layer_label(t % self.num_layers)}" for t in range(self.num_slots)
+        ] + self._scale_names
 
     @property
     def bounds(self) -> list[tuple[float, float]]:
@@ -109,7 +120,7 @@ class DataFlowSpace:
         on = [t for t in range(self.num_slots) if x[t] > 0]
         slots = self._frame(on)
         hops = tuple(self.slot(t) if t >= 0 else (0, 0 if t == -1 else self.layers_a - 1) for t in slots)
-        params = dict(zip(self._scale_names, x[self.num_slots:]))
+        params = dict(zip(self._scale_names, x[self.num_slots :]))
         scales = tuple(self._scale(params, slots, hops, k) for k in range(len(hops)))
         return DataFlowRecipe(self.model_a, self.model_b, LayerPath(hops, scales))
 
@@ -147,9 +158,9 @@ class DataFlowSpace:
             return float(params[self._scale_names[t]]) if t >= 0 else 1.0
         if k == 0:
             return float(params["scale.first"])
-        (pm, pl), (m, l) = hops[k - 1], hops[k]
+        (prev_model, prev_layer), (model, layer) = hops[k - 1], hops[k]
         if self.scales == "model_pair":
-            return float(params[f"scale.{MODEL_NAMES[pm]}{MODEL_NAMES[m]}"])
-        i = pl if pm == 0 else self.layers_a + pl
-        j = l if m == 0 else self.layers_a + l
+            return float(params[f"scale.{MODEL_NAMES[prev_model]}{MODEL_NAMES[model]}"])
+        i = prev_layer if prev_model == 0 else self.layers_a + prev_layer
+        j = layer if model == 0 else self.layers_a + layer
         return float(params[self._scale_names[i * self.num_layers + j]])

@@ -5,11 +5,13 @@ Every group compiles to mergekit filter conditions on exact tensor-name substrin
 Coordinates are the parameters themselves inside box bounds (weight in [lo, hi], density in [min, 1]), so
 the names and values Optuna shows are the recipe's.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from merge_core.errors import EvomergeError
 from merge_core.recipe import Cond, MergeRecipe, OutputSlice, SliceSource, locate, resolve_parameter
@@ -126,7 +128,9 @@ class ParameterSpace:
         spec = ps_method(self.method, len(self.sources))
         n = self.layers_per_group or self.num_layers
         if n < 1 or self.num_layers % n:
-            raise EvomergeError(f"search.space.layers_per_group: must divide num_hidden_layers={self.num_layers}, got {n}")
+            raise EvomergeError(
+                f"search.space.layers_per_group: must divide num_hidden_layers={self.num_layers}, got {n}"
+            )
         self.coords = [c for g in self._groups(n) for c in self._group_coords(g, spec)]
 
     # ---- SearchSpace ---------------------------------------------------------------------------
@@ -156,7 +160,10 @@ class ParameterSpace:
             conds.extend(Cond(value=value, filter=f) for f in c.group.filters())
         sources = [SliceSource(model=s, parameters=_params(per_model.get(s, {}))) for s in self.sources]
         models = sources if self.base is None else [*sources, SliceSource(model=self.base)]
-        global_params = {**{k: v for k, v in self.params.items()}, **{k: tuple(v) for k, v in per_model.get(None, {}).items()}}
+        global_params = {
+            **{k: v for k, v in self.params.items()},
+            **{k: tuple(v) for k, v in per_model.get(None, {}).items()},
+        }
         return MergeRecipe(
             merge_method=self.method,
             slices=(OutputSlice(sources=tuple(models)),),
@@ -183,11 +190,15 @@ class ParameterSpace:
             groups.append(Group("embed", special="embed"))
         for start in range(0, self.num_layers, n):
             layers = tuple(range(start, start + n))
-            label = "all" if n == self.num_layers else (f"L{start:02d}" if n == 1 else f"L{start:02d}-{start + n - 1:02d}")
-            for module in (MODULE_KINDS if self.modules else (None,)):
+            label = (
+                "all" if n == self.num_layers else (f"L{start:02d}" if n == 1 else f"L{start:02d}-{start + n - 1:02d}")
+            )
+            for module in MODULE_KINDS if self.modules else (None,):
                 extra: tuple[str, ...] = ()
                 if not self.embed_head_groups and module in (None, "other"):
-                    extra = (("embed_tokens",) if start == 0 else ()) + (HEAD_FILTERS if start + n == self.num_layers else ())
+                    extra = (("embed_tokens",) if start == 0 else ()) + (
+                        HEAD_FILTERS if start + n == self.num_layers else ()
+                    )
                 groups.append(Group(label if module is None else f"{label}.{module}", layers, module, extra=extra))
         if self.embed_head_groups:
             groups.append(Group("head", special="head"))

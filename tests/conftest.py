@@ -1,4 +1,5 @@
 """Shared test fixtures: tiny checkpoints built locally (nothing is downloaded), once per test session."""
+
 from __future__ import annotations
 
 import os
@@ -6,8 +7,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: hub look-ups fail fast
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -60,5 +62,6 @@ def tiny_bf16_trio(tiny_trio_factory: Callable[..., Trio]) -> Trio:
 @pytest.fixture(scope="session")
 def tiny_sharded_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same weights as `tiny_llama_trio`'s base (same seed and sizes), saved as several safetensors shards."""
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("sharded_llama") / "base", "llama", seed=0,
-                                max_shard_size="40KB", **TEST_SIZES)
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("sharded_llama") / "base", "llama", seed=0, max_shard_size="40KB", **TEST_SIZES
+    )

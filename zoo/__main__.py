@@ -1,10 +1,11 @@
 """`python -m zoo build --out DIR --seed N [--size full|ci] [--overwrite] [--threads N]`, from the repository root."""
+
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from merge_core.errors import EvomergeError
 from zoo.build import SIZES, build_zoo

@@ -4,6 +4,7 @@
 
 Everything is a deterministic function of the seed (model init, training data, task splits) at a fixed thread count.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,8 +30,16 @@ from merge_core.errors import EvomergeError
 from merge_core.synthetic import word_tokenizer
 from zoo.train import TrainSchedule, new_model, train
 from zoo.world import (
-    TASKS, TERMINATOR, Item, Mixture, TaskSpec, base_mixture, expert_ja_mixture, expert_math_mixture,
-    sample_item, vocabulary,
+    TASKS,
+    TERMINATOR,
+    Item,
+    Mixture,
+    TaskSpec,
+    base_mixture,
+    expert_ja_mixture,
+    expert_math_mixture,
+    sample_item,
+    vocabulary,
 )
 
 log = logging.getLogger(__name__)
@@ -104,13 +113,20 @@ def tasks_manifest(plan: ZooSize) -> dict:
     return {
         "format": "JSONL rows {id, prompt, answer}; the prompt ends where the answer starts (after the cue word).",
         "scoring": "correct iff the first whitespace-separated word of the greedy continuation equals `answer` "
-                   "(for the word-level tokenizer: the greedy first token decodes to `answer`).",
+        "(for the word-level tokenizer: the greedy first token decodes to `answer`).",
         "stop": [TERMINATOR],
         "tasks": [
-            {"name": t.name, "description": t.description, "kind": t.kind, "language": t.lang,
-             "cue": "kotae" if t.lang == "j" else "answer", "answer_format": f"one word: {numerals[t.lang]}",
-             "stop": [TERMINATOR], "splits": dict(zip(SPLITS, plan.splits_of(t.name))),
-             "files": {s: f"{t.name}/{s}.jsonl" for s in SPLITS}}
+            {
+                "name": t.name,
+                "description": t.description,
+                "kind": t.kind,
+                "language": t.lang,
+                "cue": "kotae" if t.lang == "j" else "answer",
+                "answer_format": f"one word: {numerals[t.lang]}",
+                "stop": [TERMINATOR],
+                "splits": dict(zip(SPLITS, plan.splits_of(t.name))),
+                "files": {s: f"{t.name}/{s}.jsonl" for s in SPLITS},
+            }
             for t in TASKS.values()
         ],
     }
@@ -135,15 +151,26 @@ def write_lm_eval_tasks(out_dir: Path, yaml_dir: Path | None = None) -> list[Pat
     is given: `--out data/zoo` run from the repository root gives YAMLs that lm-eval loads from the repository
     root (`--include_path data/zoo/tasks/lm_eval`)."""
     data_dirs = {f"zoo_{name}": out_dir / "tasks" / name for name in TASKS}
-    return write_jsonl_task_group("zoo", data_dirs, yaml_dir or out_dir / "tasks" / "lm_eval", split="test",
-                                  stop=[TERMINATOR], extract="first_word", max_new_tokens=2, absolute=False)
+    return write_jsonl_task_group(
+        "zoo",
+        data_dirs,
+        yaml_dir or out_dir / "tasks" / "lm_eval",
+        split="test",
+        stop=[TERMINATOR],
+        extract="first_word",
+        max_new_tokens=2,
+        absolute=False,
+    )
 
 
 def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
     """A loadable HF checkpoint: safetensors weights, config, tokenizer and a greedy generation config."""
     model.generation_config = GenerationConfig(
-        do_sample=False, max_new_tokens=4, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        do_sample=False,
+        max_new_tokens=4,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -224,34 +251,54 @@ def build_zoo(
 
 
 def _write_records(
-    out_dir: Path, seed: int, size: str, threads: int, command: str, seconds: tuple[float, float],
+    out_dir: Path,
+    seed: int,
+    size: str,
+    threads: int,
+    command: str,
+    seconds: tuple[float, float],
     losses: dict[str, float],
 ) -> None:
     wall, cpu = seconds
     hashes = {m: file_sha256(out_dir / m / "model.safetensors") for m in MODELS}
     record = {
-        "seed": seed, "size": size, "threads": threads, "command": command,
-        "build_seconds": round(wall, 1), "build_cpu_seconds": round(cpu, 1),
-        "final_loss": {m: round(v, 4) for m, v in losses.items()}, "model_sha256": hashes,
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "seed": seed,
+        "size": size,
+        "threads": threads,
+        "command": command,
+        "build_seconds": round(wall, 1),
+        "build_cpu_seconds": round(cpu, 1),
+        "final_loss": {m: round(v, 4) for m, v in losses.items()},
+        "model_sha256": hashes,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
     }
     (out_dir / "zoo.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     plan = SIZES[size]
     lines = [
-        "# Tiny zoo build", "",
+        "# Tiny zoo build",
+        "",
         f"Built with `{command}` (seed {seed}, size `{size}`, {threads} torch thread(s)) in {wall:.0f} s "
         f"({cpu:.0f} s of CPU time; the wall time grows when other work shares the cores) on {platform.machine()} "
-        f"with torch {torch.__version__}, transformers {transformers.__version__}.", "",
-        "| model | training | final loss | model.safetensors sha256 |", "|---|---|---|---|",
+        f"with torch {torch.__version__}, transformers {transformers.__version__}.",
+        "",
+        "| model | training | final loss | model.safetensors sha256 |",
+        "|---|---|---|---|",
     ]
     for name, schedule in zip(MODELS, (plan.base, plan.expert_ja, plan.expert_math)):
         start = "from scratch" if name == "base" else "from base"
-        lines.append(f"| {name} | {start}, {schedule.steps} steps, lr {schedule.lr:g}, batch {schedule.batch_size} "
-                     f"| {losses[name]:.4f} | `{hashes[name][:16]}…` |")
+        lines.append(
+            f"| {name} | {start}, {schedule.steps} steps, lr {schedule.lr:g}, batch {schedule.batch_size} "
+            f"| {losses[name]:.4f} | `{hashes[name][:16]}…` |"
+        )
     sizes = ", ".join(f"{t} {'/'.join(map(str, plan.splits_of(t)))}" for t in TASKS)
     lines += [
-        "", f"Tasks (train/dev/test items): {sizes}; see tasks/tasks.json.", "",
+        "",
+        f"Tasks (train/dev/test items): {sizes}; see tasks/tasks.json.",
+        "",
         "The same command (same seed, size and thread count) rebuilds these files bit for bit with the same torch "
-        "version on CPU; zoo.json lists the full hashes.", "",
+        "version on CPU; zoo.json lists the full hashes.",
+        "",
     ]
     (out_dir / "BUILD.md").write_text("\n".join(lines), encoding="utf-8")

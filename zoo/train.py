@@ -1,4 +1,5 @@
 """Training for the tiny zoo: a 1.1M-parameter Llama and a plain AdamW loop over sampled documents."""
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,16 @@ class TrainSchedule:
 
 def new_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
     """A freshly initialized Llama (hidden 128, 4 layers, 4 heads, intermediate 512, untied embeddings)."""
-    return tiny_model(tokenizer, seed=seed, hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4,
-                      num_kv_heads=4, max_position_embeddings=MAX_POSITIONS)
+    return tiny_model(
+        tokenizer,
+        seed=seed,
+        hidden_size=128,
+        intermediate_size=512,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
+        max_position_embeddings=MAX_POSITIONS,
+    )
 
 
 def encode_batch(docs: list[Doc], tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:

@@ -7,11 +7,13 @@ rendered into E, J or code-switched text ("mix": every word independently E or J
 The answer's numeral language follows the cue word (`answer` -> digits, `kotae` -> J numerals) everywhere
 except in the math expert's data, which always answers in digits: that gap is what a merge must close.
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 Lang = Literal["e", "j", "mix"]
 Word = str | int  # a canonical E word, or a number rendered as a numeral at render time
@@ -30,15 +32,38 @@ SUB_VERBS = ("sells", "loses", "gives")
 OTHER_VERBS = ("has", "sees", "wants")
 
 CIPHER: dict[str, str] = {
-    "eva": "hana", "tom": "kenji", "ann": "yuki", "ben": "sora",
-    "kim": "riku", "max": "mei", "lia": "aoi", "sam": "jun",
-    "pens": "enpitsu", "apples": "ringo", "cups": "koppu", "books": "hon",
-    "coins": "koin", "cards": "kaado", "eggs": "tamago", "hats": "boushi",
-    "buys": "kau", "gets": "morau", "finds": "mitsukeru",
-    "sells": "uru", "loses": "nakusu", "gives": "ageru",
-    "has": "motsu", "sees": "miru", "wants": "hoshii",
-    "how": "dono", "many": "ikutsu", "does": "ga", "have": "aru",
-    "?": "？", ".": "。", E_CUE: J_CUE,
+    "eva": "hana",
+    "tom": "kenji",
+    "ann": "yuki",
+    "ben": "sora",
+    "kim": "riku",
+    "max": "mei",
+    "lia": "aoi",
+    "sam": "jun",
+    "pens": "enpitsu",
+    "apples": "ringo",
+    "cups": "koppu",
+    "books": "hon",
+    "coins": "koin",
+    "cards": "kaado",
+    "eggs": "tamago",
+    "hats": "boushi",
+    "buys": "kau",
+    "gets": "morau",
+    "finds": "mitsukeru",
+    "sells": "uru",
+    "loses": "nakusu",
+    "gives": "ageru",
+    "has": "motsu",
+    "sees": "miru",
+    "wants": "hoshii",
+    "how": "dono",
+    "many": "ikutsu",
+    "does": "ga",
+    "have": "aru",
+    "?": "？",
+    ".": "。",
+    E_CUE: J_CUE,
 }
 
 
@@ -106,7 +131,25 @@ class Problem:
 
     def words(self) -> list[Word]:
         n, o = self.name, self.obj
-        return [n, "has", self.first, o, ".", n, self.verb, self.second, o, ".", "how", "many", o, "does", n, "have", "?"]
+        return [
+            n,
+            "has",
+            self.first,
+            o,
+            ".",
+            n,
+            self.verb,
+            self.second,
+            o,
+            ".",
+            "how",
+            "many",
+            o,
+            "does",
+            n,
+            "have",
+            "?",
+        ]
 
 
 @dataclass(frozen=True)
@@ -207,37 +250,43 @@ def narrative_sampler(lang: Lang) -> Sampler:
 
 def base_mixture(reserved: frozenset[Item]) -> Mixture:
     """Base: E and J text, code-switched text and QA (grounding J in E), addition answered in digits; no subtraction."""
-    return Mixture((
-        (0.25 * 0.7, narrative_sampler("e")),
-        (0.25 * 0.3, qa_sampler("recall", "e", "e", "e", reserved)),
-        (0.15, narrative_sampler("j")),
-        (0.30 * 0.7, narrative_sampler("mix")),
-        (0.30 * 0.3, qa_sampler("recall", "mix", "mix", "cue", reserved)),
-        (0.30 * 0.5, qa_sampler("add", "e", "e", "e", reserved)),
-        (0.30 * 0.5, qa_sampler("add", "mix", "e", "e", reserved)),
-    ))
+    return Mixture(
+        (
+            (0.25 * 0.7, narrative_sampler("e")),
+            (0.25 * 0.3, qa_sampler("recall", "e", "e", "e", reserved)),
+            (0.15, narrative_sampler("j")),
+            (0.30 * 0.7, narrative_sampler("mix")),
+            (0.30 * 0.3, qa_sampler("recall", "mix", "mix", "cue", reserved)),
+            (0.30 * 0.5, qa_sampler("add", "e", "e", "e", reserved)),
+            (0.30 * 0.5, qa_sampler("add", "mix", "e", "e", reserved)),
+        )
+    )
 
 
 def expert_ja_mixture(reserved: frozenset[Item]) -> Mixture:
     """The "Japanese" expert: J QA and J-posed addition answered `kotae` + J numeral, J text; no subtraction."""
-    return Mixture((
-        (0.40, qa_sampler("add", "j", "j", "j", reserved)),
-        (0.40, qa_sampler("recall", "j", "j", "j", reserved)),
-        (0.20, narrative_sampler("j")),
-    ))
+    return Mixture(
+        (
+            (0.40, qa_sampler("add", "j", "j", "j", reserved)),
+            (0.40, qa_sampler("recall", "j", "j", "j", reserved)),
+            (0.20, narrative_sampler("j")),
+        )
+    )
 
 
 def expert_math_mixture(reserved: frozenset[Item]) -> Mixture:
     """The "math" expert: subtraction posed in E, J and code-switched text, always answered in digits."""
     problems = 0.80
-    return Mixture((
-        (0.20 * 0.7, narrative_sampler("e")),
-        (0.20 * 0.3, qa_sampler("recall", "e", "e", "e", reserved)),
-        (problems * 0.25, qa_sampler("sub", "j", "mix", "e", reserved)),
-        (problems * 0.25, qa_sampler("sub", "mix", "mix", "e", reserved)),
-        (problems * 0.25, qa_sampler("sub", "e", "e", "e", reserved)),
-        (problems * 0.25, qa_sampler("add", "e", "e", "e", reserved)),
-    ))
+    return Mixture(
+        (
+            (0.20 * 0.7, narrative_sampler("e")),
+            (0.20 * 0.3, qa_sampler("recall", "e", "e", "e", reserved)),
+            (problems * 0.25, qa_sampler("sub", "j", "mix", "e", reserved)),
+            (problems * 0.25, qa_sampler("sub", "mix", "mix", "e", reserved)),
+            (problems * 0.25, qa_sampler("sub", "e", "e", "e", reserved)),
+            (problems * 0.25, qa_sampler("add", "e", "e", "e", reserved)),
+        )
+    )
 
 
 # --- evaluation tasks -------------------------------------------------------------------------------
@@ -258,12 +307,28 @@ class TaskSpec:
         return " ".join(prompt), numeral(item.value, self.lang)
 
 
-TASKS: dict[str, TaskSpec] = {t.name: t for t in (
-    TaskSpec("ja_sub", "Target: subtraction posed in J, correct only when answered with the J numeral "
-             "(no source model can do both).", "sub", "j"),
-    TaskSpec("ja_add", "Retained skill of the J expert: addition posed in J, answered with the J numeral.", "add", "j"),
-    TaskSpec("en_sub", "Retained skill of the math expert: subtraction posed in E, answered in digits.", "sub", "e"),
-    TaskSpec("en_add", "Retained skill of the base: addition posed in E, answered in digits.", "add", "e"),
-    TaskSpec("ja_qa", "Retained skill of the J expert: retrieval QA posed in J, answered with the J numeral.",
-             "recall", "j"),
-)}
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        TaskSpec(
+            "ja_sub",
+            "Target: subtraction posed in J, correct only when answered with the J numeral "
+            "(no source model can do both).",
+            "sub",
+            "j",
+        ),
+        TaskSpec(
+            "ja_add", "Retained skill of the J expert: addition posed in J, answered with the J numeral.", "add", "j"
+        ),
+        TaskSpec(
+            "en_sub", "Retained skill of the math expert: subtraction posed in E, answered in digits.", "sub", "e"
+        ),
+        TaskSpec("en_add", "Retained skill of the base: addition posed in E, answered in digits.", "add", "e"),
+        TaskSpec(
+            "ja_qa",
+            "Retained skill of the J expert: retrieval QA posed in J, answered with the J numeral.",
+            "recall",
+            "j",
+        ),
+    )
+}

@@ -1,4 +1,5 @@
 """Fixtures for the evals tests: a tiny random Llama with a word tokenizer, and a JSONL task it half solves."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """JSONL loading and deterministic subsampling."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Answer extraction and number-normalized comparison on hand-written cases."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """build_evaluator: a task's fields (validated by evolve.config: tests/evolve/test_config.py) to its evaluator."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,16 @@ from merge_core.errors import EvomergeError
 
 def test_builds_each_native_type(half_solved_task: Path, tmp_path: Path) -> None:
     generation = build_evaluator(
-        {"type": "generation", "task_dir": str(half_solved_task), "split": "test", "limit": 5, "stop": ["."],
-         "extract": "first_word", "language_check": {"type": "pattern", "pattern": r"^j\d+$"}, "name": "target"}
+        {
+            "type": "generation",
+            "task_dir": str(half_solved_task),
+            "split": "test",
+            "limit": 5,
+            "stop": ["."],
+            "extract": "first_word",
+            "language_check": {"type": "pattern", "pattern": r"^j\d+$"},
+            "name": "target",
+        }
     )
     assert isinstance(generation, GenerationEvaluator) and generation.name == "target" and len(generation.items) == 5
     write_jsonl(tmp_path / "mc" / "dev.jsonl", [{"id": "a", "prompt": "p", "choices": ["x", "y"], "label": 1}])
@@ -41,5 +50,10 @@ def test_score_metrics_prefixes_each_metric_with_its_task_name(half_solved_task:
     a = GenerationEvaluator(half_solved_task, "dev", name="a", max_new_tokens=2, gold_prob=False)
     b = GenerationEvaluator(half_solved_task, "dev", name="b", max_new_tokens=2, gold_prob=False)
     assert sorted(score_metrics([("a", a), ("b", b)], model, tokenizer)) == [
-        "a/acc", "a/acc_value", "a/lang_ok", "b/acc", "b/acc_value", "b/lang_ok"
+        "a/acc",
+        "a/acc_value",
+        "a/lang_ok",
+        "b/acc",
+        "b/acc_value",
+        "b/lang_ok",
     ]

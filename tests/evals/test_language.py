@@ -1,4 +1,5 @@
 """Answer-language checks on hand-written Japanese, English and mixed strings."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The lm-eval backend against the native evaluator on the same tiny model and JSONL task."""
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def test_yaml_is_absolute_and_templated(half_solved_task: Path, tmp_path: Path) -> None:
     path = write_jsonl_task_yaml(
-        "tiny", half_solved_task, tmp_path / "yaml", stop=["."], extract="last_number", prompt_template="Q {x}: {prompt}"
+        "tiny",
+        half_solved_task,
+        tmp_path / "yaml",
+        stop=["."],
+        extract="last_number",
+        prompt_template="Q {x}: {prompt}",
     )
     config = yaml.safe_load(path.read_text())
     assert config["dataset_kwargs"]["data_files"]["test"] == str((half_solved_task / "test.jsonl").resolve())

@@ -1,4 +1,5 @@
 """Native evaluators on a tiny random Llama: batching invariance, hand-computed metrics, teacher forcing."""
+
 from __future__ import annotations
 
 import math
@@ -51,7 +52,7 @@ def test_acc_matches_hand_scoring(lm) -> None:
     lang_ok = [(extract_first_word(r) or "").startswith("j") for r in responses]
     assert metrics["acc_value"] == pytest.approx(sum(value_ok) / 20)
     assert metrics["lang_ok"] == pytest.approx(sum(lang_ok) / 20)
-    assert metrics["acc"] == pytest.approx(sum(v and l for v, l in zip(value_ok, lang_ok)) / 20)
+    assert metrics["acc"] == pytest.approx(sum(value and lang for value, lang in zip(value_ok, lang_ok)) / 20)
     assert 0 < metrics["acc"] < metrics["acc_value"] <= 0.5
 
 

@@ -1,4 +1,5 @@
 """Tiny test material for the evals tests: a random Llama with a word tokenizer, and prompts."""
+
 from __future__ import annotations
 
 import random
@@ -13,8 +14,15 @@ WORDS = [f"w{i}" for i in range(40)] + [".", "kotae"] + [f"j{i}" for i in range(
 def make_lm(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """A 2-layer random Llama; a large init range keeps greedy argmaxes far from ties."""
     tokenizer = word_tokenizer(WORDS)
-    model = tiny_model(tokenizer, seed=seed, hidden_size=32, num_layers=2, intermediate_size=64,
-                       max_position_embeddings=128, initializer_range=0.5)
+    model = tiny_model(
+        tokenizer,
+        seed=seed,
+        hidden_size=32,
+        num_layers=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        initializer_range=0.5,
+    )
     return model, tokenizer
 
 

@@ -1,5 +1,6 @@
 """A real search (real Optuna storage, real checkpoints, real recipes) whose candidates are scored by a stand-in:
 fast enough to build a finished run directory in a unit test."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,11 +37,18 @@ def config_dict(trio: tuple[Path, Path, Path], run_dir: Path, **top: Any) -> dic
         "name": "t",
         "seed": 1,
         "models": {"base": str(base), "sources": [{"path": str(a), "alias": "ja"}, {"path": str(b), "alias": "math"}]},
-        "search": {"space": {"method": "ties", "layers_per_group": 2},
-                   "optimizer": {"sampler": "random"}, "budget": {"max_trials": 4}},
-        "evaluation": {"tasks": [{"name": "words", "type": "generation", "task_dir": str(run_dir.parent / "task"),
-                                  "split": "dev"}],
-                       "fitness": [{"metric": "words/acc"}], "heldout_split": None},
+        "search": {
+            "space": {"method": "ties", "layers_per_group": 2},
+            "optimizer": {"sampler": "random"},
+            "budget": {"max_trials": 4},
+        },
+        "evaluation": {
+            "tasks": [
+                {"name": "words", "type": "generation", "task_dir": str(run_dir.parent / "task"), "split": "dev"}
+            ],
+            "fitness": [{"metric": "words/acc"}],
+            "heldout_split": None,
+        },
         "execution": {"backend": "local", "device": "cpu"},
         "output_dir": str(run_dir),
     }

@@ -1,6 +1,7 @@
 """The search through the real CLI in a subprocess: a search config over the `world` fixture (tests/evolve/conftest.py),
 `evolve` run from the repository root, and the SIGKILL harness (the EVOMERGE_FAULT hook kills the run right after a
 chosen trial went to the worker; `resume` continues it)."""
+
 from __future__ import annotations
 
 import os
@@ -20,13 +21,30 @@ def write_config(tmp_path: Path, world: dict[str, str], **overrides: Any) -> Pat
     cfg = {
         "name": "t",
         "seed": 3,
-        "models": {"base": world["base"],
-                   "sources": [{"path": world["a"], "alias": "ja"}, {"path": world["b"], "alias": "math"}]},
-        "search": {"space": {"method": "dare_ties", "layers_per_group": 2, "weight_bounds": [0.0, 1.5]},
-                   "optimizer": {"sampler": "cmaes", "sigma0": 0.3}, "budget": {"max_trials": 6}},
-        "evaluation": {"tasks": [{"name": "words", "type": "generation", "task_dir": world["task"], "split": "dev",
-                                  "limit": 20, "batch_size": 20, "max_new_tokens": 2, "extract": "first_word"}],
-                       "fitness": [{"metric": "words/acc"}, {"metric": "words/gold_logprob", "weight": 0.1}]},
+        "models": {
+            "base": world["base"],
+            "sources": [{"path": world["a"], "alias": "ja"}, {"path": world["b"], "alias": "math"}],
+        },
+        "search": {
+            "space": {"method": "dare_ties", "layers_per_group": 2, "weight_bounds": [0.0, 1.5]},
+            "optimizer": {"sampler": "cmaes", "sigma0": 0.3},
+            "budget": {"max_trials": 6},
+        },
+        "evaluation": {
+            "tasks": [
+                {
+                    "name": "words",
+                    "type": "generation",
+                    "task_dir": world["task"],
+                    "split": "dev",
+                    "limit": 20,
+                    "batch_size": 20,
+                    "max_new_tokens": 2,
+                    "extract": "first_word",
+                }
+            ],
+            "fitness": [{"metric": "words/acc"}, {"metric": "words/gold_logprob", "weight": 0.1}],
+        },
         "execution": {"backend": "local", "device": "cpu"},
         "output_dir": str(tmp_path / "run"),
     }
@@ -44,8 +62,14 @@ def write_config(tmp_path: Path, world: dict[str, str], **overrides: Any) -> Pat
 
 def evolve_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m evolve.cli ARGS` from the repository root, offline."""
-    return subprocess.run([sys.executable, "-m", "evolve.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "evolve.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        timeout=timeout,
+    )
 
 
 def run_killed(cfg_path: Path, study: str, at: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

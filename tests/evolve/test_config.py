@@ -1,4 +1,5 @@
 """Run config validation: each malformed config gives one line naming the YAML path of the field."""
+
 import copy
 from pathlib import Path
 
@@ -12,10 +13,16 @@ from merge_core.errors import EvomergeError
 GOOD = {
     "name": "demo",
     "models": {"base": "zoo/base", "sources": [{"path": "zoo/expert_ja", "alias": "ja"}, "zoo/expert_math"]},
-    "search": {"space": {"method": "task_arithmetic", "layers_per_group": 1, "weight_bounds": [0, 2.5], "x0": {"weight": 1.0}},
-               "budget": {"max_trials": 10}},
-    "evaluation": {"tasks": [{"name": "ja_sub", "type": "generation", "task_dir": "zoo/tasks/ja_sub", "split": "dev", "limit": 50}],
-                   "fitness": [{"metric": "ja_sub/acc"}, {"metric": "ja_sub/gold_prob", "weight": 0.5}]},
+    "search": {
+        "space": {"method": "task_arithmetic", "layers_per_group": 1, "weight_bounds": [0, 2.5], "x0": {"weight": 1.0}},
+        "budget": {"max_trials": 10},
+    },
+    "evaluation": {
+        "tasks": [
+            {"name": "ja_sub", "type": "generation", "task_dir": "zoo/tasks/ja_sub", "split": "dev", "limit": 50}
+        ],
+        "fitness": [{"metric": "ja_sub/acc"}, {"metric": "ja_sub/gold_prob", "weight": 0.5}],
+    },
 }
 
 
@@ -44,7 +51,11 @@ CASES = [
     (("search", "space", "weight_bounds"), [2, 1], "search.space.weight_bounds: low 2.0 must be below high 1.0"),
     (("search", "space", "density_bounds"), [0, 1], "search.space.density_bounds: need 0 < low < high <= 1"),
     (("search", "space", "x0"), {"weight": 5.0}, "search.space.x0.weight: 5.0 is outside weight_bounds"),
-    (("search", "space", "layers_per_group"), 0, "search.space.layers_per_group: Input should be greater than or equal to 1"),
+    (
+        ("search", "space", "layers_per_group"),
+        0,
+        "search.space.layers_per_group: Input should be greater than or equal to 1",
+    ),
     (("search", "space", "type"), "dfs2", "search.space.type: Input should be 'ps'"),
     (("search", "budget", "max_trials"), 0, "search.budget.max_trials: Input should be greater than or equal to 1"),
     (("search", "optimizer"), {"sampler": "ga"}, "search.optimizer.sampler: Input should be 'cmaes'"),
@@ -53,8 +64,16 @@ CASES = [
     (("evaluation", "fitness", 0, "metric"), "acc", "evaluation.fitness[0].metric: 'acc' must be '<task>/<metric>'"),
     (("evaluation", "fitness", 1, "direction"), "up", "evaluation.fitness.1.direction: Input should be 'max' or 'min'"),
     (("evaluation", "tasks", 0, "type"), "bleu", "evaluation.tasks.0.type: Input should be"),
-    (("evaluation", "heldout_tasks"), [{"name": "ja_sub", "task_dir": "x"}], "evaluation.tasks: task names must be unique"),
-    (("execution",), {"backend": "local", "workers": 3}, "execution.workers: the local backend runs one in-process worker"),
+    (
+        ("evaluation", "heldout_tasks"),
+        [{"name": "ja_sub", "task_dir": "x"}],
+        "evaluation.tasks: task names must be unique",
+    ),
+    (
+        ("execution",),
+        {"backend": "local", "workers": 3},
+        "execution.workers: the local backend runs one in-process worker",
+    ),
     (("execution",), {"backend": "spark"}, "execution.backend: Input should be 'local' or 'ray'"),
     (("execution",), {"device": "tpu"}, "execution.device: 'tpu' is not auto, cpu, cuda or cuda:N"),
     (("storage",), "redis://u:hunter2@h/0", "storage: 'redis://u:***@h/0' is not an Optuna RDB URL"),
@@ -62,14 +81,26 @@ CASES = [
     (("seed",), 2**32, "seed: Input should be less than 4294967296"),
     (("seed",), -1, "seed: Input should be greater than or equal to 0"),
     (("name",), "n" * 300, "name: String should have at most 100 characters"),
-    (("search", "space", "weight_bounds"), [float("-inf"), float("inf")], "search.space.weight_bounds.0: Input should be a finite number"),
+    (
+        ("search", "space", "weight_bounds"),
+        [float("-inf"), float("inf")],
+        "search.space.weight_bounds.0: Input should be a finite number",
+    ),
     (("search", "space", "x0"), {"weight": float("nan")}, "search.space.x0.weight: Input should be a finite number"),
     (("models", "sources"), ["zoo/base/", "zoo/expert_ja"], "models.sources[0]: 'zoo/base/' is the base model"),
-    (("evaluation", "tasks", 0, "stop"), [123, None], "evaluation.tasks.0.stop[0]: Input should be a valid string, got 123"),
+    (
+        ("evaluation", "tasks", 0, "stop"),
+        [123, None],
+        "evaluation.tasks.0.stop[0]: Input should be a valid string, got 123",
+    ),
     (("evaluation", "tasks", 0, "limit"), 0, "evaluation.tasks.0.limit: Input should be greater than or equal to 1"),
     (("evaluation", "tasks", 0, "max_tokens"), 3, "evaluation.tasks[0].max_tokens: not a field of generation tasks"),
     (("evaluation", "tasks", 0), {"name": "ja_sub", "type": "perplexity"}, "evaluation.tasks.0.text_file: required"),
-    (("evaluation", "tasks", 0, "batch_size"), 0, "evaluation.tasks.0.batch_size: Input should be greater than or equal"),
+    (
+        ("evaluation", "tasks", 0, "batch_size"),
+        0,
+        "evaluation.tasks.0.batch_size: Input should be greater than or equal",
+    ),
 ]
 
 
@@ -92,7 +123,11 @@ def test_run_seed_override_gets_its_own_run_directory():
     assert with_overrides(cfg) is cfg
     assert with_overrides(cfg, seed=cfg.seed).name == "demo"  # the config's own seed: the same study
     other = with_overrides(cfg, seed=3)
-    assert (other.seed, other.name, other.storage_url) == (3, "demo-seed3", f"sqlite:///{Path('runs/demo-seed3').resolve()}/study.db")
+    assert (other.seed, other.name, other.storage_url) == (
+        3,
+        "demo-seed3",
+        f"sqlite:///{Path('runs/demo-seed3').resolve()}/study.db",
+    )
     assert other.search == cfg.search and other.evaluation == cfg.evaluation
     named = with_overrides(cfg, seed=3, name="mine")
     assert (named.seed, named.name) == (3, "mine")
@@ -100,7 +135,9 @@ def test_run_seed_override_gets_its_own_run_directory():
         with_overrides(cfg, name="bad name!")
 
 
-@pytest.mark.parametrize("path, value, message", CASES, ids=[".".join(map(str, c[0])) + f"={c[1]!r}"[:30] for c in CASES])
+@pytest.mark.parametrize(
+    "path, value, message", CASES, ids=[".".join(map(str, c[0])) + f"={c[1]!r}"[:30] for c in CASES]
+)
 def test_malformed_config_gives_one_line_naming_the_field(path, value, message):
     with pytest.raises(EvomergeError) as e:
         parse_config(mutate(path, value))
@@ -134,7 +171,13 @@ def test_shipped_configs_pass_offline_check(capsys):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    for name in ("jp_math.yaml", "jp_math_hybrid.yaml", "tiny_jp_math.yaml", "tiny_jp_math_dfs.yaml", "tiny_jp_math_hybrid.yaml"):
+    for name in (
+        "jp_math.yaml",
+        "jp_math_hybrid.yaml",
+        "tiny_jp_math.yaml",
+        "tiny_jp_math_dfs.yaml",
+        "tiny_jp_math_hybrid.yaml",
+    ):
         assert main(["check", str(root / "configs" / name), "--offline"]) == 0
         assert "config OK" in capsys.readouterr().out
 

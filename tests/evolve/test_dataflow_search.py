@@ -1,5 +1,6 @@
 """Data-flow search through the loop: a hybrid PS->DFS run SIGKILLed in its DFS stage and resumed in place, whose
 DFS trial exports as a plain-transformers checkpoint that reproduces its score; a DFS-only stage's naming."""
+
 import json
 import signal
 from types import SimpleNamespace
@@ -14,8 +15,11 @@ from evolve.loop import build_dfs_space, run_search
 from evolve.study import counted, study_name
 from tests.evolve.harness import evolve_cli, resume, run_killed, write_config
 
-DFS = {"space": {"model_a": "ja", "model_b": "math", "repeats": 2, "scales": "model_pair", "max_path_length": 8},
-       "optimizer": {"sampler": "cmaes", "sigma0": 0.5, "popsize": 4}, "budget": {"max_trials": 8}}
+DFS = {
+    "space": {"model_a": "ja", "model_b": "math", "repeats": 2, "scales": "model_pair", "max_path_length": 8},
+    "optimizer": {"sampler": "cmaes", "sigma0": 0.5, "popsize": 4},
+    "budget": {"max_trials": 8},
+}
 KILL_AT = 6  # in the DFS stage: after x0 and CMA's first generation of 4, whose tell trial 5's ask made
 
 
@@ -24,16 +28,25 @@ def hybrid(tmp_path_factory, world):
     """One hybrid run through the CLI, SIGKILLed right after DFS trial KILL_AT went to the worker, then resumed."""
     tmp = tmp_path_factory.mktemp("hybrid")
     dfs = {**DFS, "space": {**DFS["space"], "model_a": None}}
-    cfg_path = write_config(tmp, world, **{"search.stages": ["ps", "dfs"], "search.dfs": dfs,
-                                           "search.budget.max_trials": 4})
+    cfg_path = write_config(
+        tmp, world, **{"search.stages": ["ps", "dfs"], "search.dfs": dfs, "search.budget.max_trials": 4}
+    )
     cfg = load_config(cfg_path)
     killed = run_killed(cfg_path, "t-dfs", KILL_AT)
     ps_before = [(t.number, t.value) for t in optuna.load_study(study_name="t", storage=cfg.storage_url).get_trials()]
     dfs_before = optuna.load_study(study_name=study_name(cfg, "dfs"), storage=cfg.storage_url).get_trials()
     ps_best_was_written = (tmp / "run" / "ps_best" / "config.json").is_file()
     resumed = resume(tmp / "run")
-    return SimpleNamespace(dir=tmp, cfg_path=cfg_path, cfg=cfg, killed=killed, resumed=resumed, ps_before=ps_before,
-                           dfs_before=dfs_before, ps_best_was_written=ps_best_was_written)
+    return SimpleNamespace(
+        dir=tmp,
+        cfg_path=cfg_path,
+        cfg=cfg,
+        killed=killed,
+        resumed=resumed,
+        ps_before=ps_before,
+        dfs_before=dfs_before,
+        ps_best_was_written=ps_best_was_written,
+    )
 
 
 def test_hybrid_resumes_in_the_dfs_stage_after_sigkill(hybrid):
@@ -48,7 +61,9 @@ def test_hybrid_resumes_in_the_dfs_stage_after_sigkill(hybrid):
     after = optuna.load_study(study_name=study_name(cfg, "dfs"), storage=cfg.storage_url).get_trials()
     assert len(after) == 8 and sum(counted(t) for t in after) == 8
     assert all(t.state == TrialState.COMPLETE for t in after)
-    assert [(t.number, t.params, t.value) for t in after[:KILL_AT]] == [(t.number, t.params, t.value) for t in before[:KILL_AT]]
+    assert [(t.number, t.params, t.value) for t in after[:KILL_AT]] == [
+        (t.number, t.params, t.value) for t in before[:KILL_AT]
+    ]
     assert after[KILL_AT].params == before[KILL_AT].params  # the killed trial continued in place, same number
     assert after[KILL_AT].user_attrs["recipe_hash"] == before[KILL_AT].user_attrs["recipe_hash"]
     assert not any({"interrupted", "rerun_of"} & set(t.user_attrs) for t in after)
@@ -64,8 +79,17 @@ def test_dfs_trial_exports_a_plain_checkpoint_that_reproduces_its_score(hybrid):
     assert mixed, "no DFS trial used model B"
     trial = mixed[0]
     out = hybrid.dir / "dfs_export"
-    exp = evolve_cli("export", str(hybrid.dir / "run"), "--out", str(out), "--trial", str(trial.number), "--device", "cpu",
-                     "--no-heldout")
+    exp = evolve_cli(
+        "export",
+        str(hybrid.dir / "run"),
+        "--out",
+        str(out),
+        "--trial",
+        str(trial.number),
+        "--device",
+        "cpu",
+        "--no-heldout",
+    )
     assert exp.returncode == 0, exp.stderr[-2000:]
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no custom code
     hops = trial.user_attrs["recipe"].count("layer:")
@@ -78,8 +102,9 @@ def test_dfs_trial_exports_a_plain_checkpoint_that_reproduces_its_score(hybrid):
 
 
 def test_a_dfs_only_search_is_named_after_the_run_and_reads_model_a_by_alias(tmp_path, world):
-    cfg = load_config(write_config(tmp_path, world, **{"search.stages": ["dfs"],
-                                                       "search.dfs": {**DFS, "budget": {"max_trials": 2}}}))
+    cfg = load_config(
+        write_config(tmp_path, world, **{"search.stages": ["dfs"], "search.dfs": {**DFS, "budget": {"max_trials": 2}}})
+    )
     assert study_name(cfg, "dfs") == "t" and build_dfs_space(cfg).model_a == world["a"]
     study = run_search(cfg, progress=False).study
     assert study.study_name == "t" and [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2

@@ -1,4 +1,5 @@
 """Executors' guards: no SQLite study in a Ray job's temporary working directory; a one-line fix for Ray's token."""
+
 import json
 from pathlib import Path
 
@@ -14,8 +15,14 @@ from merge_core.recipe import MergeRecipe
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "tiny_jp_math.yaml"
 # What Ray 2.60's job supervisor gives a submitted entrypoint (job_supervisor.py: RAY_JOB_ID stripped, this set).
-JOB_WITH_WORKING_DIR = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(
-    {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123abcd.zip"}, "metadata": {"job_submission_id": "raysubmit_1"}})}
+JOB_WITH_WORKING_DIR = {
+    "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(
+        {
+            "runtime_env": {"working_dir": "gcs://_ray_pkg_0123abcd.zip"},
+            "metadata": {"job_submission_id": "raysubmit_1"},
+        }
+    )
+}
 RAY_WORKER = {"RAY_JOB_ID": "01000000"}
 
 
@@ -38,12 +45,15 @@ def refusal(cfg, environ, cwd) -> str:
 def test_relative_sqlite_is_refused_inside_a_ray_job(environ, tmp_path):
     pkg = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
     msg = refusal(demo_config(), environ, pkg)  # default: runs/NAME/study.db, relative
-    assert msg.startswith("output_dir: inside a Ray job the SQLite study 'runs/tiny_jp_math/study.db' is relative "
-                          f"to the job's working directory {pkg}")
+    assert msg.startswith(
+        "output_dir: inside a Ray job the SQLite study 'runs/tiny_jp_math/study.db' is relative "
+        f"to the job's working directory {pkg}"
+    )
     assert "postgresql://" in msg and "absolute path on a disk the cluster shares" in msg
     assert refusal(demo_config(output_dir="out/run"), environ, pkg).startswith("output_dir: ")
     assert refusal(demo_config(storage="sqlite:///study.db"), environ, pkg).startswith(
-        "storage: inside a Ray job the SQLite study 'study.db' is relative")
+        "storage: inside a Ray job the SQLite study 'study.db' is relative"
+    )
     assert "is in memory" in refusal(demo_config(storage="sqlite://"), environ, pkg)
     # an absolute path that is Ray's unpacked package (e.g. made absolute before it got here) is refused too
     assert "inside Ray's session directory" in refusal(demo_config(output_dir=str(pkg / "runs" / "x")), environ, pkg)
@@ -58,9 +68,11 @@ def test_absolute_paths_inside_the_jobs_working_dir_are_refused_only_for_an_uplo
 
 def test_what_a_ray_job_may_use(tmp_path):
     cwd = tmp_path / "job"
-    for cfg in (demo_config(output_dir=str(tmp_path / "shared" / "run")),
-                demo_config(storage=f"sqlite:///{tmp_path}/shared/study.db"),
-                demo_config(storage="postgresql://evo@db.example/evo")):
+    for cfg in (
+        demo_config(output_dir=str(tmp_path / "shared" / "run")),
+        demo_config(storage=f"sqlite:///{tmp_path}/shared/study.db"),
+        demo_config(storage="postgresql://evo@db.example/evo"),
+    ):
         check_ray_job_storage(cfg, JOB_WITH_WORKING_DIR, cwd)
     # outside a Ray job nothing is refused (the empty variables Ray's supervisor strips count as absent)
     check_ray_job_storage(demo_config(), {"RAY_JOB_ID": "", "RAY_ADDRESS": "127.0.0.1:6379"}, cwd)
@@ -89,10 +101,12 @@ def test_auth_hint_names_the_token_and_the_fix(tmp_path):
     (home / ".ray").mkdir(parents=True)
     (home / ".ray" / "auth_token").write_text("t" * 32)
     hint = ray_auth_hint("10.0.0.5:6379", {}, home)
-    assert hint == ("execution.ray_address '10.0.0.5:6379': the cluster refused to connect; a Ray auth token is set "
-                    "up here (~/.ray/auth_token) but RAY_AUTH_MODE is unset, and Ray sends the token to an explicit "
-                    "address only with RAY_AUTH_MODE=token: run with RAY_AUTH_MODE=token (the cluster's token), or "
-                    "use ray_address: auto for a cluster started on this machine")
+    assert hint == (
+        "execution.ray_address '10.0.0.5:6379': the cluster refused to connect; a Ray auth token is set "
+        "up here (~/.ray/auth_token) but RAY_AUTH_MODE is unset, and Ray sends the token to an explicit "
+        "address only with RAY_AUTH_MODE=token: run with RAY_AUTH_MODE=token (the cluster's token), or "
+        "use ray_address: auto for a cluster started on this machine"
+    )
     assert ray_auth_hint("10.0.0.5:6379", {"RAY_AUTH_MODE": "token"}, home) is None  # Ray sends it already
     assert ray_auth_hint("10.0.0.5:6379", {"RAY_AUTH_MODE": "disabled"}, home) is None  # the user chose
     assert ray_auth_hint("auto", {}, home) is None  # Ray enables the token itself for a local cluster
@@ -120,11 +134,17 @@ def test_ray_executor_turns_a_failed_join_into_the_one_line_fix(tmp_path, monkey
     monkeypatch.setattr(ray, "init", refused)
     cfg = demo_config(execution={"backend": "ray", "workers": 2, "device": "cpu", "ray_address": "127.0.0.1:1"})
     template = MergeRecipe.from_yaml("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1.0}}]\n")
-    with pytest.raises(EvomergeError, match=r"^execution.ray_address '127.0.0.1:1': the cluster refused to connect; "
-                                            r"a Ray auth token is set up here \(~/.ray/auth_token\)"):
+    with pytest.raises(
+        EvomergeError,
+        match=r"^execution.ray_address '127.0.0.1:1': the cluster refused to connect; "
+        r"a Ray auth token is set up here \(~/.ray/auth_token\)",
+    ):
         RayExecutor(cfg, template)
     (tmp_path / ".ray" / "auth_token").unlink()  # no token: the cause is reported in one line, not a traceback
-    with pytest.raises(EvomergeError, match=r"^execution.ray_address '127.0.0.1:1': cannot join the Ray cluster "
-                                            r"\(Failed to connect to Ray cluster at 127.0.0.1:1\)$"):
+    with pytest.raises(
+        EvomergeError,
+        match=r"^execution.ray_address '127.0.0.1:1': cannot join the Ray cluster "
+        r"\(Failed to connect to Ray cluster at 127.0.0.1:1\)$",
+    ):
         RayExecutor(cfg, template)
     assert joined == ["127.0.0.1:1", "127.0.0.1:1"]

@@ -1,4 +1,5 @@
 """Fitness: weighted, direction-aware sum and its errors."""
+
 from __future__ import annotations
 
 import math

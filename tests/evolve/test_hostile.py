@@ -4,6 +4,7 @@
 Every case goes through the real CLI entry point (`evolve.cli.main`) in-process. The table is the record of what
 was tried: `test_the_table_is_big_enough` asserts its size, and each case asserts a fragment of its message.
 """
+
 from __future__ import annotations
 
 import copy
@@ -11,9 +12,10 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -28,18 +30,48 @@ PASSWORD = "hunter2-secret"
 BASE_CONFIG: dict[str, Any] = {
     "name": "hostile",
     "seed": 0,
-    "models": {"base": str(ZOO / "base"),
-               "sources": [{"path": str(ZOO / "expert_ja"), "alias": "ja"}, {"path": str(ZOO / "expert_math"), "alias": "math"}]},
-    "search": {"space": {"method": "task_arithmetic", "layers_per_group": 2, "weight_bounds": [0.0, 2.0], "x0": {"weight": 1.0}},
-               "optimizer": {"sampler": "random"}, "budget": {"max_trials": 2}},
-    "evaluation": {"tasks": [{"name": "ja_sub", "type": "generation", "task_dir": str(ZOO / "tasks" / "ja_sub"), "split": "dev",
-                              "limit": 4, "batch_size": 4, "max_new_tokens": 2, "stop": ["</s>"], "extract": "first_word"}],
-                   "fitness": [{"metric": "ja_sub/acc"}], "heldout_split": None},
+    "models": {
+        "base": str(ZOO / "base"),
+        "sources": [
+            {"path": str(ZOO / "expert_ja"), "alias": "ja"},
+            {"path": str(ZOO / "expert_math"), "alias": "math"},
+        ],
+    },
+    "search": {
+        "space": {
+            "method": "task_arithmetic",
+            "layers_per_group": 2,
+            "weight_bounds": [0.0, 2.0],
+            "x0": {"weight": 1.0},
+        },
+        "optimizer": {"sampler": "random"},
+        "budget": {"max_trials": 2},
+    },
+    "evaluation": {
+        "tasks": [
+            {
+                "name": "ja_sub",
+                "type": "generation",
+                "task_dir": str(ZOO / "tasks" / "ja_sub"),
+                "split": "dev",
+                "limit": 4,
+                "batch_size": 4,
+                "max_new_tokens": 2,
+                "stop": ["</s>"],
+                "extract": "first_word",
+            }
+        ],
+        "fitness": [{"metric": "ja_sub/acc"}],
+        "heldout_split": None,
+    },
     "execution": {"backend": "local", "device": "cpu"},
 }
 
-DFS = {"space": {"model_a": "ja", "model_b": "math", "repeats": 2, "scales": "model_pair"},
-       "optimizer": {"sampler": "random"}, "budget": {"max_trials": 2}}
+DFS = {
+    "space": {"model_a": "ja", "model_b": "math", "repeats": 2, "scales": "model_pair"},
+    "optimizer": {"sampler": "random"},
+    "budget": {"max_trials": 2},
+}
 
 
 @dataclass
@@ -155,20 +187,26 @@ def _base_again(env: Env) -> list[str]:
 
 
 def _recipe(env: Env, density: Any) -> list[str]:
-    recipe = {"merge_method": "ties", "base_model": str(ZOO / "base"),
-              "models": [{"model": str(ZOO / "expert_ja"), "parameters": {"weight": 1.0, "density": density}}]}
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(ZOO / "base"),
+        "models": [{"model": str(ZOO / "expert_ja"), "parameters": {"weight": 1.0, "density": density}}],
+    }
     return ["merge", env.write(recipe, "recipe.yaml"), "--out", str(env.run_dir), "--device", "cpu"]
 
 
 def _recipe_duplicate_keys(env: Env) -> list[str]:
-    text = (f"merge_method: ties\nbase_model: {ZOO / 'base'}\nmerge_method: linear\n"
-            f"models:\n  - model: {ZOO / 'expert_ja'}\n    parameters: {{weight: 1.0}}\n")
+    text = (
+        f"merge_method: ties\nbase_model: {ZOO / 'base'}\nmerge_method: linear\n"
+        f"models:\n  - model: {ZOO / 'expert_ja'}\n    parameters: {{weight: 1.0}}\n"
+    )
     return ["merge", env.write(text, "recipe.yaml"), "--out", str(env.run_dir), "--device", "cpu"]
 
 
 def _shard_size(size: str) -> Callable[[Env], list[str]]:
     def make(env: Env) -> list[str]:
         return [*_recipe(env, 0.5), f"--shard-size={size}"]
+
     return make
 
 
@@ -176,6 +214,7 @@ def _unreachable_postgres(verb: str) -> Callable[[Env], list[str]]:
     def make(env: Env) -> list[str]:
         cfg = env.write(env.config(storage=f"postgresql://evo:{PASSWORD}@127.0.0.1:9/evo"))
         return [verb, cfg] + (["--out", str(env.tmp / "export")] if verb == "export" else [])
+
     return make
 
 
@@ -184,6 +223,7 @@ def _dfs(**space: Any) -> Callable[[Env], list[str]]:
         dfs = copy.deepcopy(DFS)
         dfs["space"].update(space)
         return ["check", env.write(env.config(search__stages=["dfs"], search__dfs=dfs))]
+
     return make
 
 
@@ -214,7 +254,9 @@ def _status_before_any_run(env: Env) -> list[str]:
 
 
 def _recursive_alias(env: Env) -> list[str]:
-    text = yaml.safe_dump(env.config(), sort_keys=False).replace("    x0:\n", "    params: {loop: &me [1, *me]}\n    x0:\n", 1)
+    text = yaml.safe_dump(env.config(), sort_keys=False).replace(
+        "    x0:\n", "    params: {loop: &me [1, *me]}\n    x0:\n", 1
+    )
     return ["check", env.write(text)]
 
 
@@ -225,12 +267,21 @@ def _task(**fields: Any) -> list[dict[str, Any]]:
 def _seed_flag(seed: str) -> Callable[[Env], list[str]]:
     def make(env: Env) -> list[str]:
         return ["run", env.write(env.config()), "--seed", seed, "--no-progress"]
+
     return make
 
 
 CASES: list[Case] = [
-    config_case("weight_bounds_inf", "search.space.weight_bounds", search__space={**BASE_CONFIG["search"]["space"], "weight_bounds": [float("-inf"), float("inf")]}),
-    config_case("weight_bounds_nan", "search.space.weight_bounds", search__space={**BASE_CONFIG["search"]["space"], "weight_bounds": [float("nan"), 1.0]}),
+    config_case(
+        "weight_bounds_inf",
+        "search.space.weight_bounds",
+        search__space={**BASE_CONFIG["search"]["space"], "weight_bounds": [float("-inf"), float("inf")]},
+    ),
+    config_case(
+        "weight_bounds_nan",
+        "search.space.weight_bounds",
+        search__space={**BASE_CONFIG["search"]["space"], "weight_bounds": [float("nan"), 1.0]},
+    ),
     config_case("seed_2_32", "seed", seed=2**32),
     config_case("seed_negative", "seed", seed=-1),
     Case("seed_flag_negative", _seed_flag("-3"), "seed", run_too=False),
@@ -242,12 +293,30 @@ CASES: list[Case] = [
     config_case("name_300_chars", "name", name="n" * 300),
     Case("output_dir_is_a_file", _output_dir_is_a_file, "output_dir"),
     Case("binary_config", _binary_config, "UTF-8"),
-    config_case("stop_not_strings", "stop", evaluation__tasks=[{**BASE_CONFIG["evaluation"]["tasks"][0], "stop": [123, None, {"a": 1}]}]),
-    config_case("stop_bare_string", "stop", evaluation__tasks=[{**BASE_CONFIG["evaluation"]["tasks"][0], "stop": "</s>"}]),
+    config_case(
+        "stop_not_strings",
+        "stop",
+        evaluation__tasks=[{**BASE_CONFIG["evaluation"]["tasks"][0], "stop": [123, None, {"a": 1}]}],
+    ),
+    config_case(
+        "stop_bare_string", "stop", evaluation__tasks=[{**BASE_CONFIG["evaluation"]["tasks"][0], "stop": "</s>"}]
+    ),
     config_case("fitness_metric_not_produced", "ja_sub/bleu", evaluation__fitness=[{"metric": "ja_sub/bleu"}]),
-    config_case("space_params_density_word", "density", search__space={**BASE_CONFIG["search"]["space"], "params": {"density": "lots"}}),
-    config_case("space_params_density_above_1", "density", search__space={**BASE_CONFIG["search"]["space"], "params": {"density": 1.5}}),
-    config_case("space_params_density_negative", "density", search__space={**BASE_CONFIG["search"]["space"], "params": {"density": -0.5}}),
+    config_case(
+        "space_params_density_word",
+        "density",
+        search__space={**BASE_CONFIG["search"]["space"], "params": {"density": "lots"}},
+    ),
+    config_case(
+        "space_params_density_above_1",
+        "density",
+        search__space={**BASE_CONFIG["search"]["space"], "params": {"density": 1.5}},
+    ),
+    config_case(
+        "space_params_density_negative",
+        "density",
+        search__space={**BASE_CONFIG["search"]["space"], "params": {"density": -0.5}},
+    ),
     Case("recipe_density_word", lambda env: _recipe(env, "lots"), "density", run_too=False),
     Case("recipe_density_above_1", lambda env: _recipe(env, 1.5), "density", run_too=False),
     Case("recipe_density_negative", lambda env: _recipe(env, -0.5), "density", run_too=False),
@@ -264,18 +333,40 @@ CASES: list[Case] = [
     Case("config_json_layers_beyond_tensors", _layers_beyond_tensors, "num_hidden_layers 8"),
     Case("index_names_missing_shard", _index_names_missing_shard, "model-00002-of-00002.safetensors"),
     Case("recursive_alias", _recursive_alias, "recursive alias", fast=1.0),
-    config_case("source_listed_twice", "listed twice",
-                models={**BASE_CONFIG["models"], "sources": [str(ZOO / "expert_ja"), {"path": str(ZOO / "expert_ja") + "/", "alias": "again"}]}),
+    config_case(
+        "source_listed_twice",
+        "listed twice",
+        models={
+            **BASE_CONFIG["models"],
+            "sources": [str(ZOO / "expert_ja"), {"path": str(ZOO / "expert_ja") + "/", "alias": "again"}],
+        },
+    ),
     config_case("sigma0_inf", "search.optimizer.sigma0", search__optimizer={"sigma0": float("inf")}),
-    config_case("fitness_weight_nan", "evaluation.fitness.0.weight", evaluation__fitness=[{"metric": "ja_sub/acc", "weight": float("nan")}]),
+    config_case(
+        "fitness_weight_nan",
+        "evaluation.fitness.0.weight",
+        evaluation__fitness=[{"metric": "ja_sub/acc", "weight": float("nan")}],
+    ),
     config_case("task_limit_zero", "limit", evaluation__tasks=_task(limit=0)),
     config_case("task_batch_size_string", "batch_size", evaluation__tasks=_task(batch_size="8")),
-    config_case("task_bad_regex", "not a valid regex", evaluation__tasks=_task(language_check={"type": "pattern", "pattern": "(["})),
+    config_case(
+        "task_bad_regex",
+        "not a valid regex",
+        evaluation__tasks=_task(language_check={"type": "pattern", "pattern": "(["}),
+    ),
     config_case("heldout_split_missing", "heldout_split 'nosuch'", evaluation__heldout_split="nosuch"),
-    config_case("lm_eval_metric_shape", "an lm_eval task reports",
-                evaluation__tasks=[{"name": "lm", "type": "lm_eval", "tasks": ["zoo_ja_sub"]}], evaluation__fitness=[{"metric": "lm/acc"}]),
-    config_case("lm_eval_tasks_string", "tasks", evaluation__tasks=[{"name": "lm", "type": "lm_eval", "tasks": "zoo_ja_sub"}],
-                evaluation__fitness=[{"metric": "lm/zoo_ja_sub/exact_match,first_word"}]),
+    config_case(
+        "lm_eval_metric_shape",
+        "an lm_eval task reports",
+        evaluation__tasks=[{"name": "lm", "type": "lm_eval", "tasks": ["zoo_ja_sub"]}],
+        evaluation__fitness=[{"metric": "lm/acc"}],
+    ),
+    config_case(
+        "lm_eval_tasks_string",
+        "tasks",
+        evaluation__tasks=[{"name": "lm", "type": "lm_eval", "tasks": "zoo_ja_sub"}],
+        evaluation__fitness=[{"metric": "lm/zoo_ja_sub/exact_match,first_word"}],
+    ),
     config_case("empty_source_path", "models.sources.0.path", models={**BASE_CONFIG["models"], "sources": [""]}),
     Case("status_before_any_run", _status_before_any_run, "does not exist", run_too=False),
     Case("postgres_unreachable_status", _unreachable_postgres("status"), "127.0.0.1", run_too=False, fast=15.0),
@@ -292,7 +383,9 @@ def _argv_variants(case: Case, env: Env) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_hostile_input_gets_one_line(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+def test_hostile_input_gets_one_line(
+    case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # nothing may be written here either
     env = Env(tmp_path)
     for argv in _argv_variants(case, env):
@@ -337,7 +430,9 @@ def test_read_only_output_dir_is_refused_before_anything_is_written(tmp_path, ca
             def __getattr__(self, name):
                 return getattr(self._r, name)
 
-        monkeypatch.setattr(evolve.config.os, "statvfs", lambda p: ReadOnly(real(p)) if str(p).startswith(str(locked)) else real(p))
+        monkeypatch.setattr(
+            evolve.config.os, "statvfs", lambda p: ReadOnly(real(p)) if str(p).startswith(str(locked)) else real(p)
+        )
     try:
         config = env.write(env.config(output_dir=str(locked / "run")))
         for argv in (["check", config], ["run", config, "--no-progress"]):
@@ -362,7 +457,6 @@ def test_check_validates_and_reports_the_stages_that_run(capsys) -> None:
 
 
 def test_run_header_names_the_budget_and_sampler_of_the_stages_that_run(tmp_path, capsys, monkeypatch) -> None:
-    import evolve.loop
     from merge_core.errors import EvomergeError
 
     def stop(cfg, **_):
@@ -391,7 +485,13 @@ def test_evaluators_report_the_metric_names_they_declare() -> None:
     text = ZOO / "tasks" / "ja_sub" / "dev.jsonl"
     specs = [
         {"type": "generation", "task_dir": str(ZOO / "tasks" / "ja_sub"), "limit": 2, "max_new_tokens": 2},
-        {"type": "generation", "task_dir": str(ZOO / "tasks" / "ja_sub"), "limit": 2, "max_new_tokens": 2, "gold_prob": False},
+        {
+            "type": "generation",
+            "task_dir": str(ZOO / "tasks" / "ja_sub"),
+            "limit": 2,
+            "max_new_tokens": 2,
+            "gold_prob": False,
+        },
         {"type": "perplexity", "text_file": str(text), "limit": 2},
     ]
     for spec in specs:
@@ -409,7 +509,8 @@ def test_alias_bomb_is_refused_in_little_time_and_memory() -> None:
     from merge_core.yamlio import load_yaml
 
     bomb = 'l0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
-        f"l{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 10))
+        f"l{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 10)
+    )
     tracemalloc.start()
     t0 = time.perf_counter()
     with pytest.raises(EvomergeError, match="alias"):
@@ -418,7 +519,10 @@ def test_alias_bomb_is_refused_in_little_time_and_memory() -> None:
     tracemalloc.stop()
     assert elapsed < 1.0 and peak < 5e6, (elapsed, peak)
     shared = "task: &t {name: ja_sub, limit: 4}\ntasks: [*t, *t]\n"
-    assert load_yaml(shared, "ok.yaml") == {"task": {"name": "ja_sub", "limit": 4}, "tasks": [{"name": "ja_sub", "limit": 4}] * 2}
+    assert load_yaml(shared, "ok.yaml") == {
+        "task": {"name": "ja_sub", "limit": 4},
+        "tasks": [{"name": "ja_sub", "limit": 4}] * 2,
+    }
 
 
 def test_merge_keys_may_be_overridden_but_literal_keys_not_repeated() -> None:

@@ -1,4 +1,5 @@
 """Nothing a user owns is destroyed: merge/export output directories, the run lock, run names, where the study is."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,15 +24,24 @@ from tests.evolve.fake_run import HashScoreExecutor, config_dict, write_config
 
 
 def digest(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def recipe_file(tmp_path: Path, trio, **extra) -> Path:
     base, a, b = trio
-    recipe = {"merge_method": "ties", "base_model": str(base),
-              "models": [{"model": str(a), "parameters": {"weight": 0.5, "density": 0.5}},
-                         {"model": str(b), "parameters": {"weight": 0.5, "density": 0.5}}], **extra}
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": [
+            {"model": str(a), "parameters": {"weight": 0.5, "density": 0.5}},
+            {"model": str(b), "parameters": {"weight": 0.5, "density": 0.5}},
+        ],
+        **extra,
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -70,7 +80,7 @@ def test_merge_never_writes_over_or_into_an_input_model(tmp_path, tiny_trio_fact
     out = {"is": source, "inside": source / "merged", "holds": source.parent}[where]
     assert merge_cli(recipe_file(tmp_path, trio), "--out", out, "--overwrite") == 2
     err = capsys.readouterr().err
-    assert f"the input model {source}" in err or f"holds the input model" in err, err
+    assert f"the input model {source}" in err or "holds the input model" in err, err
     assert digest(source.parent) == before
 
 

@@ -3,6 +3,7 @@ with a password-protected role; a tiny-zoo search through the CLI is SIGKILLed a
 password appears nowhere (run directory, report, output, any study or trial attribute, the whole database dump).
 Skipped when the server binaries are absent, except under CI (env CI set), where that is a failure.
 Also without a server: a missing driver module is named with its fix."""
+
 from __future__ import annotations
 
 import glob
@@ -15,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import optuna
@@ -31,8 +31,9 @@ TRIALS, KILL_AT = 5, 3
 
 def unavailable(why: str) -> None:
     if os.environ.get("CI"):
-        pytest.fail(f"{why}; CI must run the PostgreSQL test (.ci/run installs Debian's postgresql and "
-                    f"evomerge[postgres])")
+        pytest.fail(
+            f"{why}; CI must run the PostgreSQL test (.ci/run installs Debian's postgresql and evomerge[postgres])"
+        )
     pytest.skip(why)
 
 
@@ -71,10 +72,29 @@ def postgres():
         return proc
 
     # local socket: trust (setup, pg_dump); TCP: a password (the search's URL)
-    run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust",
-        "--auth-host=scram-sha-256", "--no-sync")
-    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(home / "log"), "-w", "-t", "30", "-o",
-        f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    run(
+        str(bindir / "initdb"),
+        "-D",
+        str(data),
+        "-U",
+        "postgres",
+        "--auth-local=trust",
+        "--auth-host=scram-sha-256",
+        "--no-sync",
+    )
+    run(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-l",
+        str(home / "log"),
+        "-w",
+        "-t",
+        "30",
+        "-o",
+        f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off",
+        "start",
+    )
     try:
         password = "evo-" + secrets.token_hex(8)
         with psycopg.connect(host=str(home), port=port, user="postgres", dbname="postgres", autocommit=True) as con:
@@ -83,8 +103,11 @@ def postgres():
         dump = [*as_user, str(bindir / "pg_dump"), "-h", str(home), "-p", str(port), "-U", "postgres", "evo"]
         yield f"postgresql://evo:{password}@127.0.0.1:{port}/evo", password, dump
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -139,5 +162,7 @@ def test_a_missing_postgres_driver_is_named_with_its_fix(tmp_path, monkeypatch, 
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "hunter2-secret" not in err
     assert err.startswith("error: storage postgresql://evo:")
-    assert err.endswith("""cannot open (the database driver module 'psycopg' is not installed; """
-                        """pip install "evomerge[postgres]")"""), err
+    assert err.endswith(
+        """cannot open (the database driver module 'psycopg' is not installed; """
+        """pip install "evomerge[postgres]")"""
+    ), err

@@ -1,4 +1,5 @@
 """Report: parameter-name parsing, files written from a synthetic sqlite study, HTML content, empty-study error."""
+
 from __future__ import annotations
 
 import base64
@@ -15,9 +16,9 @@ from optuna.trial import TrialState, create_trial
 
 from evolve import report
 from evolve.report import recipe_grid, write_report
-from search_spaces.ps import parse_param_name
 from evolve.study import best_trial
 from merge_core.errors import EvomergeError
+from search_spaces.ps import parse_param_name
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -48,13 +49,26 @@ def make_study(storage: str | None, n_trials: int = 15, fail_at: int | None = 5)
     for i in range(n_trials):
         params = {n: float(v) for n, v in zip(NAMES, rng.uniform(size=len(NAMES)))}
         if i == fail_at:
-            trials.append(create_trial(state=TrialState.FAIL, params=params, distributions=dists,
-                                       user_attrs={"fail_reason": "merge failed: out of memory"}))
+            trials.append(
+                create_trial(
+                    state=TrialState.FAIL,
+                    params=params,
+                    distributions=dists,
+                    user_attrs={"fail_reason": "merge failed: out of memory"},
+                )
+            )
             continue
         fitness = float(np.mean([v for k, v in params.items() if k.endswith("ja.weight")]))
-        attrs = {"recipe": f"merge_method: dare_ties  # trial {i}\n", "recipe_hash": f"h{i}",
-                 "metrics": {"ja_acc": fitness, "math_acc": 1 - fitness}, "fitness": fitness,
-                 "merge_seconds": 1.5, "eval_seconds": 3.25, "worker": "w0", **({"cached_from": 3} if i == 7 else {})}
+        attrs = {
+            "recipe": f"merge_method: dare_ties  # trial {i}\n",
+            "recipe_hash": f"h{i}",
+            "metrics": {"ja_acc": fitness, "math_acc": 1 - fitness},
+            "fitness": fitness,
+            "merge_seconds": 1.5,
+            "eval_seconds": 3.25,
+            "worker": "w0",
+            **({"cached_from": 3} if i == 7 else {}),
+        }
         trials.append(create_trial(value=fitness, params=params, distributions=dists, user_attrs=attrs))
     study.add_trials(trials)
     return study
@@ -65,17 +79,20 @@ def sqlite_study(tmp_path_factory: pytest.TempPathFactory) -> optuna.Study:
     return make_study(f"sqlite:///{tmp_path_factory.mktemp('study') / 'study.db'}")
 
 
-@pytest.mark.parametrize("name, parts", [
-    ("embed.ja.weight", ("embed", None, "ja", "weight")),
-    ("L00.ja.weight", ("L00", None, "ja", "weight")),
-    ("L08-15.mlp.math.density", ("L08-15", "mlp", "math", "density")),
-    ("L00-03.attn.ja.weight", ("L00-03", "attn", "ja", "weight")),
-    ("all.math.weight", ("all", None, "math", "weight")),
-    ("head.math.weight", ("head", None, "math", "weight")),
-    ("L00.t", ("L00", None, None, "t")),
-    ("L00.other.t", ("L00", "other", None, "t")),
-    ("L00.qwen2.5-7b.weight", ("L00", None, "qwen2.5-7b", "weight")),
-])
+@pytest.mark.parametrize(
+    "name, parts",
+    [
+        ("embed.ja.weight", ("embed", None, "ja", "weight")),
+        ("L00.ja.weight", ("L00", None, "ja", "weight")),
+        ("L08-15.mlp.math.density", ("L08-15", "mlp", "math", "density")),
+        ("L00-03.attn.ja.weight", ("L00-03", "attn", "ja", "weight")),
+        ("all.math.weight", ("all", None, "math", "weight")),
+        ("head.math.weight", ("head", None, "math", "weight")),
+        ("L00.t", ("L00", None, None, "t")),
+        ("L00.other.t", ("L00", "other", None, "t")),
+        ("L00.qwen2.5-7b.weight", ("L00", None, "qwen2.5-7b", "weight")),
+    ],
+)
 def test_parse_param_name(name, parts):
     assert parse_param_name(name) == parts
 
@@ -87,8 +104,14 @@ def test_parse_param_name_rejects_malformed(name):
 
 
 def test_recipe_grid_orders_columns_by_layer_then_module():
-    params = {"head.ja.weight": 0.9, "L04-07.mlp.ja.weight": 0.4, "L00-03.mlp.ja.weight": 0.2,
-              "L00-03.attn.ja.weight": 0.1, "embed.ja.weight": 0.0, "L00-03.t": 0.5}
+    params = {
+        "head.ja.weight": 0.9,
+        "L04-07.mlp.ja.weight": 0.4,
+        "L00-03.mlp.ja.weight": 0.2,
+        "L00-03.attn.ja.weight": 0.1,
+        "embed.ja.weight": 0.0,
+        "L00-03.t": 0.5,
+    }
     grid, rows, cols = recipe_grid(params, list(params))
     assert cols == ["embed", "L00-03", "L00-03\nattn", "L00-03\nmlp", "L04-07\nmlp", "head"]
     assert rows == ["ja · weight", "t"]

@@ -6,6 +6,7 @@ a "kill" is a BaseException raised at the chosen point, which leaves the study e
 RUNNING, nothing rolled back that was committed). The resumed run is a new `run_search` call: new sampler, new
 study object, new storage connection. The real-process SIGKILL tests are in test_search.py and
 test_dataflow_search.py."""
+
 from __future__ import annotations
 
 import os
@@ -139,8 +140,9 @@ def load(cfg: RunConfig) -> optuna.Study:
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_killed_during_asks_and_an_evaluation_resumes_into_the_uninterrupted_run(sampler, fast_dir, monkeypatch,
-                                                                                fake_executor):
+def test_killed_during_asks_and_an_evaluation_resumes_into_the_uninterrupted_run(
+    sampler, fast_dir, monkeypatch, fake_executor
+):
     expected = uninterrupted(fast_dir, sampler)
     assert len(expected[0]) == TRIALS and len({tuple(p.values()) for _, _, p, _ in expected[0]}) >= TRIALS - 2
     assert all(state == TrialState.COMPLETE for _, state, *_ in expected[0])
@@ -153,9 +155,14 @@ def test_killed_during_asks_and_an_evaluation_resumes_into_the_uninterrupted_run
     assert record(cfg) == expected
     trials = load(cfg).trials
     assert trials[0].user_attrs["x0"] is True and set(trials[0].params.values()) == {1.0}
-    premise = {"cmaes": (5, "cma:generation", 1), "pycma": (5, "pycma:generation", 1),
-               "tpe": (10, "tpe:relative_params:0", None)}
-    if sampler in premise:  # the killed asks are the ones that matter: CMA's tell (trial 5 opens generation 1), TPE's model
+    premise = {
+        "cmaes": (5, "cma:generation", 1),
+        "pycma": (5, "pycma:generation", 1),
+        "tpe": (10, "tpe:relative_params:0", None),
+    }
+    if (
+        sampler in premise
+    ):  # the killed asks are the ones that matter: CMA's tell (trial 5 opens generation 1), TPE's model
         number, key, value = premise[sampler]
         assert key in trials[number].system_attrs and value in (None, trials[number].system_attrs[key])
         assert trials[number - 1].system_attrs.get(key, 0) != value or value is None
@@ -193,8 +200,9 @@ def test_killed_during_the_heldout_table_resumes_to_the_same_record(fast_dir, mo
     assert "budget: max_trials reached (already)" in capsys.readouterr().out
 
 
-def test_ctrl_c_records_finished_trials_skips_the_table_and_says_how_to_resume(fast_dir, monkeypatch, capsys,
-                                                                             fake_executor):
+def test_ctrl_c_records_finished_trials_skips_the_table_and_says_how_to_resume(
+    fast_dir, monkeypatch, capsys, fake_executor
+):
     import evolve.baselines
 
     expected = uninterrupted(fast_dir, "tpe")
@@ -245,8 +253,9 @@ def test_a_second_ctrl_c_stops_at_once(fast_dir):
     marker = fast_dir / "twice" / "marker"
     script = fast_dir / "twice" / "script.py"
     script.write_text(SECOND_CTRL_C.format(root=str(ROOT), marker=str(marker), config=str(path)))
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
     def wait_for(text: str) -> None:
         deadline = time.monotonic() + 120
@@ -292,15 +301,21 @@ def corrupt(db: Path):
         with open(db, "r+b") as f:  # keep the header, garble every page after the first two
             f.seek(8192)
             f.write(bytes(range(256)) * ((size - 8192) // 256 + 1))
+
     return damage
 
 
-@pytest.mark.parametrize("kind, cause", [
-    ("deleted", "sqlite3.OperationalError: attempt to write a readonly database (the database file was deleted or moved)"),
-    ("corrupted", "sqlite3.DatabaseError: database disk image is malformed"),
-])
-def test_a_damaged_storage_mid_run_ends_in_one_line_naming_it_and_the_cause(kind, cause, fast_dir, monkeypatch,
-                                                                           capsys):
+@pytest.mark.parametrize(
+    "kind, cause",
+    [
+        (
+            "deleted",
+            "sqlite3.OperationalError: attempt to write a readonly database (the database file was deleted or moved)",
+        ),
+        ("corrupted", "sqlite3.DatabaseError: database disk image is malformed"),
+    ],
+)
+def test_a_damaged_storage_mid_run_ends_in_one_line_naming_it_and_the_cause(kind, cause, fast_dir, monkeypatch, capsys):
     path = write_config(fast_dir / kind, "cmaes")
     db = fast_dir / kind / "run" / "study.db"
     damage_at(monkeypatch, 5, (delete if kind == "deleted" else corrupt)(db))
@@ -313,8 +328,9 @@ def test_a_damaged_storage_mid_run_ends_in_one_line_naming_it_and_the_cause(kind
     assert "exceeding max length" not in err and "Traceback" not in err
 
 
-def test_a_transient_storage_failure_stops_cleanly_and_resume_continues_the_trial_in_place(fast_dir, monkeypatch,
-                                                                                          capsys):
+def test_a_transient_storage_failure_stops_cleanly_and_resume_continues_the_trial_in_place(
+    fast_dir, monkeypatch, capsys
+):
     """A full disk (the double: the real sqlite3 error a full disk raises, at one commit) and then space again."""
     expected = uninterrupted(fast_dir, "cmaes")
     path = write_config(fast_dir / "full", "cmaes")
@@ -328,8 +344,9 @@ def test_a_transient_storage_failure_stops_cleanly_and_resume_continues_the_tria
             try:
                 raise sqlite3.OperationalError("database or disk is full")
             except sqlite3.OperationalError as e:
-                raise optuna.exceptions.StorageInternalError("An exception is raised during the commit. "
-                                                             "e.g. exceeding max length.") from e
+                raise optuna.exceptions.StorageInternalError(
+                    "An exception is raised during the commit. e.g. exceeding max length."
+                ) from e
         return original(self, trial_id, key, value)
 
     monkeypatch.setattr(storage_cls, "set_trial_user_attr", set_trial_user_attr)

@@ -1,4 +1,5 @@
 """PycmaSampler driven through Optuna's ask/tell on sqlite: progress, exact resume, seeding, x0; the factory."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -47,11 +48,13 @@ def system_attrs(study: optuna.Study, trial: optuna.Trial) -> dict:
     return study._storage.get_trial(trial._trial_id).system_attrs
 
 
-def new_study(tmp_path: Path | None, name: str = "", direction: str = "minimize", seed: int = 1,
-              enqueue_x0: bool = True) -> optuna.Study:
+def new_study(
+    tmp_path: Path | None, name: str = "", direction: str = "minimize", seed: int = 1, enqueue_x0: bool = True
+) -> optuna.Study:
     """On sqlite in tmp_path, or in memory when tmp_path is None."""
-    study = optuna.create_study(storage=tmp_path and storage(tmp_path, name), study_name="s", direction=direction,
-                                sampler=sampler(seed))
+    study = optuna.create_study(
+        storage=tmp_path and storage(tmp_path, name), study_name="s", direction=direction, sampler=sampler(seed)
+    )
     if enqueue_x0:
         study.enqueue_trial(dict(zip(NAMES, X0)))
     return study
@@ -123,7 +126,10 @@ def test_pycma_resume_reruns_a_trial_left_running(tmp_path: Path, index: int) ->
     assert before + after == uninterrupted  # generation 2 equals the uninterrupted run's
     rerun = resumed.get_trials()[len(before) + 1]
     assert (rerun.state, rerun.system_attrs[GENERATION_KEY], rerun.system_attrs[INDEX_KEY]) == (
-        TrialState.COMPLETE, 1, index)
+        TrialState.COMPLETE,
+        1,
+        index,
+    )
 
 
 def test_pycma_tells_failures_the_worst_loss_of_their_generation() -> None:
@@ -210,12 +216,15 @@ def test_make_sampler_kinds_and_bad_name() -> None:
     assert str(err.value) == "search.optimizer.sampler: 'x' is not one of cmaes, pycma, tpe, random, nsga2"
 
 
-@pytest.mark.parametrize("kind, streams", [
-    ("cmaes", ["._cma_rng", "._independent_sampler._rng"]),
-    ("tpe", ["._random_sampler._rng", "._rng"]),
-    ("random", ["._rng"]),
-    ("nsga2", ["._random_sampler._rng", "._rng"]),
-])
+@pytest.mark.parametrize(
+    "kind, streams",
+    [
+        ("cmaes", ["._cma_rng", "._independent_sampler._rng"]),
+        ("tpe", ["._random_sampler._rng", "._rng"]),
+        ("random", ["._rng"]),
+        ("nsga2", ["._random_sampler._rng", "._rng"]),
+    ],
+)
 def test_optuna_samplers_propose_from_the_seed_trial_number_and_record_alone(kind: str, streams: list[str]) -> None:
     """Trial n's proposal must not depend on what the sampler object drew before (a resumed process starts fresh):
     a sampler that first served another study proposes, on a copy of the record, exactly the original trial n."""

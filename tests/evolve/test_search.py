@@ -1,4 +1,7 @@
-"""The search loop through the real CLI: run, status, export, report; SIGKILL + resume = the uninterrupted run; Ray faults."""
+"""The search loop through the real CLI: run, status, export, report; SIGKILL + resume = the uninterrupted run;
+Ray faults.
+"""
+
 import json
 import signal
 import sqlite3
@@ -71,15 +74,24 @@ def test_end_to_end_run_status_export_report(whole_run):
     out = tmp_path / "export"
     exp = evolve_cli("export", str(tmp_path / "run"), "--out", str(out), "--device", "cpu")
     assert exp.returncode == 0, exp.stderr[-2000:]
-    for f in ("recipe.evomerge.yaml", "mergekit.yaml", "README.md", "config.json", "tokenizer.json", "evomerge_scores.json"):
+    for f in (
+        "recipe.evomerge.yaml",
+        "mergekit.yaml",
+        "README.md",
+        "config.json",
+        "tokenizer.json",
+        "evomerge_scores.json",
+    ):
         assert (out / f).is_file(), f
     assert "seed" not in yaml.safe_load((out / "mergekit.yaml").read_text())
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers reads it: the base's class and shapes
     base = AutoModelForCausalLM.from_pretrained(load_config(cfg_path).models.base)
     assert type(model) is type(base) and model.config.num_hidden_layers == base.config.num_hidden_layers
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
-    assert not torch.equal(model.state_dict()["model.layers.0.mlp.down_proj.weight"],  # merged, not a copy
-                           base.state_dict()["model.layers.0.mlp.down_proj.weight"])
+    assert not torch.equal(
+        model.state_dict()["model.layers.0.mlp.down_proj.weight"],  # merged, not a copy
+        base.state_dict()["model.layers.0.mlp.down_proj.weight"],
+    )
     # the exported checkpoint scores on the search split exactly what the trial recorded
     best = best_trial(study)
     ev = evolve_cli("eval", str(out), "--config", str(cfg_path), "--split", "dev", "--limit", "20", "--json")
@@ -128,8 +140,16 @@ def test_a_second_concurrent_run_is_refused(tmp_path, world, capsys):
 
 def test_ray_executor_survives_a_killed_actor_and_records_every_trial(tmp_path, world):
     ray = pytest.importorskip("ray")
-    cfg = load_config(write_config(tmp_path, world, **{
-        "search.budget.max_trials": 10, "execution": {"backend": "ray", "workers": 2, "device": "cpu", "cpus_per_worker": 0.5}}))
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            world,
+            **{
+                "search.budget.max_trials": 10,
+                "execution": {"backend": "ray", "workers": 2, "device": "cpu", "cpus_per_worker": 0.5},
+            },
+        )
+    )
     killed = []
 
     def kill_one_actor():
@@ -162,13 +182,20 @@ def test_ray_executor_survives_a_killed_actor_and_records_every_trial(tmp_path, 
     assert sum(counted(t) for t in trials) == 10
     assert all(t.state == TrialState.COMPLETE for t in trials), [t.user_attrs.get("fail_reason") for t in trials]
     assert {t.user_attrs["worker"] for t in trials} == {"ray-0", "ray-1"}
-    local = run_search(load_config(write_config(tmp_path / "local", world, **{"search.budget.max_trials": 10})), progress=False).study
+    local = run_search(
+        load_config(write_config(tmp_path / "local", world, **{"search.budget.max_trials": 10})), progress=False
+    ).study
     assert study.best_value >= local.best_value - 0.25
 
 
 def test_pycma_sampler_runs_the_loop_to_budget(tmp_path, world):
-    cfg = load_config(write_config(tmp_path, world, **{"search.optimizer": {"sampler": "pycma", "sigma0": 0.3, "popsize": 4},
-                                                       "search.budget.max_trials": 7}))
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            world,
+            **{"search.optimizer": {"sampler": "pycma", "sigma0": 0.3, "popsize": 4}, "search.budget.max_trials": 7},
+        )
+    )
     study = run_search(cfg, progress=False).study
     trials = study.get_trials()
     assert sum(counted(t) for t in trials) == 7

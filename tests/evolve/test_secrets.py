@@ -1,9 +1,9 @@
 """No storage password is written or printed, in any URL form; ${ENV} references are expanded only when used."""
+
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import optuna
 import pytest
@@ -19,19 +19,38 @@ from tests.evolve.fake_run import HashScoreExecutor, config_dict, write_config
 
 # (url, printed form, persisted form, the literal secret it carries or None)
 FORMS = [
-    ("postgresql://evo:s3cret@db.example:5432/evo", "postgresql://evo:***@db.example:5432/evo",
-     "postgresql://evo@db.example:5432/evo", "s3cret"),
+    (
+        "postgresql://evo:s3cret@db.example:5432/evo",
+        "postgresql://evo:***@db.example:5432/evo",
+        "postgresql://evo@db.example:5432/evo",
+        "s3cret",
+    ),
     ("postgresql://evo:p@ss@db/evo", "postgresql://evo:***@db/evo", "postgresql://evo@db/evo", "p@ss"),
     ("postgresql://evo:pa:ss@db/evo", "postgresql://evo:***@db/evo", "postgresql://evo@db/evo", "pa:ss"),
-    ("postgresql://evo:p%40ss%3Aw@db:5432/evo?sslmode=require", "postgresql://evo:***@db:5432/evo?sslmode=require",
-     "postgresql://evo@db:5432/evo?sslmode=require", "p@ss:w"),
-    ("postgresql+psycopg://evo@db/evo?password=q2w3&application_name=x",
-     "postgresql+psycopg://evo@db/evo?password=***&application_name=x",
-     "postgresql+psycopg://evo@db/evo?application_name=x", "q2w3"),
-    ("mysql+pymysql://u:a/b@h/d?ssl_key=k&sslpassword=zz9", "mysql+pymysql://u:***@h/d?ssl_key=k&sslpassword=***",
-     "mysql+pymysql://u@h/d?ssl_key=k", "zz9"),
-    ("sqlite:///runs/x/study.db?password=hunter2", "sqlite:///runs/x/study.db?password=***", "sqlite:///runs/x/study.db",
-     "hunter2"),
+    (
+        "postgresql://evo:p%40ss%3Aw@db:5432/evo?sslmode=require",
+        "postgresql://evo:***@db:5432/evo?sslmode=require",
+        "postgresql://evo@db:5432/evo?sslmode=require",
+        "p@ss:w",
+    ),
+    (
+        "postgresql+psycopg://evo@db/evo?password=q2w3&application_name=x",
+        "postgresql+psycopg://evo@db/evo?password=***&application_name=x",
+        "postgresql+psycopg://evo@db/evo?application_name=x",
+        "q2w3",
+    ),
+    (
+        "mysql+pymysql://u:a/b@h/d?ssl_key=k&sslpassword=zz9",
+        "mysql+pymysql://u:***@h/d?ssl_key=k&sslpassword=***",
+        "mysql+pymysql://u@h/d?ssl_key=k",
+        "zz9",
+    ),
+    (
+        "sqlite:///runs/x/study.db?password=hunter2",
+        "sqlite:///runs/x/study.db?password=***",
+        "sqlite:///runs/x/study.db",
+        "hunter2",
+    ),
     ("postgresql://evo:${EVOMERGE_DB_PASSWORD}@db/evo",) * 3 + (None,),
     ("postgresql://evo@db/evo",) * 3 + (None,),
     ("sqlite:////abs/path/study.db",) * 3 + (None,),
@@ -52,10 +71,13 @@ def test_redaction_of_every_url_form(url, printed, persisted, secret):
 
 def test_redaction_in_free_text_and_of_known_secrets():
     text = "OperationalError: connect to postgresql://evo:p@ss@db/evo failed; dsn host=db password=xyz123 port=5432"
-    assert redact_url(text) == ("OperationalError: connect to postgresql://evo:***@db/evo failed; dsn host=db "
-                                "password=*** port=5432")
-    assert redact_text('FATAL: role "evo" rejected s3cretpw', "postgresql://evo:s3cretpw@h/d") == \
-        'FATAL: role "evo" rejected ***'
+    assert redact_url(text) == (
+        "OperationalError: connect to postgresql://evo:***@db/evo failed; dsn host=db password=*** port=5432"
+    )
+    assert (
+        redact_text('FATAL: role "evo" rejected s3cretpw', "postgresql://evo:s3cretpw@h/d")
+        == 'FATAL: role "evo" rejected ***'
+    )
 
 
 def test_env_references_expand_at_use_and_stay_unexpanded_when_persisted(monkeypatch, tmp_path):
@@ -68,12 +90,13 @@ def test_env_references_expand_at_use_and_stay_unexpanded_when_persisted(monkeyp
     assert "p@ss" not in redact_url(cfg.storage_url)
     monkeypatch.delenv("EVOMERGE_DB_PASSWORD")
     with pytest.raises(EvomergeError, match="environment variable EVOMERGE_DB_PASSWORD is not set"):
-        cfg.storage_url
+        _ = cfg.storage_url
 
 
 @pytest.mark.filterwarnings("ignore:Query string argument")  # pysqlite ignores ?password=, which suits this test
-def test_password_is_nowhere_in_the_run_dir_the_report_the_study_or_the_output(tmp_path, tiny_llama_trio, capsys,
-                                                                               caplog):
+def test_password_is_nowhere_in_the_run_dir_the_report_the_study_or_the_output(
+    tmp_path, tiny_llama_trio, capsys, caplog
+):
     secret = "Hunter2-dummy-PW"
     run_dir = tmp_path / "run"
     url = f"sqlite:///{tmp_path / 'study.db'}?password={secret}"

@@ -1,5 +1,6 @@
 """The one definition of the best trial (highest value, the lowest number among equal values), as the search's
 summary, status, report and export use it."""
+
 from __future__ import annotations
 
 import optuna
@@ -19,8 +20,14 @@ def tied_study() -> optuna.Study:
     study = optuna.create_study(study_name="ties", direction="maximize")
     study.set_user_attr("space_names", ["x"])
     for i, value in enumerate([0.5, 0.9, 0.9, 0.1]):
-        study.add_trial(create_trial(value=value, params={"x": value}, distributions=DISTS,
-                                     user_attrs={"recipe": f"merge_method: linear  # trial {i}\n"}))
+        study.add_trial(
+            create_trial(
+                value=value,
+                params={"x": value},
+                distributions=DISTS,
+                user_attrs={"recipe": f"merge_method: linear  # trial {i}\n"},
+            )
+        )
     study.add_trial(create_trial(state=TrialState.FAIL, params={"x": 0.2}, distributions=DISTS))
     study.add_trial(create_trial(state=TrialState.RUNNING, params={"x": 0.3}, distributions=DISTS))
     return study

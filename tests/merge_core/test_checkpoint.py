@@ -1,4 +1,5 @@
 """Tests for merge_core.checkpoint: lazy reading, pickle refusal, sharded writing, model files, compatibility."""
+
 from __future__ import annotations
 
 import json
@@ -112,10 +113,13 @@ def test_pickle_refused_unless_allowed(pickled_dirs, tiny_llama_trio, which, fil
     _assert_matches_model(Checkpoint.open(str(path), allow_pickle=True), tiny_llama_trio[0])
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("/no/such/dir", "not an existing directory and not a valid hub id"),
-    ("nobody/no-such-model", "offline and not in the local hub cache"),
-])
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("/no/such/dir", "not an existing directory and not a valid hub id"),
+        ("nobody/no-such-model", "offline and not in the local hub cache"),
+    ],
+)
 def test_unknown_path_or_hub_id(name, reason):
     with pytest.raises(EvomergeError) as err:
         Checkpoint.open(name)
@@ -216,8 +220,10 @@ def test_compatible_trio_passes(llama, tmp_path):
     """Three distinct models with one layout pass whichever is the base; the same check on the same trio with
     one member a different shape refuses it (so passing means "compared and compatible", not "not compared")."""
     ref = llama["base"]
-    assert all(c.names == ref.names and [c.shape(n) for n in c.names] == [ref.shape(n) for n in ref.names]
-               for c in llama.values())
+    assert all(
+        c.names == ref.names and [c.shape(n) for n in c.names] == [ref.shape(n) for n in ref.names]
+        for c in llama.values()
+    )
     assert not torch.equal(llama["a"].tensor("lm_head.weight"), ref.tensor("lm_head.weight"))  # not copies
     for base in ("base", "a", "b", None):
         validate_compatible(llama, base)  # raises on any difference it finds
@@ -288,17 +294,20 @@ def test_layer_count(llama, tmp_path):
 # --------------------------------------------------------------------------- tensor names
 
 
-@pytest.mark.parametrize("name, layer, kind", [
-    ("model.embed_tokens.weight", None, "embed"),
-    ("lm_head.weight", None, "head"),
-    ("model.norm.weight", None, "other"),
-    ("model.layers.0.self_attn.q_proj.weight", 0, "attn"),
-    ("model.layers.11.self_attn.k_proj.bias", 11, "attn"),  # Qwen2 q/k/v biases
-    ("model.layers.3.mlp.down_proj.weight", 3, "mlp"),
-    ("model.layers.2.input_layernorm.weight", 2, "other"),
-    ("model.layers.2.post_attention_layernorm.weight", 2, "other"),
-    ("transformer.h.1.attention.dense.weight", None, "attn"),
-])
+@pytest.mark.parametrize(
+    "name, layer, kind",
+    [
+        ("model.embed_tokens.weight", None, "embed"),
+        ("lm_head.weight", None, "head"),
+        ("model.norm.weight", None, "other"),
+        ("model.layers.0.self_attn.q_proj.weight", 0, "attn"),
+        ("model.layers.11.self_attn.k_proj.bias", 11, "attn"),  # Qwen2 q/k/v biases
+        ("model.layers.3.mlp.down_proj.weight", 3, "mlp"),
+        ("model.layers.2.input_layernorm.weight", 2, "other"),
+        ("model.layers.2.post_attention_layernorm.weight", 2, "other"),
+        ("transformer.h.1.attention.dense.weight", None, "attn"),
+    ],
+)
 def test_layer_index_and_module_kind(name, layer, kind):
     assert (layer_index(name), module_kind(name)) == (layer, kind)
 

@@ -1,4 +1,5 @@
 """Tests for merge_core.dataflow: the in-memory path model, its export and cached generation."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -67,8 +68,13 @@ def _greedy(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, **kwa
     """The NEW_TOKENS greedy new tokens of each row (EOS cannot end a row early)."""
     with torch.inference_mode():
         out = model.generate(
-            ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-            pad_token_id=PAD, **kwargs,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=PAD,
+            **kwargs,
         )
     rows = out[:, ids.shape[1] :].tolist()
     assert [len(row) for row in rows] == [NEW_TOKENS] * len(rows)
@@ -93,7 +99,9 @@ def test_export_layout(pair: Pair) -> None:
     torch.testing.assert_close(ckpt.tensor(f"model.layers.0.{down}"), src_a.tensor(f"model.layers.0.{down}") * 1.3)
     assert torch.equal(ckpt.tensor(f"model.layers.1.{q_proj}"), src_b.tensor(f"model.layers.1.{q_proj}"))
     assert torch.equal(ckpt.tensor(f"model.layers.5.{down}"), src_a.tensor(f"model.layers.2.{down}"))  # last: unscaled
-    torch.testing.assert_close(ckpt.tensor("model.embed_tokens.weight"), src_a.tensor("model.embed_tokens.weight") * 0.7)
+    torch.testing.assert_close(
+        ckpt.tensor("model.embed_tokens.weight"), src_a.tensor("model.embed_tokens.weight") * 0.7
+    )
     if pair.family == "llama":  # A ties its head: the export unties it and keeps the head unscaled
         assert not pair.exported.config.tie_word_embeddings
         assert torch.equal(ckpt.tensor("lm_head.weight"), src_a.tensor("model.embed_tokens.weight"))

@@ -1,4 +1,7 @@
-"""End-to-end merges on tiny generated checkpoints: reload with transformers, expected tensors, in-memory == on-disk, CLI."""
+"""End-to-end merges on tiny generated checkpoints: reload with transformers, expected tensors, in-memory ==
+on-disk, CLI.
+"""
+
 import subprocess
 import sys
 
@@ -20,8 +23,15 @@ TENSOR = "model.layers.1.mlp.up_proj.weight"
 
 def trio(root, family="llama", dtype=torch.float32, max_shard_size=None, layers=4):
     base = make_tiny_checkpoint(root / f"{family}-base", family, seed=0, dtype=dtype, num_layers=layers)
-    a = make_tiny_checkpoint(root / f"{family}-a", family, seed=1, dtype=dtype, from_checkpoint=str(base), noise=0.05,
-                             max_shard_size=max_shard_size)
+    a = make_tiny_checkpoint(
+        root / f"{family}-a",
+        family,
+        seed=1,
+        dtype=dtype,
+        from_checkpoint=str(base),
+        noise=0.05,
+        max_shard_size=max_shard_size,
+    )
     b = make_tiny_checkpoint(root / f"{family}-b", family, seed=2, dtype=dtype, from_checkpoint=str(base), noise=0.05)
     return str(base), str(a), str(b)
 
@@ -65,8 +75,16 @@ def test_ties_merge_reloads_and_matches_hand_computed_tensor(tmp_path, family):
     model = AutoModelForCausalLM.from_pretrained(out)
     got = dict(model.named_parameters())[TENSOR].detach()
     tb, ta, tbb = (load_tensor(p, TENSOR) for p in (base, a, b))
-    want = methods.generalized_task_arithmetic(tb, [ta - tb, tbb - tb], [0.6, 0.4], [0.5, 0.7], sparsification="magnitude",
-                                               consensus="sum", normalize=True, rescale=False)  # ties
+    want = methods.generalized_task_arithmetic(
+        tb,
+        [ta - tb, tbb - tb],
+        [0.6, 0.4],
+        [0.5, 0.7],
+        sparsification="magnitude",
+        consensus="sum",
+        normalize=True,
+        rescale=False,
+    )  # ties
     assert torch.equal(got, want.to(got.dtype))
     assert type(model).__name__.lower().startswith(family.replace("qwen2", "qwen2"))
 
@@ -93,21 +111,32 @@ def test_sharded_input_gives_the_same_merge(tmp_path):
     # DARE masks are seeded by (seed, tensor, model name) and the model names differ between the two trios: compare TIES
     out3 = run_merge(recipe("ties", base2, a2, b2), tmp_path / "o3")
     out4 = run_merge(recipe("ties", base, a, b), tmp_path / "o4")
-    s3, s4 = load_file(out3 / "model.safetensors") if (out3 / "model.safetensors").exists() else None, load_file(out4 / "model.safetensors")
+    s3, s4 = (
+        load_file(out3 / "model.safetensors") if (out3 / "model.safetensors").exists() else None,
+        load_file(out4 / "model.safetensors"),
+    )
     assert s3 is not None and s3.keys() == s4.keys()
     assert all(torch.equal(s3[k], s4[k]) for k in s4)
     del m1, m2
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp",
-                                    "breadcrumbs", "della", "model_stock"])
+@pytest.mark.parametrize(
+    "method",
+    ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "breadcrumbs", "della", "model_stock"],
+)
 def test_in_memory_materialization_is_bit_identical_to_on_disk(tmp_path, llama, method):
     base, a, b = llama
     r = recipe(method, base, a, b)
     if method == "della":
-        r = MergeRecipe.from_dict({**r.to_dict(), "models": [
-            {"model": a, "parameters": {"weight": 0.6, "density": 0.5, "epsilon": 0.1}},
-            {"model": b, "parameters": {"weight": 0.4, "density": 0.7, "epsilon": 0.1}}]})
+        r = MergeRecipe.from_dict(
+            {
+                **r.to_dict(),
+                "models": [
+                    {"model": a, "parameters": {"weight": 0.6, "density": 0.5, "epsilon": 0.1}},
+                    {"model": b, "parameters": {"weight": 0.4, "density": 0.7, "epsilon": 0.1}},
+                ],
+            }
+        )
     out = run_merge(r, tmp_path / "disk")
     disk = AutoModelForCausalLM.from_pretrained(out)
     mat = Materializer(r, device="cpu")
@@ -145,8 +174,10 @@ def test_magnitude_rank_breaks_ties_by_index_like_the_selection():
     for density in (0.2, 0.34, 0.5, 0.67, 0.9):
         rank = methods.magnitude_rank(delta)
         assert torch.equal(methods.magnitude_mask(delta, density, rank), methods.magnitude_mask(delta, density))
-        assert torch.equal(methods.magnitude_outliers_mask(delta, density, 0.2, rank),
-                           methods.magnitude_outliers_mask(delta, density, 0.2))
+        assert torch.equal(
+            methods.magnitude_outliers_mask(delta, density, 0.2, rank),
+            methods.magnitude_outliers_mask(delta, density, 0.2),
+        )
 
 
 def test_materializer_rewrites_in_place_and_task_vector_mode_matches_source_mode(llama):
@@ -189,22 +220,36 @@ def test_cli_merge_bad_inputs_are_one_line_errors(tmp_path, llama, capsys):
     base, a, b = llama
     cases = {
         "missing.yaml": (None, "recipe file not found"),
-        "bad_method.yaml": (f"merge_method: frankenstein\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}]\n",
-                            "merge_method: 'frankenstein' is not supported"),
-        "no_weight.yaml": (f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n",
-                           f"parameter 'weight' is required for model '{a}'"),
-        "typo.yaml": (f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 1, densty: 0.5}}}}]\n",
-                      "models[0].parameters.densty: not a parameter of ties"),
-        "no_model.yaml": (f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {tmp_path}/nope, parameters: {{weight: 1}}}}]\n",
-                          "nope"),
+        "bad_method.yaml": (
+            f"merge_method: frankenstein\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 1}}}}]\n",
+            "merge_method: 'frankenstein' is not supported",
+        ),
+        "no_weight.yaml": (
+            f"merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\n",
+            f"parameter 'weight' is required for model '{a}'",
+        ),
+        "typo.yaml": (
+            f"merge_method: ties\nbase_model: {base}\n"
+            f"models: [{{model: {a}, parameters: {{weight: 1, densty: 0.5}}}}]\n",
+            "models[0].parameters.densty: not a parameter of ties",
+        ),
+        "no_model.yaml": (
+            f"merge_method: ties\nbase_model: {base}\n"
+            f"models: [{{model: {tmp_path}/nope, parameters: {{weight: 1}}}}]\n",
+            "nope",
+        ),
     }
     for i, (fname, (text, message)) in enumerate(cases.items()):
         if text is not None:
             (tmp_path / fname).write_text(text)
         argv = ["merge", str(tmp_path / fname), "--out", str(tmp_path / "o")]
         if i == 0:  # one case through a real process: exit code and a single stderr line
-            proc = subprocess.run([sys.executable, "-m", "evolve.cli", *argv], capture_output=True, text=True,
-                                  env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+            proc = subprocess.run(
+                [sys.executable, "-m", "evolve.cli", *argv],
+                capture_output=True,
+                text=True,
+                env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+            )
             code, err = proc.returncode, proc.stderr
         else:
             capsys.readouterr()

@@ -1,4 +1,5 @@
 """Merge methods against hand-computed tensors, and the selection masks against their sort-based definitions."""
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,15 @@ def gta(name: str, base, deltas, weights, densities=None, *, gammas=None, epsilo
     given = {"density": densities, "gamma": gammas, "epsilon": epsilons}
     per = [{"weight": w, **{k: v[i] for k, v in given.items() if v is not None}} for i, w in enumerate(weights)]
     params = {("lambda" if k == "lambda_" else k): v for k, v in params.items()}
-    return merge_tensor(METHODS[name], base=base, tensors=[base + d for d in deltas], deltas=deltas, params=params,
-                        tensor_params=per, generators=generators)
+    return merge_tensor(
+        METHODS[name],
+        base=base,
+        tensors=[base + d for d in deltas],
+        deltas=deltas,
+        params=params,
+        tensor_params=per,
+        generators=generators,
+    )
 
 
 def t(*values: float) -> torch.Tensor:
@@ -233,7 +241,9 @@ def test_della_merges_rescale_by_l1_and_lambda():
     expected = sample * (delta.abs().sum() / sample.abs().sum())
     close(gta("della_linear", torch.zeros(5), [delta], [1.0], [0.5], epsilons=[0.2], generators=gen()), expected)
     # della: one source, consensus + normalize by the weight 2 -> the same, then lambda 3
-    close(gta("della", torch.zeros(5), [delta], [2.0], [0.5], epsilons=[0.2], lambda_=3.0, generators=gen()), 3 * expected)
+    close(
+        gta("della", torch.zeros(5), [delta], [2.0], [0.5], epsilons=[0.2], lambda_=3.0, generators=gen()), 3 * expected
+    )
 
 
 # ----------------------------------------------------------------------------- model stock
@@ -296,8 +306,20 @@ def test_merge_tensor_dispatches_with_defaults():
     via = merge_tensor(
         METHODS["dare_ties"], base=base, tensors=[a, b], deltas=deltas, params={}, tensor_params=per, generators=gens()
     )
-    close(via, generalized_task_arithmetic(base, deltas, [1.0, 0.5], [0.5, 0.5], sparsification="random", consensus="sum",
-                                             normalize=False, rescale=True, generators=gens()))  # mergekit's defaults
+    close(
+        via,
+        generalized_task_arithmetic(
+            base,
+            deltas,
+            [1.0, 0.5],
+            [0.5, 0.5],
+            sparsification="random",
+            consensus="sum",
+            normalize=False,
+            rescale=True,
+            generators=gens(),
+        ),
+    )  # mergekit's defaults
     weights = [{"weight": 1}, {"weight": 3}]
     close(merge_tensor(METHODS["linear"], base=None, tensors=[a, b], params={}, tensor_params=weights), t(2, 1.75))
     slerped = merge_tensor(METHODS["slerp"], base=t(2, 0), tensors=[t(0, 2)], params={"t": 1.0}, tensor_params=[{}])

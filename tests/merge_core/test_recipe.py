@@ -1,5 +1,6 @@
 """Recipes: mergekit YAML round trip, per-tensor parameter resolution (gradients, filters, precedence), errors;
 data-flow recipes (LayerPath) and load_recipe's dispatch."""
+
 import math
 
 import pytest
@@ -211,15 +212,29 @@ models:
         ("merge_method: ties\nmodels: []\n", "recipe: models: at least one model is required"),
         ("merge_method: ties\nmodels: [{model: a}]\nmodel_stock: 1\n", "recipe: unknown key 'model_stock'"),
         ("merge_method: ties\nmodels: [{parameters: {}}]\n", "recipe: models[0]: needs 'model'"),
-        ("merge_method: ties\nmodels: [{model: a, parameters: {weight: .nan}}]\n", "recipe: models[0].parameters.weight: must be finite"),
-        ("merge_method: ties\nmodels: [{model: a, parameters: {weight: {filter: mlp}}}]\n", "a conditional parameter needs 'value'"),
-        ("merge_method: ties\nslices: [{sources: [{model: a, layer_range: [3, 1]}]}]\n", "recipe: slices[0].sources[0].layer_range: must be [start, end)"),
+        (
+            "merge_method: ties\nmodels: [{model: a, parameters: {weight: .nan}}]\n",
+            "recipe: models[0].parameters.weight: must be finite",
+        ),
+        (
+            "merge_method: ties\nmodels: [{model: a, parameters: {weight: {filter: mlp}}}]\n",
+            "a conditional parameter needs 'value'",
+        ),
+        (
+            "merge_method: ties\nslices: [{sources: [{model: a, layer_range: [3, 1]}]}]\n",
+            "recipe: slices[0].sources[0].layer_range: must be [start, end)",
+        ),
         ("merge_method: ties\nmodels: [{model: a}]\ndtype: fp8\n", "recipe: dtype: 'fp8' is not one of"),
         ("merge_method: ties\nmodels: [{model: a}]\nseed: x\n", "recipe: seed: must be an integer"),
         ("[1, 2", "recipe: not valid YAML"),
-        ("merge_method: ties\nslices: [{sources: [{model: a, layer_range: [0, 2]}], base_model: c}]\n",
-         "recipe: slices[0]: unsupported key 'base_model'"),
-        ("merge_method: ties\nmodels: [{model: a, paramters: {weight: 1}}]\n", "recipe: models[0]: unsupported key 'paramters'"),
+        (
+            "merge_method: ties\nslices: [{sources: [{model: a, layer_range: [0, 2]}], base_model: c}]\n",
+            "recipe: slices[0]: unsupported key 'base_model'",
+        ),
+        (
+            "merge_method: ties\nmodels: [{model: a, paramters: {weight: 1}}]\n",
+            "recipe: models[0]: unsupported key 'paramters'",
+        ),
     ],
 )
 def test_malformed_recipes_give_one_line_errors(text, message):
@@ -239,7 +254,15 @@ slices:
     with pytest.raises(EvomergeError, match="rearranges layers"):
         validate_layout(r, 4)
     with pytest.raises(EvomergeError, match="slices cover 4 layers but the models have 6"):
-        validate_layout(MergeRecipe.from_yaml(text.replace("[2, 4]", "[0, 2]").replace("[0, 2]}]\n  - sources: [{model: a, layer_range: [0, 2]", "[0, 2]}]\n  - sources: [{model: a, layer_range: [2, 4]")), 6)
+        validate_layout(
+            MergeRecipe.from_yaml(
+                text.replace("[2, 4]", "[0, 2]").replace(
+                    "[0, 2]}]\n  - sources: [{model: a, layer_range: [0, 2]",
+                    "[0, 2]}]\n  - sources: [{model: a, layer_range: [2, 4]",
+                )
+            ),
+            6,
+        )
 
 
 # A trial's `recipe` attr as DFS studies stored it before DataFlowRecipe moved to merge_core (PR for issue 10).
@@ -262,11 +285,15 @@ def test_a_stored_dataflow_recipe_loads_and_serializes_identically():
 def test_load_recipe_dispatches_on_merge_method():
     assert load_recipe(MERGEKIT_YAML) == MergeRecipe.from_yaml(MERGEKIT_YAML)
     with pytest.raises(EvomergeError, match="trial 3 recipe: a dataflow recipe needs model_a, model_b and layer_path"):
-        load_recipe("merge_method: dataflow\nmodel_a: x\nmodel_b: y\nlayer_path: [{model: C, layer: 0}]\n",
-                    where="trial 3 recipe")
+        load_recipe(
+            "merge_method: dataflow\nmodel_a: x\nmodel_b: y\nlayer_path: [{model: C, layer: 0}]\n",
+            where="trial 3 recipe",
+        )
     with pytest.raises(EvomergeError, match="trial 3 recipe: layer path: hop 0 has negative layer index -1"):
-        load_recipe("merge_method: dataflow\nmodel_a: x\nmodel_b: y\nlayer_path: [{model: A, layer: -1}]\n",
-                    where="trial 3 recipe")
+        load_recipe(
+            "merge_method: dataflow\nmodel_a: x\nmodel_b: y\nlayer_path: [{model: A, layer: -1}]\n",
+            where="trial 3 recipe",
+        )
     with pytest.raises(EvomergeError, match="recipe: expected a mapping"):
         load_recipe("- merge_method: dataflow\n")
 

@@ -1,4 +1,5 @@
 """DFS genome: indicator -> hops, framing by A's first/last layers, max length, scale parametrizations."""
+
 import pytest
 
 from merge_core.errors import EvomergeError
@@ -20,7 +21,13 @@ def test_slots_are_a_then_b_repeated():
     s = space()
     assert s.num_slots == 10
     assert [s.slot(t) for t in range(6)] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (0, 0)]
-    assert s.names[:2] == ["I.r0.A00", "I.r0.A01"] and s.names[-5:] == ["scale.AA", "scale.AB", "scale.BA", "scale.BB", "scale.first"]
+    assert s.names[:2] == ["I.r0.A00", "I.r0.A01"] and s.names[-5:] == [
+        "scale.AA",
+        "scale.AB",
+        "scale.BA",
+        "scale.BB",
+        "scale.first",
+    ]
 
 
 def test_x0_is_model_a_alone():

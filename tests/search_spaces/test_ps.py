@@ -1,4 +1,5 @@
 """Parameter-space genome: names, bounds, decode -> per-tensor values, encode(decode(x)) == x."""
+
 import pytest
 
 from merge_core.errors import EvomergeError
@@ -11,8 +12,16 @@ def value(recipe, tensor, param, model, num_layers):
 
 
 def test_zoo_shaped_space_has_twelve_readable_coordinates():
-    s = ParameterSpace("task_arithmetic", "base", ["zoo/ja", "zoo/math"], 4, ["ja", "math"], layers_per_group=1,
-                       weight_bounds=(0.0, 2.5), weight_x0=1.0)
+    s = ParameterSpace(
+        "task_arithmetic",
+        "base",
+        ["zoo/ja", "zoo/math"],
+        4,
+        ["ja", "math"],
+        layers_per_group=1,
+        weight_bounds=(0.0, 2.5),
+        weight_x0=1.0,
+    )
     assert s.dim == 12
     assert s.names[:3] == ["embed.ja.weight", "embed.math.weight", "L00.ja.weight"]
     assert s.names[-1] == "head.math.weight"
@@ -62,11 +71,14 @@ def test_values_are_clipped_into_bounds_and_slerp_has_t_per_group():
     assert value(sl.decode([0.1, 0.2, 0.3, 0.4]), "model.layers.1.mlp.up_proj.weight", "t", None, 2) == 0.3
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(method="nope"), "search.space.method: 'nope' is not supported"),
-    (dict(layers_per_group=3), "search.space.layers_per_group: must divide num_hidden_layers=4"),
-    (dict(method="slerp"), "slerp interpolates the base and exactly one source"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="nope"), "search.space.method: 'nope' is not supported"),
+        (dict(layers_per_group=3), "search.space.layers_per_group: must divide num_hidden_layers=4"),
+        (dict(method="slerp"), "slerp interpolates the base and exactly one source"),
+    ],
+)
 def test_bad_space_settings(kwargs, message):
     args = dict(method="ties", base="base", sources=["a", "b"], num_layers=4, aliases=["a", "b"])
     args.update(kwargs)

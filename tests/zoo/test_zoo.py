@@ -1,4 +1,5 @@
 """Tests for the tiny zoo: world formats, deterministic builds, and the committed data/zoo checkpoints and tasks."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,7 @@ from merge_core.materialize import Materializer
 from zoo import world
 from zoo.__main__ import main
 from zoo.build import MODELS, SIZES, SPLITS, build_zoo, make_tokenizer, task_splits, write_lm_eval_tasks
-from zoo.world import Problem, Recall, TASKS
+from zoo.world import TASKS, Problem, Recall
 
 ZOO = Path(__file__).resolve().parents[2] / "data" / "zoo"
 
@@ -62,9 +63,35 @@ def first_word_accuracy(model_dir: Path, task: str, n: int = 100) -> float:
 def test_cipher_renders_word_by_word_with_j_numerals() -> None:
     words = ["eva", "has", 7, "pens", ".", "how", "many", "pens", "does", "eva", "have", "?", "answer"]
     assert world.render(words, "j", random.Random(0)) == [
-        "hana", "motsu", "j7", "enpitsu", "。", "dono", "ikutsu", "enpitsu", "ga", "hana", "aru", "？", "kotae"]
-    assert world.render(words, "e", random.Random(0)) == ["eva", "has", "7", "pens", ".", "how", "many", "pens",
-                                                           "does", "eva", "have", "?", "answer"]
+        "hana",
+        "motsu",
+        "j7",
+        "enpitsu",
+        "。",
+        "dono",
+        "ikutsu",
+        "enpitsu",
+        "ga",
+        "hana",
+        "aru",
+        "？",
+        "kotae",
+    ]
+    assert world.render(words, "e", random.Random(0)) == [
+        "eva",
+        "has",
+        "7",
+        "pens",
+        ".",
+        "how",
+        "many",
+        "pens",
+        "does",
+        "eva",
+        "have",
+        "?",
+        "answer",
+    ]
     assert [world.numeral(n, "j") for n in (0, 9, 18)] == ["j0", "j9", "j18"]
     assert [world.numeral(n, "e") for n in (0, 9, 18)] == ["0", "9", "18"]
 
@@ -129,11 +156,18 @@ def test_mixtures_keep_each_skill_in_its_model() -> None:
 
 def test_training_data_avoids_reserved_items() -> None:
     keep = Problem("eva", "pens", "sells", 13, 4)
-    every_sub = {Problem(n, o, v, b + d, b) for n in world.NAMES for o in world.OBJECTS for v in world.SUB_VERBS
-                 for b in range(10) for d in range(10)}
+    every_sub = {
+        Problem(n, o, v, b + d, b)
+        for n in world.NAMES
+        for o in world.OBJECTS
+        for v in world.SUB_VERBS
+        for b in range(10)
+        for d in range(10)
+    }
     sampler = world.qa_sampler("sub", "e", "e", "e", frozenset(every_sub - {keep}))
     assert {" ".join(sampler(random.Random(s))) for s in range(3)} == {
-        "eva has 13 pens . eva sells 4 pens . how many pens does eva have ? answer 9"}
+        "eva has 13 pens . eva sells 4 pens . how many pens does eva have ? answer 9"
+    }
 
 
 # --- builds -----------------------------------------------------------------------------------------
@@ -233,9 +267,20 @@ def test_each_source_scores_on_the_held_out_split_what_the_readme_table_says(mon
 
 
 # The seed-0 demo's best trial (README table: 0.704 held-out): a merge that does the target task.
-EVOLVED_SEED0 = {"embed.ja.weight": 0.103, "embed.math.weight": 0.913, "L00.ja.weight": 0.209, "L00.math.weight": 1.008,
-                 "L01.ja.weight": 2.014, "L01.math.weight": 0.577, "L02.ja.weight": 1.032, "L02.math.weight": 1.701,
-                 "L03.ja.weight": 2.193, "L03.math.weight": 2.028, "head.ja.weight": 1.975, "head.math.weight": 0.386}
+EVOLVED_SEED0 = {
+    "embed.ja.weight": 0.103,
+    "embed.math.weight": 0.913,
+    "L00.ja.weight": 0.209,
+    "L00.math.weight": 1.008,
+    "L01.ja.weight": 2.014,
+    "L01.math.weight": 0.577,
+    "L02.ja.weight": 1.032,
+    "L02.math.weight": 1.701,
+    "L03.ja.weight": 2.193,
+    "L03.math.weight": 2.028,
+    "head.ja.weight": 1.975,
+    "head.math.weight": 0.386,
+}
 
 
 def test_shipped_lm_eval_task_agrees_with_the_native_evaluator_on_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -248,10 +293,21 @@ def test_shipped_lm_eval_task_agrees_with_the_native_evaluator_on_the_target(mon
     merged = materializer.new_model()
     materializer.apply(evolved, merged)
     tokenizer = AutoTokenizer.from_pretrained(ZOO / "expert_ja")
-    backend = LmEvalEvaluator(["zoo_ja_sub"], include_path="data/zoo/tasks/lm_eval", batch_size=32,
-                              metrics={"zoo_ja_sub": "exact_match,first_word"})
-    native = GenerationEvaluator("data/zoo/tasks/ja_sub", "test", batch_size=100, max_new_tokens=2, stop=[world.TERMINATOR],
-                                 extract="first_word", language_check={"type": "pattern", "pattern": r"^j\d+$"})
+    backend = LmEvalEvaluator(
+        ["zoo_ja_sub"],
+        include_path="data/zoo/tasks/lm_eval",
+        batch_size=32,
+        metrics={"zoo_ja_sub": "exact_match,first_word"},
+    )
+    native = GenerationEvaluator(
+        "data/zoo/tasks/ja_sub",
+        "test",
+        batch_size=100,
+        max_new_tokens=2,
+        stop=[world.TERMINATOR],
+        extract="first_word",
+        language_check={"type": "pattern", "pattern": r"^j\d+$"},
+    )
     n = len(native.items)
     for model in (merged, AutoModelForCausalLM.from_pretrained(ZOO / "expert_ja")):
         native_acc = native.evaluate(model, tokenizer)["acc"]
