@@ -36,6 +36,13 @@ DType = Literal[DTYPES]  # type: ignore[valid-type]  # merge_core.recipe.DTYPES,
 SamplerName = Literal["cmaes", "pycma", "tpe", "random", "nsga2"]  # evolve.samplers.make_sampler builds each
 
 
+def _name_chars(v: str, purpose: str = "") -> str:
+    """Task and run names: letters, digits, '_', '-' or '.' (they name metrics, run directories and studies)."""
+    if not re.fullmatch(r"[A-Za-z0-9_\-\.]+", v):
+        raise ValueError(f"'{v}' must be letters, digits, '_', '-' or '.'{purpose}")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every float finite
 
@@ -192,9 +199,7 @@ class _Task(BaseModel):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_\-\.]+", v):
-            raise ValueError(f"'{v}' must be letters, digits, '_', '-' or '.'")
-        return v
+        return _name_chars(v)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -350,8 +355,7 @@ class RunConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_\-\.]+", v):
-            raise ValueError(f"'{v}' must be letters, digits, '_', '-' or '.' (it names the run directory and study)")
+        _name_chars(v, " (it names the run directory and study)")
         if v in (".", ".."):
             raise ValueError(f"'{v}' is not a name: it names the run directory, one path component (e.g. my-run)")
         return v

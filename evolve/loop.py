@@ -179,15 +179,7 @@ def run_search(
 def run_stage(cfg: RunConfig, stage: str, *, progress: bool, executor_factory: Callable[..., Executor]) -> SearchResult:
     space = build_space(cfg, stage)
     _, opt, budget = cfg.search.stage(stage)
-    sampler = make_sampler(
-        opt.sampler,
-        names=space.names,
-        x0=space.x0,
-        bounds=space.bounds,
-        sigma0=opt.sigma0,
-        seed=cfg.seed,
-        popsize=opt.popsize,
-    )
+    sampler = make_sampler(opt.sampler, space, sigma0=opt.sigma0, seed=cfg.seed, popsize=opt.popsize)
     study = open_study(cfg, space, sampler, stage)
     with storage_errors(cfg):
         if not study.trials:

@@ -62,6 +62,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evolve.config import SamplerName
 from merge_core.errors import EvomergeError
+from search_spaces.base import SearchSpace
 
 STATE_KEY = "pycma:state"
 HISTORY_KEY = "pycma:history"  # + ":<generation>": {candidates, losses} told to that generation
@@ -463,14 +464,7 @@ class ReseededNSGAIISampler(_ReseedPerTrial, optuna.samplers.NSGAIISampler):
 
 
 def make_sampler(
-    name: str,
-    *,
-    names: list[str],
-    x0: list[float],
-    bounds: list[tuple[float, float]],
-    sigma0: float,
-    seed: int,
-    popsize: int | None = None,
+    name: str, space: SearchSpace, *, sigma0: float, seed: int, popsize: int | None = None
 ) -> optuna.samplers.BaseSampler:
     """The sampler the config's ``search.optimizer.sampler`` names. Optuna's samplers come reseeded per trial
     (`_ReseedPerTrial`) and PycmaSampler keeps its state in the study, so with the same seed a resumed search asks
@@ -478,9 +472,9 @@ def make_sampler(
     if name == "cmaes":
         with warnings.catch_warnings():  # x0 and sigma0 are deprecated since Optuna 4.9 (removal planned for 6.0)
             warnings.filterwarnings("ignore", message="`(x0|sigma0)` has been deprecated", category=FutureWarning)
-            return ReseededCmaEsSampler(x0=dict(zip(names, x0)), sigma0=sigma0, seed=seed, popsize=popsize)
+            return ReseededCmaEsSampler(x0=dict(zip(space.names, space.x0)), sigma0=sigma0, seed=seed, popsize=popsize)
     if name == "pycma":
-        return PycmaSampler(names, x0, bounds, sigma0, seed, popsize)
+        return PycmaSampler(space.names, space.x0, space.bounds, sigma0, seed, popsize)
     if name == "tpe":
         return ReseededTPESampler(seed=seed)
     if name == "random":

@@ -72,41 +72,24 @@ def make_tiny_checkpoint(
     *,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-    hidden_size: int = 64,
-    num_layers: int = 4,
-    intermediate_size: int = 128,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
     words: Sequence[str] | None = None,
-    tie_word_embeddings: bool = False,
     max_shard_size: str | None = None,
     from_checkpoint: str | Path | None = None,
     noise: float = 0.02,
-    **config_overrides: Any,
+    **model_options: Any,
 ) -> Path:
     """Save a seeded random decoder (or, with `from_checkpoint`, that model plus seeded noise) with tokenizer.
 
-    With `from_checkpoint` the architecture, vocabulary and tokenizer come from that checkpoint (a "fine-tune"
-    sharing its shapes) and only `seed`, `dtype`, `noise` and `max_shard_size` apply.
+    `model_options` go to `tiny_model` (sizes, `tie_word_embeddings`, config overrides). With `from_checkpoint` the
+    architecture, vocabulary and tokenizer come from that checkpoint (a "fine-tune" sharing its shapes) and only
+    `seed`, `dtype`, `noise` and `max_shard_size` apply.
     """
     out = Path(out_dir)
     shard_kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
     if from_checkpoint is not None:
         return _save_finetune(Path(from_checkpoint), out, seed=seed, dtype=dtype, noise=noise, **shard_kwargs)
     tokenizer = word_tokenizer(words if words is not None else DEFAULT_WORDS)
-    model = tiny_model(
-        tokenizer,
-        family,
-        seed=seed,
-        dtype=dtype,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        intermediate_size=intermediate_size,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        tie_word_embeddings=tie_word_embeddings,
-        **config_overrides,
-    )
+    model = tiny_model(tokenizer, family, seed=seed, dtype=dtype, **model_options)
     model.save_pretrained(out, **shard_kwargs)
     tokenizer.save_pretrained(out)
     return out

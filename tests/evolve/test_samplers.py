@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -201,7 +202,7 @@ def test_pycma_rejects_another_popsize_and_a_foreign_parameter() -> None:
 
 
 def test_make_sampler_kinds_and_bad_name() -> None:
-    kwargs = dict(names=NAMES, x0=X0, bounds=BOUNDS, sigma0=0.2, seed=3, popsize=POPSIZE)
+    kwargs = dict(space=SimpleNamespace(names=NAMES, x0=X0, bounds=BOUNDS), sigma0=0.2, seed=3, popsize=POPSIZE)
     cmaes = make_sampler("cmaes", **kwargs)
     assert isinstance(cmaes, optuna.samplers.CmaEsSampler)
     assert (cmaes._x0, cmaes._sigma0, cmaes._popsize) == (dict(zip(NAMES, X0)), 0.2, POPSIZE)
@@ -230,7 +231,7 @@ def test_optuna_samplers_propose_from_the_seed_trial_number_and_record_alone(kin
     a sampler that first served another study proposes, on a copy of the record, exactly the original trial n."""
     from evolve.samplers import _random_states
 
-    kwargs = dict(names=NAMES, x0=X0, bounds=BOUNDS, sigma0=0.2, seed=3, popsize=4)
+    kwargs = dict(space=SimpleNamespace(names=NAMES, x0=X0, bounds=BOUNDS), sigma0=0.2, seed=3, popsize=4)
     assert [path for path, _ in _random_states(make_sampler(kind, **kwargs))] == streams  # every stream it draws from
     original = optuna.create_study(sampler=make_sampler(kind, **kwargs))
     original.enqueue_trial(dict(zip(NAMES, X0)))
