@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from evolve.config import Budget, RunConfig, dump_config
 from evolve.executors import Executor, check_ray_job_storage, make_executor
-from evolve.samplers import make_sampler
+from evolve.samplers import PycmaSampler, make_sampler
 from evolve.study import (
     RunLock,
     best_trial,
@@ -226,7 +226,7 @@ def _loop(
     left: list[FrozenTrial] = (),
 ) -> str:
     dists = distributions(space)
-    cap = min(executor.slots, getattr(sampler, "max_parallel", executor.slots))
+    cap = min(executor.slots, sampler.max_parallel) if isinstance(sampler, PycmaSampler) else executor.slots
     trials = study.get_trials(deepcopy=False)
     cache = {
         t.user_attrs["recipe_hash"]: t
@@ -333,10 +333,9 @@ def _fault(study: optuna.Study, number: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _can_ask(sampler, study: optuna.Study) -> bool:
-    """Generational samplers (pycma) hand out a generation at a time: ask only when a candidate is free."""
-    available = getattr(sampler, "available", None)
-    return available is None or available(study) > 0
+def _can_ask(sampler: optuna.samplers.BaseSampler, study: optuna.Study) -> bool:
+    """pycma hands out a generation at a time: ask only when one of its candidates is free."""
+    return not isinstance(sampler, PycmaSampler) or sampler.available(study) > 0
 
 
 FITNESS_DIGITS = 10
