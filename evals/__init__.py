@@ -6,7 +6,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from evals.base import Evaluator
-from evals.data import ChoiceItem, GenerationItem, load_choice_items, load_generation_items, subsample
+from evals.data import (
+    ChoiceItem,
+    GenerationItem,
+    load_choice_items,
+    load_dataset_items,
+    load_generation_items,
+    subsample,
+)
 from evals.extract import answers_match, extract_first_word, extract_last_number, make_extractor, normalize_answer
 from evals.language import JapaneseScript, WordPattern, japanese_share, make_language_check
 from evals.lm_eval_backend import LmEvalEvaluator, write_jsonl_task_yaml
@@ -47,6 +54,7 @@ __all__ = [
     "extract_last_number",
     "japanese_share",
     "load_choice_items",
+    "load_dataset_items",
     "load_generation_items",
     "make_extractor",
     "make_language_check",

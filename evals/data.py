@@ -1,14 +1,18 @@
-"""Task data: JSONL splits (`<dir>/{train,dev,test}.jsonl`) and deterministic subsampling.
+"""Task data: JSONL splits (`<dir>/{train,dev,test}.jsonl`) or a `datasets` dataset, and deterministic subsampling.
 
 Generation items are ``{"id", "prompt", "answer"}`` (the prompt ends where the model must answer);
-multiple-choice items are ``{"id", "prompt", "choices": [...], "label": int}``.
+multiple-choice items are ``{"id", "prompt", "choices": [...], "label": int}``. A dataset source
+(`load_dataset_items`) is a Hugging Face hub id or a local `datasets.save_to_disk` folder, with a map from
+these item fields to its columns; its rows go through the same item checks as JSONL rows.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -76,25 +80,136 @@ def _require(row: dict[str, Any], fields: Sequence[str], where: str) -> None:
 def load_generation_items(task_dir: str | Path, split: str) -> list[GenerationItem]:
     """The generation items of one split."""
     path = split_path(task_dir, split)
-    items = []
-    for i, row in enumerate(read_jsonl(path)):
-        _require(row, ("prompt", "answer"), f"{path} item {i}")
-        items.append(GenerationItem(str(row.get("id", i)), str(row["prompt"]), str(row["answer"])))
-    return items
+    return generation_items(read_jsonl(path), str(path))
 
 
 def load_choice_items(task_dir: str | Path, split: str) -> list[ChoiceItem]:
     """The multiple-choice items of one split."""
     path = split_path(task_dir, split)
+    return choice_items(read_jsonl(path), str(path))
+
+
+def generation_items(rows: Sequence[dict[str, Any]], where: str) -> list[GenerationItem]:
+    """Generation items from rows with the item fields (`id` optional: the row's position)."""
     items = []
-    for i, row in enumerate(read_jsonl(path)):
-        _require(row, ("prompt", "choices", "label"), f"{path} item {i}")
+    for i, row in enumerate(rows):
+        _require(row, ("prompt", "answer"), f"{where} item {i}")
+        items.append(GenerationItem(str(row.get("id", i)), str(row["prompt"]), str(row["answer"])))
+    return items
+
+
+def choice_items(rows: Sequence[dict[str, Any]], where: str) -> list[ChoiceItem]:
+    """Multiple-choice items from rows with the item fields (`id` optional: the row's position)."""
+    items = []
+    for i, row in enumerate(rows):
+        _require(row, ("prompt", "choices", "label"), f"{where} item {i}")
         choices = tuple(str(c) for c in row["choices"])
         label = int(row["label"])
         if not 0 <= label < len(choices):
-            raise EvomergeError(f"{path} item {i}: label {label} out of range for {len(choices)} choices")
+            raise EvomergeError(f"{where} item {i}: label {label} out of range for {len(choices)} choices")
         items.append(ChoiceItem(str(row.get("id", i)), str(row["prompt"]), choices, label))
     return items
+
+
+# ---------------------------------------------------------------- dataset sources
+
+ITEM_FIELDS = {"generation": ("prompt", "answer", "id"), "choice": ("prompt", "choices", "label", "id")}
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
+
+
+class DatasetNotCached(EvomergeError):
+    """A hub dataset asked for offline that the local `datasets` cache does not hold."""
+
+
+def is_saved_dataset(path: str | Path) -> bool:
+    """A local folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    p = Path(path).expanduser()
+    return p.is_dir() and any((p / f).is_file() for f in SAVED_DATASET_FILES)
+
+
+def parse_slice(text: str | None) -> slice:
+    """ "start:stop" (either side may be left out, negative counts from the end) as a slice; None: everything."""
+    if text is None:
+        return slice(None)
+    m = re.fullmatch(r"\s*(-?\d+)?\s*:\s*(-?\d+)?\s*", text)
+    if not m:
+        raise EvomergeError(f"dataset.slice: expected 'start:stop' (e.g. '0:869' or '869:'), got {text!r}")
+    return slice(*(int(g) if g is not None else None for g in m.groups()))
+
+
+@contextmanager
+def hub_offline() -> Iterator[None]:
+    """`datasets` and `huggingface_hub` in offline mode for the block, as HF_DATASETS_OFFLINE=1 would set them:
+    a dataset comes from the local cache or not at all (never a download, never a wait on the network)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+def open_dataset(source: Mapping[str, Any], *, offline: bool = False) -> Any:
+    """The `datasets.Dataset` of a source ``{path, name, split, revision}`` (not sliced): `load_from_disk` for a
+    save_to_disk folder, else `load_dataset(path, name, split=, revision=)` (cached as `datasets` caches; with
+    `offline`, only from that cache: DatasetNotCached otherwise)."""
+    import datasets
+
+    path, split = str(source["path"]), source.get("split")
+    if is_saved_dataset(path):
+        data = datasets.load_from_disk(str(Path(path).expanduser()))
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise EvomergeError(f"dataset.split: {split!r} is not a split of {path} (splits: {', '.join(data)})")
+            data = data[split]
+        elif split is not None:
+            raise EvomergeError(f"dataset.split: {path} holds one Dataset, not splits; leave split out")
+    else:
+        if split is None:
+            raise EvomergeError(f"dataset.split: required for {path} (a hub id or a load_dataset path)")
+        try:
+            with hub_offline() if offline else nullcontext():
+                data = datasets.load_dataset(path, source.get("name"), split=split, revision=source.get("revision"))
+        except (ConnectionError, FileNotFoundError) as err:
+            if offline:
+                raise DatasetNotCached(f"{path} is not in the local datasets cache") from None
+            raise EvomergeError(f"dataset {path}: {type(err).__name__}: {err}"[:300]) from None
+        except ValueError as err:  # an unknown split or configuration
+            raise EvomergeError(f"dataset {path}: {err}"[:300]) from None
+    if not isinstance(data, datasets.Dataset):
+        raise EvomergeError(f"dataset {path}: expected one split, got {type(data).__name__}")
+    return data
+
+
+def dataset_rows(kind: str, source: Mapping[str, Any], *, offline: bool = False) -> list[dict[str, Any]]:
+    """The source's rows (its `slice` of them) as item-field dicts: ``fields`` maps item fields to columns;
+    unmapped fields keep their name, and an unmapped `id` is the row's index in the split."""
+    data = open_dataset(source, offline=offline)
+    fields = {k: v for k, v in (source.get("fields") or {}).items() if v is not None}
+    unknown = sorted(set(fields) - set(ITEM_FIELDS[kind]))
+    if unknown:
+        raise EvomergeError(f"dataset.fields.{unknown[0]}: not a {kind} item field ({', '.join(ITEM_FIELDS[kind])})")
+    columns = {f: fields.get(f, f) for f in ITEM_FIELDS[kind] if f in fields or f != "id"}
+    for field, column in columns.items():
+        if column not in data.column_names:
+            raise EvomergeError(
+                f"dataset.fields.{field}: column '{column}' is not in {source['path']} "
+                f"(columns: {', '.join(data.column_names)})"
+            )
+    positions = range(len(data))[parse_slice(source.get("slice"))]
+    table = data.select_columns(sorted(set(columns.values()))).select(positions).to_dict()
+    return [
+        {"id": i, **{field: table[column][n] for field, column in columns.items()}} for n, i in enumerate(positions)
+    ]
+
+
+def load_dataset_items(kind: str, source: Mapping[str, Any]) -> list[GenerationItem] | list[ChoiceItem]:
+    """The generation or choice items of a dataset source (see `dataset_rows`), checked as JSONL items are."""
+    rows = dataset_rows(kind, source)
+    return (generation_items if kind == "generation" else choice_items)(rows, f"dataset {source['path']}")
 
 
 def subsample_indices(n: int, limit: int | None, seed: int) -> list[int]:

@@ -21,7 +21,14 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from evals.data import ChoiceItem, GenerationItem, load_choice_items, load_generation_items, subsample
+from evals.data import (
+    ChoiceItem,
+    GenerationItem,
+    load_choice_items,
+    load_dataset_items,
+    load_generation_items,
+    subsample,
+)
 from evals.extract import Extractor, answers_match, make_extractor
 from evals.language import LanguageCheck, make_language_check
 from merge_core.errors import EvomergeError
@@ -215,8 +222,30 @@ def with_delimiter(context: str, continuation: str, delimiter: str) -> str:
 # ---------------------------------------------------------------- evaluators
 
 
-def _items_name(task_dir: Any, default: str) -> str:
+def _items_name(task_dir: Any, dataset: Mapping[str, Any] | None, default: str) -> str:
+    if dataset is not None:
+        return Path(str(dataset["path"]).rstrip("/")).name
     return Path(task_dir).name if isinstance(task_dir, (str, Path)) else default
+
+
+def _load_items(kind: str, task_dir: Any, split: str, dataset: Mapping[str, Any] | None) -> list:
+    """The items of a task: a JSONL split of `task_dir`, a dataset source (its own split; `split` unused), or
+    items given as a list."""
+    if dataset is not None:
+        if task_dir is not None:
+            raise EvomergeError(f"{kind} task: give task_dir or dataset, not both")
+        return list(load_dataset_items(kind, dataset))
+    if task_dir is None:
+        raise EvomergeError(f"{kind} task: needs task_dir (JSONL splits) or dataset (a datasets source)")
+    if isinstance(task_dir, (str, Path)):
+        return list((load_generation_items if kind == "generation" else load_choice_items)(task_dir, split))
+    return list(task_dir)
+
+
+def _source_label(task_dir: Any, split: str, dataset: Mapping[str, Any] | None) -> str:
+    if dataset is not None:
+        return f"dataset {dataset['path']!r} split {dataset.get('split')!r} slice {dataset.get('slice')!r}"
+    return f"{task_dir!r} split {split!r}"
 
 
 class GenerationEvaluator:
@@ -231,9 +260,10 @@ class GenerationEvaluator:
 
     def __init__(
         self,
-        task_dir: str | Path | Sequence[GenerationItem],
+        task_dir: str | Path | Sequence[GenerationItem] | None = None,
         split: str = "dev",
         *,
+        dataset: Mapping[str, Any] | None = None,
         name: str | None = None,
         limit: int | None = None,
         seed: int = 0,
@@ -247,11 +277,10 @@ class GenerationEvaluator:
         extract_gold: bool = False,
         delimiter: str = " ",
     ) -> None:
-        items = load_generation_items(task_dir, split) if isinstance(task_dir, (str, Path)) else list(task_dir)
-        self.items = subsample(items, limit, seed)
+        self.items = subsample(_load_items("generation", task_dir, split, dataset), limit, seed)
         if not self.items:
-            raise EvomergeError(f"generation task {task_dir!r} split {split!r} has no items")
-        self.name = name or _items_name(task_dir, "generation")
+            raise EvomergeError(f"generation task {_source_label(task_dir, split, dataset)} has no items")
+        self.name = name or _items_name(task_dir, dataset, "generation")
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.stop = list(stop)
@@ -322,9 +351,10 @@ class ChoiceEvaluator:
 
     def __init__(
         self,
-        task_dir: str | Path | Sequence[ChoiceItem],
+        task_dir: str | Path | Sequence[ChoiceItem] | None = None,
         split: str = "dev",
         *,
+        dataset: Mapping[str, Any] | None = None,
         name: str | None = None,
         limit: int | None = None,
         seed: int = 0,
@@ -332,11 +362,10 @@ class ChoiceEvaluator:
         prompt_template: str | None = None,
         delimiter: str = " ",
     ) -> None:
-        items = load_choice_items(task_dir, split) if isinstance(task_dir, (str, Path)) else list(task_dir)
-        self.items = subsample(items, limit, seed)
+        self.items = subsample(_load_items("choice", task_dir, split, dataset), limit, seed)
         if not self.items:
-            raise EvomergeError(f"choice task {task_dir!r} split {split!r} has no items")
-        self.name = name or _items_name(task_dir, "choice")
+            raise EvomergeError(f"choice task {_source_label(task_dir, split, dataset)} has no items")
+        self.name = name or _items_name(task_dir, dataset, "choice")
         self.batch_size = batch_size
         self.prompt_template = check_template(prompt_template)
         self.delimiter = delimiter

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def heldout_evaluators(cfg: RunConfig, split: str | None = None, limit: int | None = None) -> list[tuple[str, Any]]:
     ev = cfg.evaluation
     return build_evaluators(
-        [*ev.tasks, *ev.heldout_tasks],
+        ev.heldout_scored(),
         seed=cfg.seed,
         split=split or ev.heldout_split,
         limit=limit if limit is not None else ev.heldout_limit,

@@ -161,7 +161,7 @@ def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
                 f"stopped: {result.stopped_because}. best trial {best.number}: fitness {best.value:.4f} "
                 f"{_metrics_line(best.user_attrs.get('metrics'))}"
             )
-            if not args.no_final_table and cfg.evaluation.heldout_split:
+            if not args.no_final_table and cfg.evaluation.heldout_split and cfg.evaluation.heldout_scored():
                 from evolve.baselines import heldout_table
 
                 rows = heldout_table(cfg)
@@ -287,10 +287,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    stages = validate_run(cfg, where=args.config, offline=args.offline)
+    lines = validate_run(cfg, where=args.config, offline=args.offline)
+    stages = [line for line in lines if not line.startswith("note: ")]
     print(
         f"{args.config}: config OK{' (offline: checkpoints not opened)' if args.offline else ''}; " + "; ".join(stages)
     )
+    for line in lines[len(stages) :]:
+        print(f"{args.config}: {line}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -186,6 +187,14 @@ _Paths = str | list[str]
 _ERROR_LOC_NOISE = ("function-", "list[", "dict[", "str", "int", "bool", "nullable")
 
 
+def _nested_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the sub-model at `loc` (field names, Optional unwrapped) inside `model`."""
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        model = next(a for a in (annotation, *typing.get_args(annotation)) if isinstance(a, type))
+    return sorted(model.model_fields)
+
+
 class _Task(BaseModel):
     """One evaluator: its name prefixes its metrics; the fields given go to its constructor (evals.build_evaluator)
     as written: strict types, nothing coerced, and only the fields given (the evaluator keeps its defaults)."""
@@ -209,7 +218,16 @@ class _Task(BaseModel):
             return handler(data)
         except ValidationError as e:
             err = e.errors()[0]
-            key, *rest = err["loc"] or ("",)
+            if not err["loc"]:  # a model-level rule naming its field: 'field: message'
+                raise
+            key, *rest = err["loc"]
+            if err["type"] == "extra_forbidden" and rest:  # a nested model's unknown field, with the allowed ones
+                path = ".".join(str(x) for x in err["loc"])
+                raise PydanticCustomError(
+                    "nested_field",
+                    "{path}: not a field here (allowed: {allowed})",
+                    {"path": path, "allowed": ", ".join(_nested_fields(cls, err["loc"][:-1]))},
+                ) from None
             if err["type"] == "extra_forbidden":
                 allowed = ", ".join(sorted(set(cls.model_fields) - {"name", "type"}))
                 raise PydanticCustomError(
@@ -222,7 +240,8 @@ class _Task(BaseModel):
             where = "".join(
                 f"[{x}]" if isinstance(x, int) else f".{x}" for x in rest if not str(x).startswith(_ERROR_LOC_NOISE)
             )
-            raise ValueError(f"{key}{where}: {err['msg']}, got {err['input']!r}"[:300]) from None
+            msg = re.sub(r"^Value error, ", "", err["msg"])
+            raise ValueError(f"{key}{where}: {msg}, got {err['input']!r}"[:300]) from None
 
     @model_serializer(mode="wrap")
     def _given_fields(self, handler: Any) -> dict[str, Any]:
@@ -234,15 +253,77 @@ class _Task(BaseModel):
         return {**self.model_dump(), **overrides}
 
 
+class _DataModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class GenerationFields(_DataModel):
+    """Item field -> dataset column."""
+
+    prompt: str = "prompt"
+    answer: str = "answer"
+    id: str | None = Field(default=None, description="default: the row's index in the split")
+
+
+class ChoiceFields(_DataModel):
+    """Item field -> dataset column."""
+
+    prompt: str = "prompt"
+    choices: str = "choices"
+    label: str = "label"
+    id: str | None = Field(default=None, description="default: the row's index in the split")
+
+
+class _DatasetSource(_DataModel):
+    """Task data from `datasets`: a hub id (loaded with load_dataset(path, name, split=, revision=), cached as
+    `datasets` caches) or a local save_to_disk folder (load_from_disk; `split` names a DatasetDict's split)."""
+
+    path: str = Field(min_length=1, description="hub id or local datasets.save_to_disk folder")
+    name: str | None = Field(default=None, description="the dataset's configuration")
+    split: str | None = None
+    revision: str | None = None
+    slice: str | None = Field(default=None, description="'start:stop' rows of the split (Python slice semantics)")
+
+    @field_validator("slice")
+    @classmethod
+    def _slice_ok(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"(-?\d+)?:(-?\d+)?", v):
+            raise ValueError("expected 'start:stop' (e.g. '0:869' or '869:')")
+        return v
+
+
+class GenerationDataset(_DatasetSource):
+    fields: GenerationFields = Field(default_factory=GenerationFields)
+
+
+class ChoiceDataset(_DatasetSource):
+    fields: ChoiceFields = Field(default_factory=ChoiceFields)
+
+
 class _ItemsTask(_Task):
-    task_dir: str
+    """Items from JSONL splits (`task_dir`, split `split`, held-out split `evaluation.heldout_split`) or from a
+    `dataset` (its own split; not rescored in the held-out table: name held-out data in `heldout_tasks`)."""
+
+    task_dir: str | None = None
     split: str = "dev"
     prompt_template: str | None = None
     delimiter: str = " "
 
+    @model_validator(mode="after")
+    def _one_source(self) -> _ItemsTask:
+        has_dataset = getattr(self, "dataset", None) is not None
+        if self.task_dir is None and not has_dataset:
+            raise ValueError("task_dir: required (a folder of JSONL splits), unless the task names a `dataset`")
+        if self.task_dir is not None and has_dataset:
+            raise ValueError("dataset: give task_dir (JSONL splits) or dataset (a datasets source), not both")
+        if has_dataset and "split" in self.model_fields_set:
+            raise ValueError("split: a dataset task takes its split from dataset.split")
+        return self
+
 
 class GenerationTask(_ItemsTask):
     type: Literal["generation"] = "generation"
+    dataset: GenerationDataset | None = None
     max_new_tokens: _Count(1) = 32
     stop: list[str] = []
     extract: str | dict[str, Any] = "last_number"
@@ -253,6 +334,7 @@ class GenerationTask(_ItemsTask):
 
 class ChoiceTask(_ItemsTask):
     type: Literal["choice"]
+    dataset: ChoiceDataset | None = None
 
 
 class PerplexityTask(_Task):
@@ -296,6 +378,12 @@ class Evaluation(_Strict):
     heldout_tasks: list[Task] = Field(default_factory=list, description="scored only for the final table and export")
     heldout_split: str | None = "test"
     heldout_limit: int | None = Field(default=None, ge=1)
+
+    def heldout_scored(self) -> list[Any]:
+        """The tasks of the held-out table: `tasks` read from JSONL splits (scored on `heldout_split`) and every
+        `heldout_tasks` entry. A `tasks` entry with a `dataset` is left out (its data is what the search fitted);
+        held-out data from a dataset is a `heldout_tasks` entry with its own `dataset`."""
+        return [t for t in self.tasks if getattr(t, "dataset", None) is None] + list(self.heldout_tasks)
 
     @model_validator(mode="after")
     def _metrics_name_tasks(self) -> Evaluation:
@@ -455,7 +543,7 @@ def validate_run(cfg: RunConfig, *, where: str | None = None, offline: bool = Fa
     parameters, the output directory, and (unless `offline`) every checkpoint and search space of the stages that
     will run. Called by `evolve check` and before `evolve run`/`resume` does anything: it writes nothing and opens
     no study. Raises a one-line EvomergeError (prefixed with `where`, the config file); returns one summary line
-    per stage."""
+    per stage, then a "note: ..." line for each thing it could not check (a dataset not in the local cache)."""
     try:
         return _validate_run(cfg, offline)
     except EvomergeError as e:
@@ -463,7 +551,7 @@ def validate_run(cfg: RunConfig, *, where: str | None = None, offline: bool = Fa
 
 
 def _validate_run(cfg: RunConfig, offline: bool) -> list[str]:
-    _check_tasks(cfg, offline=offline)
+    notes = _check_tasks(cfg, offline=offline)
     _check_fitness_metrics(cfg)
     if "ps" in cfg.search.stages:
         _check_space_params(cfg.search.space, cfg.models.sources)
@@ -482,32 +570,65 @@ def _validate_run(cfg: RunConfig, offline: bool) -> list[str]:
         lines.append(
             f"{stage}: {run} (checkpoints not opened)" if offline else f"{stage}: {_check_stage(cfg, stage)}, {run}"
         )
-    return lines
+    return lines + [f"note: {n}" for n in notes]
 
 
-def _check_tasks(cfg: RunConfig, offline: bool) -> None:
-    """The data files exist; unless offline, the data: native evaluators are built (their
-    data read, templates, extractors and language checks parsed) for the search split and the held-out split."""
+def _check_dataset(task: Any, where: str) -> str | None:
+    """A dataset task's split, fields and slice, read from disk or the local `datasets` cache only (offline mode
+    forced: nothing is downloaded, nothing waits on the network); a note when the data is not there to check."""
+    from evals.data import DatasetNotCached, dataset_rows
+
+    source = task.dataset.model_dump()
+    label = f"{source['path']}" + (f" ({source['name']})" if source["name"] else "") + f" split {source['split']}"
+    try:
+        rows = dataset_rows(task.type, source, offline=True)
+    except DatasetNotCached:
+        return f"{where}.dataset: {label}: not cached; not checked (split, fields); `evolve run` downloads it"
+    except EvomergeError as e:
+        msg = str(e)
+        raise EvomergeError(f"{where}.{msg}" if msg.startswith("dataset.") else f"{where}.dataset: {msg}") from None
+    if not rows:
+        raise EvomergeError(f"{where}.dataset.slice: '{source['slice']}' selects none of the split's rows")
+    return None
+
+
+def _check_tasks(cfg: RunConfig, offline: bool) -> list[str]:
+    """The data files exist; dataset sources are read from disk or the local cache (never downloaded; a note for
+    each not there); unless offline, the data: native evaluators are built (their data read, templates,
+    extractors and language checks parsed) for the search split and the held-out split. Returns the notes."""
     ev = cfg.evaluation
+    notes, missing = [], set()
     for group, tasks in (("tasks", ev.tasks), ("heldout_tasks", ev.heldout_tasks)):
         for i, task in enumerate(tasks):
             spec = task.evaluator_spec()
+            if getattr(task, "dataset", None) is not None:
+                note = _check_dataset(task, f"evaluation.{group}[{i}]")
+                if note:
+                    notes.append(note)
+                    missing.add(task.name)
             for key in ("task_dir", "text_file"):
                 if not offline and isinstance(spec.get(key), str) and not Path(spec[key]).exists():
                     raise EvomergeError(f"evaluation.{group}[{i}].{key}: {spec[key]} does not exist")
     remote = cfg.execution.backend == "ray" and bool(cfg.execution.ray_address or os.environ.get("RAY_ADDRESS"))
     if offline or remote:  # on a Ray cluster the workers read the data, perhaps from paths only they have
-        return
+        return notes
+    from contextlib import nullcontext
+
     from evolve.worker import build_evaluators
 
-    native = lambda ts: [t for t in ts if t.type != "lm_eval"]  # noqa: E731  (lm-eval's task index takes long)
+    with_datasets = any(getattr(t, "dataset", None) is not None for t in [*ev.tasks, *ev.heldout_tasks])
+    if with_datasets:
+        from evals.data import hub_offline
+
+    # lm-eval's task index takes long; a dataset not cached was noted above (building would download it)
+    native = lambda ts: [t for t in ts if t.type != "lm_eval" and t.name not in missing]  # noqa: E731
     for label, build in (
         ("evaluation.tasks", lambda: build_evaluators(native(ev.tasks), seed=cfg.seed)),
         (
             f"evaluation.heldout_split '{ev.heldout_split}'",
             lambda: (
                 build_evaluators(
-                    native([*ev.tasks, *ev.heldout_tasks]),
+                    native(ev.heldout_scored()),
                     seed=cfg.seed,
                     split=ev.heldout_split,
                     limit=ev.heldout_limit,
@@ -519,9 +640,11 @@ def _check_tasks(cfg: RunConfig, offline: bool) -> None:
         ),
     ):
         try:
-            build()
+            with hub_offline() if with_datasets else nullcontext():  # never a download
+                build()
         except EvomergeError as e:
             raise EvomergeError(f"{label}: {e}") from None
+    return notes
 
 
 def _check_fitness_metrics(cfg: RunConfig) -> None:

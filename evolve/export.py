@@ -55,7 +55,8 @@ def export_trial(
                 trust_remote_code=cfg.models.trust_remote_code,
             )
             absolute_paths(recipe).save(tmp / "mergekit.yaml", mergekit=True)
-        scores = score_checkpoint(cfg, str(tmp), device=device) if heldout and cfg.evaluation.heldout_split else {}
+        scored = heldout and cfg.evaluation.heldout_split and cfg.evaluation.heldout_scored()
+        scores = score_checkpoint(cfg, str(tmp), device=device) if scored else {}
         (tmp / "evomerge_scores.json").write_text(
             json.dumps(
                 {

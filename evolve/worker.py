@@ -48,7 +48,7 @@ def build_evaluators(
         spec = task.evaluator_spec()
         spec.setdefault("seed", seed)
         if heldout:
-            if split is not None and task.type in ("generation", "choice"):
+            if split is not None and getattr(task, "task_dir", None) is not None:  # a dataset task keeps its split
                 spec["split"] = split
             spec["limit"] = limit
         spec.pop("name")

@@ -1,0 +1,107 @@
+"""Dataset-backed tasks in the run config: schema errors in one line, `evolve check` reading the data offline, and
+the held-out rule (a dataset search task is not rescored; held-out data from a dataset is a heldout_tasks entry)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evolve.baselines import heldout_evaluators
+from evolve.cli import main
+from evolve.config import load_config, parse_config
+from merge_core.errors import EvomergeError
+from tests.evals.test_dataset_source import FIELDS, HUB_ID, fake_hub_cache, offline_cache, save_jp_math_dataset
+
+__all__ = ["offline_cache"]  # the fixture, imported for these tests
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_config(tmp_path: Path, dataset: dict, heldout: list | None = None) -> dict:
+    """configs/tiny_jp_math.yaml (zoo models, absolute paths) with its task reading `dataset`."""
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny_jp_math.yaml").read_text())
+    cfg["models"]["base"] = str(ROOT / cfg["models"]["base"])
+    cfg["models"]["sources"] = [{**s, "path": str(ROOT / s["path"])} for s in cfg["models"]["sources"]]
+    task = cfg["evaluation"]["tasks"][0]
+    del task["task_dir"], task["split"]
+    task["dataset"] = copy.deepcopy(dataset)
+    cfg["evaluation"]["heldout_tasks"] = copy.deepcopy(heldout or [])
+    cfg["output_dir"] = str(tmp_path / "run")
+    return cfg
+
+
+def write(tmp_path: Path, cfg: dict) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "message"),
+    [
+        ({"path": "x", "fields": {"question": "prompt"}}, "dataset.fields.question: not a field here"),
+        ({"path": "x", "fields": {"prompt": 1}}, "dataset.fields.prompt: Input should be a valid string"),
+        ({"path": "x", "slice": "0-5"}, "dataset.slice: expected 'start:stop'"),
+        ({"path": "x", "splt": "test"}, "dataset.splt: not a field here"),
+        ({"path": ""}, "dataset.path: String should have at least 1 character"),
+    ],
+)
+def test_bad_dataset_fields_give_one_line(tmp_path, dataset, message):
+    with pytest.raises(EvomergeError) as err:
+        parse_config(tiny_config(tmp_path, dataset), where="c.yaml")
+    assert f"c.yaml: evaluation.tasks.0.{message}" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_task_dir_or_dataset_exactly_one(tmp_path):
+    cfg = tiny_config(tmp_path, {"path": "x", "split": "test"})
+    both = copy.deepcopy(cfg)
+    both["evaluation"]["tasks"][0]["task_dir"] = "data/zoo/tasks/ja_sub"
+    neither = copy.deepcopy(cfg)
+    del neither["evaluation"]["tasks"][0]["dataset"]
+    split = copy.deepcopy(cfg)
+    split["evaluation"]["tasks"][0]["split"] = "dev"
+    for data, message in (
+        (both, "evaluation.tasks.0.dataset: give task_dir"),
+        (neither, "evaluation.tasks.0.task_dir: required"),
+        (split, "evaluation.tasks.0.split: a dataset task takes its split from dataset.split"),
+    ):
+        with pytest.raises(EvomergeError, match=message):
+            parse_config(data)
+
+
+def test_check_reads_a_save_to_disk_dataset(tmp_path, capsys):
+    folder = save_jp_math_dataset(tmp_path / "gsm8k_ja")
+    heldout = [{**tiny_config(tmp_path, {})["evaluation"]["tasks"][0], "name": "ja_heldout"}]
+    heldout[0]["dataset"] = {"path": str(folder), "fields": FIELDS, "slice": "30:"}
+    cfg = tiny_config(tmp_path, {"path": str(folder), "fields": FIELDS, "slice": ":30"}, heldout)
+    path = write(tmp_path, cfg)
+    for args in ([], ["--offline"]):
+        assert main(["check", path, *args]) == 0
+        out = capsys.readouterr().out
+        assert "config OK" in out and "note:" not in out
+    # the held-out table: the dataset search task is left out, the held-out dataset task keeps its own rows
+    (name, evaluator), *rest = heldout_evaluators(load_config(path))
+    assert not rest and name == "ja_heldout" and [i.id for i in evaluator.items] == [str(i) for i in range(30, 40)]
+    cfg["evaluation"]["tasks"][0]["dataset"]["fields"]["answer"] = "answer"
+    assert main(["check", write(tmp_path, cfg), "--offline"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "evaluation.tasks[0].dataset.fields.answer: column 'answer' is not in" in err
+
+
+def test_check_notes_an_uncached_hub_dataset_and_reads_a_cached_one(tmp_path, capsys, offline_cache):
+    cfg = tiny_config(tmp_path, {"path": HUB_ID, "split": "test", "fields": FIELDS})
+    path = write(tmp_path, cfg)
+    assert main(["check", path]) == 0  # not in the (empty) cache: a note, never a download
+    out = capsys.readouterr().out
+    assert f"note: evaluation.tasks[0].dataset: {HUB_ID} split test: not cached; not checked" in out
+    fake_hub_cache(offline_cache, HUB_ID)
+    assert main(["check", path]) == 0
+    assert "note:" not in capsys.readouterr().out
+    cfg["evaluation"]["tasks"][0]["dataset"]["split"] = "validation"
+    assert main(["check", write(tmp_path, cfg)]) == 2
+    assert "evaluation.tasks[0].dataset: dataset SakanaAI/gsm8k-ja-test_250-1319: Unknown split" in (
+        capsys.readouterr().err
+    )
