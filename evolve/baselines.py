@@ -38,13 +38,12 @@ def score_checkpoint(
     """Load an HF checkpoint with transformers and score it on the config's tasks."""
     from transformers import AutoTokenizer
 
-    from evolve.worker import load_live_model
-    from merge_core.checkpoint import Checkpoint
+    from evolve.worker import load_live_model, open_checkpoint
 
     cfg = cfg.model_copy(update={"execution": cfg.execution.model_copy(update={"device": device})})
     model = load_live_model(cfg, path)
     tokenizer = AutoTokenizer.from_pretrained(
-        str(Checkpoint.open(path).path), trust_remote_code=cfg.models.trust_remote_code
+        str(open_checkpoint(cfg, path).path), trust_remote_code=cfg.models.trust_remote_code
     )
     return score_metrics(evaluators or heldout_evaluators(cfg, split, limit), model, tokenizer)
 

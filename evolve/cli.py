@@ -227,12 +227,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     from evolve.study import best_first, counted, load_study
 
     cfg = resolve_run(args.run)
-    study = load_study(cfg, args.stage)
+    stage = args.stage or cfg.search.stages[-1]
+    study = load_study(cfg, stage)
     trials = study.get_trials(deepcopy=False)
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
     print(
-        f"study '{cfg.name}' ({redact_url(cfg.storage_url)}): {sum(counted(t) for t in trials)}/"
-        f"{cfg.search.budget.max_trials} trials; " + ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v)
+        f"study '{study.study_name}' ({redact_url(cfg.storage_url)}): {sum(counted(t) for t in trials)}/"
+        f"{cfg.search.stage(stage)[2].max_trials} trials; "
+        + ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v)
     )
     complete = best_first(trials)[: args.top]
     if not complete:

@@ -44,7 +44,14 @@ def export_trial(
         if isinstance(recipe, DataFlowRecipe):  # a plain checkpoint with len(path) layers; scales folded into weights
             from merge_core.dataflow import export_dataflow
 
-            export_dataflow(recipe.path, recipe.model_a, recipe.model_b, tmp)
+            export_dataflow(
+                recipe.path,
+                recipe.model_a,
+                recipe.model_b,
+                tmp,
+                allow_pickle=cfg.models.allow_pickle,
+                trust_remote_code=cfg.models.trust_remote_code,
+            )
             (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
         else:  # run_merge writes RECIPE_FILE: the recipe as searched (its model strings key the DARE/DELLA masks)
             run_merge(

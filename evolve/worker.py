@@ -91,7 +91,7 @@ class DataFlowBackend:
         self.model_a = load_live_model(cfg, template.model_a)
         self.model_b = load_live_model(cfg, template.model_b)
         self.model = DataFlowModel(self.model_a, self.model_b, template.path)
-        self.tokenizer_path = str(Checkpoint.open(template.model_a).path)
+        self.tokenizer_path = str(open_checkpoint(cfg, template.model_a).path)
         self.template = template
 
     def apply(self, recipe: DataFlowRecipe) -> None:
@@ -100,16 +100,20 @@ class DataFlowBackend:
         self.model.set_path(recipe.path)
 
 
+def open_checkpoint(cfg: RunConfig, ref: str) -> Checkpoint:
+    """A checkpoint opened with the config's `allow_pickle` and `trust_remote_code`."""
+    return Checkpoint.open(ref, allow_pickle=cfg.models.allow_pickle, trust_remote_code=cfg.models.trust_remote_code)
+
+
 def load_live_model(cfg: RunConfig, ref: str):
     """An HF checkpoint loaded with transformers onto the execution device and dtype, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     from merge_core.merge import resolve_device
 
-    tc = cfg.models.trust_remote_code
-    local = Checkpoint.open(ref, allow_pickle=cfg.models.allow_pickle, trust_remote_code=tc).path
+    local = open_checkpoint(cfg, ref).path
     model = AutoModelForCausalLM.from_pretrained(
-        str(local), dtype=TORCH_DTYPES[cfg.execution.dtype], trust_remote_code=tc
+        str(local), dtype=TORCH_DTYPES[cfg.execution.dtype], trust_remote_code=cfg.models.trust_remote_code
     )
     return model.to(resolve_device(cfg.execution.device)).eval()
 

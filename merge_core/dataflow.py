@@ -268,14 +268,18 @@ def export_dataflow(
     model_b_dir: str | Path | None,
     out_dir: str | Path,
     dtype: torch.dtype | None = None,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Write `path` as a plain checkpoint of A's architecture with H layers; returns `out_dir`.
 
     Layer t is a copy of hop t's source layer; s_1 scales a copy of the embeddings (a tied head is untied
     first); s_t (t > 1) scales hop t-1's `mlp.down_proj` weight and bias. Tokenizer and generation config from A.
     """
-    ckpt_a = Checkpoint.open(str(model_a_dir))
-    ckpt_b = None if model_b_dir is None else Checkpoint.open(str(model_b_dir))
+    options = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    ckpt_a = Checkpoint.open(str(model_a_dir), **options)
+    ckpt_b = None if model_b_dir is None else Checkpoint.open(str(model_b_dir), **options)
     if ckpt_b is not None:
         check_compatible_configs(ckpt_a.config, ckpt_b.config)
     config = path_config(ckpt_a.config, None if ckpt_b is None else ckpt_b.config, path)
