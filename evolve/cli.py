@@ -126,7 +126,7 @@ def _require_study(cfg: RunConfig) -> None:
     """Resume continues a study: refuse, in one line, when it is gone (a new one would start silently)."""
     import optuna
 
-    from evolve.study import cannot_open, missing_database, study_name
+    from evolve.study import cannot_open, missing_database, read_storage, study_name
 
     name = study_name(cfg, cfg.search.stages[0])
     hint = "pass --restart to start the search over (or restore the study)"
@@ -134,7 +134,7 @@ def _require_study(cfg: RunConfig) -> None:
     if db:
         raise EvomergeError(f"{cfg.run_dir}: the search's database {db} does not exist; {hint}")
     try:
-        names = optuna.study.get_all_study_names(storage=cfg.storage_url)
+        names = optuna.study.get_all_study_names(storage=read_storage(cfg.storage_url))
     except Exception as e:  # noqa: BLE001 - any storage failure: one line, no password
         raise cannot_open(cfg.storage_url, e) from None
     if name not in names:

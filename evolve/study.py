@@ -71,20 +71,21 @@ def load_study(cfg: RunConfig, stage: str | None = None) -> optuna.Study:
     db = missing_database(url)
     if db:
         raise EvomergeError(f"no study '{name}': {db} does not exist; run `evolve run` first")
-    network = url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql")
     try:
-        storage = (
-            RDBStorage(
-                url, engine_kwargs={"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}, skip_table_creation=True
-            )
-            if network
-            else url
-        )
-        return optuna.load_study(study_name=name, storage=storage)
+        return optuna.load_study(study_name=name, storage=read_storage(url))
     except KeyError:
         raise EvomergeError(f"no study '{name}' in {redact_url(url)}; run `evolve run` first") from None
     except Exception as e:  # noqa: BLE001 - unreachable server, missing driver, corrupt file: one line, no password
         raise cannot_open(url, e) from None
+
+
+def read_storage(url: str) -> RDBStorage | str:
+    """A storage to read existing studies from: a server that does not answer fails within CONNECT_TIMEOUT_S, and
+    no tables are created."""
+    if url.split(":", 1)[0].split("+", 1)[0] not in ("postgresql", "mysql"):
+        return url
+    connect = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+    return RDBStorage(url, engine_kwargs=connect, skip_table_creation=True)
 
 
 def missing_database(url: str) -> str | None:
