@@ -712,6 +712,7 @@ def _check_stage(cfg: RunConfig, stage: str) -> str:
     """Open the stage's checkpoints (headers and configs only) and build its space; a summary of what was checked."""
     from evolve.loop import build_space, dfs_model_a
     from merge_core.checkpoint import Checkpoint
+    from merge_core.dataflow import check_compatible_configs
     from merge_core.merge import check_recipe, open_models
 
     opts = dict(allow_pickle=cfg.models.allow_pickle, trust_remote_code=cfg.models.trust_remote_code)
@@ -728,13 +729,16 @@ def _check_stage(cfg: RunConfig, stage: str) -> str:
     pending = a == str(cfg.run_dir / "ps_best") and not Path(a).exists()
     ca = Checkpoint.open(cfg.models.base or cfg.models.sources[0].path if pending else a, **opts)
     cb = Checkpoint.open(space.model_b, **opts)
-    for what in ("hidden_size", "vocab_size"):
-        va, vb = (getattr(c.config.get_text_config(), what, None) for c in (ca, cb))
-        if va != vb:
-            raise EvomergeError(
-                f"search.dfs.space.model_b: {what} {vb} differs from model A's {va}; "
-                "data-flow merging stacks layers of models with one hidden size and vocabulary"
-            )
+    try:  # the worker's own rule: B's layers must compute under A's config as under their own
+        check_compatible_configs(ca.config.get_text_config(), cb.config.get_text_config())
+    except EvomergeError as e:
+        raise EvomergeError(f"search.dfs.space.model_b: {e}") from None
+    va, vb = (c.config.get_text_config().vocab_size for c in (ca, cb))
+    if va != vb:
+        raise EvomergeError(
+            f"search.dfs.space.model_b: vocab_size {vb} differs from model A's {va}; "
+            "data-flow merging runs B's layers on A's embeddings and head"
+        )
     _check_tokenizer(ca)
     return (
         f"{space.repeats} repeats x ({space.layers_a} + {space.layers_b}) layers = {space.num_slots} slots, "

@@ -218,6 +218,14 @@ def _unreachable_postgres(verb: str) -> Callable[[Env], list[str]]:
     return make
 
 
+def _dfs_other_architecture(env: Env) -> list[str]:
+    """Model B with another MLP width: its layers cannot run inside A (the worker's rule, checked up front)."""
+    from merge_core.synthetic import make_tiny_checkpoint
+
+    b = make_tiny_checkpoint(env.tmp / "models/b", hidden_size=128, intermediate_size=256, num_layers=2)
+    return _dfs(model_b=str(b))(env)
+
+
 def _dfs(**space: Any) -> Callable[[Env], list[str]]:
     def make(env: Env) -> list[str]:
         dfs = copy.deepcopy(DFS)
@@ -330,6 +338,7 @@ CASES: list[Case] = [
     Case("yaml_anchor_bomb", _anchor_bomb, "alias", fast=1.0),
     # found by probing, beyond the issue's list
     Case("dfs_slots_over_limit", _dfs(repeats=600), "4800 slots", fast=5.0),
+    Case("dfs_model_b_other_architecture", _dfs_other_architecture, "'intermediate_size' differs"),
     Case("config_json_layers_beyond_tensors", _layers_beyond_tensors, "num_hidden_layers 8"),
     Case("index_names_missing_shard", _index_names_missing_shard, "model-00002-of-00002.safetensors"),
     Case("recursive_alias", _recursive_alias, "recursive alias", fast=1.0),
