@@ -6,17 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from evals.base import Evaluator
-from evals.data import (
-    ChoiceItem,
-    GenerationItem,
-    load_choice_items,
-    load_dataset_items,
-    load_generation_items,
-    subsample,
-)
-from evals.extract import answers_match, extract_first_word, extract_last_number, make_extractor, normalize_answer
-from evals.language import JapaneseScript, WordPattern, japanese_share, make_language_check
-from evals.lm_eval_backend import LmEvalEvaluator, write_jsonl_task_yaml
+from evals.lm_eval_backend import LmEvalEvaluator
 from evals.native import ChoiceEvaluator, GenerationEvaluator, PerplexityEvaluator
 from merge_core.errors import EvomergeError
 
@@ -40,25 +30,9 @@ def build_evaluator(spec: Mapping[str, Any]) -> Evaluator:
 __all__ = [
     "EVALUATOR_TYPES",
     "ChoiceEvaluator",
-    "ChoiceItem",
     "Evaluator",
     "GenerationEvaluator",
-    "GenerationItem",
-    "JapaneseScript",
     "LmEvalEvaluator",
     "PerplexityEvaluator",
-    "WordPattern",
-    "answers_match",
     "build_evaluator",
-    "extract_first_word",
-    "extract_last_number",
-    "japanese_share",
-    "load_choice_items",
-    "load_dataset_items",
-    "load_generation_items",
-    "make_extractor",
-    "make_language_check",
-    "normalize_answer",
-    "subsample",
-    "write_jsonl_task_yaml",
 ]
