@@ -51,6 +51,20 @@ def check_template(template: str | None) -> str | None:
     return template
 
 
+def chat_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[str]:
+    """Each prompt as one user turn in the tokenizer's chat template, opening the assistant's turn (a BOS the
+    template writes is dropped when the tokenizer adds its own, so a prompt never starts with two)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise EvomergeError("chat_template: true, but the model's tokenizer has no chat template; set it to false")
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer.bos_token_id in tokenizer("")["input_ids"]
+    texts = []
+    for prompt in prompts:
+        turn = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+        texts.append(text[len(tokenizer.bos_token) :] if adds_bos and text.startswith(tokenizer.bos_token) else text)
+    return texts
+
+
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The tokenizer's pad id, else its EOS id."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -255,7 +269,8 @@ class GenerationEvaluator:
     ``lang_ok`` (share passing the language check; 1.0 without one), and with ``gold_prob``:
     ``gold_prob`` = mean over items of p(gold continuation | prompt) under teacher forcing, the product of
     the token probabilities of ``delimiter + answer`` (no delimiter when the prompt ends in whitespace;
-    no EOS or stop token included), and ``gold_logprob`` = the mean of its log.
+    no EOS or stop token included), and ``gold_logprob`` = the mean of its log. With ``chat_template``, the
+    model reads each (templated) prompt as one user turn of its tokenizer's chat template.
     """
 
     def __init__(
@@ -276,6 +291,7 @@ class GenerationEvaluator:
         gold_prob: bool = True,
         extract_gold: bool = False,
         delimiter: str = " ",
+        chat_template: bool = False,
     ) -> None:
         self.items = subsample(_load_items("generation", task_dir, split, dataset), limit, seed)
         if not self.items:
@@ -290,6 +306,7 @@ class GenerationEvaluator:
         self.gold_prob = gold_prob
         self.extract_gold = extract_gold
         self.delimiter = delimiter
+        self.chat_template = chat_template
 
     @classmethod
     def metric_names(cls, gold_prob: bool = True, **_: Any) -> tuple[str, ...]:
@@ -300,12 +317,17 @@ class GenerationEvaluator:
         """The formatted prompts, in item order."""
         return [format_prompt(self.prompt_template, item.prompt) for item in self.items]
 
+    def model_prompts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """The text the model reads: `prompts`, each as a user turn of the chat template when `chat_template`."""
+        prompts = self.prompts()
+        return chat_prompts(tokenizer, prompts) if self.chat_template else prompts
+
     def generate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[str]:
         """The stop-truncated greedy responses, in item order."""
         return generate_greedy(
             model,
             tokenizer,
-            self.prompts(),
+            self.model_prompts(tokenizer),
             batch_size=self.batch_size,
             max_new_tokens=self.max_new_tokens,
             stop=self.stop,
@@ -333,7 +355,8 @@ class GenerationEvaluator:
 
     def gold_logprobs(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[float]:
         """log p(gold continuation | prompt) per item."""
-        pairs = [(p, with_delimiter(p, item.answer, self.delimiter)) for p, item in zip(self.prompts(), self.items)]
+        prompts = self.model_prompts(tokenizer)
+        pairs = [(p, with_delimiter(p, item.answer, self.delimiter)) for p, item in zip(prompts, self.items)]
         return continuation_logprobs(model, tokenizer, pairs, batch_size=self.batch_size)
 
     def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:

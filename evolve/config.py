@@ -330,6 +330,7 @@ class GenerationTask(_ItemsTask):
     language_check: dict[str, Any] | None = None
     gold_prob: bool = True
     extract_gold: bool = False
+    chat_template: bool = False  # each prompt as one user turn of the tokenizer's chat template
 
 
 class ChoiceTask(_ItemsTask):
