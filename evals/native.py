@@ -21,6 +21,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from evals.base import ItemScores, item_order
 from evals.data import (
     ChoiceItem,
     GenerationItem,
@@ -154,10 +155,12 @@ def generate_greedy(
     batch_size: int,
     max_new_tokens: int,
     stop: Sequence[str] = (),
+    token_counts: list[int] | None = None,
 ) -> list[str]:
     """Greedy continuations of `prompts` (left-padded batches with attention masks), cut at the first stop string.
 
-    A row ends at EOS or a stop string; a batch ends when every row has ended or after `max_new_tokens`.
+    A row ends at EOS or a stop string; a batch ends when every row has ended or after `max_new_tokens`. When
+    `token_counts` is given, it receives the number of tokens generated for each prompt (up to its end).
     """
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     pad_id = pad_token_id(tokenizer)
@@ -168,6 +171,7 @@ def generate_greedy(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=end_ids
     )
     responses = [""] * len(prompts)
+    counts = [0] * len(prompts)
     model.eval()
     with torch.inference_mode():
         for batch in length_batches([len(e) for e in encoded], batch_size):
@@ -181,7 +185,22 @@ def generate_greedy(
             )
             for i, row in zip(batch, out[:, ids.shape[1] :].tolist()):
                 responses[i] = decode_until(tokenizer, row, end_ids, stop_texts)
+                counts[i] = generated_length(row, end_ids, pad_id)
+    if token_counts is not None:
+        token_counts[:] = counts
     return responses
+
+
+def generated_length(row: Sequence[int], end_ids: Sequence[int], pad_id: int) -> int:
+    """Tokens generated in one row of a batch: up to and including its first end id, else up to the padding that
+    fills a row finished early (by a stop string) while others went on."""
+    for i, token in enumerate(row):
+        if token in end_ids:
+            return i + 1
+    n = len(row)
+    while n and row[n - 1] == pad_id:
+        n -= 1
+    return n
 
 
 def continuation_token_ids(
@@ -296,6 +315,7 @@ class GenerationEvaluator:
         self.items = subsample(_load_items("generation", task_dir, split, dataset), limit, seed)
         if not self.items:
             raise EvomergeError(f"generation task {_source_label(task_dir, split, dataset)} has no items")
+        self.order = item_order(len(self.items), seed)
         self.name = name or _items_name(task_dir, dataset, "generation")
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
@@ -313,24 +333,32 @@ class GenerationEvaluator:
         """The keys `evaluate` returns for these constructor fields (checked before a search starts)."""
         return ("acc", "acc_value", "lang_ok") + (("gold_prob", "gold_logprob") if gold_prob else ())
 
-    def prompts(self) -> list[str]:
-        """The formatted prompts, in item order."""
-        return [format_prompt(self.prompt_template, item.prompt) for item in self.items]
+    def prompts(self, indices: Sequence[int] | None = None) -> list[str]:
+        """The formatted prompts of the items at `indices` (default: all, in item order)."""
+        items = self.items if indices is None else [self.items[i] for i in indices]
+        return [format_prompt(self.prompt_template, item.prompt) for item in items]
 
-    def model_prompts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    def model_prompts(self, tokenizer: PreTrainedTokenizerBase, indices: Sequence[int] | None = None) -> list[str]:
         """The text the model reads: `prompts`, each as a user turn of the chat template when `chat_template`."""
-        prompts = self.prompts()
+        prompts = self.prompts(indices)
         return chat_prompts(tokenizer, prompts) if self.chat_template else prompts
 
-    def generate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-        """The stop-truncated greedy responses, in item order."""
+    def generate(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        indices: Sequence[int] | None = None,
+        token_counts: list[int] | None = None,
+    ) -> list[str]:
+        """The stop-truncated greedy responses to the items at `indices` (default: all, in item order)."""
         return generate_greedy(
             model,
             tokenizer,
-            self.model_prompts(tokenizer),
+            self.model_prompts(tokenizer, indices),
             batch_size=self.batch_size,
             max_new_tokens=self.max_new_tokens,
             stop=self.stop,
+            token_counts=token_counts,
         )
 
     def gold(self, item: GenerationItem) -> str:
@@ -342,30 +370,45 @@ class GenerationEvaluator:
             raise EvomergeError(f"extract_gold: the extractor finds no answer in gold {item.answer!r} (item {item.id})")
         return extracted
 
-    def score(self, responses: Sequence[str]) -> dict[str, float]:
-        """acc, acc_value and lang_ok of `responses` (one per item, in item order)."""
-        value_ok = [answers_match(self.extract(r), self.gold(item)) for r, item in zip(responses, self.items)]
+    def score(self, responses: Sequence[str], indices: Sequence[int] | None = None) -> dict[str, list[float]]:
+        """Per item: acc, acc_value and lang_ok (1.0 or 0.0) of `responses` to the items at `indices`."""
+        items = self.items if indices is None else [self.items[i] for i in indices]
+        value_ok = [answers_match(self.extract(r), self.gold(item)) for r, item in zip(responses, items)]
         lang_ok = [self.language_check(r.strip()) if self.language_check else True for r in responses]
-        n = len(self.items)
         return {
-            "acc": sum(value and lang for value, lang in zip(value_ok, lang_ok)) / n,
-            "acc_value": sum(value_ok) / n,
-            "lang_ok": sum(lang_ok) / n,
+            "acc": [float(value and lang) for value, lang in zip(value_ok, lang_ok)],
+            "acc_value": [float(v) for v in value_ok],
+            "lang_ok": [float(v) for v in lang_ok],
         }
 
-    def gold_logprobs(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[float]:
-        """log p(gold continuation | prompt) per item."""
-        prompts = self.model_prompts(tokenizer)
-        pairs = [(p, with_delimiter(p, item.answer, self.delimiter)) for p, item in zip(prompts, self.items)]
+    def gold_logprobs(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, indices: Sequence[int] | None = None
+    ) -> list[float]:
+        """log p(gold continuation | prompt) per item (the items at `indices`, default all)."""
+        items = self.items if indices is None else [self.items[i] for i in indices]
+        prompts = self.model_prompts(tokenizer, indices)
+        pairs = [(p, with_delimiter(p, item.answer, self.delimiter)) for p, item in zip(prompts, items)]
         return continuation_logprobs(model, tokenizer, pairs, batch_size=self.batch_size)
 
-    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
-        metrics = self.score(self.generate(model, tokenizer))
+    def score_items(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, start: int = 0, stop: int | None = None
+    ) -> ItemScores:
+        """Per-item scores of the items at positions [start, stop) of `order` (see `ItemScores`)."""
+        indices = sorted(self.order[start:stop])  # scored in item order: the full set batches exactly as before
+        counts: list[int] = []
+        values = self.score(self.generate(model, tokenizer, indices, counts), indices)
         if self.gold_prob:
-            logprobs = self.gold_logprobs(model, tokenizer)
-            metrics["gold_prob"] = sum(math.exp(lp) for lp in logprobs) / len(logprobs)
-            metrics["gold_logprob"] = sum(logprobs) / len(logprobs)
-        return metrics
+            logprobs = self.gold_logprobs(model, tokenizer, indices)
+            values["gold_prob"] = [math.exp(lp) for lp in logprobs]
+            values["gold_logprob"] = logprobs
+        return _in_order(self.order, start, indices, values, tokens=sum(counts))
+
+    def aggregate(self, scores: ItemScores) -> dict[str, float]:
+        """The metrics of scored items: the mean of each per-item value (summed in item order)."""
+        return _means(self.order, scores)
+
+    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
+        return self.aggregate(self.score_items(model, tokenizer))
 
 
 class ChoiceEvaluator:
@@ -388,6 +431,7 @@ class ChoiceEvaluator:
         self.items = subsample(_load_items("choice", task_dir, split, dataset), limit, seed)
         if not self.items:
             raise EvomergeError(f"choice task {_source_label(task_dir, split, dataset)} has no items")
+        self.order = item_order(len(self.items), seed)
         self.name = name or _items_name(task_dir, dataset, "choice")
         self.batch_size = batch_size
         self.prompt_template = check_template(prompt_template)
@@ -398,19 +442,31 @@ class ChoiceEvaluator:
         """The keys `evaluate` returns."""
         return ("acc", "acc_norm")
 
-    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
+    def score_items(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, start: int = 0, stop: int | None = None
+    ) -> ItemScores:
+        """Per-item acc and acc_norm (1.0 or 0.0) of the items at positions [start, stop) of `order`."""
+        indices = sorted(self.order[start:stop])
+        items = [self.items[i] for i in indices]
         pairs = []
-        for item in self.items:
+        for item in items:
             prompt = format_prompt(self.prompt_template, item.prompt)
             pairs += [(prompt, with_delimiter(prompt, choice, self.delimiter)) for choice in item.choices]
         logprobs = iter(continuation_logprobs(model, tokenizer, pairs, batch_size=self.batch_size))
-        right = right_norm = 0
-        for item in self.items:
+        values: dict[str, list[float]] = {"acc": [], "acc_norm": []}
+        for item in items:
             scores = [next(logprobs) for _ in item.choices]
             normed = [s / max(len(c), 1) for s, c in zip(scores, item.choices)]
-            right += max(range(len(scores)), key=scores.__getitem__) == item.label
-            right_norm += max(range(len(normed)), key=normed.__getitem__) == item.label
-        return {"acc": right / len(self.items), "acc_norm": right_norm / len(self.items)}
+            values["acc"].append(float(max(range(len(scores)), key=scores.__getitem__) == item.label))
+            values["acc_norm"].append(float(max(range(len(normed)), key=normed.__getitem__) == item.label))
+        return _in_order(self.order, start, indices, values)
+
+    def aggregate(self, scores: ItemScores) -> dict[str, float]:
+        """acc and acc_norm of scored items (means in item order)."""
+        return _means(self.order, scores)
+
+    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
+        return self.aggregate(self.score_items(model, tokenizer))
 
 
 class PerplexityEvaluator:
@@ -434,6 +490,7 @@ class PerplexityEvaluator:
         self.documents = subsample(lines, limit, seed)
         if not self.documents:
             raise EvomergeError(f"perplexity text_file {path} has no non-empty lines")
+        self.order = item_order(len(self.documents), seed)
         self.name = name or path.stem
         self.batch_size = batch_size
         self.max_length = max_length
@@ -443,11 +500,48 @@ class PerplexityEvaluator:
         """The keys `evaluate` returns."""
         return ("ppl", "nll")
 
-    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
-        sequences = [(tokenizer(d)["input_ids"][: self.max_length], 1) for d in self.documents]
-        sequences = [s for s in sequences if len(s[0]) >= 2]
-        if not sequences:
+    def score_items(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, start: int = 0, stop: int | None = None
+    ) -> ItemScores:
+        """Per document at positions [start, stop) of `order`: its mean ``nll`` per predicted token, weighted by that
+        token count (0 for a document shorter than two tokens, which predicts nothing)."""
+        indices = sorted(self.order[start:stop])
+        sequences = [(tokenizer(self.documents[i])["input_ids"][: self.max_length], 1) for i in indices]
+        scored = [j for j, (ids, _) in enumerate(sequences) if len(ids) >= 2]
+        totals = sum_logprobs(
+            model, [sequences[j] for j in scored], pad_id=pad_token_id(tokenizer), batch_size=self.batch_size
+        )
+        nll, weights = [0.0] * len(indices), [0.0] * len(indices)
+        for j, total in zip(scored, totals):
+            weights[j] = float(len(sequences[j][0]) - 1)
+            nll[j] = -total / weights[j]
+        scores = _in_order(self.order, start, indices, {"nll": nll, "weight": weights})
+        scores.weights = scores.values.pop("weight")
+        return scores
+
+    def aggregate(self, scores: ItemScores) -> dict[str, float]:
+        """``nll`` = the token-weighted mean of the documents' nll, ``ppl`` = exp(nll)."""
+        assert scores.weights is not None
+        if not sum(scores.weights):
             raise EvomergeError(f"perplexity {self.name}: every document is shorter than two tokens")
-        total = sum(sum_logprobs(model, sequences, pad_id=pad_token_id(tokenizer), batch_size=self.batch_size))
-        nll = -total / sum(len(ids) - 1 for ids, _ in sequences)
+        total = sum(n * w for n, w in zip(scores.values["nll"], scores.weights))
+        nll = total / sum(scores.weights)
         return {"ppl": math.exp(nll), "nll": nll}
+
+    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
+        return self.aggregate(self.score_items(model, tokenizer))
+
+
+def _in_order(
+    order: Sequence[int], start: int, indices: Sequence[int], values: dict[str, list[float]], tokens: int = 0
+) -> ItemScores:
+    """`values` of the items at `indices` rearranged into order positions start, start+1, ..."""
+    at = {index: j for j, index in enumerate(indices)}
+    rows = [at[index] for index in order[start : start + len(indices)]]
+    return ItemScores(start, {k: [float(v[r]) for r in rows] for k, v in values.items()}, tokens=tokens)
+
+
+def _means(order: Sequence[int], scores: ItemScores) -> dict[str, float]:
+    """The mean of each per-item value, summed in item order (as one pass over the items would)."""
+    rows = sorted(range(scores.n), key=lambda j: order[scores.start + j])
+    return {k: sum(v[j] for j in rows) / scores.n for k, v in scores.values.items()}

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from evals.base import ItemScores
 from evolve.config import RunConfig
+from evolve.stats import Comparison, mcnemar_exact, metric_intervals
 from evolve.study import best_trial, load_study, trial_recipe
-from evolve.worker import build_evaluators, score_metrics
+from evolve.worker import build_evaluators, score_items
 from merge_core.errors import EvomergeError
 from merge_core.merge import method_spec
 from merge_core.recipe import DataFlowRecipe, MergeRecipe, OutputSlice, Recipe, SliceSource
@@ -36,6 +38,19 @@ def score_checkpoint(
     evaluators: list | None = None,
 ) -> dict[str, float]:
     """Load an HF checkpoint with transformers and score it on the config's tasks."""
+    return score_checkpoint_items(cfg, path, split=split, limit=limit, device=device, evaluators=evaluators)[0]
+
+
+def score_checkpoint_items(
+    cfg: RunConfig,
+    path: str,
+    *,
+    split: str | None = None,
+    limit: int | None = None,
+    device: str = "auto",
+    evaluators: list | None = None,
+) -> tuple[dict[str, float], dict[str, ItemScores]]:
+    """`score_checkpoint`'s metrics and the per-item scores behind them."""
     from transformers import AutoTokenizer
 
     from evolve.worker import load_live_model, open_checkpoint
@@ -45,11 +60,18 @@ def score_checkpoint(
     tokenizer = AutoTokenizer.from_pretrained(
         str(open_checkpoint(cfg, path).path), trust_remote_code=cfg.models.trust_remote_code
     )
-    return score_metrics(evaluators or heldout_evaluators(cfg, split, limit), model, tokenizer)
+    return score_items(evaluators or heldout_evaluators(cfg, split, limit), model, tokenizer)
 
 
 def score_recipes(cfg: RunConfig, recipes: dict[str, Recipe], evaluators: list) -> dict[str, dict[str, float]]:
     """Score recipes in memory: one backend (Materializer, or models A and B) per group of compatible recipes."""
+    return {label: metrics for label, (metrics, _) in score_recipes_items(cfg, recipes, evaluators).items()}
+
+
+def score_recipes_items(
+    cfg: RunConfig, recipes: dict[str, Recipe], evaluators: list
+) -> dict[str, tuple[dict[str, float], dict[str, ItemScores]]]:
+    """`score_recipes`'s metrics and the per-item scores behind them."""
     from transformers import AutoTokenizer
 
     from evolve.worker import make_backend
@@ -62,13 +84,13 @@ def score_recipes(cfg: RunConfig, recipes: dict[str, Recipe], evaluators: list) 
             else (method_spec(r).kind, r.models, r.base_model, r.dtype)
         )
         groups.setdefault(key, []).append(label)
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, tuple[dict[str, float], dict[str, ItemScores]]] = {}
     for labels in groups.values():
         backend = make_backend(cfg, recipes[labels[0]])
         tok = AutoTokenizer.from_pretrained(backend.tokenizer_path, trust_remote_code=cfg.models.trust_remote_code)
         for label in labels:
             backend.apply(recipes[label])
-            out[label] = score_metrics(evaluators, backend.model, tok)
+            out[label] = score_items(evaluators, backend.model, tok)
         del backend
     return out
 
@@ -105,23 +127,68 @@ def untuned_recipes(cfg: RunConfig, density: float = 0.7) -> dict[str, MergeReci
 
 
 def heldout_table(cfg: RunConfig) -> list[dict[str, Any]]:
-    """Rows for the end-of-run table: base, each source, the untuned merges, and each stage's best trial."""
+    """Rows for the end-of-run table: base, each source, the untuned merges, and each stage's pick (`best_trial`).
+
+    Each row: ``model``, the table's metrics, and private keys: ``_kind`` (base, source, untuned, evolved),
+    ``_ci`` (metric -> bootstrap 95% interval over the held-out items, `evolve.stats`) and ``_items`` (per-item
+    scores, for `heldout_comparisons`)."""
     evaluators = heldout_evaluators(cfg)
     rows: list[dict[str, Any]] = []
-    models = ([("base", cfg.models.base)] if cfg.models.base else []) + [
-        (f"source {a}", s.path) for a, s in zip(cfg.models.aliases(), cfg.models.sources)
+    models = ([("base", "base", cfg.models.base)] if cfg.models.base else []) + [
+        ("source", f"source {a}", s.path) for a, s in zip(cfg.models.aliases(), cfg.models.sources)
     ]
-    for label, path in models:
-        rows.append({"model": label, **score_checkpoint(cfg, path, device=cfg.execution.device, evaluators=evaluators)})
+    for kind, label, path in models:
+        metrics, items = score_checkpoint_items(cfg, path, device=cfg.execution.device, evaluators=evaluators)
+        rows.append({"model": label, **metrics, "_kind": kind, "_items": items})
     recipes: dict[str, Recipe] = dict(untuned_recipes(cfg))
+    kinds = dict.fromkeys(recipes, "untuned")
     labels = {"ps": "evolved PS", "dfs": "evolved PS+DFS" if cfg.search.stages == ["ps", "dfs"] else "evolved DFS"}
     for stage in cfg.search.stages:
         best = best_trial(load_study(cfg, stage))
-        recipes[f"{labels[stage]} (trial {best.number})"] = trial_recipe(best)
-    for label, metrics in score_recipes(cfg, recipes, evaluators).items():
-        rows.append({"model": label, **metrics})
+        label = f"{labels[stage]} (trial {best.number})"
+        recipes[label], kinds[label] = trial_recipe(best), "evolved"
+    for label, (metrics, items) in score_recipes_items(cfg, recipes, evaluators).items():
+        rows.append({"model": label, **metrics, "_kind": kinds[label], "_items": items})
     keep = _table_columns(cfg, rows)
-    return [{"model": r["model"], **{k: r.get(k) for k in keep}} for r in rows]
+    table = []
+    for r in rows:
+        ci = metric_intervals(r["_items"])
+        table.append(
+            {
+                "model": r["model"],
+                **{k: r.get(k) for k in keep},
+                "_kind": r["_kind"],
+                "_ci": {k: ci[k] for k in keep if k in ci},
+                "_items": r["_items"],
+            }
+        )
+    return table
+
+
+def heldout_comparisons(rows: list[dict[str, Any]]) -> list[tuple[str, Comparison]]:
+    """(evolved label, comparison) of each evolved row against the best source and the best untuned merge, on each
+    accuracy column scored item by item (McNemar's exact test on the same held-out items)."""
+    out = []
+    for evolved in (r for r in rows if r.get("_kind") == "evolved"):
+        for column in (k for k in evolved if k.endswith("/acc")):
+            task = column.split("/", 1)[0]
+            if task not in evolved["_items"] or evolved.get(column) is None:
+                continue
+            for kind in ("source", "untuned"):
+                others = [r for r in rows if r.get("_kind") == kind and r.get(column) is not None]
+                if not others:
+                    continue
+                best = max(others, key=lambda r: r[column])
+                only_e, only_o, p = mcnemar_exact(
+                    evolved["_items"][task].values["acc"], best["_items"][task].values["acc"]
+                )
+                out.append(
+                    (
+                        evolved["model"],
+                        Comparison(column, best["model"], evolved[column], best[column], only_e, only_o, p),
+                    )
+                )
+    return out
 
 
 def _table_columns(cfg: RunConfig, rows: list[dict[str, Any]]) -> list[str]:

@@ -12,7 +12,7 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -165,8 +165,9 @@ def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
                 from evolve.baselines import heldout_table
 
                 rows = heldout_table(cfg)
-                print(f"\nheld-out ({cfg.evaluation.heldout_split} split):")
-                _print_table(rows, ["model", *[k for k in rows[0] if k != "model"]])
+                print(f"\nheld-out ({cfg.evaluation.heldout_split} split) [95% bootstrap interval over items]:")
+                _print_table(rows, ["model", *[k for k in rows[0] if k != "model" and not k.startswith("_")]])
+                _print_comparisons(rows)
         except KeyboardInterrupt:  # finished trials are told; trials in flight stay RUNNING and continue in place
             print(
                 f"\ninterrupted: finished trials are recorded; `evolve resume {shlex.quote(str(cfg.run_dir))}` "
@@ -205,11 +206,23 @@ def _metrics_line(metrics: dict | None) -> str:
 
 
 def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    rows = [{k: _with_interval(v, (r.get("_ci") or {}).get(k)) for k, v in r.items()} for r in rows]
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
     print("  ".join("-" * widths[c] for c in columns))
     for r in rows:
         print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _print_comparisons(rows: list[dict[str, Any]]) -> None:
+    from evolve.baselines import heldout_comparisons
+
+    for label, comparison in heldout_comparisons(rows):
+        print(comparison.line(label))
+
+
+def _with_interval(value: Any, ci: tuple[float, float] | None) -> Any:
+    return value if ci is None or not isinstance(value, float) else f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
 
 
 def _fmt(v: Any) -> str:
@@ -224,7 +237,9 @@ def _fmt(v: Any) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from optuna.trial import TrialState
 
-    from evolve.study import best_first, counted, load_study
+    from evolve.items import decode_items, items_scored, tokens_generated
+    from evolve.stats import metric_intervals
+    from evolve.study import best_first, best_trial, counted, load_study, rescored
 
     cfg = resolve_run(args.run)
     stage = args.stage or cfg.search.stages[-1]
@@ -236,22 +251,69 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"{cfg.search.stage(stage)[2].max_trials} trials; "
         + ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v)
     )
+    print(_spending(trials, items_scored, tokens_generated))
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    if pruned:
+        used = sum(items_scored(t.user_attrs.get("items")) for t in pruned)
+        print(
+            f"stopped early by racing: {len(pruned)} trials, {used} items in all; latest: trial {pruned[-1].number}, "
+            f"{pruned[-1].user_attrs.get('stopped', '')}"
+        )
     complete = best_first(trials)[: args.top]
     if not complete:
         print("no complete trial yet")
         return 0
+    rescores = rescored(study)
+    terms = cfg.evaluation.fitness
     metric_keys = sorted({k for t in complete for k in (t.user_attrs.get("metrics") or {})})
-    rows = [
-        {
+    rows = []
+    for t in complete:
+        items = t.user_attrs.get("items")
+        ci = metric_intervals(decode_items(items), terms) if items else {}
+        row = {
             "trial": t.number,
             "fitness": t.value,
             **(t.user_attrs.get("metrics") or {}),
+            "items": items_scored(items) or None,
+            "rescored": (rescores.get(t.number) or {}).get("fitness"),
             "worker": t.user_attrs.get("worker", ""),
+            "_ci": ci,
         }
-        for t in complete
-    ]
-    _print_table(rows, ["trial", "fitness", *metric_keys, "worker"])
+        rows.append(row)
+    columns = ["trial", "fitness", *metric_keys, "items", *(["rescored"] if rescores else []), "worker"]
+    print("[95% bootstrap intervals over the items each trial scored]")
+    _print_table(rows, columns)
+    if rescores:
+        pick = best_trial(study)
+        r = rescores[pick.number]
+        print(
+            f"pick: trial {pick.number}, re-scored fitness {r['fitness']:.4f} on {r['items_scored']} items "
+            f"(search fitness {pick.value:.4f}); {len(rescores)} elites re-scored"
+        )
     return 0
+
+
+def candidates_per_hour(trials: list) -> float | None:
+    """Finished trials per hour of search time: the union of the trials' [start, complete] spans (so time between
+    a stop and a resume does not count)."""
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials if t.datetime_start and t.datetime_complete)
+    busy, end = 0.0, None
+    for start, stop in spans:
+        if end is None or start > end:
+            busy, end = busy + (stop - start).total_seconds(), stop
+        elif stop > end:
+            busy, end = busy + (stop - end).total_seconds(), stop
+    return len(spans) / (busy / 3600) if busy > 0 else None
+
+
+def _spending(trials: list, items_scored: Callable, tokens_generated: Callable) -> str:
+    """Items scored, tokens generated and candidates per hour over the study's finished trials."""
+    done = [t for t in trials if t.datetime_complete is not None]
+    items = sum(items_scored(t.user_attrs.get("items")) for t in done)
+    tokens = sum(tokens_generated(t.user_attrs.get("items")) for t in done)
+    rate = candidates_per_hour(done)
+    rate = f"{rate:.0f} candidates/hour" if rate else "candidates/hour unknown"
+    return f"spent: {items} items scored, {tokens} tokens generated, {rate}"
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ MAX_NAME = 100  # run, task and alias names: they name directories, studies and 
 MAX_SEED = 2**32  # seeds feed numpy (Optuna's samplers, pycma), which takes 0 <= seed < 2**32
 MAX_REPEATS = 1000  # dfs repeats (the slot count is bounded again, with the layer counts, by DataFlowSpace)
 DType = Literal[DTYPES]  # type: ignore[valid-type]  # merge_core.recipe.DTYPES, as a schema type
-SamplerName = Literal["cmaes", "pycma", "tpe", "random", "nsga2"]  # evolve.samplers.make_sampler builds each
+SamplerName = Literal["cmaes", "pycma", "tpe", "random", "nsga2", "gp"]  # evolve.samplers.make_sampler builds each
 
 
 def _name_chars(v: str, purpose: str = "") -> str:
@@ -147,6 +147,7 @@ class Budget(_Strict):
     max_minutes: float | None = Field(default=None, gt=0)
     patience: int | None = Field(default=None, ge=1, description="stop after this many trials without improvement")
     max_consecutive_failures: int = Field(default=10, ge=1)
+    max_items: int | None = Field(default=None, ge=1, description="stop once trials have scored this many items")
 
 
 class DataFlowStage(_Strict):
@@ -373,12 +374,31 @@ Task = Annotated[
 ]
 
 
+class Racing(_Strict):
+    """Score candidates chunk by chunk and stop one that cannot plausibly beat the incumbent (`evolve.racing`)."""
+
+    chunk: int = Field(default=40, ge=1, description="items per chunk (over all tasks)")
+    alpha: float = Field(default=0.05, gt=0, lt=1, description="error rate of stopping a candidate that would win")
+    min_items: int = Field(default=40, ge=2, description="no candidate is stopped before this many items")
+    test: Literal["t", "wilcoxon"] = "t"
+
+
+class Rescore(_Strict):
+    """Re-score the top_k trials by search fitness on more items before the winner is picked."""
+
+    top_k: int = Field(default=5, ge=1)
+    split: str | None = Field(default=None, description="default: each task's own split")
+    limit: int | None = Field(default=None, ge=1, description="items per task (default: all of the split)")
+
+
 class Evaluation(_Strict):
     tasks: list[Task] = Field(min_length=1)
     fitness: list[FitnessTerm] = Field(min_length=1)
     heldout_tasks: list[Task] = Field(default_factory=list, description="scored only for the final table and export")
     heldout_split: str | None = "test"
     heldout_limit: int | None = Field(default=None, ge=1)
+    racing: Racing | None = None
+    rescore: Rescore | None = None
 
     def heldout_scored(self) -> list[Any]:
         """The tasks of the held-out table: `tasks` read from JSONL splits (scored on `heldout_split`) and every
@@ -398,6 +418,13 @@ class Evaluation(_Strict):
                 raise ValueError(
                     f"fitness[{i}].metric: '{term.metric}' must be '<task>/<metric>' with task one of {names}"
                 )
+        if self.racing is not None:
+            for t in self.tasks:
+                if t.type in ("lm_eval", "perplexity"):
+                    raise ValueError(
+                        f"racing: task '{t.name}' is {t.type}, which racing cannot score item by item against "
+                        "the incumbent; racing needs generation and choice tasks (or remove racing)"
+                    )
         return self
 
 

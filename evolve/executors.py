@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from evolve.config import RunConfig
+from evolve.racing import Race
 from evolve.worker import Outcome, Worker
 from merge_core.errors import EvomergeError
 from merge_core.recipe import Recipe
@@ -22,11 +23,12 @@ log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
-    """Submit up to ``slots`` recipes at once; ``wait`` returns the next finished (key, outcome)."""
+    """Submit up to ``slots`` recipes at once (each raced against an incumbent when `race` is given: see
+    `evolve.racing`); ``wait`` returns the next finished (key, outcome)."""
 
     slots: int
 
-    def submit(self, key: int, recipe: Recipe) -> None: ...
+    def submit(self, key: int, recipe: Recipe, race: Race | None = None) -> None: ...
 
     def wait(self) -> tuple[int, Outcome]: ...
 
@@ -40,14 +42,14 @@ class LocalExecutor:
 
     def __init__(self, cfg: RunConfig, template: Recipe):
         self.worker = Worker(cfg, template.to_yaml(), worker_id="local")
-        self._pending: list[tuple[int, Recipe]] = []
+        self._pending: list[tuple[int, Recipe, Race | None]] = []
 
-    def submit(self, key: int, recipe: Recipe) -> None:
-        self._pending.append((key, recipe))
+    def submit(self, key: int, recipe: Recipe, race: Race | None = None) -> None:
+        self._pending.append((key, recipe, race))
 
     def wait(self) -> tuple[int, Outcome]:
-        key, recipe = self._pending.pop(0)
-        return key, self.worker.evaluate(recipe.to_yaml())
+        key, recipe, race = self._pending.pop(0)
+        return key, self.worker.evaluate(recipe.to_yaml(), race)
 
     def close(self) -> None:
         self._pending.clear()
@@ -86,7 +88,7 @@ class RayExecutor:
         self.actors = {i: self._start(i) for i in range(self.slots)}
         ray.get([a.ping.remote() for a in self.actors.values()])  # surface build errors before the search starts
         self._free = list(self.actors)
-        self._running: dict[object, tuple[int, int, Recipe]] = {}
+        self._running: dict[object, tuple[int, int, Recipe, Race | None]] = {}
 
     def actor_name(self, slot: int) -> str:
         return f"evomerge-{self.cfg.name}-w{slot}-{self._generation}"
@@ -97,18 +99,18 @@ class RayExecutor:
             self.cfg.model_dump(mode="json"), self.template_yaml, f"ray-{slot}"
         )
 
-    def submit(self, key: int, recipe: Recipe) -> None:
+    def submit(self, key: int, recipe: Recipe, race: Race | None = None) -> None:
         if not self._free:
             raise EvomergeError("ray executor: no free worker (the loop submitted more than `slots`)")
         slot = self._free.pop(0)
-        ref = self.actors[slot].evaluate.remote(recipe.to_yaml())
-        self._running[ref] = (slot, key, recipe)
+        ref = self.actors[slot].evaluate.remote(recipe.to_yaml(), race)
+        self._running[ref] = (slot, key, recipe, race)
 
     def wait(self) -> tuple[int, Outcome]:
         while True:
             ready, _ = self.ray.wait(list(self._running), num_returns=1)
             ref = ready[0]
-            slot, key, recipe = self._running.pop(ref)
+            slot, key, recipe, race = self._running.pop(ref)
             try:
                 outcome = self.ray.get(ref)
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError) as e:
@@ -120,7 +122,7 @@ class RayExecutor:
                 )
                 self.actors[slot] = self._start(slot)
                 self._free.append(slot)
-                self.submit(key, recipe)
+                self.submit(key, recipe, race)
                 continue
             self._free.append(slot)
             return key, outcome

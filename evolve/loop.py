@@ -16,11 +16,14 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from evolve.config import Budget, RunConfig, dump_config
+from evolve.config import Budget, Evaluation, Racing, RunConfig, dump_config
 from evolve.executors import Executor, check_ray_job_storage, make_executor
+from evolve.items import decode_items, encode_items, fully_scored, item_fitness, items_scored, tokens_generated
+from evolve.racing import Race
 from evolve.samplers import PycmaSampler, make_sampler
 from evolve.study import (
     RunLock,
+    best_first,
     best_trial,
     counted,
     load_study,
@@ -139,10 +142,13 @@ class Progress:
         )
         self.t0, self.start_done = time.monotonic(), done
 
-    def update(self, best: float | None) -> None:
+    def update(self, best: float | None, items: int = 0) -> None:
         self.bar.update(1)
         per_min = (self.bar.n - self.start_done) / max((time.monotonic() - self.t0) / 60, 1e-9)
-        self.bar.set_postfix_str(f"best {best:.4f}, {per_min:.1f}/min" if best is not None else f"{per_min:.1f}/min")
+        spent = f", {items} items" if items else ""
+        self.bar.set_postfix_str(
+            f"best {best:.4f}, {per_min:.1f}/min{spent}" if best is not None else f"{per_min:.1f}/min{spent}"
+        )
 
     def close(self) -> None:
         self.bar.close()
@@ -179,7 +185,10 @@ def run_search(
 def run_stage(cfg: RunConfig, stage: str, *, progress: bool, executor_factory: Callable[..., Executor]) -> SearchResult:
     space = build_space(cfg, stage)
     _, opt, budget = cfg.search.stage(stage)
-    sampler = make_sampler(opt.sampler, space, sigma0=opt.sigma0, seed=cfg.seed, popsize=opt.popsize)
+    racing = cfg.evaluation.racing
+    sampler = make_sampler(
+        opt.sampler, space, sigma0=opt.sigma0, seed=cfg.seed, popsize=opt.popsize, racing=racing is not None
+    )
     study = open_study(cfg, space, sampler, stage)
     with storage_errors(cfg):
         if not study.trials:
@@ -193,7 +202,9 @@ def run_stage(cfg: RunConfig, stage: str, *, progress: bool, executor_factory: C
             return SearchResult(study, space, "budget: max_trials reached (already)")
         executor = executor_factory(cfg, space.decode(space.x0))
         try:
-            return SearchResult(study, space, _loop(budget, study, space, sampler, executor, progress, left))
+            return SearchResult(
+                study, space, _loop(budget, study, space, sampler, executor, progress, left, cfg.evaluation)
+            )
         finally:
             executor.close()
 
@@ -224,8 +235,10 @@ def _loop(
     executor: Executor,
     show: bool,
     left: list[FrozenTrial] = (),
+    evaluation: Evaluation | None = None,
 ) -> str:
     dists = distributions(space)
+    racing = evaluation.racing if evaluation is not None else None
     cap = min(executor.slots, sampler.max_parallel) if isinstance(sampler, PycmaSampler) else executor.slots
     trials = study.get_trials(deepcopy=False)
     cache = {
@@ -253,9 +266,13 @@ def _loop(
                 if h in cache:  # an identical candidate is never evaluated twice
                     _tell_cached(study, trial, cache[h])
                     state.record(cache[h].value, cached=True)
-                    bar.update(state.best)
+                    bar.update(state.best, state.items)
                     continue
-                executor.submit(trial.number, recipe)
+                race = _race(study, racing, evaluation.fitness) if racing is not None else None
+                if race is None:
+                    executor.submit(trial.number, recipe)
+                else:
+                    executor.submit(trial.number, recipe, race)
                 inflight[trial.number] = trial
                 _fault(study, trial.number)
             if not inflight:
@@ -268,8 +285,12 @@ def _loop(
                 cache[trial.user_attrs["recipe_hash"]] = study._storage.get_trial(trial._trial_id)
             else:
                 log.warning("trial %d failed: %s", number, outcome.error)
-            state.record(sampler_value(outcome.fitness) if outcome.ok else None)
-            bar.update(state.best)
+            state.record(
+                sampler_value(outcome.fitness) if outcome.ok else None,
+                pruned=outcome.stopped is not None,
+                items=sum(s.n for s in outcome.scores.values()),
+            )
+            bar.update(state.best, state.items)
     finally:  # Ctrl-C (KeyboardInterrupt) goes up: told trials are recorded, in-flight ones stay RUNNING and
         bar.close()  # continue in place on resume (`resume_trial`), as after a crash
     if state.failures >= budget.max_consecutive_failures:
@@ -291,22 +312,32 @@ class LoopState:
     best: float | None = None
     since_best: int = 0
     failures: int = 0
+    items: int = 0
 
     @classmethod
     def replay(cls, budget: Budget, trials: list[FrozenTrial]) -> LoopState:
         state = cls(budget, time.monotonic() + 60 * budget.max_minutes if budget.max_minutes else math.inf)
         for t in sorted(trials, key=lambda t: t.number):
             if counted(t):
-                state.record(t.value if t.state == TrialState.COMPLETE else None, cached="cached_from" in t.user_attrs)
+                state.record(
+                    t.value if t.state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
+                    cached="cached_from" in t.user_attrs,
+                    pruned=t.state == TrialState.PRUNED,
+                    items=items_scored(t.user_attrs.get("items")),
+                )
         return state
 
-    def record(self, value: float | None, cached: bool = False) -> None:
-        """One more trial used the budget, told `value` (None: it failed); a cached duplicate of an evaluated trial
-        counts for neither patience nor the failure limit."""
+    def record(self, value: float | None, cached: bool = False, pruned: bool = False, items: int = 0) -> None:
+        """One more trial used the budget (`items` of them scored), told `value` (None: it failed); a cached
+        duplicate of an evaluated trial counts for neither patience nor the failure limit; a trial stopped early by
+        racing (`pruned`) counts as one without improvement."""
         self.done += 1
+        self.items += items
         if cached:
             return
-        if value is None:
+        if pruned:
+            self.since_best, self.failures = self.since_best + 1, 0
+        elif value is None:
             self.failures += 1
         elif self.best is None or value > self.best:
             self.best, self.since_best, self.failures = value, 0, 0
@@ -317,6 +348,8 @@ class LoopState:
         b = self.budget
         if self.done >= b.max_trials:
             return "budget: max_trials reached"
+        if b.max_items is not None and self.items >= b.max_items:
+            return f"budget: max_items reached ({self.items} items scored)"
         if self.failures >= b.max_consecutive_failures:
             return "too many consecutive failures"
         if time.monotonic() >= self.deadline:
@@ -352,12 +385,47 @@ def sampler_value(fitness: float) -> float:
 def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
     for key in ("metrics", "merge_seconds", "eval_seconds", "worker"):
         trial.set_user_attr(key, getattr(outcome, key))
-    if outcome.ok:
+    if outcome.scores:
+        items = encode_items(outcome.scores, outcome.totals)
+        trial.set_user_attr("items", items)
+        trial.set_user_attr("items_scored", items_scored(items))
+        trial.set_user_attr("tokens", tokens_generated(items))
+    for n, value in outcome.steps:  # a race's estimate after each chunk (optuna-dashboard plots these)
+        if math.isfinite(value):
+            trial.report(sampler_value(value), step=n)
+    if outcome.ok and outcome.stopped:
+        trial.set_user_attr("fitness", outcome.fitness)
+        trial.set_user_attr("stopped", outcome.stopped)
+        study.tell(trial, state=TrialState.PRUNED)  # its value: the last estimate reported
+    elif outcome.ok:
         trial.set_user_attr("fitness", outcome.fitness)
         study.tell(trial, sampler_value(outcome.fitness))
     else:
         trial.set_user_attr("fail_reason", outcome.error)
         study.tell(trial, state=TrialState.FAIL)
+
+
+def incumbent(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    """The best complete trial whose every item was scored (what racing compares candidates with)."""
+    return next((t for t in best_first(trials) if fully_scored(t.user_attrs.get("items"))), None)
+
+
+def _race(study: optuna.Study, racing: Racing, terms: list) -> Race | None:
+    """The race for the next candidate: against the incumbent's per-item fitness as stored (so a resumed search
+    races exactly as an uninterrupted one); None (score every item) until a trial is fully scored."""
+    best = incumbent(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if best is None:
+        return None
+    items = best.user_attrs["items"]
+    f = item_fitness(terms, decode_items(items), {t: int(r["of"]) for t, r in items.items()})
+    return Race(
+        incumbent={t: v.tolist() for t, v in f.items()},
+        incumbent_trial=best.number,
+        chunk=racing.chunk,
+        alpha=racing.alpha,
+        min_items=racing.min_items,
+        test=racing.test,
+    )
 
 
 def _tell_cached(study: optuna.Study, trial: optuna.Trial, source: FrozenTrial) -> None:

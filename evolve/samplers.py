@@ -334,10 +334,11 @@ def _failed(owners: list[FrozenTrial]) -> bool:
 
 
 def _loss(study: Study, owners: list[FrozenTrial]) -> float | None:
-    """The slot's loss: from its completed trial, ``nan`` if all its trials failed, None while one runs."""
+    """The slot's loss: from its completed trial (or a raced trial stopped early: its partial estimate), ``nan`` if
+    all its trials failed, None while one runs."""
     sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
     for t in owners:
-        if t.state == TrialState.COMPLETE:
+        if t.state == TrialState.COMPLETE or (t.state == TrialState.PRUNED and t.value is not None):
             return sign * t.value if math.isfinite(t.value) else math.nan
     return math.nan if _failed(owners) else None
 
@@ -463,16 +464,37 @@ class ReseededNSGAIISampler(_ReseedPerTrial, optuna.samplers.NSGAIISampler):
     """Optuna's NSGA-II, reseeded per trial and parameter (see `_ReseedPerTrial`)."""
 
 
+class ReseededGPSampler(_ReseedPerTrial, optuna.samplers.GPSampler):
+    """Optuna's Gaussian-process sampler (log EI), reseeded per trial (see `_ReseedPerTrial`). It warm-starts each
+    kernel fit from the previous one held in memory, so a resumed search may ask slightly different trials than an
+    uninterrupted one; PRUNED trials are left out of its model."""
+
+
 def make_sampler(
-    name: str, space: SearchSpace, *, sigma0: float, seed: int, popsize: int | None = None
+    name: str, space: SearchSpace, *, sigma0: float, seed: int, popsize: int | None = None, racing: bool = False
 ) -> optuna.samplers.BaseSampler:
     """The sampler the config's ``search.optimizer.sampler`` names. Optuna's samplers come reseeded per trial
     (`_ReseedPerTrial`) and PycmaSampler keeps its state in the study, so with the same seed a resumed search asks
-    exactly the trials the uninterrupted one would have asked."""
+    exactly the trials the uninterrupted one would have asked.
+
+    With `racing`, a candidate stopped early is a PRUNED trial whose value is its partial fitness estimate (an
+    unbiased estimate on a random subset of the items, below the incumbent). CMA-ES is told it as the trial's value
+    (``consider_pruned_trials``; by default Optuna's CMA-ES drops pruned trials, so every stopped candidate would be
+    lost to it and a generation would wait for survivors only); pycma uses it too; TPE ranks pruned trials below
+    complete ones by itself; GP and random ignore them."""
     if name == "cmaes":
         with warnings.catch_warnings():  # x0 and sigma0 are deprecated since Optuna 4.9 (removal planned for 6.0)
             warnings.filterwarnings("ignore", message="`(x0|sigma0)` has been deprecated", category=FutureWarning)
-            return ReseededCmaEsSampler(x0=dict(zip(space.names, space.x0)), sigma0=sigma0, seed=seed, popsize=popsize)
+            warnings.filterwarnings("ignore", message=".*consider_pruned_trials.*")  # experimental argument
+            return ReseededCmaEsSampler(
+                x0=dict(zip(space.names, space.x0)),
+                sigma0=sigma0,
+                seed=seed,
+                popsize=popsize,
+                consider_pruned_trials=racing,
+            )
+    if name == "gp":
+        return ReseededGPSampler(seed=seed, warn_independent_sampling=False)
     if name == "pycma":
         return PycmaSampler(space.names, space.x0, space.bounds, sigma0, seed, popsize)
     if name == "tpe":

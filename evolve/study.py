@@ -97,9 +97,10 @@ def missing_database(url: str) -> str | None:
 
 
 def counted(t: FrozenTrial) -> bool:
-    """Trials that used the budget: finished ones, except those an older evomerge marked `interrupted` (it re-ran
-    them as new trials; trials a dead process leaves RUNNING now continue in place, see `resume_trial`)."""
-    return t.state in (TrialState.COMPLETE, TrialState.FAIL) and not t.user_attrs.get("interrupted")
+    """Trials that used the budget: finished ones (complete, failed, or stopped early by racing: PRUNED), except
+    those an older evomerge marked `interrupted` (it re-ran them as new trials; trials a dead process leaves RUNNING
+    now continue in place, see `resume_trial`)."""
+    return t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED) and not t.user_attrs.get("interrupted")
 
 
 def resume_trial(study: optuna.Study, left: FrozenTrial, dists: dict[str, FloatDistribution]) -> optuna.Trial:
@@ -121,16 +122,32 @@ def best_first(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def best_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
-    """The best complete trial (see `best_first`), or the complete trial with this number."""
+    """The run's pick, or the complete trial with this number. The pick is the best complete trial (see
+    `best_first`), unless elites were re-scored on more items (`rescored`): then the re-scored trial with the
+    highest re-scored fitness (ties: the better search rank)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise EvomergeError(f"study '{study.study_name}' has no complete trial yet")
     if number is None:
-        return best_first(complete)[0]
+        ranked = best_first(complete)
+        scores = rescored(study)
+        elites = [t for t in ranked if t.number in scores]
+        if elites:
+            return max(elites, key=lambda t: (scores[t.number]["fitness"], -ranked.index(t)))
+        return ranked[0]
     for t in complete:
         if t.number == number:
             return t
     raise EvomergeError(f"--trial {number}: no complete trial with that number (complete: {len(complete)})")
+
+
+RESCORE_KEY = "rescore:"  # + trial number: a study user attr (a finished trial's own attrs are read-only)
+
+
+def rescored(study: optuna.Study) -> dict[int, dict]:
+    """Trial number -> its re-scoring record ({"fitness", "metrics", "items", ...}), for the elites re-scored."""
+    attrs = study.user_attrs
+    return {int(k[len(RESCORE_KEY) :]): v for k, v in attrs.items() if k.startswith(RESCORE_KEY)}
 
 
 def trial_recipe(t: FrozenTrial):

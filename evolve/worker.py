@@ -7,10 +7,11 @@ import math
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from evals.base import ItemScores
 from evolve.config import RunConfig, Task, parse_config
 from merge_core.checkpoint import Checkpoint
 from merge_core.errors import EvomergeError
@@ -18,12 +19,18 @@ from merge_core.materialize import Materializer
 from merge_core.merge import TORCH_DTYPES
 from merge_core.recipe import DataFlowRecipe, MergeRecipe, Recipe, load_recipe
 
+if TYPE_CHECKING:
+    from evolve.racing import Race
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Outcome:
-    """What one evaluation produced: metrics and fitness, or the reason it failed."""
+    """What one evaluation produced: metrics and fitness, or the reason it failed. ``scores``: per task, the items
+    scored one by one (the first ones of each task's item order, out of ``totals``); ``steps``: (items scored,
+    fitness so far) after each chunk of a race; ``stopped``: why a race stopped the candidate early (its metrics
+    and fitness are then the partial estimate)."""
 
     worker: str
     metrics: dict[str, float] = field(default_factory=dict)
@@ -31,6 +38,10 @@ class Outcome:
     merge_seconds: float = 0.0
     eval_seconds: float = 0.0
     error: str | None = None
+    scores: dict[str, ItemScores] = field(default_factory=dict)
+    totals: dict[str, int] = field(default_factory=dict)
+    steps: list[tuple[int, float]] = field(default_factory=list)
+    stopped: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -57,11 +68,39 @@ def build_evaluators(
 
 
 def score_metrics(evaluators: list[tuple[str, Any]], model: Any, tokenizer: Any) -> dict[str, float]:
+    return score_items(evaluators, model, tokenizer)[0]
+
+
+def score_items(
+    evaluators: list[tuple[str, Any]],
+    model: Any,
+    tokenizer: Any,
+    upto: dict[str, int] | None = None,
+    scored: dict[str, ItemScores] | None = None,
+) -> tuple[dict[str, float], dict[str, ItemScores]]:
+    """(metrics, per-item scores by task): every task's items scored one by one where its evaluator can
+    (`score_items`; lm-eval tasks are scored whole). With `upto`, a task is scored up to that many items of its
+    order, continuing the ItemScores in `scored` (racing scores chunk by chunk)."""
     metrics: dict[str, float] = {}
+    out = dict(scored or {})
     for name, evaluator in evaluators:
-        for key, value in evaluator.evaluate(model, tokenizer).items():
+        if not hasattr(evaluator, "score_items"):
+            values = evaluator.evaluate(model, tokenizer)
+        else:
+            have = out[name].n if name in out else 0
+            stop = None if upto is None else upto[name]
+            if stop is None or stop > have:
+                more = evaluator.score_items(model, tokenizer, have, stop)
+                out[name] = out[name].extend(more) if name in out else more
+            values = evaluator.aggregate(out[name])
+        for key, value in values.items():
             metrics[f"{name}/{key}"] = float(value)
-    return metrics
+    return metrics, out
+
+
+def item_totals(evaluators: list[tuple[str, Any]]) -> dict[str, int]:
+    """Items per task of the evaluators that score item by item."""
+    return {name: len(ev.order) for name, ev in evaluators if hasattr(ev, "score_items")}
 
 
 class MergeBackend:
@@ -141,14 +180,19 @@ class Worker:
         self.evaluators = build_evaluators(list(self.cfg.evaluation.tasks), seed=self.cfg.seed)
         self.fitness = Fitness(self.cfg.evaluation.fitness)
 
-    def evaluate(self, recipe_yaml: str) -> Outcome:
-        out = Outcome(worker=self.worker_id)
+    def evaluate(self, recipe_yaml: str, race: Race | None = None) -> Outcome:
+        """Score one recipe: every item, or chunk by chunk against the incumbent in `race` (stopped early when it
+        cannot plausibly beat it: `evolve.racing`)."""
+        out = Outcome(worker=self.worker_id, totals=item_totals(self.evaluators))
         try:
             t0 = time.perf_counter()
             self.backend.apply(load_recipe(recipe_yaml))
             out.merge_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
-            out.metrics = score_metrics(self.evaluators, self.model, self.tokenizer)
+            if race is None:
+                out.metrics, out.scores = score_items(self.evaluators, self.model, self.tokenizer)
+            else:
+                self._race(out, race)
             out.eval_seconds = time.perf_counter() - t1
             out.fitness = self.fitness.score(out.metrics)
             if not math.isfinite(out.fitness):
@@ -159,6 +203,22 @@ class Worker:
             log.debug("trial failed on %s:\n%s", self.worker_id, traceback.format_exc())
             out.error = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
         return out
+
+    def _race(self, out: Outcome, race: Race) -> None:
+        from evolve.items import item_fitness
+        from evolve.racing import paired_differences, schedule, stop_looks, stop_reason
+
+        looks = schedule(out.totals, race.chunk)
+        may_stop = stop_looks(looks, race.min_items)
+        grand = sum(out.totals.values())
+        for upto in looks:
+            out.metrics, out.scores = score_items(self.evaluators, self.model, self.tokenizer, upto, out.scores)
+            n = sum(upto.values())
+            out.steps.append((n, self.fitness.score(out.metrics)))
+            f = item_fitness(self.fitness.terms, out.scores, out.totals)
+            out.stopped = stop_reason(race, paired_differences(f, race.incumbent), grand, may_stop)
+            if out.stopped:
+                return
 
     def ping(self) -> str:
         return self.worker_id

@@ -144,3 +144,50 @@ def test_special_token_stop_ends_rows_by_id(lm) -> None:
     assert sum("kotae" in r.split() for r in plain) == 3
     expected = [" ".join(r.split()[: r.split().index("kotae")]) if "kotae" in r.split() else r for r in plain]
     assert [s.strip() for s in stopped] == [e.strip() for e in expected]
+
+
+def test_item_order_is_one_seeded_permutation_shared_by_every_evaluator(half_solved_task) -> None:
+    a = GenerationEvaluator(half_solved_task, "test", seed=3)
+    b = GenerationEvaluator(half_solved_task, "test", seed=3)
+    n = len(a.items)
+    assert a.order == b.order and sorted(a.order) == list(range(n))
+    assert a.order != list(range(n)) and GenerationEvaluator(half_solved_task, "test", seed=4).order != a.order
+
+
+def test_items_scored_in_chunks_are_the_items_scored_at_once(lm) -> None:
+    """Per-item scores for positions [start, stop) of the order: chunks put together are the whole, in order, and
+    their means are the metrics `evaluate` reports; tokens generated are counted."""
+    model, tokenizer = lm
+    prompts = random_prompts(20, seed=5)
+    evaluator = GenerationEvaluator(items_from(prompts, ["j1"] * 20), batch_size=4, max_new_tokens=3, seed=7)
+    whole = evaluator.score_items(model, tokenizer)
+    assert whole.n == 20 and set(whole.values) == {"acc", "acc_value", "lang_ok", "gold_prob", "gold_logprob"}
+    assert 20 <= whole.tokens <= 60
+    first, rest = evaluator.score_items(model, tokenizer, 0, 8), evaluator.score_items(model, tokenizer, 8, None)
+    joined = first.extend(rest)
+    assert joined.values["acc"] == whole.values["acc"] and joined.tokens == whole.tokens
+    assert joined.values["gold_logprob"] == pytest.approx(whole.values["gold_logprob"], abs=1e-5)
+    # position j is item order[j]: its gold log-probability alone
+    j = 3
+    alone = GenerationEvaluator([evaluator.items[evaluator.order[j]]], max_new_tokens=3).gold_logprobs(model, tokenizer)
+    assert whole.values["gold_logprob"][j] == pytest.approx(alone[0], abs=1e-5)
+    metrics = evaluator.evaluate(model, tokenizer)
+    for key, values in whole.values.items():
+        assert metrics[key] == pytest.approx(sum(values) / 20, abs=1e-12)
+
+
+def test_choice_and_perplexity_items(lm, tmp_path) -> None:
+    model, tokenizer = lm
+    items = [ChoiceItem(str(i), p, ["j1", "j2", "w3"], i % 3) for i, p in enumerate(random_prompts(9, seed=6))]
+    choice = ChoiceEvaluator(items, batch_size=5)
+    scores = choice.score_items(model, tokenizer)
+    assert set(scores.values["acc"]) <= {0.0, 1.0} and choice.evaluate(model, tokenizer)["acc"] == pytest.approx(
+        sum(scores.values["acc"]) / 9
+    )
+    text_file = tmp_path / "docs.txt"
+    text_file.write_text("\n".join(random_prompts(6, seed=8)) + "\nj1\n")
+    ppl = PerplexityEvaluator(text_file, batch_size=2)
+    per_doc = ppl.score_items(model, tokenizer)
+    assert per_doc.n == 7 and 0.0 in per_doc.weights  # a one-token document predicts nothing
+    nll = sum(n * w for n, w in zip(per_doc.values["nll"], per_doc.weights)) / sum(per_doc.weights)
+    assert ppl.evaluate(model, tokenizer)["nll"] == pytest.approx(nll, rel=1e-9)

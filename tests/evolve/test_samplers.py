@@ -212,9 +212,11 @@ def test_make_sampler_kinds_and_bad_name() -> None:
     assert isinstance(make_sampler("random", **kwargs), optuna.samplers.RandomSampler)
     nsga2 = make_sampler("nsga2", **kwargs)
     assert isinstance(nsga2, optuna.samplers.NSGAIISampler) and nsga2._population_size == POPSIZE
+    assert isinstance(make_sampler("gp", **kwargs), optuna.samplers.GPSampler)
+    assert not cmaes._consider_pruned_trials and make_sampler("cmaes", racing=True, **kwargs)._consider_pruned_trials
     with pytest.raises(EvomergeError) as err:
         make_sampler("x", **kwargs)
-    assert str(err.value) == "search.optimizer.sampler: 'x' is not one of cmaes, pycma, tpe, random, nsga2"
+    assert str(err.value) == "search.optimizer.sampler: 'x' is not one of cmaes, pycma, tpe, random, nsga2, gp"
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ Ray faults.
 """
 
 import json
+import re
 import signal
 import sqlite3
 import threading
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from evolve.cli import main
 from evolve.config import load_config
+from evolve.items import decode_items
 from evolve.loop import run_search
 from evolve.study import RunLock, best_trial, counted
 from tests.evolve.harness import evolve_cli, resume, run_killed, write_config
@@ -59,6 +61,10 @@ def test_end_to_end_run_status_export_report(whole_run):
     tmp_path, cfg_path, proc = whole_run.dir, whole_run.cfg_path, whole_run.proc
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "held-out (test split)" in proc.stdout and "evolved PS (trial" in proc.stdout and "source ja" in proc.stdout
+    evolved_row = next(line for line in proc.stdout.splitlines() if line.startswith("evolved PS (trial"))
+    assert re.search(r"\d\.\d{4} \[\d\.\d{4}, \d\.\d{4}\]", evolved_row)  # every score with its interval
+    assert re.search(r"vs source \w+ on words/acc: .* McNemar exact p=", proc.stdout)
+    assert re.search(r"vs (linear|task|TIES|DARE).* on words/acc: .* McNemar exact p=", proc.stdout)
     study = study_of(cfg_path)
     trials = study.get_trials()
     assert sum(counted(t) for t in trials) == TRIALS  # exactly the budget
@@ -66,7 +72,16 @@ def test_end_to_end_run_status_export_report(whole_run):
     assert first.user_attrs.get("x0") and first.params["L00-01.ja.weight"] == 0.5
     for t in trials:
         if t.state == TrialState.COMPLETE:
-            assert {"recipe", "recipe_hash", "metrics", "fitness", "worker"} <= set(t.user_attrs)
+            assert {"recipe", "recipe_hash", "metrics", "fitness", "worker", "items", "tokens"} <= set(t.user_attrs)
+    # per-item records: every item of the task, in one order shared by all trials, whose means are the metrics
+    evaluated = [t for t in trials if t.state == TrialState.COMPLETE and "cached_from" not in t.user_attrs]
+    for t in evaluated:
+        scores = decode_items(t.user_attrs["items"])["words"]
+        assert t.user_attrs["items"]["words"]["n"] == t.user_attrs["items"]["words"]["of"] == scores.n
+        assert t.user_attrs["items_scored"] == scores.n and t.user_attrs["tokens"] >= scores.n
+        assert sum(scores.values["acc"]) / scores.n == pytest.approx(t.user_attrs["metrics"]["words/acc"])
+        gold = sum(scores.values["gold_prob"]) / scores.n
+        assert gold == pytest.approx(t.user_attrs["metrics"]["words/gold_prob"], rel=2e-3)  # float16 storage
 
     status = evolve_cli("status", str(tmp_path / "run"))
     assert status.returncode == 0 and "words/acc" in status.stdout and f"{TRIALS}/{TRIALS} trials" in status.stdout
