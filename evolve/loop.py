@@ -22,12 +22,14 @@ from evolve.items import decode_items, encode_items, fully_scored, item_fitness,
 from evolve.racing import Race
 from evolve.samplers import PycmaSampler, make_sampler
 from evolve.study import (
+    RESCORE_KEY,
     RunLock,
     best_first,
     best_trial,
     counted,
     load_study,
     open_study,
+    rescored,
     resume_trial,
     storage_errors,
     trial_recipe,
@@ -199,14 +201,60 @@ def run_stage(cfg: RunConfig, stage: str, *, progress: bool, executor_factory: C
         if left:
             log.warning("continuing trials a previous process left running: %s", [t.number for t in left])
         if sum(counted(t) for t in trials) >= budget.max_trials and not left:
-            return SearchResult(study, space, "budget: max_trials reached (already)")
-        executor = executor_factory(cfg, space.decode(space.x0))
-        try:
-            return SearchResult(
-                study, space, _loop(budget, study, space, sampler, executor, progress, left, cfg.evaluation)
-            )
-        finally:
-            executor.close()
+            reason = "budget: max_trials reached (already)"
+        else:
+            executor = executor_factory(cfg, space.decode(space.x0))
+            try:
+                reason = _loop(budget, study, space, sampler, executor, progress, left, cfg.evaluation)
+            finally:
+                executor.close()
+        if cfg.evaluation.rescore is not None:
+            rescore_elites(cfg, study)
+        return SearchResult(study, space, reason)
+
+
+def elites(study: optuna.Study, top_k: int) -> list[FrozenTrial]:
+    """The `top_k` best complete trials by search fitness, one per distinct recipe (cached duplicates left out)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [t for t in best_first(complete) if "cached_from" not in t.user_attrs][:top_k]
+
+
+def rescore_elites(cfg: RunConfig, study: optuna.Study) -> dict[int, dict]:
+    """Re-score the elites on `evaluation.rescore`'s items (its split and limit, default every item of the task's
+    split) and record each one as it finishes (study user attr ``rescore:<trial>``: fitness, metrics, per-item
+    record); the run's pick is then the best re-scored trial (`evolve.study.best_trial`). Elites already recorded are
+    not scored again, so a run killed while re-scoring continues where it stopped."""
+    from evolve.baselines import score_recipes_items
+    from evolve.fitness import Fitness
+    from evolve.worker import build_evaluators, item_totals
+
+    rs = cfg.evaluation.rescore
+    assert rs is not None
+    done = rescored(study)
+    todo = [t for t in elites(study, rs.top_k) if t.number not in done]
+    if not todo:
+        return done
+    evaluators = build_evaluators(
+        list(cfg.evaluation.tasks), seed=cfg.seed, split=rs.split, limit=rs.limit, heldout=True
+    )
+    totals, fitness = item_totals(evaluators), Fitness(cfg.evaluation.fitness)
+    log.info("re-scoring %d elite trials on more items: %s", len(todo), [t.number for t in todo])
+    with storage_errors(cfg):
+        for t in todo:  # one at a time, each recorded at once
+            (metrics, scores) = score_recipes_items(cfg, {"elite": trial_recipe(t)}, evaluators)["elite"]
+            items = encode_items(scores, totals)
+            done[t.number] = {
+                "fitness": fitness.score(metrics),
+                "metrics": metrics,
+                "items": items,
+                "items_scored": items_scored(items),
+                "tokens": tokens_generated(items),
+                "split": rs.split,
+                "limit": rs.limit,
+            }
+            study.set_user_attr(f"{RESCORE_KEY}{t.number}", done[t.number])
+            _fault(study, t.number, "sigkill-after-rescore")
+    return done
 
 
 def export_ps_best(cfg: RunConfig) -> Path:
@@ -268,7 +316,7 @@ def _loop(
                     state.record(cache[h].value, cached=True)
                     bar.update(state.best, state.items)
                     continue
-                race = _race(study, racing, evaluation.fitness) if racing is not None else None
+                race = _race(study, racing, evaluation.fitness, trial.number) if racing is not None else None
                 if race is None:
                     executor.submit(trial.number, recipe)
                 else:
@@ -359,10 +407,11 @@ class LoopState:
         return None
 
 
-def _fault(study: optuna.Study, number: int) -> None:
+def _fault(study: optuna.Study, number: int, point: str = "sigkill-after-submit") -> None:
     """Fault injection for the crash tests: EVOMERGE_FAULT=sigkill-after-submit:STUDY:N kills this process with
-    SIGKILL right after trial N of study STUDY went to a worker, leaving it RUNNING as a crash would. Unset: no-op."""
-    if os.environ.get("EVOMERGE_FAULT") == f"sigkill-after-submit:{study.study_name}:{number}":
+    SIGKILL right after trial N of study STUDY went to a worker, leaving it RUNNING as a crash would;
+    sigkill-after-rescore:STUDY:N right after elite trial N's re-score was recorded. Unset: no-op."""
+    if os.environ.get("EVOMERGE_FAULT") == f"{point}:{study.study_name}:{number}":
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -410,7 +459,7 @@ def incumbent(trials: list[FrozenTrial]) -> FrozenTrial | None:
     return next((t for t in best_first(trials) if fully_scored(t.user_attrs.get("items"))), None)
 
 
-def _race(study: optuna.Study, racing: Racing, terms: list) -> Race | None:
+def _race(study: optuna.Study, racing: Racing, terms: list, number: int) -> Race | None:
     """The race for the next candidate: against the incumbent's per-item fitness as stored (so a resumed search
     races exactly as an uninterrupted one); None (score every item) until a trial is fully scored."""
     best = incumbent(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -425,6 +474,7 @@ def _race(study: optuna.Study, racing: Racing, terms: list) -> Race | None:
         alpha=racing.alpha,
         min_items=racing.min_items,
         test=racing.test,
+        trial=number,
     )
 
 

@@ -37,6 +37,7 @@ class Race:
     alpha: float
     min_items: int
     test: str = "t"
+    trial: int = -1  # the candidate's trial number (logs, the crash tests' fault hook)
 
 
 def schedule(totals: Mapping[str, int], chunk: int) -> list[dict[str, int]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -101,6 +103,13 @@ def score_items(
 def item_totals(evaluators: list[tuple[str, Any]]) -> dict[str, int]:
     """Items per task of the evaluators that score item by item."""
     return {name: len(ev.order) for name, ev in evaluators if hasattr(ev, "score_items")}
+
+
+def _fault_in_race(trial: int, look: int) -> None:
+    """Fault injection for the crash tests: EVOMERGE_FAULT=sigkill-in-race:N:K kills this process with SIGKILL
+    right after chunk K of trial N's race was scored (its trial RUNNING, as a crash would leave it). Unset: no-op."""
+    if os.environ.get("EVOMERGE_FAULT") == f"sigkill-in-race:{trial}:{look}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class MergeBackend:
@@ -211,8 +220,9 @@ class Worker:
         looks = schedule(out.totals, race.chunk)
         may_stop = stop_looks(looks, race.min_items)
         grand = sum(out.totals.values())
-        for upto in looks:
+        for look, upto in enumerate(looks):
             out.metrics, out.scores = score_items(self.evaluators, self.model, self.tokenizer, upto, out.scores)
+            _fault_in_race(race.trial, look)
             n = sum(upto.values())
             out.steps.append((n, self.fitness.score(out.metrics)))
             f = item_fitness(self.fitness.terms, out.scores, out.totals)
