@@ -293,20 +293,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def candidates_per_hour(trials: list) -> float | None:
-    """Finished trials per hour of search time: the union of the trials' [start, complete] spans (so time between
-    a stop and a resume does not count)."""
-    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials if t.datetime_start and t.datetime_complete)
-    busy, end = 0.0, None
-    for start, stop in spans:
-        if end is None or start > end:
-            busy, end = busy + (stop - start).total_seconds(), stop
-        elif stop > end:
-            busy, end = busy + (stop - end).total_seconds(), stop
-    return len(spans) / (busy / 3600) if busy > 0 else None
-
-
 def _spending(trials: list, items_scored: Callable, tokens_generated: Callable) -> str:
+    from evolve.study import candidates_per_hour
+
     """Items scored, tokens generated and candidates per hour over the study's finished trials."""
     done = [t for t in trials if t.datetime_complete is not None]
     items = sum(items_scored(t.user_attrs.get("items")) for t in done)

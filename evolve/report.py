@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
-from evolve.study import best_trial  # noqa: E402
+from evolve.items import items_scored, tokens_generated  # noqa: E402
+from evolve.study import best_first, best_trial, candidates_per_hour, rescored  # noqa: E402
 from evolve.urls import redact_url  # noqa: E402
 from merge_core.errors import EvomergeError  # noqa: E402
 from merge_core.recipe import MODEL_NAMES, DataFlowRecipe, Recipe, load_recipe  # noqa: E402
@@ -130,7 +131,17 @@ def plot_fitness(trials: list[FrozenTrial]) -> plt.Figure:
     failed = [t.number for t in trials if t.state == TrialState.FAIL]
     fresh = [t for t in done if "cached_from" not in t.user_attrs]
     cached = [t for t in done if "cached_from" in t.user_attrs]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.value is not None]
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    if pruned:  # racing stopped them: their partial estimate
+        ax.scatter(
+            [t.number for t in pruned],
+            [t.value for t in pruned],
+            s=10,
+            color="tab:gray",
+            alpha=0.6,
+            label=f"stopped by racing ({len(pruned)}; partial estimate)",
+        )
     ax.scatter([t.number for t in fresh], [t.value for t in fresh], s=18, color="tab:blue", label="trial")
     if cached:
         ax.scatter(
@@ -256,6 +267,7 @@ def render_html(
     title = title or f"evomerge report: {study.study_name}"
     esc = html.escape
     body = [f"<h1>{esc(title)}</h1>", "<h2>Summary</h2>", _summary_table(study, trials, best)]
+    body += _rescore_section(study)
     body += ["<h2>Best recipe</h2>", f"<pre>{esc(str(best.user_attrs.get('recipe', '(not recorded)')))}</pre>"]
     body += [
         _img(images[name], alt)
@@ -291,6 +303,11 @@ def _summary_table(study: optuna.Study, trials: list[FrozenTrial], best: FrozenT
         for s, n in counts.items()
         if n and s not in (TrialState.COMPLETE, TrialState.FAIL)
     ]
+    rows += [
+        ("items scored", sum(items_scored(t.user_attrs.get("items")) for t in trials)),
+        ("tokens generated", sum(tokens_generated(t.user_attrs.get("items")) for t in trials)),
+        ("candidates/hour", _fmt(candidates_per_hour(trials))),
+    ]
     rows += [("best fitness", f"{best.value:.6g}"), ("best trial", best.number)]
     rows += [(f"best {k}", _fmt(v)) for k, v in (best.user_attrs.get("metrics") or {}).items()]
     rows += [
@@ -300,6 +317,26 @@ def _summary_table(study: optuna.Study, trials: list[FrozenTrial], best: FrozenT
     ]
     cells = "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return f"<table>\n{cells}\n</table>"
+
+
+def _rescore_section(study: optuna.Study) -> list[str]:
+    """The elites' search fitness against their re-scored fitness (on more items), the pick marked."""
+    scores = rescored(study)
+    if not scores:
+        return []
+    pick = best_trial(study).number
+    ranked = [t for t in best_first(study.get_trials(deepcopy=False)) if t.number in scores]
+    rows = "\n".join(
+        f"<tr><td>{t.number}{' (pick)' if t.number == pick else ''}</td><td>{t.value:.4f}</td>"
+        f"<td>{scores[t.number]['fitness']:.4f}</td><td>{scores[t.number]['items_scored']}</td></tr>"
+        for t in ranked
+    )
+    return [
+        "<h2>Elites re-scored</h2>",
+        "<p>The best trials by search fitness, scored again on more items; the pick is the best re-score.</p>",
+        "<table>\n<tr><th>trial</th><th>search fitness</th><th>re-scored fitness</th><th>items</th></tr>\n"
+        f"{rows}\n</table>",
+    ]
 
 
 def _fmt(v: Any) -> str:

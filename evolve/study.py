@@ -141,6 +141,19 @@ def best_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
     raise EvomergeError(f"--trial {number}: no complete trial with that number (complete: {len(complete)})")
 
 
+def candidates_per_hour(trials: Iterable[FrozenTrial]) -> float | None:
+    """Finished trials per hour of search time: the union of the trials' [start, complete] spans (so time between
+    a stop and a resume does not count)."""
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials if t.datetime_start and t.datetime_complete)
+    busy, end = 0.0, None
+    for start, stop in spans:
+        if end is None or start > end:
+            busy, end = busy + (stop - start).total_seconds(), stop
+        elif stop > end:
+            busy, end = busy + (stop - end).total_seconds(), stop
+    return len(spans) / (busy / 3600) if busy > 0 else None
+
+
 RESCORE_KEY = "rescore:"  # + trial number: a study user attr (a finished trial's own attrs are read-only)
 
 

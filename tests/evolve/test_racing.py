@@ -92,3 +92,18 @@ def test_schedule_spreads_chunks_over_tasks_and_ends_with_every_item() -> None:
     assert schedule({"a": 30}, 40) == [{"a": 30}]
     looks = schedule({"a": 100}, 20)
     assert stop_looks(looks, 40) == 3  # 40, 60, 80 (20 is below min_items, 100 is the last)
+
+
+def test_loop_state_counts_items_stops_at_max_items_and_counts_a_stopped_trial_as_no_improvement() -> None:
+    from evolve.config import Budget
+    from evolve.loop import LoopState
+
+    state = LoopState(Budget(max_trials=100, max_items=500, patience=2), deadline=float("inf"))
+    state.record(1.0, items=200)
+    state.record(0.4, pruned=True, items=40)
+    assert (state.done, state.items, state.best, state.since_best, state.failures) == (2, 240, 1.0, 1, 0)
+    assert state.stop_reason() is None
+    state.record(1.5, items=200)
+    assert state.stop_reason() is None and state.since_best == 0
+    state.record(0.2, pruned=True, items=80)
+    assert state.stop_reason() == "budget: max_items reached (520 items scored)"

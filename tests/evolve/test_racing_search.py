@@ -95,6 +95,10 @@ def test_elites_are_rescored_on_more_items_and_the_pick_is_the_best_rescore(race
     assert f"pick: trial {pick.number}, re-scored fitness {scores[pick.number]['fitness']:.4f} on 100 items" in (
         status.stdout
     )
+    report = evolve_cli("report", tmp_path_run(raced))
+    assert report.returncode == 0, report.stderr
+    page = (load_config(raced.cfg_path).run_dir / "report" / "report.html").read_text()
+    assert "Elites re-scored" in page and f"{pick.number} (pick)" in page and "items scored" in page
 
 
 def tmp_path_run(raced) -> str:

@@ -47,3 +47,19 @@ def test_best_is_the_highest_value_and_the_lowest_number_among_ties():
 def test_the_report_shows_the_same_best_trial(tmp_path):
     page = write_report(tied_study(), tmp_path)[-1].read_text(encoding="utf-8")
     assert "<tr><th>best trial</th><td>1</td></tr>" in page and "# trial 1\n" in page
+
+
+def test_candidates_per_hour_counts_busy_time_only() -> None:
+    """Spans [0, 10] and [5, 20] minutes overlap (20 busy minutes), then a day's gap, then [0, 10] minutes: 3 trials
+    in 30 busy minutes = 6 per hour."""
+    from datetime import datetime, timedelta
+    from types import SimpleNamespace
+
+    from evolve.study import candidates_per_hour
+
+    t0 = datetime(2026, 1, 1)
+    minute, day = timedelta(minutes=1), timedelta(days=1)
+    spans = [(t0, t0 + 10 * minute), (t0 + 5 * minute, t0 + 20 * minute), (t0 + day, t0 + day + 10 * minute)]
+    trials = [SimpleNamespace(datetime_start=a, datetime_complete=b) for a, b in spans]
+    assert candidates_per_hour(trials) == 6.0
+    assert candidates_per_hour([SimpleNamespace(datetime_start=t0, datetime_complete=None)]) is None

@@ -1,0 +1,177 @@
+"""Search economy on the tiny zoo: held-out accuracy of the final pick against the items the search scored, for
+every sampler x {full scoring, racing, racing + elite re-scoring}, over worlds and search seeds.
+
+Each cell is a real `evolve` search (configs/tiny_jp_math.yaml over the world's checkpoints and ja_sub task, in
+process, local executor): its pick (the best trial, or the best re-scored elite) is scored on the world's held-out
+test split (500 items; accuracy with its 95% bootstrap interval). Items scored = every item any trial scored plus the
+re-scoring's. Runs are kept under bench/_work/economy/ and reused when complete, so an interrupted benchmark
+continues. Writes a markdown table and bench/economy.png (held-out accuracy of the pick against items scored).
+
+    python bench/economy.py --worlds data/zoo bench/_work/worlds/s2 --seeds 0 1 2 3 4 \
+        --samplers cmaes tpe random gp --modes full racing racing+rescore [--trials 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from evolve.baselines import heldout_evaluators, score_recipes_items  # noqa: E402
+from evolve.config import parse_config  # noqa: E402
+from evolve.items import items_scored  # noqa: E402
+from evolve.loop import run_search  # noqa: E402
+from evolve.stats import mean_interval  # noqa: E402
+from evolve.study import best_trial, counted, rescored, trial_recipe  # noqa: E402
+
+WORK = ROOT / "bench" / "_work" / "economy"
+RACING = {"chunk": 40, "alpha": 0.05, "min_items": 40}
+RESCORE = {"top_k": 5, "split": "train", "limit": 200}
+
+
+def cell_config(world: Path, seed: int, sampler: str, mode: str, trials: int) -> dict:
+    data = yaml.safe_load((ROOT / "configs" / "tiny_jp_math.yaml").read_text())
+    name = f"{world.name}-{sampler}-{mode.replace('+', '-')}-s{seed}"
+    data.update(name=name, seed=seed, output_dir=str(WORK / name))
+    data["models"]["base"] = str(world / "base")
+    for s in data["models"]["sources"]:
+        s["path"] = str(world / Path(s["path"]).name)
+    for t in data["evaluation"]["tasks"]:
+        t["task_dir"] = str(world / "tasks" / "ja_sub")
+    data["search"]["optimizer"]["sampler"] = sampler
+    data["search"]["budget"]["max_trials"] = trials
+    if mode in ("racing", "racing+rescore"):
+        data["evaluation"]["racing"] = RACING
+    if mode == "racing+rescore":
+        data["evaluation"]["rescore"] = RESCORE
+    return data
+
+
+def run_cell(world: Path, seed: int, sampler: str, mode: str, trials: int) -> dict:
+    cfg = parse_config(cell_config(world, seed, sampler, mode, trials))
+    result_file = cfg.run_dir / "economy.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    t0 = time.perf_counter()
+    study = run_search(cfg, progress=False).study
+    seconds = time.perf_counter() - t0
+    trials_ = study.get_trials(deepcopy=False)
+    items = sum(items_scored(t.user_attrs.get("items")) for t in trials_)
+    items += sum(r["items_scored"] for r in rescored(study).values())
+    pick = best_trial(study)
+    (metrics, scores) = score_recipes_items(cfg, {"pick": trial_recipe(pick)}, heldout_evaluators(cfg))["pick"]
+    acc = scores["ja_sub"].values["acc"]
+    curve = []  # (items so far, best dev fitness so far) in trial order
+    spent, best = 0, -np.inf
+    for t in sorted(trials_, key=lambda t: t.number):
+        spent += items_scored(t.user_attrs.get("items"))
+        if t.state.name == "COMPLETE":
+            best = max(best, t.value)
+        curve.append((spent, best))
+    out = {
+        "world": str(world),
+        "seed": seed,
+        "sampler": sampler,
+        "mode": mode,
+        "trials": sum(counted(t) for t in trials_),
+        "pruned": sum(t.state.name == "PRUNED" for t in trials_),
+        "items": items,
+        "pick": pick.number,
+        "dev_fitness": pick.value,
+        "heldout_acc": metrics["ja_sub/acc"],
+        "heldout_ci": mean_interval(acc),
+        "seconds": seconds,
+        "curve": curve,
+    }
+    result_file.write_text(json.dumps(out))
+    return out
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| world | sampler | mode | seeds | held-out acc of the pick (mean [min, max]) | items scored (mean) | "
+        "items vs full | trials stopped by racing (mean) | search s (mean) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((Path(r["world"]).name, r["sampler"], r["mode"]), []).append(r)
+    for (world, sampler, mode), rs in sorted(groups.items()):
+        accs = [r["heldout_acc"] for r in rs]
+        full = groups.get((world, sampler, "full"))
+        ratio = np.mean([r["items"] for r in rs]) / np.mean([r["items"] for r in full]) if full else float("nan")
+        lines.append(
+            f"| {world} | {sampler} | {mode} | {len(rs)} | {np.mean(accs):.3f} [{min(accs):.3f}, {max(accs):.3f}] | "
+            f"{np.mean([r['items'] for r in rs]):.0f} | {ratio:.2f} | {np.mean([r['pruned'] for r in rs]):.1f} | "
+            f"{np.mean([r['seconds'] for r in rs]):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    marks = {"full": "o", "racing": "^", "racing+rescore": "s"}
+    colors = {}
+    for r in results:
+        c = colors.setdefault(r["sampler"], f"C{len(colors)}")
+        lo, hi = r["heldout_ci"]
+        ax.errorbar(
+            r["items"],
+            r["heldout_acc"],
+            yerr=[[r["heldout_acc"] - lo], [hi - r["heldout_acc"]]],
+            fmt=marks[r["mode"]],
+            color=c,
+            alpha=0.7,
+            capsize=2,
+        )
+    for s, c in colors.items():
+        ax.plot([], [], "o", color=c, label=s)
+    for m, k in marks.items():
+        ax.plot([], [], k, color="gray", label=m)
+    ax.set_xlabel("items scored by the search (incl. re-scoring)")
+    ax.set_ylabel("held-out accuracy of the pick (95% CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worlds", nargs="+", default=["data/zoo"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--samplers", nargs="+", default=["cmaes", "tpe", "random", "gp"])
+    p.add_argument("--modes", nargs="+", default=["full", "racing", "racing+rescore"])
+    p.add_argument("--trials", type=int, default=150)
+    args = p.parse_args()
+    results = []
+    for world in args.worlds:
+        for sampler in args.samplers:
+            for mode in args.modes:
+                for seed in args.seeds:
+                    r = run_cell((ROOT / world).resolve(), seed, sampler, mode, args.trials)
+                    print(
+                        f"{Path(world).name} {sampler} {mode} seed {seed}: held-out {r['heldout_acc']:.3f}, "
+                        f"{r['items']} items, {r['pruned']} stopped, {r['seconds']:.0f} s",
+                        flush=True,
+                    )
+                    results.append(r)
+    print(table(results))
+    plot(results, ROOT / "bench" / "economy.png")
+    print("wrote bench/economy.png")
+
+
+if __name__ == "__main__":
+    main()
