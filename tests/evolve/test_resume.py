@@ -31,7 +31,7 @@ from evolve.worker import Outcome
 from tests.evolve.harness import ROOT, zoo_config_data
 
 TRIALS, POPSIZE = 12, 4  # x0, then 11 asked: CMA generations of 4; TPE's 10 random start-up trials, then TPE
-SAMPLERS = ["cmaes", "pycma", "tpe", "random", "nsga2"]
+SAMPLERS = ["cmaes", "pycma", "tpe", "random", "nsga2", "gp"]
 TARGET = [1.7, 0.4, 1.1, 2.2]
 
 
