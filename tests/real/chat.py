@@ -36,12 +36,16 @@ def greedy(
     return out[:, batch["input_ids"].shape[1] :].tolist()
 
 
-def chat_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, new_tokens: int = 32) -> list[str]:
-    rows = greedy(model, chat_batch(tokenizer, [q for q, _ in CHAT]), new_tokens)
+def chat_answers(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: list[str], new_tokens: int = 32
+) -> list[str]:
+    rows = greedy(model, chat_batch(tokenizer, questions), new_tokens)
     return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
 
-def assert_talks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """The model answers CHAT's questions correctly (greedy, chat template, batched with left padding)."""
-    for (question, expected), answer in zip(CHAT, chat_answers(model, tokenizer)):
+def assert_talks(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, chat: list[tuple[str, str]] = CHAT
+) -> None:
+    """The model answers `chat`'s questions correctly (greedy, chat template, batched with left padding)."""
+    for (question, expected), answer in zip(chat, chat_answers(model, tokenizer, [q for q, _ in chat])):
         assert expected in answer, f"{question!r} -> {answer!r}"

@@ -1,0 +1,51 @@
+"""A short real-model end-to-end in CI: `evolve run` of configs/smollm2_ps.yaml (2 candidates, 2 items, 32 tokens),
+`evolve export` of its best, which loads with plain transformers, keeps the tie and scores what the study
+recorded (`evolve eval` on the same items)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from evolve.cli import main
+from zoo.real import RealModels
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_run_export_eval_on_smollm2(real_models: RealModels, tmp_path, capsys) -> None:
+    config = yaml.safe_load((ROOT / "configs" / "smollm2_ps.yaml").read_text())
+    config["name"], config["output_dir"] = "smollm2_e2e", str(tmp_path / "run")
+    sources = [{"path": str(real_models.expert_a), "alias": "a"}, {"path": str(real_models.expert_b), "alias": "b"}]
+    config["models"] = {"base": str(real_models.base), "sources": sources}
+    config["search"]["budget"]["max_trials"] = 2
+    task = config["evaluation"]["tasks"][0]
+    task |= {"task_dir": str(ROOT / task["task_dir"]), "limit": 2, "max_new_tokens": 32}
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    assert main(["run", str(cfg), "--no-progress", "--no-final-table"]) == 0
+    storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 2 and done[0].params["L00-09.a.weight"] == 0.5  # x0 first
+    best = max(done, key=lambda t: t.value)
+
+    out = tmp_path / "export"
+    assert main(["export", str(tmp_path / "run"), "--out", str(out), "--device", "cpu", "--no-heldout"]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert exported.config.tie_word_embeddings and exported.lm_head.weight is exported.model.embed_tokens.weight
+    del exported
+    capsys.readouterr()
+    args = ["eval", str(out), "--config", str(cfg), "--split", "dev", "--limit", "2", "--device", "cpu", "--json"]
+    assert main(args) == 0
+    scored = json.loads(capsys.readouterr().out)
+    recorded = best.user_attrs["metrics"]
+    assert scored["gsm/acc"] == recorded["gsm/acc"]
+    assert scored["gsm/gold_prob"] == pytest.approx(recorded["gsm/gold_prob"], rel=2e-3)  # float16 in the study
