@@ -146,7 +146,7 @@ def _require_study(cfg: RunConfig) -> None:
 
 def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
     from evolve.loop import run_search
-    from evolve.study import best_trial
+    from evolve.study import best_trial, rescored
 
     validate_run(cfg)  # every input checked before anything is written or a study opened
     stages = "; ".join(
@@ -157,9 +157,11 @@ def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
         try:
             result = run_search(cfg, progress=not args.no_progress)
             best = best_trial(result.study)
+            r = rescored(result.study).get(best.number)
             print(
                 f"stopped: {result.stopped_because}. best trial {best.number}: fitness {best.value:.4f} "
                 f"{_metrics_line(best.user_attrs.get('metrics'))}"
+                + (f"; re-scored on {r['items_scored']} items: fitness {r['fitness']:.4f}" if r else "")
             )
             if not args.no_final_table and cfg.evaluation.heldout_split and cfg.evaluation.heldout_scored():
                 from evolve.baselines import heldout_table

@@ -224,9 +224,10 @@ def rescore_elites(cfg: RunConfig, study: optuna.Study) -> dict[int, dict]:
     split) and record each one as it finishes (study user attr ``rescore:<trial>``: fitness, metrics, per-item
     record); the run's pick is then the best re-scored trial (`evolve.study.best_trial`). Elites already recorded are
     not scored again, so a run killed while re-scoring continues where it stopped."""
-    from evolve.baselines import score_recipes_items
+    from transformers import AutoTokenizer
+
     from evolve.fitness import Fitness
-    from evolve.worker import build_evaluators, item_totals
+    from evolve.worker import build_evaluators, item_totals, make_backend, score_items
 
     rs = cfg.evaluation.rescore
     assert rs is not None
@@ -239,9 +240,12 @@ def rescore_elites(cfg: RunConfig, study: optuna.Study) -> dict[int, dict]:
     )
     totals, fitness = item_totals(evaluators), Fitness(cfg.evaluation.fitness)
     log.info("re-scoring %d elite trials on more items: %s", len(todo), [t.number for t in todo])
+    backend = make_backend(cfg, trial_recipe(todo[0]))  # the sources resident once, as in a search worker
+    tokenizer = AutoTokenizer.from_pretrained(backend.tokenizer_path, trust_remote_code=cfg.models.trust_remote_code)
     with storage_errors(cfg):
         for t in todo:  # one at a time, each recorded at once
-            (metrics, scores) = score_recipes_items(cfg, {"elite": trial_recipe(t)}, evaluators)["elite"]
+            backend.apply(trial_recipe(t))
+            metrics, scores = score_items(evaluators, backend.model, tokenizer)
             items = encode_items(scores, totals)
             done[t.number] = {
                 "fitness": fitness.score(metrics),
@@ -434,11 +438,8 @@ def sampler_value(fitness: float) -> float:
 def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
     for key in ("metrics", "merge_seconds", "eval_seconds", "worker"):
         trial.set_user_attr(key, getattr(outcome, key))
-    if outcome.scores:
-        items = encode_items(outcome.scores, outcome.totals)
-        trial.set_user_attr("items", items)
-        trial.set_user_attr("items_scored", items_scored(items))
-        trial.set_user_attr("tokens", tokens_generated(items))
+    if outcome.scores:  # items scored and tokens generated are in it (`items_scored`, `tokens_generated`)
+        trial.set_user_attr("items", encode_items(outcome.scores, outcome.totals))
     for n, value in outcome.steps:  # a race's estimate after each chunk (optuna-dashboard plots these)
         if math.isfinite(value):
             trial.report(sampler_value(value), step=n)

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from evolve.cli import main
 from evolve.config import load_config
-from evolve.items import decode_items
+from evolve.items import decode_items, items_scored, tokens_generated
 from evolve.loop import run_search
 from evolve.study import RunLock, best_trial, counted
 from tests.evolve.harness import evolve_cli, resume, run_killed, write_config
@@ -72,13 +72,13 @@ def test_end_to_end_run_status_export_report(whole_run):
     assert first.user_attrs.get("x0") and first.params["L00-01.ja.weight"] == 0.5
     for t in trials:
         if t.state == TrialState.COMPLETE:
-            assert {"recipe", "recipe_hash", "metrics", "fitness", "worker", "items", "tokens"} <= set(t.user_attrs)
+            assert {"recipe", "recipe_hash", "metrics", "fitness", "worker", "items"} <= set(t.user_attrs)
     # per-item records: every item of the task, in one order shared by all trials, whose means are the metrics
     evaluated = [t for t in trials if t.state == TrialState.COMPLETE and "cached_from" not in t.user_attrs]
     for t in evaluated:
         scores = decode_items(t.user_attrs["items"])["words"]
         assert t.user_attrs["items"]["words"]["n"] == t.user_attrs["items"]["words"]["of"] == scores.n
-        assert t.user_attrs["items_scored"] == scores.n and t.user_attrs["tokens"] >= scores.n
+        assert items_scored(t.user_attrs["items"]) == scores.n and tokens_generated(t.user_attrs["items"]) >= scores.n
         assert sum(scores.values["acc"]) / scores.n == pytest.approx(t.user_attrs["metrics"]["words/acc"])
         gold = sum(scores.values["gold_prob"]) / scores.n
         assert gold == pytest.approx(t.user_attrs["metrics"]["words/gold_prob"], rel=2e-3)  # float16 storage
