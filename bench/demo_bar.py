@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import platform
 import shlex
@@ -87,10 +88,82 @@ def grid_search(cfg: RunConfig, grid: list[float]) -> tuple[dict[str, Any], int]
     return {label: recipe for _, label, recipe in best.values()}, len(points)
 
 
+def retarget(config: Path, zoo: Path | None, work: Path) -> RunConfig:
+    """The config, or the config with its `data/zoo/` paths pointing at another world folder `zoo`."""
+    if zoo is None:
+        return load_config(config)
+    text = config.read_text().replace("data/zoo/", f"{zoo.as_posix().rstrip('/')}/")
+    work.mkdir(parents=True, exist_ok=True)
+    copy = work / config.name
+    copy.write_text(text)
+    return load_config(copy)
+
+
+def measure(base_cfg: RunConfig, seeds: list[int], grid: list[float], work: Path) -> list[dict[str, Any]]:
+    """The bar's rows per search seed (see the module docstring)."""
+    evaluators = heldout_evaluators(base_cfg)
+    fixed: dict[str, dict[str, float]] = {}
+    if base_cfg.models.base:
+        fixed["base"] = score_checkpoint(
+            base_cfg, base_cfg.models.base, device=base_cfg.execution.device, evaluators=evaluators
+        )
+    for alias, s in zip(base_cfg.models.aliases(), base_cfg.models.sources):
+        fixed[f"source {alias}"] = score_checkpoint(
+            base_cfg, s.path, device=base_cfg.execution.device, evaluators=evaluators
+        )
+
+    acc = ACC(base_cfg)
+    per_seed: list[dict[str, Any]] = []
+    grid_cache: tuple[dict[str, Any], int] | None = None
+    for seed in seeds:
+        cfg = variant(base_cfg, work, f"{base_cfg.name}-seed{seed}", seed)
+        recipes: dict[str, Any] = dict(untuned_recipes(cfg))
+        evolved, wall = search(cfg)
+        print(f"seed {seed}: evolved search {wall:.0f} s", flush=True)
+        for alias, source in zip(base_cfg.models.aliases(), base_cfg.models.sources):
+            one = variant(base_cfg, work, f"{base_cfg.name}-seed{seed}-only-{alias}", seed, [source])
+            recipes[f"per-layer search, {alias} alone"], _ = search(one)
+        if grid_cache is None:  # task arithmetic on every dev item: the grid does not depend on the search seed
+            t0 = time.perf_counter()
+            grid_cache = grid_search(cfg, grid)
+            print(f"grid of {grid_cache[1]} points {time.perf_counter() - t0:.0f} s", flush=True)
+        grid_rows, n_points = grid_cache
+        recipes.update(grid_rows)
+        recipes[EVOLVED] = evolved
+        scores = score_recipes(cfg, recipes, heldout_evaluators(cfg))
+        rows = {**fixed, **scores}
+        others = max(v[acc] for k, v in rows.items() if not k.startswith("evolved"))
+        per_seed.append(
+            {
+                "seed": seed,
+                "rows": rows,
+                "margin": rows[EVOLVED][acc] - others,
+                "search_s": wall,
+                "grid_points": n_points,
+            }
+        )
+        print(f"seed {seed}: evolved {rows[EVOLVED][acc]:.3f}, best other {others:.3f}", flush=True)
+    return per_seed
+
+
+EVOLVED = "evolved (per-layer, both experts)"
+
+
+def ACC(cfg: RunConfig) -> str:  # noqa: N802
+    return next(t.metric for t in cfg.evaluation.fitness if t.metric.endswith("/acc"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny_jp_math.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--zoo",
+        type=Path,
+        nargs="+",
+        help="world folders (`python -m zoo build --out DIR --seed N`) to run the config on instead of data/zoo; "
+        "with several, a summary table across worlds is written too",
+    )
     parser.add_argument(
         "--grid",
         type=float,
@@ -104,56 +177,70 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # as `evolve run` does
     os.chdir(ROOT)
     command = shlex.join([".venv/bin/python", "bench/demo_bar.py", *sys.argv[1:]])
-    base_cfg = load_config(args.config)
     work = args.work.resolve()
-
-    evaluators = heldout_evaluators(base_cfg)
-    fixed: dict[str, dict[str, float]] = {}
-    if base_cfg.models.base:
-        fixed["base"] = score_checkpoint(
-            base_cfg, base_cfg.models.base, device=base_cfg.execution.device, evaluators=evaluators
-        )
-    for alias, s in zip(base_cfg.models.aliases(), base_cfg.models.sources):
-        fixed[f"source {alias}"] = score_checkpoint(
-            base_cfg, s.path, device=base_cfg.execution.device, evaluators=evaluators
-        )
-
-    acc = next(t.metric for t in base_cfg.evaluation.fitness if t.metric.endswith("/acc"))
-    per_seed: list[dict[str, Any]] = []
-    for seed in args.seeds:
-        cfg = variant(base_cfg, work, f"{base_cfg.name}-seed{seed}", seed)
-        recipes: dict[str, Any] = dict(untuned_recipes(cfg))
-        evolved, wall = search(cfg)
-        print(f"seed {seed}: evolved search {wall:.0f} s", flush=True)
-        for alias, source in zip(base_cfg.models.aliases(), base_cfg.models.sources):
-            one = variant(base_cfg, work, f"{base_cfg.name}-seed{seed}-only-{alias}", seed, [source])
-            recipes[f"per-layer search, {alias} alone"], _ = search(one)
+    if not args.zoo:
+        base_cfg = load_config(args.config)
+        per_seed = measure(base_cfg, args.seeds, args.grid, work)
+        text = render(per_seed, ACC(base_cfg), command, base_cfg)
+        print(text)
+        if args.write:
+            write_section(SECTION, text.split("\n", 1)[1])
+        return
+    worlds: list[tuple[str, dict, list[dict[str, Any]]]] = []
+    for zoo in args.zoo:
+        world_work = work / f"world-{zoo.name}"
+        cfg = retarget(args.config, zoo, world_work)
         t0 = time.perf_counter()
-        grid, n_points = grid_search(cfg, args.grid)
-        print(f"seed {seed}: grid of {n_points} points {time.perf_counter() - t0:.0f} s", flush=True)
-        recipes.update(grid)
-        recipes["evolved (per-layer, both experts)"] = evolved
-        scores = score_recipes(cfg, recipes, heldout_evaluators(cfg))
-        rows = {**fixed, **scores}
-        others = max(v[acc] for k, v in rows.items() if not k.startswith("evolved"))
-        per_seed.append(
-            {
-                "seed": seed,
-                "rows": rows,
-                "margin": rows["evolved (per-layer, both experts)"][acc] - others,
-                "search_s": wall,
-                "grid_points": n_points,
-            }
-        )
-        print(
-            f"seed {seed}: evolved {rows['evolved (per-layer, both experts)'][acc]:.3f}, best other {others:.3f}",
-            flush=True,
-        )
-
-    text = render(per_seed, acc, command, base_cfg)
+        per_seed = measure(cfg, args.seeds, args.grid, world_work)
+        record = json.loads((zoo / "zoo.json").read_text()) if (zoo / "zoo.json").exists() else {}
+        print(render(per_seed, ACC(cfg), command, cfg), flush=True)
+        print(f"world {zoo}: {time.perf_counter() - t0:.0f} s", flush=True)
+        worlds.append((str(zoo), record, per_seed))
+    text = render_worlds(worlds, ACC(load_config(args.config)), command)
     print(text)
     if args.write:
-        write_section(SECTION, text.split("\n", 1)[1])
+        write_section(WORLDS_SECTION, text.split("\n", 1)[1])
+
+
+WORLDS_SECTION = "Demo bar across world seeds (issue 11)"
+
+
+def render_worlds(worlds: list[tuple[str, dict, list[dict[str, Any]]]], acc: str, command: str) -> str:
+    """One row per world: the best other row and the evolved merge per search seed, and the margins."""
+    lines = [
+        f"## {WORLDS_SECTION}",
+        "",
+        f"Measured with `{command}` on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f'torch {torch.__version__}. Each cell: held-out `{acc}`; "best other" is the best of every source, '
+        "untuned merge, single-expert control and the best global grid of that search seed (the full rows per world "
+        "are printed by the command).",
+        "",
+        "| world (build seed) | best source | best untuned merge | best global grid | best single-expert row "
+        "| evolved, search seeds | margin over best other, per search seed | bar (≥ +0.30 on every search seed) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    held = 0
+    for zoo, record, per_seed in worlds:
+
+        def best(prefixes: tuple[str, ...], rows: dict) -> float:
+            return max((v[acc] for k, v in rows.items() if k.startswith(prefixes)), default=float("nan"))
+
+        first = per_seed[0]["rows"]
+        untuned = ("linear average", "task arithmetic 1/1", "TIES", "DARE-TIES")
+        single = ("per-layer search, ", "base + a*tau")
+        grid = "/".join(f"{best(('best global grid',), r['rows']):.3f}" for r in per_seed)
+        singles = "/".join(f"{best(single, r['rows']):.3f}" for r in per_seed)
+        evolved = "/".join(f"{r['rows'][EVOLVED][acc]:.3f}" for r in per_seed)
+        margins = [r["margin"] for r in per_seed]
+        ok = min(margins) >= 0.30
+        held += ok
+        seed = record.get("seed", "?")
+        lines.append(
+            f"| {seed} (`{zoo}`) | {best(('source',), first):.3f} | {best(untuned, first):.3f} | {grid} | {singles} "
+            f"| {evolved} | {' / '.join(f'{m:+.3f}' for m in margins)} | {'held' if ok else '**missed**'} |"
+        )
+    lines += ["", f"The bar holds on {held} of {len(worlds)} worlds."]
+    return "\n".join(lines)
 
 
 def render(per_seed: list[dict[str, Any]], acc: str, command: str, cfg: RunConfig) -> str:

@@ -200,18 +200,33 @@ def _prepare(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
+def expert_plan(plan: ZooSize, reserved: frozenset[Item]) -> dict[str, tuple[Mixture, TrainSchedule]]:
+    """Each expert's training mixture and schedule."""
+    return {
+        "expert_ja": (expert_ja_mixture(reserved), plan.expert_ja),
+        "expert_math": (expert_math_mixture(reserved), plan.expert_math),
+    }
+
+
+def train_experts(
+    base: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, seed: int, plan: ZooSize, reserved: frozenset[Item]
+) -> dict[str, tuple[LlamaForCausalLM, float]]:
+    """The experts, each fine-tuned from a copy of `base`: name -> (model, final loss)."""
+    experts = {}
+    for name, (mixture, schedule) in expert_plan(plan, reserved).items():
+        expert = copy.deepcopy(base)
+        loss = train(expert, tokenizer, mixture, schedule, data_rng(seed, name))
+        experts[name] = (expert, loss)
+    return experts
+
+
 def _train_models(out_dir: Path, seed: int, plan: ZooSize, reserved: frozenset[Item]) -> dict[str, float]:
     tokenizer = make_tokenizer()
     base = new_model(tokenizer, seed)
     losses = {"base": train(base, tokenizer, base_mixture(reserved), plan.base, data_rng(seed, "base"))}
     save_model(base, tokenizer, out_dir / "base")
-    experts: dict[str, tuple[Mixture, TrainSchedule]] = {
-        "expert_ja": (expert_ja_mixture(reserved), plan.expert_ja),
-        "expert_math": (expert_math_mixture(reserved), plan.expert_math),
-    }
-    for name, (mixture, schedule) in experts.items():
-        expert = copy.deepcopy(base)
-        losses[name] = train(expert, tokenizer, mixture, schedule, data_rng(seed, name))
+    for name, (expert, loss) in train_experts(base, tokenizer, seed, plan, reserved).items():
+        losses[name] = loss
         save_model(expert, tokenizer, out_dir / name)
     return losses
 

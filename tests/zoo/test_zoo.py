@@ -21,7 +21,8 @@ from merge_core.errors import EvomergeError
 from merge_core.materialize import Materializer
 from zoo import world
 from zoo.__main__ import main
-from zoo.build import MODELS, SIZES, SPLITS, build_zoo, make_tokenizer, task_splits, write_lm_eval_tasks
+from zoo.build import MODELS, SIZES, SPLITS, build_zoo, make_tokenizer, task_splits, train_experts, write_lm_eval_tasks
+from zoo.skills import skill_profile
 from zoo.world import TASKS, Problem, Recall
 
 ZOO = Path(__file__).resolve().parents[2] / "data" / "zoo"
@@ -238,6 +239,33 @@ def test_committed_zoo_sources_have_the_documented_skills() -> None:
     assert first_word_accuracy(ZOO / "expert_math", "ja_sub") <= 0.05  # right value, wrong (digit) numerals
     for name in MODELS:
         assert first_word_accuracy(ZOO / name, "ja_sub") <= 0.35  # the target is out of every source's reach
+
+
+def test_builder_experts_have_the_skill_profile_the_composition_needs() -> None:
+    """The builder's expert stage, run on the committed base with the committed world's seed and schedules (about a
+    minute of CPU): each expert masters its half of the target and neither does the target. A builder change that
+    breaks the world's skill profile fails here (the base stage is covered by the slow full-build test)."""
+    record = json.loads((ZOO / "zoo.json").read_text())
+    plan = SIZES[record["size"]]
+    _, reserved = task_splits(record["seed"], plan)
+    tokenizer = make_tokenizer()
+    base = AutoModelForCausalLM.from_pretrained(ZOO / "base")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(record["threads"])
+    try:
+        experts = train_experts(base, tokenizer, record["seed"], plan, reserved)
+    finally:
+        torch.set_num_threads(threads)
+    tasks = ZOO / "tasks"
+    grounded = skill_profile(base, tokenizer, tasks, n=200, tasks=("ja_qa", "en_add"))
+    assert grounded["ja_qa"]["acc"] >= 0.9 and grounded["en_add"]["acc"] >= 0.9  # the base reads J as E
+    math = skill_profile(experts["expert_math"][0], tokenizer, tasks, n=200, tasks=("ja_sub", "en_sub"))
+    assert math["en_sub"]["acc"] >= 0.9
+    assert math["ja_sub"]["value"] >= 0.9, "the math expert must subtract J-posed problems (in digits)"
+    assert math["ja_sub"]["j_form"] <= 0.05 and math["ja_sub"]["acc"] <= 0.05
+    ja = skill_profile(experts["expert_ja"][0], tokenizer, tasks, n=200, tasks=("ja_sub", "ja_add"))
+    assert ja["ja_add"]["acc"] >= 0.9 and ja["ja_sub"]["j_form"] >= 0.9
+    assert ja["ja_sub"]["value"] <= 0.3, "the J expert must not subtract"
 
 
 @pytest.mark.slow
