@@ -1,6 +1,6 @@
-"""A short real-model end-to-end in CI: `evolve run` of configs/smollm2_ps.yaml (2 candidates, 2 items, 32 tokens),
+"""Short real-model end-to-ends in CI: `evolve run` of configs/smollm2_ps.yaml (2 candidates, 2 items, 32 tokens),
 `evolve export` of its best, which loads with plain transformers, keeps the tie and scores what the study
-recorded (`evolve eval` on the same items)."""
+recorded (`evolve eval` on the same items); and configs/smollm2_hybrid.yaml (PS then DFS) run and exported."""
 
 from __future__ import annotations
 
@@ -19,17 +19,24 @@ from zoo.real import RealModels
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_run_export_eval_on_smollm2(real_models: RealModels, tmp_path, capsys) -> None:
-    config = yaml.safe_load((ROOT / "configs" / "smollm2_ps.yaml").read_text())
-    config["name"], config["output_dir"] = "smollm2_e2e", str(tmp_path / "run")
+def short_config(name: str, real_models: RealModels, tmp_path: Path) -> Path:
+    """configs/NAME.yaml cut down: 2 candidates per stage, 2 items, 32 new tokens, absolute paths, run in tmp_path."""
+    config = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    config["name"], config["output_dir"] = f"{name}_e2e", str(tmp_path / "run")
     sources = [{"path": str(real_models.expert_a), "alias": "a"}, {"path": str(real_models.expert_b), "alias": "b"}]
     config["models"] = {"base": str(real_models.base), "sources": sources}
     config["search"]["budget"]["max_trials"] = 2
+    if "dfs" in config["search"]:
+        config["search"]["dfs"]["budget"]["max_trials"] = 2
     task = config["evaluation"]["tasks"][0]
     task |= {"task_dir": str(ROOT / task["task_dir"]), "limit": 2, "max_new_tokens": 32}
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+    return cfg
 
+
+def test_run_export_eval_on_smollm2(real_models: RealModels, tmp_path, capsys) -> None:
+    cfg = short_config("smollm2_ps", real_models, tmp_path)
     assert main(["run", str(cfg), "--no-progress", "--no-final-table"]) == 0
     storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
     study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
@@ -49,3 +56,19 @@ def test_run_export_eval_on_smollm2(real_models: RealModels, tmp_path, capsys) -
     recorded = best.user_attrs["metrics"]
     assert scored["gsm/acc"] == recorded["gsm/acc"]
     assert scored["gsm/gold_prob"] == pytest.approx(recorded["gsm/gold_prob"], rel=2e-3)  # float16 in the study
+
+
+def test_hybrid_ps_then_dfs_runs_and_exports_on_smollm2(real_models: RealModels, tmp_path) -> None:
+    """configs/smollm2_hybrid.yaml cut down: PS, then DFS over (the PS best, expert_b); its best exports as a plain
+    Llama with one layer per hop (x0, evaluated first, is A's own 30 layers)."""
+    cfg = short_config("smollm2_hybrid", real_models, tmp_path)
+    assert main(["run", str(cfg), "--no-progress", "--no-final-table"]) == 0
+    storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    for name in optuna.get_all_study_names(storage):
+        trials = optuna.load_study(study_name=name, storage=storage).trials
+        assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 2, name
+    assert len(optuna.get_all_study_names(storage)) == 2  # the PS stage's study and the DFS stage's
+    out = tmp_path / "export"
+    assert main(["export", str(tmp_path / "run"), "--out", str(out), "--device", "cpu", "--no-heldout"]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(exported).__name__ == "LlamaForCausalLM" and 2 <= exported.config.num_hidden_layers <= 40
