@@ -188,3 +188,25 @@ def test_check_names_a_misspelled_task_field(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
     assert main(["check", str(tmp_path / "c.yaml"), "--offline"]) == 2
     assert "evaluation.tasks[0].max_new_tokns: not a field of generation tasks" in capsys.readouterr().err
+
+
+def test_racing_rescore_and_max_items_fields() -> None:
+    data = yaml.safe_load((Path(__file__).parents[2] / "configs" / "tiny_jp_math.yaml").read_text())
+    data["evaluation"]["racing"] = {"chunk": 20}
+    data["evaluation"]["rescore"] = {"top_k": 3, "split": "train"}
+    data["search"]["budget"]["max_items"] = 5000
+    cfg = parse_config(copy.deepcopy(data))
+    assert (cfg.evaluation.racing.chunk, cfg.evaluation.racing.alpha, cfg.evaluation.racing.test) == (20, 0.05, "t")
+    assert (cfg.evaluation.rescore.top_k, cfg.evaluation.rescore.limit) == (3, None)
+    assert cfg.search.budget.max_items == 5000 and parse_config(yaml.safe_load(yaml.safe_dump(data))) == cfg
+    data["evaluation"]["tasks"].append({"name": "ppl", "type": "perplexity", "text_file": "x.txt"})
+    with pytest.raises(EvomergeError) as err:
+        parse_config(data)
+    assert str(err.value) == (
+        "config: evaluation.racing: task 'ppl' is perplexity, which racing cannot score item by item against the "
+        "incumbent; racing needs generation and choice tasks (or remove racing)"
+    )
+    data["evaluation"]["tasks"].pop()
+    data["evaluation"]["racing"] = {"alpha": 1.5}
+    with pytest.raises(EvomergeError, match=r"^config: evaluation.racing.alpha: Input should be less than 1$"):
+        parse_config(data)
