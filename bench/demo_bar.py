@@ -230,13 +230,14 @@ def render_worlds(worlds: list[tuple[str, dict, list[dict[str, Any]]]], acc: str
         single = ("per-layer search, ", "base + a*tau")
         grid = "/".join(f"{best(('best global grid',), r['rows']):.3f}" for r in per_seed)
         singles = "/".join(f"{best(single, r['rows']):.3f}" for r in per_seed)
+        untuned_cells = "/".join(f"{best(untuned, r['rows']):.3f}" for r in per_seed)  # DARE masks follow the seed
         evolved = "/".join(f"{r['rows'][EVOLVED][acc]:.3f}" for r in per_seed)
         margins = [r["margin"] for r in per_seed]
         ok = min(margins) >= 0.30
         held += ok
         seed = record.get("seed", "?")
         lines.append(
-            f"| {seed} (`{zoo}`) | {best(('source',), first):.3f} | {best(untuned, first):.3f} | {grid} | {singles} "
+            f"| {seed} (`{zoo}`) | {best(('source',), first):.3f} | {untuned_cells} | {grid} | {singles} "
             f"| {evolved} | {' / '.join(f'{m:+.3f}' for m in margins)} | {'held' if ok else '**missed**'} |"
         )
     lines += ["", f"The bar holds on {held} of {len(worlds)} worlds."]
