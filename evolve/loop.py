@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from tqdm import tqdm
 
 from evolve.config import Budget, Evaluation, Racing, RunConfig, dump_config
 from evolve.executors import Executor, check_ray_job_storage, make_executor
+from evolve.faults import fault_point
 from evolve.items import decode_items, encode_items, fully_scored, item_fitness, items_scored, tokens_generated
 from evolve.racing import Race
 from evolve.samplers import PycmaSampler, make_sampler
@@ -257,7 +256,7 @@ def rescore_elites(cfg: RunConfig, study: optuna.Study) -> dict[int, dict]:
                 "limit": rs.limit,
             }
             study.set_user_attr(f"{RESCORE_KEY}{t.number}", done[t.number])
-            _fault(study, t.number, "sigkill-after-rescore")
+            fault_point(f"sigkill-after-rescore:{study.study_name}:{t.number}")
     return done
 
 
@@ -326,7 +325,7 @@ def _loop(
                 else:
                     executor.submit(trial.number, recipe, race)
                 inflight[trial.number] = trial
-                _fault(study, trial.number)
+                fault_point(f"sigkill-after-submit:{study.study_name}:{trial.number}")
             if not inflight:
                 reason = stop or reason
                 break
@@ -409,14 +408,6 @@ class LoopState:
         if b.patience is not None and self.since_best >= b.patience:
             return f"patience: {self.since_best} trials without improvement"
         return None
-
-
-def _fault(study: optuna.Study, number: int, point: str = "sigkill-after-submit") -> None:
-    """Fault injection for the crash tests: EVOMERGE_FAULT=sigkill-after-submit:STUDY:N kills this process with
-    SIGKILL right after trial N of study STUDY went to a worker, leaving it RUNNING as a crash would;
-    sigkill-after-rescore:STUDY:N right after elite trial N's re-score was recorded. Unset: no-op."""
-    if os.environ.get("EVOMERGE_FAULT") == f"{point}:{study.study_name}:{number}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _can_ask(sampler: optuna.samplers.BaseSampler, study: optuna.Study) -> bool:

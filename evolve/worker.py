@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -15,6 +13,7 @@ import torch
 
 from evals.base import ItemScores
 from evolve.config import RunConfig, Task, parse_config
+from evolve.faults import fault_point
 from merge_core.checkpoint import Checkpoint
 from merge_core.errors import EvomergeError
 from merge_core.materialize import Materializer
@@ -103,13 +102,6 @@ def score_items(
 def item_totals(evaluators: list[tuple[str, Any]]) -> dict[str, int]:
     """Items per task of the evaluators that score item by item."""
     return {name: len(ev.order) for name, ev in evaluators if hasattr(ev, "score_items")}
-
-
-def _fault_in_race(trial: int, look: int) -> None:
-    """Fault injection for the crash tests: EVOMERGE_FAULT=sigkill-in-race:N:K kills this process with SIGKILL
-    right after chunk K of trial N's race was scored (its trial RUNNING, as a crash would leave it). Unset: no-op."""
-    if os.environ.get("EVOMERGE_FAULT") == f"sigkill-in-race:{trial}:{look}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class MergeBackend:
@@ -222,7 +214,7 @@ class Worker:
         grand = sum(out.totals.values())
         for look, upto in enumerate(looks):
             out.metrics, out.scores = score_items(self.evaluators, self.model, self.tokenizer, upto, out.scores)
-            _fault_in_race(race.trial, look)
+            fault_point(f"sigkill-in-race:{race.trial}:{look}")
             n = sum(upto.values())
             out.steps.append((n, self.fitness.score(out.metrics)))
             f = item_fitness(self.fitness.terms, out.scores, out.totals)
