@@ -104,6 +104,18 @@ def item_totals(evaluators: list[tuple[str, Any]]) -> dict[str, int]:
     return {name: len(ev.order) for name, ev in evaluators if hasattr(ev, "score_items")}
 
 
+def evaluator_batch(cfg: RunConfig) -> tuple[int, int]:
+    """(sequences, tokens each) of the configured task with the largest batch: what the memory plan reserves for
+    the evaluator (a generation task: an assumed prompt plus max_new_tokens; perplexity: max_length)."""
+    from merge_core.memplan import PROMPT_TOKENS
+
+    sizes = [
+        (task.batch_size, getattr(task, "max_length", None) or PROMPT_TOKENS + getattr(task, "max_new_tokens", 0))
+        for task in cfg.evaluation.tasks
+    ]
+    return max(sizes, key=lambda s: s[0] * s[1], default=(0, 0))
+
+
 class MergeBackend:
     """Parameter-space candidates: a Materializer and one live model written in place per candidate."""
 
@@ -113,6 +125,8 @@ class MergeBackend:
             device=cfg.execution.device,
             allow_pickle=cfg.models.allow_pickle,
             trust_remote_code=cfg.models.trust_remote_code,
+            live_dtype=TORCH_DTYPES[cfg.execution.dtype],
+            evaluator_batch=evaluator_batch(cfg),
         )
         self.model = self.materializer.new_model(dtype=TORCH_DTYPES[cfg.execution.dtype])
         self.tokenizer_path = str(self.materializer.reference.path)

@@ -5,15 +5,13 @@ written into a live model in place.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Literal
 
-import psutil
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from merge_core import methods
+from merge_core import memplan, methods
 from merge_core.checkpoint import Checkpoint
 from merge_core.errors import EvomergeError
 from merge_core.merge import (
@@ -31,7 +29,7 @@ from merge_core.recipe import MergeRecipe
 
 log = logging.getLogger(__name__)
 
-Resident = Literal["auto", "task_vectors", "sources"]
+Resident = memplan.Resident
 _CACHEABLE = ("magnitude", "magnitude_outliers", "random")  # sparsifications with a candidate-independent part
 
 
@@ -39,15 +37,18 @@ class Materializer:
     """Built once per worker from a template recipe (method, base, models); ``apply`` writes any candidate
     with the same models into a live model, tensor by tensor, with no file reads.
 
-    Resident state: each model's tensors cast to the recipe's ``dtype`` (as the on-disk merge loads them);
-    for task-arithmetic-family methods, the float32 task vectors instead of the sources when they fit
-    (``resident="task_vectors"``), so per candidate only the candidate-dependent work remains. Either way
-    the values fed to the merge are the ones the on-disk merge computes, so results are bit-identical.
+    Resident state, chosen before anything is loaded by a memory plan (merge_core.memplan: one log line with
+    the bytes of each part, or a one-line EvomergeError when nothing fits): each model's tensors cast to the
+    recipe's ``dtype`` (as the on-disk merge loads them), or, for task-arithmetic-family methods, the base and the
+    float32 task vectors when they fit (``resident="task_vectors"``), so per candidate only the
+    candidate-dependent work remains. Either way the values fed to the merge are the ones the on-disk merge
+    computes, so results are bit-identical.
 
-    With ``precompute`` (default: when the task vectors are resident and the cache fits in half the free
-    memory), sparsifying methods also keep, per task vector, what no candidate changes: the magnitude rank
-    of each element (TIES, breadcrumbs: the mask for any density is then one comparison), the DARE uniform
-    draws for the recipe's seed, and the L1 norm. They are filled during the first ``apply``.
+    With ``precompute`` (default: when the plan has room), sparsifying methods also keep, per task vector, what no
+    candidate changes: its magnitude keys (TIES, breadcrumbs: a mask for any density reads 2 bytes per element),
+    the DARE uniform draws for the recipe's seed, and the L1 norm. They are filled during the first ``apply``.
+    The plan counts the live model (``live_dtype``, default the output dtype) and the evaluator's KV cache and
+    activations for ``evaluator_batch`` = (sequences, tokens each) beside it.
     """
 
     def __init__(
@@ -59,6 +60,8 @@ class Materializer:
         precompute: bool | Literal["auto"] = "auto",
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
+        live_dtype: torch.dtype | None = None,
+        evaluator_batch: tuple[int, int] | None = None,
     ):
         t0 = time.perf_counter()
         self.template = template
@@ -73,7 +76,25 @@ class Materializer:
         load_dtype = TORCH_DTYPES.get(template.dtype or "")
         self.names = list(self.reference.names)
         self._name_set = set(self.names)
-        keep_deltas = self.spec.kind == "gta" and self._choose_task_vectors(resident, ckpts)
+        ref = self.reference
+        gta = self.spec.kind == "gta"
+        self.plan = memplan.plan_memory(
+            {n: ref.shape(n) for n in self.names},
+            device=str(self.device),
+            available=memplan.available_bytes(self.device),
+            n_models=len(template.models),
+            n_sources=len(template.sources) if gta else 0,
+            load_dtype=load_dtype or ref.dtype(next((n for n in self.names if n.endswith(".weight")), self.names[0])),
+            live_dtype=live_dtype or self.out_dtype,
+            sparsification=self.spec.sparsification,
+            evaluator_bytes=memplan.evaluator_reserve(ref.config, *evaluator_batch, live_dtype or self.out_dtype)
+            if evaluator_batch
+            else 0,
+            resident=resident,
+            precompute=precompute,
+        )
+        log.info(self.plan.line())
+        keep_deltas = self.plan.resident == "task_vectors"
         self._tensors: dict[tuple[str, str], torch.Tensor] = {}
         self._deltas: dict[tuple[str, str], torch.Tensor] = {}
         base = template.base_model
@@ -92,11 +113,7 @@ class Materializer:
             t.numel() * t.element_size() for t in (*self._tensors.values(), *self._deltas.values())
         )
         self._precomputed: dict[tuple[str, str], tuple[methods.Precomputed, int | None]] = {}  # (cache, its DARE seed)
-        self.precompute = (
-            keep_deltas
-            and self.spec.sparsification in _CACHEABLE
-            and (precompute is True or (precompute == "auto" and self._cache_fits()))
-        )
+        self.precompute = self.plan.cache and self.spec.sparsification in _CACHEABLE
         self.build_seconds = time.perf_counter() - t0
         log.info(
             "materializer: %d tensors resident on %s (%.1f MiB, %s) in %.1fs",
@@ -124,17 +141,17 @@ class Materializer:
             return None
         key = (model, name)
         pre, pre_seed = self._precomputed.get(key, (methods.Precomputed(), None))
-        needs_rank = spec.sparsification in ("magnitude", "magnitude_outliers") and pre.rank is None
+        needs_keys = spec.sparsification in ("magnitude", "magnitude_outliers") and pre.keys is None
         needs_uniform = spec.sparsification == "random" and (pre.uniform is None or pre_seed != seed)
-        if needs_rank or needs_uniform or pre.l1 is None:
+        if needs_keys or needs_uniform or pre.l1 is None:
             delta = self.delta(model, name)
-            rank = methods.magnitude_rank(delta) if needs_rank else pre.rank
+            keys = methods.magnitude_keys(delta) if needs_keys and delta.numel() else pre.keys
             if needs_uniform:
                 generator = methods.dare_generator(seed, name, model, self.device)
                 uniform, pre_seed = methods.dare_uniform(delta.shape, generator, self.device), seed
             else:
                 uniform = pre.uniform
-            pre = methods.Precomputed(rank=rank, uniform=uniform, l1=delta.abs().sum() if pre.l1 is None else pre.l1)
+            pre = methods.Precomputed(keys=keys, uniform=uniform, l1=delta.abs().sum() if pre.l1 is None else pre.l1)
             self._precomputed[key] = (pre, pre_seed)
         return pre
 
@@ -144,14 +161,9 @@ class Materializer:
         return sum(
             t.numel() * t.element_size()
             for pre, _ in self._precomputed.values()
-            for t in (pre.rank, pre.uniform, pre.l1)
+            for t in (*((pre.keys.keys, pre.keys.at_least) if pre.keys else ()), pre.uniform, pre.l1)
             if t is not None
         )
-
-    def _cache_fits(self) -> bool:
-        per_element = 4  # int32 rank or float32 uniform per task-vector element
-        cache_bytes = per_element * sum(t.numel() for t in self._deltas.values())
-        return cache_bytes < 0.5 * _free_bytes(self.device)
 
     # ---- the live model -------------------------------------------------------------------------
     def new_model(self, dtype: torch.dtype | None = None) -> PreTrainedModel:
@@ -188,26 +200,12 @@ class Materializer:
             )
         check_recipe(recipe, self.num_layers)
 
-    def _choose_task_vectors(self, resident: Resident, ckpts: dict[str, Checkpoint]) -> bool:
-        if resident != "auto":
-            return resident == "task_vectors"
-        ref = self.reference
-        f32_bytes = sum(4 * math.prod(ref.shape(n)) for n in ref.names) * len(self.template.sources)
-        return f32_bytes < 0.5 * _free_bytes(self.device)
-
 
 def _resident(t: torch.Tensor, load_dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
     """A tensor as it lives on the worker: on device, in the load dtype (exactly what load_as_float32 upcasts)."""
     t = t.to(device)
     out = t.to(load_dtype) if load_dtype is not None else t
     return out.clone() if out.data_ptr() == t.data_ptr() and device.type == "cpu" else out
-
-
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    return int(psutil.virtual_memory().available)
 
 
 __all__ = ["Materializer", "load_as_float32"]

@@ -31,28 +31,40 @@ RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale when either 
 
 
 @dataclass(frozen=True)
+class MagnitudeKeys:
+    """A task vector's magnitude keys: key_j = float32 bits of |delta_j| >> 16 (its bfloat16 truncation, as int16),
+    monotone in |delta_j| (equal magnitudes share a key), and at_least[i] = #{j : key_j >= low + i}.
+
+    The k largest |delta| are then every element with key > b plus a selection among the few with key == b, where
+    b is the smallest key with at_least >= k: one pass over 2 bytes per element instead of a sort or a selection
+    over all of them (see _top_k_mask_keyed)."""
+
+    keys: Tensor
+    low: int
+    at_least: Tensor
+
+
+@dataclass(frozen=True)
 class Precomputed:
     """Candidate-independent inputs of one task vector's sparsification, cached by a worker across candidates.
 
-    rank: each element's position in the stable descending sort of |delta| (magnitude masks become rank < k);
+    keys: magnitude_keys(delta) (magnitude masks select from them; see MagnitudeKeys);
     uniform: the U[0, 1) draws of its DARE generator (the random mask becomes uniform < density);
-    l1: ||delta||_1. Each gives bit-identical results to computing it afresh (see magnitude_rank).
+    l1: ||delta||_1. Each gives bit-identical results to computing it afresh.
     """
 
-    rank: Tensor | None = None
+    keys: MagnitudeKeys | None = None
     uniform: Tensor | None = None
     l1: Tensor | None = None
 
 
-def magnitude_rank(delta: Tensor) -> Tensor:
-    """rank[j] = position of |delta_j| in a stable descending sort (ties: lower flat index first), delta's shape."""
-    flat = _f32(delta).abs().reshape(-1)
-    n = flat.numel()
-    index_dtype = torch.int32 if n < 2**31 else torch.int64
-    order = torch.sort(flat, descending=True, stable=True).indices
-    rank = torch.empty(n, dtype=index_dtype, device=flat.device)
-    rank[order] = torch.arange(n, dtype=index_dtype, device=flat.device)
-    return rank.reshape(delta.shape)
+def magnitude_keys(delta: Tensor) -> MagnitudeKeys:
+    """MagnitudeKeys of a non-empty task vector (a few elementwise passes and one histogram; no sort)."""
+    bits = _f32(delta).abs().view(torch.int32).bitwise_right_shift(16).reshape(-1)
+    low, high = int(bits.min()), int(bits.max())
+    counts = torch.bincount(bits.sub_(low), minlength=high - low + 1)
+    keys = bits.add_(low).to(torch.int16).reshape(delta.shape)
+    return MagnitudeKeys(keys=keys, low=low, at_least=counts.flip(0).cumsum(0).flip(0))
 
 
 def _f32(tensor: Tensor) -> Tensor:
@@ -112,18 +124,36 @@ def _top_k_mask(magnitudes: Tensor, k: int) -> Tensor:
     return keep.reshape(magnitudes.shape)
 
 
-def magnitude_mask(delta: Tensor, density: float, rank: Tensor | None = None) -> Tensor:
+def _top_k_mask_keyed(delta: Tensor, keys: MagnitudeKeys, k: int) -> Tensor:
+    """_top_k_mask(|delta|, k) from magnitude_keys(delta): key > b, plus the top of the elements with key == b."""
+    n = delta.numel()
+    if k <= 0 or k >= n:
+        return torch.full(delta.shape, k > 0, dtype=torch.bool, device=delta.device)
+    at_least = keys.at_least
+    j = int(torch.count_nonzero(at_least >= k)) - 1  # at_least falls with the key: b = low + j
+    above = int(at_least[j + 1]) if j + 1 < at_least.numel() else 0
+    flat_keys = keys.keys.reshape(-1)
+    keep = flat_keys > keys.low + j
+    boundary = torch.nonzero(flat_keys == keys.low + j).squeeze(1)  # ascending: ties keep the lower index
+    chosen = _top_k_mask(_f32(delta.reshape(-1)[boundary]).abs(), k - above)
+    keep[boundary[chosen]] = True
+    return keep.reshape(delta.shape)
+
+
+def magnitude_mask(delta: Tensor, density: float, keys: MagnitudeKeys | None = None) -> Tensor:
     """Keep the k = max(1, int(density·n)) largest |delta| (ties: lower index); density ≤ 0 keeps none, ≥ 1 all.
-    With ``rank`` (magnitude_rank(delta)) the mask is rank < k: one pass, no selection."""
+    With ``keys`` (magnitude_keys(delta)) the selection reads 2 bytes per element and sorts a few."""
     if density >= 1:
         return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
     if density <= 0 or delta.numel() == 0:
         return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
     k = max(1, int(density * delta.numel()))
-    return rank < k if rank is not None else _top_k_mask(_f32(delta).abs(), k)
+    return _top_k_mask_keyed(delta, keys, k) if keys is not None else _top_k_mask(_f32(delta).abs(), k)
 
 
-def magnitude_outliers_mask(delta: Tensor, density: float, gamma: float = 0.01, rank: Tensor | None = None) -> Tensor:
+def magnitude_outliers_mask(
+    delta: Tensor, density: float, gamma: float = 0.01, keys: MagnitudeKeys | None = None
+) -> Tensor:
     """Drop the top min(int(γ·n), n - int(density·n)) |delta|, keep the next int(density·n) (breadcrumbs)."""
     if density >= 1:
         return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
@@ -132,8 +162,8 @@ def magnitude_outliers_mask(delta: Tensor, density: float, gamma: float = 0.01, 
     if target <= 0:
         return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
     outliers = min(int(gamma * n), n - target)
-    if rank is not None:
-        return (rank < outliers + target) & (rank >= outliers)
+    if keys is not None:
+        return _top_k_mask_keyed(delta, keys, outliers + target) & ~_top_k_mask_keyed(delta, keys, outliers)
     magnitudes = _f32(delta).abs()
     return _top_k_mask(magnitudes, outliers + target) & ~_top_k_mask(magnitudes, outliers)
 
@@ -211,13 +241,13 @@ def sparsify(
         return _f32(delta)
     pre = precomputed or Precomputed()
     if method == "magnitude":
-        return rescaled(delta, magnitude_mask(delta, density, pre.rank), rescale, pre.l1)
+        return rescaled(delta, magnitude_mask(delta, density, pre.keys), rescale, pre.l1)
     if method == "random":
         return rescaled(
             delta, bernoulli_mask(delta.shape, density, generator, delta.device, pre.uniform), rescale, pre.l1
         )
     if method == "magnitude_outliers":
-        return rescaled(delta, magnitude_outliers_mask(delta, density, gamma, pre.rank), rescale, pre.l1)
+        return rescaled(delta, magnitude_outliers_mask(delta, density, gamma, pre.keys), rescale, pre.l1)
     if method == "della_magprune":
         return rank_magnitude_sample(delta, density, epsilon, generator, rescale)
     raise EvomergeError(f"unknown sparsification {method!r}; use one of {', '.join(SPARSIFICATIONS)}")

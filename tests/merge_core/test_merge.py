@@ -148,7 +148,7 @@ def test_in_memory_materialization_is_bit_identical_to_on_disk(tmp_path, llama, 
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs"])
-def test_cached_ranks_and_uniforms_give_the_on_disk_merge_for_later_candidates(tmp_path, llama, method):
+def test_cached_keys_and_uniforms_give_the_on_disk_merge_for_later_candidates(tmp_path, llama, method):
     base, a, b = llama
     first = recipe(method, base, a, b)
     later = MergeRecipe.from_yaml(first.to_yaml().replace("0.6", "1.3").replace("0.5", "0.2").replace("0.7", "0.9"))
@@ -158,7 +158,7 @@ def test_cached_ranks_and_uniforms_give_the_on_disk_merge_for_later_candidates(t
     assert cached.precompute and not fresh.precompute
     live = cached.new_model()
     cached.apply(first, live)  # fills the cache
-    cached.apply(later, live)  # other weights and densities: masks from the cached ranks / uniforms
+    cached.apply(later, live)  # other weights and densities: masks from the cached keys / uniforms
     for name, p in live.named_parameters():
         assert torch.equal(p, disk[name]), name
     reseeded = later.replace(seed=later.seed + 1)  # DARE draws follow the recipe's seed, never a stale cache
@@ -168,16 +168,22 @@ def test_cached_ranks_and_uniforms_give_the_on_disk_merge_for_later_candidates(t
     assert all(torch.equal(p, q) for p, q in zip(live.parameters(), other.parameters()))
 
 
-def test_magnitude_rank_breaks_ties_by_index_like_the_selection():
+def test_magnitude_keys_select_like_the_selection_with_ties_by_index():
     delta = torch.tensor([[0.5, -0.5, 0.1], [0.5, 0.0, -0.9]])
-    assert methods.magnitude_rank(delta).tolist() == [[1, 2, 4], [3, 5, 0]]
-    for density in (0.2, 0.34, 0.5, 0.67, 0.9):
-        rank = methods.magnitude_rank(delta)
-        assert torch.equal(methods.magnitude_mask(delta, density, rank), methods.magnitude_mask(delta, density))
-        assert torch.equal(
-            methods.magnitude_outliers_mask(delta, density, 0.2, rank),
-            methods.magnitude_outliers_mask(delta, density, 0.2),
-        )
+    keys = methods.magnitude_keys(delta)
+    assert keys.at_least.tolist()[-1] == 1 and int(keys.at_least[0]) == 6  # -0.9 alone in the top key
+    assert methods.magnitude_mask(delta, 0.34, keys).tolist() == [[True, False, False], [False, False, True]]
+    g = torch.Generator().manual_seed(0)
+    cases = [delta, torch.randn(257, generator=g), torch.randn(64, 9, generator=g).to(torch.bfloat16).float()]
+    cases.append(torch.where(torch.rand(300, generator=g) < 0.4, 0.25, torch.randn(300, generator=g)))  # many ties
+    cases.append(torch.tensor([0.0, -0.0, 1e-30, -1e-30, 3.0, float("inf")]))
+    for d in cases:
+        keys = methods.magnitude_keys(d)
+        for density in (0.01, 0.2, 0.34, 0.5, 0.67, 0.9, 0.999):
+            assert torch.equal(methods.magnitude_mask(d, density, keys), methods.magnitude_mask(d, density))
+            assert torch.equal(
+                methods.magnitude_outliers_mask(d, density, 0.2, keys), methods.magnitude_outliers_mask(d, density, 0.2)
+            )
 
 
 def test_materializer_rewrites_in_place_and_task_vector_mode_matches_source_mode(llama):

@@ -1,0 +1,134 @@
+"""The memory plan: three Mistral-7B-sized sources on an 80 GB GPU, a 141 GB GPU and a 24 GB CPU (shapes from a
+meta-device model, nothing allocated), and a Materializer that applies the plan's choice or refuses up front."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MistralConfig
+
+from merge_core import memplan
+from merge_core.errors import EvomergeError
+from merge_core.materialize import Materializer
+from tests.merge_core.test_merge import recipe, trio
+
+GIB = 2**30
+MISTRAL_7B = MistralConfig(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=32000,
+)
+
+
+@pytest.fixture(scope="module")
+def mistral_shapes():
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(MISTRAL_7B, dtype=torch.bfloat16)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def plan_7b(shapes, available_gib, sparsification, device="cuda:0"):
+    return memplan.plan_memory(
+        shapes,
+        device=device,
+        available=int(available_gib * GIB),
+        n_models=3,  # base + two fine-tunes
+        n_sources=2,
+        load_dtype=torch.bfloat16,
+        live_dtype=torch.bfloat16,
+        sparsification=sparsification,
+        evaluator_bytes=memplan.evaluator_reserve(MISTRAL_7B, 16, 1024, torch.bfloat16),
+    )
+
+
+def test_mistral_7b_shapes_are_7_2_billion_parameters(mistral_shapes):
+    assert sum(torch.Size(s).numel() for s in mistral_shapes.values()) == 7_241_732_096
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_80_gb_gpu_keeps_bf16_sources_without_cache(mistral_shapes, method):
+    plan = plan_7b(mistral_shapes, 79.1, method)  # an H100 80GB reports 79.1 GiB
+    assert (plan.resident, plan.cache) == ("sources", False)
+    assert plan.part("3 sources (bfloat16)") == 3 * 7_241_732_096 * 2
+    assert plan.total <= plan.budget
+    line = plan.line()
+    assert "memory plan on cuda:0" in line and "live model (bfloat16) 13.49 GiB" in line and "(not task vectors" in line
+
+
+def test_141_gb_gpu_keeps_float32_task_vectors_and_the_magnitude_keys(mistral_shapes):
+    plan = plan_7b(mistral_shapes, 139.8, "magnitude")  # an H200 141GB
+    assert (plan.resident, plan.cache) == ("task_vectors", True)
+    assert plan.part("2 float32 task vectors") == 2 * 7_241_732_096 * 4
+    assert "magnitude key cache" in plan.line()
+
+
+def test_141_gb_gpu_has_no_room_for_dare_draws_beside_float32_task_vectors(mistral_shapes):
+    plan = plan_7b(mistral_shapes, 139.8, "random")
+    assert (plan.resident, plan.cache) == ("task_vectors", False)
+    assert "DARE" not in plan.line() and "(not task vectors + cache: needs" in plan.line()
+
+
+def test_24_gb_cpu_refuses_in_one_line_naming_the_shortfall(mistral_shapes):
+    with pytest.raises(EvomergeError) as err:
+        plan_7b(mistral_shapes, 22.0, "magnitude", device="cpu")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("memory plan: the smallest layout needs")
+    assert "3 sources (bfloat16) 40.47 GiB" in message and "19.80 GiB is usable" in message and "short by" in message
+
+
+def test_forced_layout_that_does_not_fit_is_refused(mistral_shapes):
+    with pytest.raises(EvomergeError, match="short by"):
+        memplan.plan_memory(
+            mistral_shapes,
+            device="cuda:0",
+            available=79 * GIB,
+            n_models=3,
+            n_sources=2,
+            load_dtype=torch.bfloat16,
+            live_dtype=torch.bfloat16,
+            resident="task_vectors",
+        )
+
+
+def test_evaluator_reserve_counts_kv_cache_logits_and_mlp():
+    kv = 2 * 32 * 8 * 128 * 16 * 1024 * 2
+    logits = 16 * 1024 * 32000 * 4
+    mlp = 3 * 16 * 1024 * 14336 * 2
+    assert memplan.evaluator_reserve(MISTRAL_7B, 16, 1024, torch.bfloat16) == kv + logits + mlp
+
+
+@pytest.fixture
+def small_trio(tmp_path):
+    return trio(tmp_path, dtype=torch.bfloat16)
+
+
+def test_materializer_applies_the_plan_and_resident_bytes_match_it(small_trio, monkeypatch):
+    r = recipe("ties", *small_trio)
+    roomy = Materializer(r, device="cpu")
+    assert (roomy.plan.resident, roomy.plan.cache, roomy.precompute) == ("task_vectors", True, True)
+    assert roomy.resident_bytes == roomy.plan.part("base") + roomy.plan.part("2 float32 task vectors")
+    # room for the sources but not for float32 task vectors: the plan says sources, and that is what is loaded
+    tight = Materializer(r, device="cpu", resident="sources", precompute=False).plan.total
+    monkeypatch.setattr(memplan, "available_bytes", lambda device: int(tight / memplan.HEADROOM) + 1)
+    small = Materializer(r, device="cpu")
+    assert (small.plan.resident, small.precompute) == ("sources", False) and not small._deltas
+    assert small.resident_bytes == small.plan.part("3 sources")
+    live = small.new_model()
+    small.apply(r, live)
+    reference = roomy.new_model()
+    roomy.apply(r, reference)
+    assert all(torch.equal(p, q) for p, q in zip(live.parameters(), reference.parameters()))
+
+
+def test_materializer_refuses_before_loading_anything(small_trio, monkeypatch):
+    from merge_core.checkpoint import Checkpoint
+
+    def no_loading(self, name, device="cpu"):
+        raise AssertionError("a tensor was loaded before the plan refused")
+
+    monkeypatch.setattr(Checkpoint, "tensor", no_loading)
+    monkeypatch.setattr(memplan, "available_bytes", lambda device: 2**20)
+    with pytest.raises(EvomergeError, match=r"^memory plan: the smallest layout needs .* short by"):
+        Materializer(recipe("dare_ties", *small_trio), device="cpu", evaluator_batch=(8, 544))
