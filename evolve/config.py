@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from evolve.fitness import FitnessTerm
+from evolve.fitness import FitnessTerm, Objective
 from evolve.urls import expand_env, persisted_url, redact_url
 from merge_core.errors import EvomergeError
 from merge_core.recipe import DTYPES, _freeze_params
@@ -35,6 +35,7 @@ MAX_SEED = 2**32  # seeds feed numpy (Optuna's samplers, pycma), which takes 0 <
 MAX_REPEATS = 1000  # dfs repeats (the slot count is bounded again, with the layer counts, by DataFlowSpace)
 DType = Literal[DTYPES]  # type: ignore[valid-type]  # merge_core.recipe.DTYPES, as a schema type
 SamplerName = Literal["cmaes", "pycma", "tpe", "random", "nsga2", "gp"]  # evolve.samplers.make_sampler builds each
+MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "tpe", "gp", "random")  # the ones that take several objectives
 
 
 def _name_chars(v: str, purpose: str = "") -> str:
@@ -393,12 +394,46 @@ class Rescore(_Strict):
 
 class Evaluation(_Strict):
     tasks: list[Task] = Field(min_length=1)
-    fitness: list[FitnessTerm] = Field(min_length=1)
+    fitness: list[FitnessTerm] | None = Field(default=None, min_length=1, description="one weighted sum")
+    objectives: list[Objective] | None = Field(
+        default=None, min_length=2, description="instead of fitness: a multi-objective search over these metrics"
+    )
+    reference_point: list[float] | None = Field(
+        default=None, description="hypervolume reference, one value per objective (default: derived, evolve.pareto)"
+    )
     heldout_tasks: list[Task] = Field(default_factory=list, description="scored only for the final table and export")
     heldout_split: str | None = "test"
     heldout_limit: int | None = Field(default=None, ge=1)
     racing: Racing | None = None
     rescore: Rescore | None = None
+
+    @property
+    def multi_objective(self) -> bool:
+        return self.objectives is not None
+
+    def named_metrics(self) -> list[tuple[str, int, str]]:
+        """(field, index, metric) of each fitness term or objective."""
+        field, terms = ("objectives", self.objectives) if self.objectives is not None else ("fitness", self.fitness)
+        return [(field, i, t.metric) for i, t in enumerate(terms or [])]
+
+    def _check_objectives(self) -> None:
+        """Multi-objective: distinct metrics, a reference point with one finite value per objective, and nothing that
+        ranks candidates by one number (racing against an incumbent, re-scoring the best k)."""
+        metrics = [o.metric for o in self.objectives or []]
+        for i, m in enumerate(metrics):
+            if m in metrics[:i]:
+                raise ValueError(f"objectives[{i}].metric: '{m}' is listed twice")
+        if self.reference_point is not None and len(self.reference_point) != len(metrics):
+            raise ValueError(
+                f"reference_point: {len(self.reference_point)} values for {len(metrics)} objectives; give one per "
+                "objective, in their order"
+            )
+        for field in ("racing", "rescore"):
+            if getattr(self, field) is not None:
+                raise ValueError(
+                    f"{field}: ranks candidates by one fitness, which a multi-objective search does not have; remove "
+                    f"`{field}`, or use a weighted `fitness` instead of `objectives`"
+                )
 
     def heldout_scored(self) -> list[Any]:
         """The tasks of the held-out table: `tasks` read from JSONL splits (scored on `heldout_split`) and every
@@ -412,12 +447,19 @@ class Evaluation(_Strict):
         all_names = names + [t.name for t in self.heldout_tasks]
         if len(set(all_names)) != len(all_names):
             raise ValueError(f"tasks: task names must be unique across tasks and heldout_tasks, got {all_names}")
-        for i, term in enumerate(self.fitness):
-            task = term.metric.split("/", 1)[0]
-            if "/" not in term.metric or task not in names:
-                raise ValueError(
-                    f"fitness[{i}].metric: '{term.metric}' must be '<task>/<metric>' with task one of {names}"
-                )
+        if (self.fitness is None) == (self.objectives is None):
+            raise ValueError(
+                "fitness: give either `fitness` (one weighted sum) or `objectives` (two or more metrics, each with a "
+                f"direction, for a multi-objective search), {'not both' if self.fitness else 'one is required'}"
+            )
+        for field, i, metric in self.named_metrics():
+            task = metric.split("/", 1)[0]
+            if "/" not in metric or task not in names:
+                raise ValueError(f"{field}[{i}].metric: '{metric}' must be '<task>/<metric>' with task one of {names}")
+        if self.objectives is not None:
+            self._check_objectives()
+        elif self.reference_point is not None:
+            raise ValueError("reference_point: a hypervolume reference is for `objectives` (a multi-objective search)")
         if self.racing is not None:
             for t in self.tasks:
                 if t.type in ("lm_eval", "perplexity"):
@@ -490,6 +532,22 @@ class RunConfig(_Strict):
         aliases = self.models.aliases()
         if len(set(aliases)) != len(aliases):
             raise ValueError(f"models.sources: aliases {aliases} collide; give each source an 'alias'")
+        return self
+
+    @model_validator(mode="after")
+    def _multi_objective_sampler(self) -> RunConfig:
+        """Several objectives need a sampler that handles them (evolve.samplers: nsga2, tpe, gp, random)."""
+        if self.evaluation.objectives is None:
+            return self
+        for stage in self.search.stages:
+            _, opt, _ = self.search.stage(stage)
+            if opt.sampler not in MULTI_OBJECTIVE_SAMPLERS:
+                where = "search.optimizer.sampler" if stage == "ps" else "search.dfs.optimizer.sampler"
+                raise ValueError(
+                    f"{where}: '{opt.sampler}' optimizes one value and evaluation.objectives has "
+                    f"{len(self.evaluation.objectives)}; use {', '.join(MULTI_OBJECTIVE_SAMPLERS)} "
+                    "(or a weighted `fitness`)"
+                )
         return self
 
     # ---- derived -------------------------------------------------------------------------------
@@ -682,12 +740,12 @@ def _check_fitness_metrics(cfg: RunConfig) -> None:
     from evals import EVALUATOR_TYPES
 
     tasks = {t.name: t for t in cfg.evaluation.tasks}
-    for i, term in enumerate(cfg.evaluation.fitness):
-        name, metric = term.metric.split("/", 1)
+    for field, i, full in cfg.evaluation.named_metrics():
+        name, metric = full.split("/", 1)
         task = tasks[name]
         spec = {k: v for k, v in task.evaluator_spec().items() if k != "type"}
         names = EVALUATOR_TYPES[task.type].metric_names(**spec)
-        where = f"evaluation.fitness[{i}].metric: '{term.metric}'"
+        where = f"evaluation.{field}[{i}].metric: '{full}'"
         if names is None:
             headline = metric in (spec.get("metrics") or {})
             if not headline and not re.fullmatch(r"[^/,]+/[^/,]+,[^/,]+", metric):

@@ -1,4 +1,5 @@
-"""Fitness: a weighted sum of named metrics, each with a direction ("max" or "min"), to be maximized.
+"""Fitness: a weighted sum of named metrics, each with a direction ("max" or "min"), to be maximized; or, for a
+multi-objective search, `Objectives`: several metrics told to the study as they are, each with its direction.
 
 A "min" metric (perplexity, loss) is negated here, so users never encode direction as a negative
 weight. A missing, NaN or infinite metric raises `FitnessError` naming it; the search marks that
@@ -69,3 +70,43 @@ class Fitness:
     def objectives(self, metrics: Mapping[str, float]) -> list[float]:
         """Each term's direction-signed metric (unweighted), all to be maximized: for multi-objective search."""
         return [t.value(metrics) for t in self.terms]
+
+
+class Objective(BaseModel):
+    """One objective of a multi-objective search (`evaluation.objectives`): a named metric and its direction. The
+    study is told the metric as it is (not sign-flipped) and created with this direction."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    metric: str = Field(description="'<task>/<metric>' as the evaluator reports it")
+    direction: Literal["max", "min"] = "max"
+
+    @property
+    def study_direction(self) -> str:
+        return "maximize" if self.direction == "max" else "minimize"
+
+
+class Objectives:
+    """Several metrics told to the study as they are, one value per objective (Optuna multi-objective)."""
+
+    def __init__(self, objectives: Sequence[Objective]) -> None:
+        self.objectives = list(objectives)
+
+    @property
+    def names(self) -> list[str]:
+        return [o.metric for o in self.objectives]
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.study_direction for o in self.objectives]
+
+    def values(self, metrics: Mapping[str, float]) -> list[float]:
+        """Each objective's metric, checked to be present and finite (FitnessError otherwise)."""
+        out = []
+        for o in self.objectives:
+            if o.metric not in metrics:
+                raise FitnessError(f"objective {o.metric!r} is missing from the results (have {sorted(metrics)})")
+            value = float(metrics[o.metric])
+            if not math.isfinite(value):
+                raise FitnessError(f"objective {o.metric!r} is {value} (not a finite number)")
+            out.append(value)
+        return out

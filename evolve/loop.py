@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -18,6 +18,7 @@ from evolve.config import Budget, Evaluation, Racing, RunConfig, dump_config
 from evolve.executors import Executor, check_ray_job_storage, make_executor
 from evolve.faults import fault_point
 from evolve.items import decode_items, encode_items, fully_scored, item_fitness, items_scored, tokens_generated
+from evolve.pareto import HYPERVOLUME_ATTR, hypervolume, reference_point, signs
 from evolve.racing import Race
 from evolve.samplers import PycmaSampler, make_sampler
 from evolve.study import (
@@ -297,7 +298,8 @@ def _loop(
         for t in trials
         if t.state == TrialState.COMPLETE and "recipe_hash" in t.user_attrs
     }
-    state = LoopState.replay(budget, trials)
+    state = LoopState.replay(budget, trials, study.directions)
+    sign = signs(study.directions) if len(study.directions) > 1 else None
     inflight: dict[int, optuna.Trial] = {}
     resumable = sorted(left, key=lambda t: t.number)  # asked before the stop: finished whatever the budget says now
     bar = Progress(budget.max_trials, state.done, show)
@@ -316,7 +318,7 @@ def _loop(
                 trial.set_user_attr("recipe_hash", h)
                 if h in cache:  # an identical candidate is never evaluated twice
                     _tell_cached(study, trial, cache[h])
-                    state.record(cache[h].value, cached=True)
+                    state.record(None, cached=True)  # a duplicate: counts for the budget only
                     bar.update(state.best, state.items)
                     continue
                 race = _race(study, racing, evaluation.fitness, trial.number) if racing is not None else None
@@ -331,13 +333,13 @@ def _loop(
                 break
             number, outcome = executor.wait()
             trial = inflight.pop(number)
-            _tell(study, trial, outcome)
+            _tell(study, trial, outcome, evaluation)
             if outcome.ok:
                 cache[trial.user_attrs["recipe_hash"]] = study._storage.get_trial(trial._trial_id)
             else:
                 log.warning("trial %d failed: %s", number, outcome.error)
             state.record(
-                sampler_value(outcome.fitness) if outcome.ok else None,
+                told_value(outcome, sign) if outcome.ok else None,
                 pruned=outcome.stopped is not None,
                 items=sum(s.n for s in outcome.scores.values()),
             )
@@ -364,27 +366,40 @@ class LoopState:
     since_best: int = 0
     failures: int = 0
     items: int = 0
+    front: list[tuple[float, ...]] = field(default_factory=list)  # several objectives, each as "higher is better"
 
     @classmethod
-    def replay(cls, budget: Budget, trials: list[FrozenTrial]) -> LoopState:
+    def replay(cls, budget: Budget, trials: list[FrozenTrial], directions: list | None = None) -> LoopState:
         state = cls(budget, time.monotonic() + 60 * budget.max_minutes if budget.max_minutes else math.inf)
+        sign = signs(directions) if directions and len(directions) > 1 else None
         for t in sorted(trials, key=lambda t: t.number):
             if counted(t):
                 state.record(
-                    t.value if t.state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
+                    _stored_value(t, sign) if t.state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
                     cached="cached_from" in t.user_attrs,
                     pruned=t.state == TrialState.PRUNED,
                     items=items_scored(t.user_attrs.get("items")),
                 )
         return state
 
-    def record(self, value: float | None, cached: bool = False, pruned: bool = False, items: int = 0) -> None:
+    def record(
+        self, value: float | tuple[float, ...] | None, cached: bool = False, pruned: bool = False, items: int = 0
+    ) -> None:
         """One more trial used the budget (`items` of them scored), told `value` (None: it failed); a cached
         duplicate of an evaluated trial counts for neither patience nor the failure limit; a trial stopped early by
-        racing (`pruned`) counts as one without improvement."""
+        racing (`pruned`) counts as one without improvement. With several objectives `value` is a tuple (each
+        "higher is better") and a trial improves when no earlier one is as good on every objective (the front
+        moved)."""
         self.done += 1
         self.items += items
         if cached:
+            return
+        if isinstance(value, tuple):
+            if any(all(p >= v for p, v in zip(old, value)) for old in self.front):
+                self.since_best, self.failures = self.since_best + 1, 0
+            else:
+                self.front = [o for o in self.front if not all(v >= p for p, v in zip(o, value))] + [value]
+                self.since_best, self.failures = 0, 0
             return
         if pruned:
             self.since_best, self.failures = self.since_best + 1, 0
@@ -426,7 +441,7 @@ def sampler_value(fitness: float) -> float:
     return float(f"{fitness:.{FITNESS_DIGITS}g}") if math.isfinite(fitness) else fitness
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
+def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, evaluation: Evaluation | None = None) -> None:
     for key in ("metrics", "merge_seconds", "eval_seconds", "worker"):
         trial.set_user_attr(key, getattr(outcome, key))
     if outcome.scores:  # items scored and tokens generated are in it (`items_scored`, `tokens_generated`)
@@ -438,12 +453,37 @@ def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
         trial.set_user_attr("fitness", outcome.fitness)
         trial.set_user_attr("stopped", outcome.stopped)
         study.tell(trial, state=TrialState.PRUNED)  # its value: the last estimate reported
+    elif outcome.ok and outcome.values is not None:  # several objectives: each told as it is
+        values = [sampler_value(v) for v in outcome.values]
+        record_hypervolume(study, trial, values, evaluation.reference_point if evaluation else None)
+        study.tell(trial, values)
     elif outcome.ok:
         trial.set_user_attr("fitness", outcome.fitness)
         study.tell(trial, sampler_value(outcome.fitness))
     else:
         trial.set_user_attr("fail_reason", outcome.error)
         study.tell(trial, state=TrialState.FAIL)
+
+
+def told_value(outcome: Outcome, sign) -> float | tuple[float, ...]:
+    """What the stop rules compare (`LoopState.record`): the fitness told, or the objectives (higher is better)."""
+    if outcome.values is None:
+        return sampler_value(outcome.fitness)
+    return tuple(float(sampler_value(v) * s) for v, s in zip(outcome.values, sign))
+
+
+def _stored_value(t: FrozenTrial, sign) -> float | tuple[float, ...]:
+    """`told_value` of a trial in the record."""
+    return t.value if sign is None else tuple(float(v * s) for v, s in zip(t.values, sign))
+
+
+def record_hypervolume(study: optuna.Study, trial: optuna.Trial, values: list[float], configured) -> None:
+    """The study's hypervolume once `trial` is told `values` (trial user attr `hypervolume`; `evolve.pareto`)."""
+    ref = reference_point(study, configured, pending=values)
+    if ref is None:
+        return
+    told = [t.values for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    trial.set_user_attr(HYPERVOLUME_ATTR, hypervolume([*told, values], study.directions, ref))
 
 
 def incumbent(trials: list[FrozenTrial]) -> FrozenTrial | None:
@@ -474,7 +514,7 @@ def _tell_cached(study: optuna.Study, trial: optuna.Trial, source: FrozenTrial) 
     for key in ("metrics", "fitness"):
         trial.set_user_attr(key, source.user_attrs.get(key))
     trial.set_user_attr("cached_from", source.number)
-    study.tell(trial, source.value)
+    study.tell(trial, source.values)  # one value, or one per objective
 
 
 def _last_fail_reason(study: optuna.Study) -> str:

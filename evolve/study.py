@@ -9,6 +9,7 @@ import shlex
 import socket
 import sqlite3
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,10 +40,13 @@ def open_study(
     """Create or reopen a stage's study to search it; refuse one whose genome differs from this config's."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     name = study_name(cfg, stage)
+    objectives = cfg.evaluation.objectives
+    directions = [o.study_direction for o in objectives] if objectives else ["maximize"]
+    metric_names = [o.metric for o in objectives] if objectives else ["fitness"]
     for attempt in range(3):  # two processes creating one new storage's schema at once: the loser retries
         try:
             study = optuna.create_study(
-                study_name=name, storage=cfg.storage_url, direction="maximize", sampler=sampler, load_if_exists=True
+                study_name=name, storage=cfg.storage_url, directions=directions, sampler=sampler, load_if_exists=True
             )
             break
         except Exception as e:  # storage errors carry the URL; never print its password
@@ -50,6 +54,17 @@ def open_study(
                 time.sleep(0.5)
                 continue
             raise cannot_open(cfg.storage_url, e) from None
+    if [d.name.lower() for d in study.directions] != directions or study.metric_names not in (None, metric_names):
+        names = study.metric_names or [f"values_{i}" for i in range(len(study.directions))]
+        made = ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(names, study.directions))
+        raise EvomergeError(
+            f"study '{name}' in {redact_url(cfg.storage_url)} was made with other objectives ({made}; this config: "
+            f"{', '.join(f'{n} ({d})' for n, d in zip(metric_names, directions))}); give the run a new name"
+        )
+    if study.metric_names is None:  # optuna-dashboard and trials_dataframe name the values after these
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, unchanged since
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(metric_names)
     stored = study.user_attrs.get("space_names")
     if stored is None:
         study.set_user_attr("space_names", space.names)
@@ -117,17 +132,23 @@ def resume_trial(study: optuna.Study, left: FrozenTrial, dists: dict[str, FloatD
 
 def best_first(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
     """The complete trials, best first: the highest value, the lowest trial number among equal values. This is
-    what "best trial" means everywhere (the search's summary, status, report, export, the held-out table)."""
+    what "best trial" means everywhere (the search's summary, status, report, export, the held-out table) in a
+    single-objective study; a multi-objective one has a front instead (`evolve.pareto`)."""
     return sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (-t.value, t.number))
 
 
 def best_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
     """The run's pick, or the complete trial with this number. The pick is the best complete trial (see
     `best_first`), unless elites were re-scored on more items (`rescored`): then the re-scored trial with the
-    highest re-scored fitness (ties: the better search rank)."""
+    highest re-scored fitness (ties: the better search rank). With several objectives, the Pareto front's "balanced"
+    member (`evolve.pareto.balanced`)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise EvomergeError(f"study '{study.study_name}' has no complete trial yet")
+    if number is None and len(study.directions) > 1:  # several objectives: the front's balanced member
+        from evolve.pareto import balanced, pareto_front
+
+        return balanced(pareto_front(complete, study.directions), study.directions)
     if number is None:
         ranked = best_first(complete)
         scores = rescored(study)

@@ -36,6 +36,7 @@ class Outcome:
     worker: str
     metrics: dict[str, float] = field(default_factory=dict)
     fitness: float | None = None
+    values: list[float] | None = None  # a multi-objective search's objectives (`evaluation.objectives`); no fitness
     merge_seconds: float = 0.0
     eval_seconds: float = 0.0
     error: str | None = None
@@ -182,7 +183,7 @@ class Worker:
     def __init__(self, cfg: RunConfig | dict, template_yaml: str, worker_id: str = "local"):
         from transformers import AutoTokenizer
 
-        from evolve.fitness import Fitness
+        from evolve.fitness import Fitness, Objectives
 
         self.cfg = cfg if isinstance(cfg, RunConfig) else parse_config(cfg)
         self.worker_id = worker_id
@@ -193,7 +194,9 @@ class Worker:
             self.backend.tokenizer_path, trust_remote_code=self.cfg.models.trust_remote_code
         )
         self.evaluators = build_evaluators(list(self.cfg.evaluation.tasks), seed=self.cfg.seed)
-        self.fitness = Fitness(self.cfg.evaluation.fitness)
+        ev = self.cfg.evaluation
+        self.fitness = Fitness(ev.fitness) if ev.fitness else None
+        self.objectives = Objectives(ev.objectives) if ev.objectives else None
 
     def evaluate(self, recipe_yaml: str, race: Race | None = None) -> Outcome:
         """Score one recipe: every item, or chunk by chunk against the incumbent in `race` (stopped early when it
@@ -209,6 +212,9 @@ class Worker:
             else:
                 self._race(out, race)
             out.eval_seconds = time.perf_counter() - t1
+            if self.objectives is not None:
+                out.values = self.objectives.values(out.metrics)
+                return out
             out.fitness = self.fitness.score(out.metrics)
             if not math.isfinite(out.fitness):
                 raise EvomergeError(f"fitness is {out.fitness}")
