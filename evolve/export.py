@@ -1,20 +1,36 @@
-"""Export a trial: the merged HF checkpoint, its recipe (evomerge and mergekit YAML), held-out scores and a model
-card.
+"""Export a trial: the merged HF checkpoint, its recipe (`recipe.evomerge.yaml`, and `mergekit.yaml` where mergekit can
+express it), held-out scores with bootstrap intervals and paired tests against the sources, and a Hugging Face model
+card (`README.md`, YAML front matter that `huggingface_hub.ModelCard` reads).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
+from evals.base import ItemScores
 from evolve.config import RunConfig
-from evolve.study import best_trial, trial_recipe
+from evolve.items import items_scored
+from evolve.stats import LEVEL, Comparison, mcnemar_exact, metric_intervals
+from evolve.study import best_trial, rescored, trial_recipe
 from merge_core.checkpoint import staged_output
 from merge_core.errors import EvomergeError
 from merge_core.merge import RECIPE_FILE, run_merge
 from merge_core.recipe import DataFlowRecipe, MergeRecipe, OutputSlice, Recipe, SliceSource
+
+MERGEKIT_FILE = "mergekit.yaml"  # the recipe for `mergekit-yaml`, model paths absolute
+SCORES_FILE = "evomerge_scores.json"
+CARD_FILE = "README.md"
+# mergekit draws its own DARE/DELLA masks: it reproduces these recipes, not these exact weights
+OWN_MASKS = ("dare_ties", "dare_linear", "della", "della_linear")
 
 
 def export_trial(
@@ -27,11 +43,10 @@ def export_trial(
     heldout: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """All or nothing: everything (weights, config, tokenizer, recipes, scores, model card) is written to a temporary
-    sibling of `out` that takes its place once complete; `out` must be new or empty (or `overwrite`), and neither an
-    input model (nor inside one) nor the run directory (nor holding it)."""
-    from evolve.baselines import score_checkpoint
-
+    """All or nothing: everything (weights, config, generation config and tokenizer of the base or the recipe's
+    tokenizer source, recipes, scores, model card) is written to a temporary sibling of `out` that takes its place
+    once complete; `out` must be new or empty (or `overwrite`), and neither an input model (nor inside one) nor the
+    run directory (nor holding it)."""
     trial = best_trial(study, trial_number)
     recipe = trial_recipe(trial)
     run_dir, target = cfg.run_dir.resolve(), Path(out).expanduser().resolve()
@@ -61,22 +76,11 @@ def export_trial(
                 allow_pickle=cfg.models.allow_pickle,
                 trust_remote_code=cfg.models.trust_remote_code,
             )
-            absolute_paths(recipe).save(tmp / "mergekit.yaml", mergekit=True)
+            rename_models(recipe, _absolute).save(tmp / MERGEKIT_FILE, mergekit=True)
         scored = heldout and cfg.evaluation.heldout_split and cfg.evaluation.heldout_scored()
-        scores = score_checkpoint(cfg, str(tmp), device=device) if scored else {}
-        (tmp / "evomerge_scores.json").write_text(
-            json.dumps(
-                {
-                    "trial": trial.number,
-                    "fitness": trial.value,
-                    "search_metrics": trial.user_attrs.get("metrics", {}),
-                    "heldout_split": cfg.evaluation.heldout_split if scores else None,
-                    "heldout_metrics": scores,
-                },
-                indent=2,
-            )
-        )
-        (tmp / "README.md").write_text(model_card(cfg, trial, recipe, scores))
+        held = score_heldout(cfg, tmp, device) if scored else None
+        (tmp / SCORES_FILE).write_text(json.dumps(scores_record(trial, held), indent=2))
+        model_card(cfg, study, trial, recipe, held, (tmp / MERGEKIT_FILE).is_file()).save(tmp / CARD_FILE)
     return out
 
 
@@ -96,12 +100,12 @@ def _absolute(model: str) -> str:
     return str(path.resolve()) if path.exists() else model
 
 
-def absolute_paths(recipe: MergeRecipe) -> MergeRecipe:
-    """The recipe with local model paths made absolute, so `mergekit-yaml` finds them from any directory."""
+def rename_models(recipe: MergeRecipe, rename: Callable[[str], str]) -> MergeRecipe:
+    """The recipe with every model string (slice sources, base, tokenizer source) passed through `rename`."""
     slices = tuple(
         OutputSlice(
             sources=tuple(
-                SliceSource(model=_absolute(s.model), layer_range=s.layer_range, parameters=s.parameters)
+                SliceSource(model=rename(s.model), layer_range=s.layer_range, parameters=s.parameters)
                 for s in sl.sources
             ),
             parameters=sl.parameters,
@@ -111,50 +115,252 @@ def absolute_paths(recipe: MergeRecipe) -> MergeRecipe:
     tokenizer = recipe.tokenizer_source
     return recipe.replace(
         slices=slices,
-        base_model=None if recipe.base_model is None else _absolute(recipe.base_model),
-        tokenizer_source=tokenizer if tokenizer in (None, "base") else _absolute(tokenizer),
+        base_model=None if recipe.base_model is None else rename(recipe.base_model),
+        tokenizer_source=tokenizer if tokenizer in (None, "base") else rename(tokenizer),
     )
 
 
-def model_card(cfg: RunConfig, trial, recipe: Recipe, scores: dict[str, float]) -> str:
-    sources = "\n".join(f"- `{s.path}`" + (f" ({s.alias})" if s.alias else "") for s in cfg.models.sources)
-    search = "\n".join(f"| {k} | {v:.4f} |" for k, v in (trial.user_attrs.get("metrics") or {}).items())
-    held = "\n".join(f"| {k} | {v:.4f} |" for k, v in scores.items()) or "| (not scored) | |"
-    fitness = " + ".join(
-        f"{t.weight}*{t.metric}" + (" (min)" if t.direction == "min" else "") for t in cfg.evaluation.fitness
+# ---- names on the Hub ----------------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def card_name(model: str) -> str:
+    """How the card names a model (never a local path): a hub id as it is; a local directory by the hub id its
+    config.json records (`_name_or_path`), else by its directory's name."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return model
+    try:
+        recorded = json.loads((path / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str) and _HUB_ID.fullmatch(recorded) and not Path(recorded).expanduser().exists():
+        return recorded
+    return path.resolve().name
+
+
+def card_models(cfg: RunConfig, recipe: Recipe) -> dict[str, str]:
+    """{model string as the run gives it: card name} for the base, the sources, and any other model the recipe
+    reads, except a merge this run made itself (a hybrid's `ps_best`, built from the same base and sources)."""
+    names = {cfg.models.base: card_name(cfg.models.base)} if cfg.models.base else {}
+    names |= {s.path: card_name(s.path) for s in cfg.models.sources}
+    known = {_absolute(m) for m in names}
+    run_dir = cfg.run_dir.resolve()
+    read = [recipe.model_a, recipe.model_b] if isinstance(recipe, DataFlowRecipe) else list(recipe.models)
+    for m in read:
+        absolute = _absolute(m)
+        if absolute not in known and run_dir not in Path(absolute).parents:
+            names[m], known = card_name(m), known | {absolute}
+    return names
+
+
+# ---- held-out scores ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The export scored on the held-out split, and the base and sources on the same items."""
+
+    split: str
+    metrics: dict[str, float]
+    intervals: dict[str, tuple[float, float]]  # metric (and "fitness") -> bootstrap interval over items
+    items: dict[str, int]  # task -> items scored
+    others: dict[str, dict[str, float]]  # "base" / "source ALIAS" -> metrics
+    other_intervals: dict[str, dict[str, tuple[float, float]]]
+    comparisons: list[Comparison]  # against each source, on each accuracy column
+
+
+def score_heldout(cfg: RunConfig, path: Path, device: str) -> HeldOut:
+    """Score the checkpoint at `path`, the base and every source on the held-out split (the same items), with
+    bootstrap intervals and McNemar's exact test against each source on each accuracy metric."""
+    from evolve.baselines import heldout_evaluators, score_checkpoint_items
+
+    evaluators = heldout_evaluators(cfg)
+    terms = cfg.evaluation.fitness or []
+    metrics, items = score_checkpoint_items(cfg, str(path), device=device, evaluators=evaluators)
+    others = ([("base", cfg.models.base)] if cfg.models.base else []) + [
+        (f"source {alias}", s.path) for alias, s in zip(cfg.models.aliases(), cfg.models.sources)
+    ]
+    scored, intervals, comparisons = {}, {}, []
+    for label, model in others:
+        m, it = score_checkpoint_items(cfg, model, device=device, evaluators=evaluators)
+        scored[label], intervals[label] = m, metric_intervals(it, terms)
+        if label != "base":
+            comparisons += accuracy_comparisons(metrics, items, label, m, it)
+    return HeldOut(
+        split=str(cfg.evaluation.heldout_split),
+        metrics=metrics,
+        intervals=metric_intervals(items, terms),
+        items={task: len(next(iter(s.values.values()), [])) for task, s in items.items()},
+        others=scored,
+        other_intervals=intervals,
+        comparisons=comparisons,
     )
-    if isinstance(recipe, DataFlowRecipe):
-        reproduce = "Layer path: " + recipe.path.describe()
-    else:
-        reproduce = (
-            "Reproduce with mergekit: `mergekit-yaml mergekit.yaml OUT` (model paths absolute); with evomerge: "
-            "`evolve merge recipe.evomerge.yaml --out OUT` from the directory the search ran in (its model paths are "
-            "the search's; DARE/DELLA masks depend on them)."
+
+
+def accuracy_comparisons(
+    metrics: dict[str, float],
+    items: dict[str, ItemScores],
+    other: str,
+    other_metrics: dict[str, float],
+    other_items: dict[str, ItemScores],
+) -> list[Comparison]:
+    """McNemar's exact test on every `task/acc` both were scored on item by item."""
+    out = []
+    for column in (k for k in metrics if k.endswith("/acc") and k in other_metrics):
+        task = column.split("/", 1)[0]
+        if "acc" not in items.get(task, ItemScores(0, {})).values or task not in other_items:
+            continue
+        only_e, only_o, p = mcnemar_exact(items[task].values["acc"], other_items[task].values["acc"])
+        out.append(Comparison(column, other, metrics[column], other_metrics[column], only_e, only_o, p))
+    return out
+
+
+def scores_record(trial: FrozenTrial, held: HeldOut | None) -> dict[str, Any]:
+    """evomerge_scores.json: the trial's search scores and, when scored, the held-out ones."""
+    record: dict[str, Any] = {
+        "trial": trial.number,
+        "values": trial.values,
+        "fitness": trial.user_attrs.get("fitness"),
+        "search_metrics": trial.user_attrs.get("metrics", {}),
+        "heldout_split": held.split if held else None,
+        "heldout_metrics": held.metrics if held else {},
+    }
+    if held:
+        record |= {
+            "heldout_intervals": {k: list(v) for k, v in held.intervals.items()},
+            "heldout_level": LEVEL,
+            "heldout_items": held.items,
+            "heldout_others": held.others,
+            "heldout_comparisons": [dataclasses.asdict(c) | {"verdict": c.verdict} for c in held.comparisons],
+        }
+    return record
+
+
+# ---- the model card ----------------------------------------------------------------------------------------------
+
+
+def model_card(
+    cfg: RunConfig, study: optuna.Study, trial: FrozenTrial, recipe: Recipe, held: HeldOut | None, mergekit: bool
+):
+    """A Hugging Face model card: front matter (library, the merged models as `base_model`, `base_model_relation:
+    merge`, tags), then the recipe, how the search found it, the held-out results and which sources it beats."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    names = card_models(cfg, recipe)
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        base_model=list(dict.fromkeys(names.values())),
+        base_model_relation="merge",
+        tags=["merge", "evomerge", *(["mergekit"] if mergekit else [])],
+    )
+    sections = [
+        f"# {cfg.name} (evomerge trial {trial.number})",
+        _summary(names, recipe),
+        "## Recipe\n\n" + _recipe_text(recipe, names, mergekit),
+        "## How it was found\n\n" + _search_text(cfg, study, trial),
+        "## Held-out results\n\n" + _heldout_text(held),
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def _summary(names: dict[str, str], recipe: Recipe) -> str:
+    local = [n for m, n in names.items() if Path(m).expanduser().is_dir()]
+    lines = [
+        f"A `{recipe.merge_method}` merge of {', '.join(f'`{n}`' for n in dict.fromkeys(names.values()))}, its "
+        "coefficients found by an evolutionary search with evomerge on the tasks below."
+    ]
+    if local:
+        lines.append(
+            f"\n\nLocal models are named by their config's `_name_or_path` or their directory ({', '.join(local)}); "
+            "replace these in `base_model` with their Hub ids before publishing."
         )
-    return f"""---
-tags: [merge, evomerge]
-base_model: {cfg.models.base or cfg.models.sources[0].path}
----
-# {cfg.name} (evomerge trial {trial.number})
+    return "".join(lines)
 
-An evolved merge found by evomerge with `{cfg.search.optimizer.sampler}` over a
-{recipe.merge_method} search space ({len(trial.params)} parameters).
 
-- base: `{cfg.models.base}`
-- sources:
-{sources}
-- method: `{recipe.merge_method}`
-- search fitness: {trial.value:.4f} (trial {trial.number}; fitness = {fitness})
+def _recipe_text(recipe: Recipe, names: dict[str, str], mergekit: bool) -> str:
+    rename = lambda m: names.get(m, card_name(m))  # noqa: E731
+    if isinstance(recipe, DataFlowRecipe):
+        shown = dataclasses.replace(recipe, model_a=rename(recipe.model_a), model_b=rename(recipe.model_b))
+        return (
+            f"Data-flow merge: a path of {len(recipe.path)} layers through model A (`{shown.model_a}`) and model B "
+            f"(`{shown.model_b}`), each hop's input scaled (folded into the weights of this checkpoint): "
+            f"`{recipe.path.describe()}`.\n\n```yaml\n{shown.to_yaml()}```\n\nThe exact recipe is `{RECIPE_FILE}`; "
+            "mergekit cannot express scaled layer paths, so there is no `mergekit.yaml`."
+        )
+    text = f"```yaml\n{rename_models(recipe, rename).to_yaml()}```\n\n"
+    text += f"Models are shown by name; `{RECIPE_FILE}` is the recipe as searched (`evolve merge {RECIPE_FILE} --out "
+    text += "OUT` from the directory the search ran in: its model strings seed the DARE/DELLA masks)."
+    if mergekit:
+        text += f" With mergekit: `mergekit-yaml {MERGEKIT_FILE} OUT` (model paths absolute on the exporting machine)"
+        text += (
+            "; mergekit draws its own DARE/DELLA masks, so it reproduces the recipe, not these exact weights."
+            if recipe.merge_method in OWN_MASKS
+            else "."
+        )
+    return text
 
-## Search metrics (the split the search optimized)
-| metric | value |
-|---|---|
-{search}
 
-## Held-out ({cfg.evaluation.heldout_split} split)
-| metric | value |
-|---|---|
-{held}
+def _search_text(cfg: RunConfig, study: optuna.Study, trial: FrozenTrial) -> str:
+    stage = study.user_attrs.get("stage", cfg.search.stages[0])
+    space, optimizer, _ = cfg.search.stage(stage)
+    trials = study.get_trials(deepcopy=False)
+    states = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    searched = sum(items_scored(t.user_attrs.get("items")) for t in trials)
+    rescores = rescored(study)
+    again = sum(int(r.get("items_scored", 0)) for r in rescores.values())
+    ev = cfg.evaluation
+    if ev.objectives:
+        goal = "objectives " + ", ".join(f"{o.metric} ({o.direction})" for o in ev.objectives)
+        value = ", ".join(f"{n} {v:.4f}" for n, v in zip([o.metric for o in ev.objectives], trial.values))
+    else:
+        goal = "fitness = " + " + ".join(
+            f"{t.weight:g} * {t.metric}" + (" (lower is better: negated)" if t.direction == "min" else "")
+            for t in ev.fitness or []
+        )
+        value = f"fitness {trial.user_attrs.get('fitness', trial.value):.4f}"
+    tasks = ", ".join(f"{t.name} ({getattr(t, 'split', None) or 'its split'})" for t in ev.tasks)
+    lines = [
+        f"- search: stage `{stage}`, sampler `{optimizer.sampler}`, seed {cfg.seed}, {len(study.trials)} trials "
+        f"({states[TrialState.COMPLETE]} complete, {states[TrialState.PRUNED]} stopped early by racing, "
+        f"{states[TrialState.FAIL]} failed), {len(trial.params)} parameters",
+        f"- items scored: {searched or 'not recorded by this study'}"
+        + (f" (+ {again} re-scoring {len(rescores)} elite trials)" if again else ""),
+        f"- tasks searched on: {tasks}",
+        f"- {goal}",
+        f"- this trial ({trial.number}): {value}",
+    ]
+    if trial.number in rescores:
+        r = rescores[trial.number]
+        lines.append(f"- re-scored on {r['items_scored']} {r['split']} items: fitness {r['fitness']:.4f}")
+    metrics = trial.user_attrs.get("metrics") or {}
+    table = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items())
+    return "\n".join(lines) + ("\n\nSearch metrics of this trial:\n\n| metric | value |\n|---|---|\n" + table)
 
-{reproduce}
-"""
+
+def _heldout_text(held: HeldOut | None) -> str:
+    if held is None:
+        return "Not scored (exported with `--no-heldout`, or the run has no held-out split)."
+    pct = f"{LEVEL:.0%}"
+    models = ["this merge", *held.others]
+    values = {"this merge": held.metrics, **held.others}
+    cis = {"this merge": held.intervals, **held.other_intervals}
+    rows = [f"| metric | {' | '.join(models)} |", "|---" * (len(models) + 1) + "|"]
+    for metric in held.metrics:
+        cells = []
+        for m in models:
+            v, ci = values[m].get(metric), cis[m].get(metric)
+            cells.append("" if v is None else f"{v:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
+        rows.append(f"| {metric} | {' | '.join(cells)} |")
+    items = ", ".join(f"{t} {n}" for t, n in held.items.items())
+    text = f"`{held.split}` split ({items} items), the same items for every model; [{pct} bootstrap interval over "
+    text += "items].\n\n" + "\n".join(rows)
+    beats = [c for c in held.comparisons if c.verdict == "beats it"]
+    verdict = (
+        "Beats " + "; ".join(f"{c.other} on {c.metric}" for c in beats) if beats else "Beats no source significantly"
+    )
+    text += f"\n\n{verdict} (McNemar's exact test on the same items, p < {Comparison.alpha:g}):\n\n"
+    text += "\n".join(f"- {c.line('this merge')}" for c in held.comparisons) or "- (no accuracy metric to compare)"
+    return text

@@ -501,15 +501,17 @@ def _remove_stale_weights(out_dir: Path, keep: set[Path]) -> None:
 def copy_model_files(
     src: Checkpoint, out_dir: str | Path, dtype: torch.dtype, tokenizer_src: Checkpoint | None = None
 ) -> None:
-    """Write config.json (with `dtype`), generation_config.json and tokenizer files (from `tokenizer_src` or `src`)."""
+    """Write config.json (with `dtype`), and copy generation_config.json and tokenizer files from `tokenizer_src` or
+    `src` (the generation config names the tokenizer's special tokens; `src`'s when `tokenizer_src` has none)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(src.config)
     _set_config_dtype(config, dtype)
     config.save_pretrained(out)
-    extra = ["generation_config.json"] + ([p.name for p in src.path.glob("*.py")] if src.trust_remote_code else [])
-    _copy_existing(src.path, out, extra)
+    _copy_existing(src.path, out, [p.name for p in src.path.glob("*.py")] if src.trust_remote_code else [])
     tokenizer_home = tokenizer_src or src
+    if not _copy_existing(tokenizer_home.path, out, ["generation_config.json"]):
+        _copy_existing(src.path, out, ["generation_config.json"])
     if not _copy_existing(tokenizer_home.path, out, TOKENIZER_FILES):
         log.warning("model '%s': no tokenizer files to copy; the output has no tokenizer", tokenizer_home.name)
 

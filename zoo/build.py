@@ -164,10 +164,11 @@ def write_lm_eval_tasks(out_dir: Path, yaml_dir: Path | None = None) -> list[Pat
 
 
 def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
-    """A loadable HF checkpoint: safetensors weights, config, tokenizer and a greedy generation config."""
+    """A loadable HF checkpoint: safetensors weights, config, tokenizer and a greedy generation config without a
+    generation length (that is an evaluation setting, the run config's `max_new_tokens`: a length here would override
+    every caller that passes `max_length`, as lm-eval does)."""
     model.generation_config = GenerationConfig(
         do_sample=False,
-        max_new_tokens=4,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

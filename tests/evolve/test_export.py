@@ -1,0 +1,106 @@
+"""The export as the Hugging Face Hub reads it: a model card `huggingface_hub.ModelCard` parses, naming the merged
+models (never by a local path), one evomerge recipe beside mergekit.yaml, and the base's generation config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+
+from evolve.config import load_config
+from evolve.export import MERGEKIT_FILE, card_name, export_trial
+from evolve.loop import run_search
+from merge_core.merge import RECIPE_FILE, run_merge
+from merge_core.recipe import MergeRecipe
+from tests.evolve.fake_run import HashScoreExecutor, config_dict, write_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, world):
+    """A finished run over copies of the world's models (source `ja` records a hub id in its config.json),
+    exported with held-out scores on 8 test items."""
+    tmp_path = tmp_path_factory.mktemp("export")
+    models = {}
+    for key in ("base", "a", "b"):
+        models[key] = tmp_path / "models" / Path(world[key]).name
+        shutil.copytree(world[key], models[key])
+    config = json.loads((models["a"] / "config.json").read_text())
+    (models["a"] / "config.json").write_text(json.dumps({**config, "_name_or_path": "someorg/ja-expert-7b"}))
+    data = config_dict((models["base"], models["a"], models["b"]), tmp_path / "run")
+    data["evaluation"]["tasks"][0] |= {"task_dir": world["task"], "max_new_tokens": 2, "extract": "first_word"}
+    data["evaluation"] |= {"heldout_split": "test", "heldout_limit": 8}
+    cfg = load_config(write_config(tmp_path / "config.yaml", data))
+    run_search(cfg, progress=False, executor_factory=HashScoreExecutor)
+    study = optuna.load_study(study_name="t", storage=cfg.storage_url)
+    out = tmp_path / "export"
+    export_trial(cfg, study, out, device="cpu")
+    return out, models
+
+
+def test_card_parses_and_names_the_merged_models(exported):
+    out, models = exported
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers"
+    assert card.data.base_model_relation == "merge"
+    assert card.data.base_model == [models["base"].name, "someorg/ja-expert-7b", models["b"].name]
+    assert set(card.data.tags) == {"merge", "evomerge", "mergekit"}  # mergekit.yaml is written: the tag says so
+    assert str(out.parent) not in card.content  # no local path anywhere in the card
+    text = card.text
+    for section in ("## Recipe", "## How it was found", "## Held-out results"):
+        assert section in text
+    assert "sampler `random`, seed 1, 4 trials" in text and "fitness = 1 * words/acc" in text
+    held = text.split("## Held-out results")[1]
+    assert "| words/acc | " in held and "source ja" in held and "source math" in held and "base" in held
+    assert "`test` split (words 8 items)" in held and "McNemar exact p=" in held
+    scores = json.loads((out / "evomerge_scores.json").read_text())
+    lo, hi = scores["heldout_intervals"]["words/acc"]
+    assert lo <= scores["heldout_metrics"]["words/acc"] <= hi
+    assert {c["other"] for c in scores["heldout_comparisons"]} == {"source ja", "source math"}
+
+
+def test_one_evomerge_recipe_beside_mergekit_yaml(exported):
+    out, models = exported
+    recipes = sorted(p.name for p in out.iterdir() if p.suffix in (".yaml", ".yml"))
+    assert recipes == sorted([MERGEKIT_FILE, RECIPE_FILE])
+    mergekit = yaml.safe_load((out / MERGEKIT_FILE).read_text())
+    assert "seed" not in mergekit and mergekit["base_model"] == str(models["base"].resolve())
+
+
+def test_generation_config_is_the_bases_not_evaluation_settings(exported):
+    out, models = exported
+    exported_config = json.loads((out / "generation_config.json").read_text())
+    assert exported_config == json.loads((models["base"] / "generation_config.json").read_text())
+    for model in ("base", "expert_ja", "expert_math"):  # the zoo ships no generation length: it is the run config's
+        assert "max_new_tokens" not in json.loads((ROOT / "data/zoo" / model / "generation_config.json").read_text())
+
+
+def test_generation_config_follows_the_tokenizer_source(tmp_path, world):
+    a = tmp_path / "a"
+    shutil.copytree(world["a"], a)
+    config = json.loads((a / "generation_config.json").read_text())
+    (a / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": 1, "temperature": 0.3}))
+    recipe = MergeRecipe.from_dict(
+        {
+            "merge_method": "linear",
+            "models": [{"model": world["base"], "parameters": {"weight": 1.0}}, {"model": str(a), "parameters": {}}],
+            "parameters": {"weight": 0.5},
+            "tokenizer_source": str(a),
+        }
+    )
+    run_merge(recipe, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == 1
+
+
+def test_card_names(tmp_path):
+    assert card_name("mistralai/Mistral-7B-v0.1") == "mistralai/Mistral-7B-v0.1"  # a hub id as it is
+    local = tmp_path / "My-Merge"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"_name_or_path": "/home/me/checkpoints/step-100"}))
+    assert card_name(str(local)) == "My-Merge"  # a local path recorded in the config is not a name
