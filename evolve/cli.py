@@ -153,16 +153,25 @@ def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
         f"{s} {b.max_trials} trials, {o.sampler}" for s in cfg.search.stages for _, o, b in [cfg.search.stage(s)]
     )
     print(f"search '{cfg.name}': storage {redact_url(cfg.storage_url)}, {stages}, backend {cfg.execution.backend}")
+    from evolve.cost import cost_lines
+
+    for line in cost_lines(cfg):
+        print(line)
     with _second_interrupt_exits():
         try:
             result = run_search(cfg, progress=not args.no_progress)
             best = best_trial(result.study)
             r = rescored(result.study).get(best.number)
-            print(
-                f"stopped: {result.stopped_because}. best trial {best.number}: fitness {best.value:.4f} "
-                f"{_metrics_line(best.user_attrs.get('metrics'))}"
-                + (f"; re-scored on {r['items_scored']} items: fitness {r['fitness']:.4f}" if r else "")
-            )
+            if len(result.study.directions) > 1:  # several objectives: the front, and its balanced member
+                from evolve.pareto import front_summary
+
+                print(f"stopped: {result.stopped_because}. {front_summary(result.study, cfg)}")
+            else:
+                print(
+                    f"stopped: {result.stopped_because}. best trial {best.number}: fitness {best.value:.4f} "
+                    f"{_metrics_line(best.user_attrs.get('metrics'))}"
+                    + (f"; re-scored on {r['items_scored']} items: fitness {r['fitness']:.4f}" if r else "")
+                )
             if not args.no_final_table and cfg.evaluation.heldout_split and cfg.evaluation.heldout_scored():
                 from evolve.baselines import heldout_table
 
@@ -348,6 +357,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"{args.config}: config OK{' (offline: checkpoints not opened)' if args.offline else ''}; " + "; ".join(stages)
     )
     for line in lines[len(stages) :]:
+        print(f"{args.config}: {line}")
+    from evolve.cost import cost_lines
+
+    for line in cost_lines(cfg, measured=not args.offline):
         print(f"{args.config}: {line}")
     return 0
 

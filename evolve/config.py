@@ -151,10 +151,35 @@ class Budget(_Strict):
     max_items: int | None = Field(default=None, ge=1, description="stop once trials have scored this many items")
 
 
+class Protocol(_Strict):
+    """Which items of each search task a stage scores (`evolve.protocol`). The last `validation` items of every
+    search task are kept out of the search; once the stage's budget is spent its `top_k` best trials are re-scored
+    on them and the best there is the stage's pick. The search scores the other items: all of them, or with
+    `batch`, `batch` of them per trial, the same batch for `every` consecutive trials (a CMA-ES generation: set
+    `every` to its popsize) and the next stretch of the run's item order for the next ones. The paper's DFS
+    protocol (Akiba et al. 2024) is validation 200, batch 200, every = the population (128)."""
+
+    validation: int = Field(default=0, ge=0, description="the last items of each search task, kept for the pick")
+    batch: int | None = Field(default=None, ge=1, description="items per trial (default: every search item)")
+    every: int = Field(default=1, ge=1, description="consecutive trials that share one batch")
+    top_k: int = Field(default=10, ge=1, description="the best trials by search fitness re-scored on validation")
+
+    @model_validator(mode="after")
+    def _something(self) -> Protocol:
+        if not self.validation and self.batch is None:
+            raise ValueError("give validation (items kept for the pick), batch (items per trial) or both")
+        if self.batch is None and "every" in self.model_fields_set:
+            raise ValueError("every: trials sharing one batch; it needs `batch`")
+        if not self.validation and "top_k" in self.model_fields_set:
+            raise ValueError("top_k: trials re-scored on the validation items; it needs `validation`")
+        return self
+
+
 class DataFlowStage(_Strict):
     space: DataFlow
     optimizer: Optimizer = Field(default_factory=Optimizer)
     budget: Budget = Field(default_factory=Budget)
+    protocol: Protocol | None = None
 
 
 class Search(_Strict):
@@ -162,6 +187,7 @@ class Search(_Strict):
     space: Space = Field(default_factory=Space)
     optimizer: Optimizer = Field(default_factory=Optimizer)
     budget: Budget = Field(default_factory=Budget)
+    protocol: Protocol | None = Field(default=None, description="the ps stage's items: see Protocol")
     dfs: DataFlowStage | None = None
 
     @model_validator(mode="after")
@@ -182,6 +208,13 @@ class Search(_Strict):
             assert self.dfs is not None
             return self.dfs.space, self.dfs.optimizer, self.dfs.budget
         return self.space, self.optimizer, self.budget
+
+    def protocol_of(self, name: str) -> Protocol | None:
+        """The stage's item protocol (None: every search item for every trial, the pick by search fitness)."""
+        if name == "dfs":
+            assert self.dfs is not None
+            return self.dfs.protocol
+        return self.protocol
 
 
 _Count = lambda minimum: Annotated[int, Field(ge=minimum)]  # noqa: E731
@@ -532,6 +565,38 @@ class RunConfig(_Strict):
         aliases = self.models.aliases()
         if len(set(aliases)) != len(aliases):
             raise ValueError(f"models.sources: aliases {aliases} collide; give each source an 'alias'")
+        return self
+
+    @model_validator(mode="after")
+    def _protocols(self) -> RunConfig:
+        """A stage's item protocol needs tasks scored item by item, and one rule for the pick."""
+        ev = self.evaluation
+        for stage in self.search.stages:
+            pr = self.search.protocol_of(stage)
+            if pr is None:
+                continue
+            where = "search.protocol" if stage == "ps" else "search.dfs.protocol"
+            for t in ev.tasks:
+                if t.type == "lm_eval":
+                    raise ValueError(
+                        f"{where}: task '{t.name}' is lm_eval, scored whole; a protocol (validation items, batches) "
+                        "needs generation, choice or perplexity tasks"
+                    )
+            if pr.batch is not None and ev.racing is not None:
+                raise ValueError(
+                    f"{where}.batch: racing compares a candidate with the incumbent on the same items, and batches "
+                    "change the items; use one of them"
+                )
+            if pr.validation and ev.rescore is not None:
+                raise ValueError(
+                    f"{where}.validation: the pick is re-scored on the validation items; evaluation.rescore is a "
+                    "second rule for it; use one of them"
+                )
+            if pr.validation and getattr(ev, "objectives", None) is not None:
+                raise ValueError(
+                    f"{where}.validation: a multi-objective search keeps its Pareto front; the validation pick is "
+                    "for one fitness"
+                )
         return self
 
     @model_validator(mode="after")

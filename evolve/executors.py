@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from evolve.config import RunConfig
+from evolve.protocol import TrialItems
 from evolve.racing import Race
 from evolve.worker import Outcome, Worker
 from merge_core.errors import EvomergeError
@@ -28,7 +29,7 @@ class Executor(Protocol):
 
     slots: int
 
-    def submit(self, key: int, recipe: Recipe, race: Race | None = None) -> None: ...
+    def submit(self, key: int, recipe: Recipe, race: Race | None = None, items: TrialItems | None = None) -> None: ...
 
     def wait(self) -> tuple[int, Outcome]: ...
 
@@ -42,14 +43,14 @@ class LocalExecutor:
 
     def __init__(self, cfg: RunConfig, template: Recipe):
         self.worker = Worker(cfg, template.to_yaml(), worker_id="local")
-        self._pending: list[tuple[int, Recipe, Race | None]] = []
+        self._pending: list[tuple[int, Recipe, Race | None, TrialItems | None]] = []
 
-    def submit(self, key: int, recipe: Recipe, race: Race | None = None) -> None:
-        self._pending.append((key, recipe, race))
+    def submit(self, key: int, recipe: Recipe, race: Race | None = None, items: TrialItems | None = None) -> None:
+        self._pending.append((key, recipe, race, items))
 
     def wait(self) -> tuple[int, Outcome]:
-        key, recipe, race = self._pending.pop(0)
-        return key, self.worker.evaluate(recipe.to_yaml(), race)
+        key, recipe, race, items = self._pending.pop(0)
+        return key, self.worker.evaluate(recipe.to_yaml(), race, items)
 
     def close(self) -> None:
         self._pending.clear()
@@ -88,7 +89,7 @@ class RayExecutor:
         self.actors = {i: self._start(i) for i in range(self.slots)}
         ray.get([a.ping.remote() for a in self.actors.values()])  # surface build errors before the search starts
         self._free = list(self.actors)
-        self._running: dict[object, tuple[int, int, Recipe, Race | None]] = {}
+        self._running: dict[object, tuple[int, int, Recipe, Race | None, TrialItems | None]] = {}
 
     def actor_name(self, slot: int) -> str:
         return f"evomerge-{self.cfg.name}-w{slot}-{self._generation}"
@@ -99,18 +100,18 @@ class RayExecutor:
             self.cfg.model_dump(mode="json"), self.template_yaml, f"ray-{slot}"
         )
 
-    def submit(self, key: int, recipe: Recipe, race: Race | None = None) -> None:
+    def submit(self, key: int, recipe: Recipe, race: Race | None = None, items: TrialItems | None = None) -> None:
         if not self._free:
             raise EvomergeError("ray executor: no free worker (the loop submitted more than `slots`)")
         slot = self._free.pop(0)
-        ref = self.actors[slot].evaluate.remote(recipe.to_yaml(), race)
-        self._running[ref] = (slot, key, recipe, race)
+        ref = self.actors[slot].evaluate.remote(recipe.to_yaml(), race, items)
+        self._running[ref] = (slot, key, recipe, race, items)
 
     def wait(self) -> tuple[int, Outcome]:
         while True:
             ready, _ = self.ray.wait(list(self._running), num_returns=1)
             ref = ready[0]
-            slot, key, recipe, race = self._running.pop(ref)
+            slot, key, recipe, race, items = self._running.pop(ref)
             try:
                 outcome = self.ray.get(ref)
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError) as e:
@@ -122,7 +123,7 @@ class RayExecutor:
                 )
                 self.actors[slot] = self._start(slot)
                 self._free.append(slot)
-                self.submit(key, recipe, race)
+                self.submit(key, recipe, race, items)
                 continue
             self._free.append(slot)
             return key, outcome

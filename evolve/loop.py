@@ -14,11 +14,12 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from evolve.config import Budget, Evaluation, Racing, RunConfig, dump_config
+from evolve.config import Budget, Evaluation, Protocol, Racing, RunConfig, dump_config
 from evolve.executors import Executor, check_ray_job_storage, make_executor
 from evolve.faults import fault_point
 from evolve.items import decode_items, encode_items, fully_scored, item_fitness, items_scored, tokens_generated
 from evolve.pareto import HYPERVOLUME_ATTR, hypervolume, reference_point, signs
+from evolve.protocol import TrialItems
 from evolve.racing import Race
 from evolve.samplers import PycmaSampler, make_sampler
 from evolve.study import (
@@ -205,11 +206,14 @@ def run_stage(cfg: RunConfig, stage: str, *, progress: bool, executor_factory: C
         else:
             executor = executor_factory(cfg, space.decode(space.x0))
             try:
-                reason = _loop(budget, study, space, sampler, executor, progress, left, cfg.evaluation)
+                reason = _loop(
+                    budget, study, space, sampler, executor, progress, left, cfg.evaluation, stage_items(cfg, stage)
+                )
             finally:
                 executor.close()
-        if cfg.evaluation.rescore is not None:
-            rescore_elites(cfg, study)
+        protocol = cfg.search.protocol_of(stage)
+        if cfg.evaluation.rescore is not None or (protocol is not None and protocol.validation):
+            rescore_elites(cfg, study, stage)
         return SearchResult(study, space, reason)
 
 
@@ -219,27 +223,40 @@ def elites(study: optuna.Study, top_k: int) -> list[FrozenTrial]:
     return [t for t in best_first(complete) if "cached_from" not in t.user_attrs][:top_k]
 
 
-def rescore_elites(cfg: RunConfig, study: optuna.Study) -> dict[int, dict]:
+def rescore_elites(cfg: RunConfig, study: optuna.Study, stage: str = "ps") -> dict[int, dict]:
     """Re-score the elites on `evaluation.rescore`'s items (its split and limit, default every item of the task's
-    split) and record each one as it finishes (study user attr ``rescore:<trial>``: fitness, metrics, per-item
-    record); the run's pick is then the best re-scored trial (`evolve.study.best_trial`). Elites already recorded are
-    not scored again, so a run killed while re-scoring continues where it stopped."""
+    split), or under the stage's protocol on its validation items, and record each one as it finishes (study user
+    attr ``rescore:<trial>``: fitness, metrics, per-item record); the run's pick is then the best re-scored trial
+    (`evolve.study.best_trial`). Elites already recorded are not scored again, so a run killed while re-scoring
+    continues where it stopped."""
     from transformers import AutoTokenizer
 
     from evolve.fitness import Fitness
+    from evolve.protocol import use_validation
     from evolve.worker import build_evaluators, item_totals, make_backend, score_items
 
-    rs = cfg.evaluation.rescore
-    assert rs is not None
+    rs, protocol = cfg.evaluation.rescore, stage_items(cfg, stage)
+    top_k = rs.top_k if rs is not None else protocol[0].top_k
     done = rescored(study)
-    todo = [t for t in elites(study, rs.top_k) if t.number not in done]
+    todo = [t for t in elites(study, top_k) if t.number not in done]
     if not todo:
         return done
-    evaluators = build_evaluators(
-        list(cfg.evaluation.tasks), seed=cfg.seed, split=rs.split, limit=rs.limit, heldout=True
-    )
+    if rs is not None:
+        evaluators = build_evaluators(
+            list(cfg.evaluation.tasks), seed=cfg.seed, split=rs.split, limit=rs.limit, heldout=True
+        )
+        where = {"split": rs.split, "limit": rs.limit}
+    else:
+        evaluators = build_evaluators(list(cfg.evaluation.tasks), seed=cfg.seed)
+        use_validation(evaluators, protocol[0].validation, protocol[1])
+        where = {"validation": protocol[0].validation}
     totals, fitness = item_totals(evaluators), Fitness(cfg.evaluation.fitness)
-    log.info("re-scoring %d elite trials on more items: %s", len(todo), [t.number for t in todo])
+    log.info(
+        "re-scoring %d elite trials on %s: %s",
+        len(todo),
+        "more items" if rs is not None else "the validation items",
+        [t.number for t in todo],
+    )
     backend = make_backend(cfg, trial_recipe(todo[0]))  # the sources resident once, as in a search worker
     tokenizer = AutoTokenizer.from_pretrained(backend.tokenizer_path, trust_remote_code=cfg.models.trust_remote_code)
     with storage_errors(cfg):
@@ -253,8 +270,7 @@ def rescore_elites(cfg: RunConfig, study: optuna.Study) -> dict[int, dict]:
                 "items": items,
                 "items_scored": items_scored(items),
                 "tokens": tokens_generated(items),
-                "split": rs.split,
-                "limit": rs.limit,
+                **where,
             }
             study.set_user_attr(f"{RESCORE_KEY}{t.number}", done[t.number])
             fault_point(f"sigkill-after-rescore:{study.study_name}:{t.number}")
@@ -288,16 +304,13 @@ def _loop(
     show: bool,
     left: list[FrozenTrial] = (),
     evaluation: Evaluation | None = None,
+    protocol: tuple[Protocol, str] | None = None,
 ) -> str:
     dists = distributions(space)
     racing = evaluation.racing if evaluation is not None else None
     cap = min(executor.slots, sampler.max_parallel) if isinstance(sampler, PycmaSampler) else executor.slots
     trials = study.get_trials(deepcopy=False)
-    cache = {
-        t.user_attrs["recipe_hash"]: t
-        for t in trials
-        if t.state == TrialState.COMPLETE and "recipe_hash" in t.user_attrs
-    }
+    cache = {_cache_key(t): t for t in trials if t.state == TrialState.COMPLETE and "recipe_hash" in t.user_attrs}
     state = LoopState.replay(budget, trials, study.directions)
     sign = signs(study.directions) if len(study.directions) > 1 else None
     inflight: dict[int, optuna.Trial] = {}
@@ -313,19 +326,22 @@ def _loop(
             ):
                 trial = resume_trial(study, resumable.pop(0), dists) if resumable else study.ask(dists)
                 recipe = space.decode([trial.params[n] for n in space.names])
-                h = recipe.hash()
                 trial.set_user_attr("recipe", recipe.to_yaml())
-                trial.set_user_attr("recipe_hash", h)
-                if h in cache:  # an identical candidate is never evaluated twice
+                trial.set_user_attr("recipe_hash", recipe.hash())
+                items = TrialItems.for_trial(protocol[0], trial.number, protocol[1]) if protocol else None
+                if items is not None and items.attr() is not None:
+                    trial.set_user_attr("batch", items.attr())
+                h = _cache_key(trial)
+                if h in cache:  # an identical candidate is never evaluated twice (on the same items)
                     _tell_cached(study, trial, cache[h])
                     state.record(None, cached=True)  # a duplicate: counts for the budget only
                     bar.update(state.best, state.items)
                     continue
                 race = _race(study, racing, evaluation.fitness, trial.number) if racing is not None else None
-                if race is None:
+                if race is None and items is None:
                     executor.submit(trial.number, recipe)
                 else:
-                    executor.submit(trial.number, recipe, race)
+                    executor.submit(trial.number, recipe, race, items)
                 inflight[trial.number] = trial
                 fault_point(f"sigkill-after-submit:{study.study_name}:{trial.number}")
             if not inflight:
@@ -335,7 +351,7 @@ def _loop(
             trial = inflight.pop(number)
             _tell(study, trial, outcome, evaluation)
             if outcome.ok:
-                cache[trial.user_attrs["recipe_hash"]] = study._storage.get_trial(trial._trial_id)
+                cache[_cache_key(trial)] = study._storage.get_trial(trial._trial_id)
             else:
                 log.warning("trial %d failed: %s", number, outcome.error)
             state.record(
@@ -425,6 +441,19 @@ class LoopState:
         return None
 
 
+def stage_items(cfg: RunConfig, stage: str) -> tuple[Protocol, str] | None:
+    """The stage's item protocol and its config path (for error messages), or None."""
+    protocol = cfg.search.protocol_of(stage)
+    return None if protocol is None else (protocol, "search.protocol" if stage == "ps" else "search.dfs.protocol")
+
+
+def _cache_key(trial: optuna.Trial | FrozenTrial) -> str:
+    """Identical candidates share a score only when scored on the same items: the recipe hash, and under a
+    protocol with batches, the batch."""
+    batch = trial.user_attrs.get("batch")
+    return trial.user_attrs["recipe_hash"] + (f"@batch{batch['index']}" if batch else "")
+
+
 def _can_ask(sampler: optuna.samplers.BaseSampler, study: optuna.Study) -> bool:
     """pycma hands out a generation at a time: ask only when one of its candidates is free."""
     return not isinstance(sampler, PycmaSampler) or sampler.available(study) > 0
@@ -441,9 +470,17 @@ def sampler_value(fitness: float) -> float:
     return float(f"{fitness:.{FITNESS_DIGITS}g}") if math.isfinite(fitness) else fitness
 
 
+def record_metrics(trial: optuna.Trial, metrics: dict[str, float]) -> None:
+    """Each metric also as a user attr of its own, named as the metric (`task/metric`; no other attr has a '/'), beside
+    the `metrics` dict: a column optuna-dashboard shows, sorts and filters (it cannot look inside a dict)."""
+    for name, value in metrics.items():
+        trial.set_user_attr(name, value)
+
+
 def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, evaluation: Evaluation | None = None) -> None:
     for key in ("metrics", "merge_seconds", "eval_seconds", "worker"):
         trial.set_user_attr(key, getattr(outcome, key))
+    record_metrics(trial, outcome.metrics)
     if outcome.scores:  # items scored and tokens generated are in it (`items_scored`, `tokens_generated`)
         trial.set_user_attr("items", encode_items(outcome.scores, outcome.totals))
     for n, value in outcome.steps:  # a race's estimate after each chunk (optuna-dashboard plots these)
@@ -513,6 +550,7 @@ def _race(study: optuna.Study, racing: Racing, terms: list, number: int) -> Race
 def _tell_cached(study: optuna.Study, trial: optuna.Trial, source: FrozenTrial) -> None:
     for key in ("metrics", "fitness"):
         trial.set_user_attr(key, source.user_attrs.get(key))
+    record_metrics(trial, source.user_attrs.get("metrics") or {})
     trial.set_user_attr("cached_from", source.number)
     study.tell(trial, source.values)  # one value, or one per objective
 

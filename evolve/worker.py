@@ -21,6 +21,7 @@ from merge_core.merge import TORCH_DTYPES
 from merge_core.recipe import DataFlowRecipe, MergeRecipe, Recipe, load_recipe
 
 if TYPE_CHECKING:
+    from evolve.protocol import TrialItems
     from evolve.racing import Race
 
 log = logging.getLogger(__name__)
@@ -198,19 +199,23 @@ class Worker:
         self.fitness = Fitness(ev.fitness) if ev.fitness else None
         self.objectives = Objectives(ev.objectives) if ev.objectives else None
 
-    def evaluate(self, recipe_yaml: str, race: Race | None = None) -> Outcome:
+    def evaluate(self, recipe_yaml: str, race: Race | None = None, items: TrialItems | None = None) -> Outcome:
         """Score one recipe: every item, or chunk by chunk against the incumbent in `race` (stopped early when it
-        cannot plausibly beat it: `evolve.racing`)."""
-        out = Outcome(worker=self.worker_id, totals=item_totals(self.evaluators))
+        cannot plausibly beat it: `evolve.racing`); under a stage protocol, the trial's `items` only."""
+        from evolve.protocol import trial_orders
+
+        out = Outcome(worker=self.worker_id)
         try:
             t0 = time.perf_counter()
             self.backend.apply(load_recipe(recipe_yaml))
             out.merge_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
-            if race is None:
-                out.metrics, out.scores = score_items(self.evaluators, self.model, self.tokenizer)
-            else:
-                self._race(out, race)
+            with trial_orders(self.evaluators, items) as upto:
+                out.totals = item_totals(self.evaluators)
+                if race is None:
+                    out.metrics, out.scores = score_items(self.evaluators, self.model, self.tokenizer, upto)
+                else:
+                    self._race(out, race)
             out.eval_seconds = time.perf_counter() - t1
             if self.objectives is not None:
                 out.values = self.objectives.values(out.metrics)

@@ -4,6 +4,7 @@ the held-out rule (a dataset search task is not rescored; held-out data from a d
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -104,4 +105,51 @@ def test_check_notes_an_uncached_hub_dataset_and_reads_a_cached_one(tmp_path, ca
     assert main(["check", write(tmp_path, cfg)]) == 2
     assert "evaluation.tasks[0].dataset: dataset SakanaAI/gsm8k-ja-test_250-1319: Unknown split" in (
         capsys.readouterr().err
+    )
+
+
+def test_check_states_the_cost_of_jp_math_from_the_cached_dataset(tmp_path, capsys, offline_cache):
+    """`evolve check` on the shipped configs: items x generated tokens per candidate and per stage (from the cached
+    data; 'not known' without it), the DFS protocol's batch, and, on a machine without CUDA, that it is a GPU job."""
+    import torch
+
+    gpu_job = "this config is a GPU job" if not torch.cuda.is_available() else None
+    assert main(["check", str(ROOT / "configs" / "jp_math_hybrid.yaml"), "--offline"]) == 0
+    out = capsys.readouterr().out
+    assert "cost: ps: per candidate items not known here (data not cached): ja_math: ? items x at most 1024" in out
+    assert "cost: dfs: per candidate 200 items, at most 204,800 generated tokens; 12800 trials" in out
+    assert "(a batch of 200 items per task, new every 128 trials; then the top 10 re-scored" in out
+    assert gpu_job is None or gpu_job in out
+    fake_hub_cache(offline_cache, HUB_ID, n=300)
+    assert main(["check", str(ROOT / "configs" / "jp_math.yaml"), "--offline"]) == 0
+    out = capsys.readouterr().out
+    assert "note:" not in out
+    assert (
+        "cost: ps: per candidate 300 items, at most 307,200 generated tokens; 1000 trials: 300,000 items, at most "
+        "3.07e+08 tokens"
+    ) in out
+
+
+def test_run_header_states_cost_and_check_the_measured_rate(tmp_path, capsys):
+    """The measured line comes from the run's own trials: none before it ran, seconds per candidate after."""
+    from evolve.cost import cost_lines
+    from evolve.loop import run_search
+
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny_jp_math.yaml").read_text())
+    cfg["models"]["base"] = str(ROOT / cfg["models"]["base"])
+    cfg["models"]["sources"] = [{**s, "path": str(ROOT / s["path"])} for s in cfg["models"]["sources"]]
+    cfg["evaluation"]["tasks"][0].update(task_dir=str(ROOT / cfg["evaluation"]["tasks"][0]["task_dir"]), limit=10)
+    cfg["search"]["budget"] = {"max_trials": 3}
+    cfg["output_dir"] = str(tmp_path / "run")
+    config = parse_config(cfg)
+    lines = cost_lines(config)
+    assert (
+        lines[0]
+        == "cost: ps: per candidate 10 items, at most 20 generated tokens; 3 trials: 30 items, at most 60 tokens"
+    )
+    assert lines[1].startswith("cost: ps: not measured on this machine yet")
+    run_search(config, progress=False)
+    assert re.match(
+        r"cost: ps: measured \d+\.\d\d s per candidate \(median of 3 trials of this run\); 3 of 3 done, about 0 s left",
+        cost_lines(config)[1],
     )
