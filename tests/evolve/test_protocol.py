@@ -117,3 +117,22 @@ def test_a_killed_protocol_run_resumes_to_the_same_record(tmp_path, protocol_run
     resumed = evolve_cli("resume", str(load_config(cfg_path).run_dir), *QUIET)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert record(cfg_path) == record(protocol_run)
+
+
+def test_the_dfs_stage_runs_the_papers_protocol(tmp_path, world):
+    """A DFS stage with validation items, batches per CMA-ES generation (every = popsize) and the pick re-scored."""
+    dfs = {
+        "space": {"model_a": "ja", "model_b": "math", "repeats": 2, "scales": "model_pair", "max_path_length": 8},
+        "optimizer": {"sampler": "cmaes", "sigma0": 0.5, "popsize": 4},
+        "budget": {"max_trials": 8},
+        "protocol": {"validation": 8, "batch": 6, "every": 4, "top_k": 2},
+    }
+    cfg = load_config(write_config(tmp_path, world, **{"search.stages": ["dfs"], "search.dfs": dfs}))
+    study = run_search(cfg, progress=False).study
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    assert len(trials) == 8
+    assert {t.number: t.user_attrs["batch"]["index"] for t in trials} == {n: n // 4 for n in range(8)}
+    assert all((t.user_attrs["items"]["words"]["n"], t.user_attrs["items"]["words"]["of"]) == (6, 12) for t in trials)
+    scores = rescored(study)
+    assert len(scores) == 2 and all(r["items_scored"] == 8 for r in scores.values())
+    assert best_trial(study).number in scores
