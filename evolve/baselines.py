@@ -144,7 +144,15 @@ def heldout_table(cfg: RunConfig) -> list[dict[str, Any]]:
     kinds = dict.fromkeys(recipes, "untuned")
     labels = {"ps": "evolved PS", "dfs": "evolved PS+DFS" if cfg.search.stages == ["ps", "dfs"] else "evolved DFS"}
     for stage in cfg.search.stages:
-        best = best_trial(load_study(cfg, stage))
+        study = load_study(cfg, stage)
+        best = best_trial(study)
+        if len(study.directions) > 1:  # several objectives: every member of the front, the balanced one marked
+            from evolve.pareto import pareto_front
+
+            for t in pareto_front(study.get_trials(deepcopy=False), study.directions):
+                label = f"{labels[stage]} front trial {t.number}" + (" (balanced)" if t.number == best.number else "")
+                recipes[label], kinds[label] = trial_recipe(t), "evolved"
+            continue
         label = f"{labels[stage]} (trial {best.number})"
         recipes[label], kinds[label] = trial_recipe(best), "evolved"
     for label, (metrics, items) in score_recipes_items(cfg, recipes, evaluators).items():
@@ -192,6 +200,6 @@ def heldout_comparisons(rows: list[dict[str, Any]]) -> list[tuple[str, Compariso
 
 
 def _table_columns(cfg: RunConfig, rows: list[dict[str, Any]]) -> list[str]:
-    fitness_metrics = [t.metric for t in cfg.evaluation.fitness]
+    fitness_metrics = [metric for _, _, metric in cfg.evaluation.named_metrics()]
     accs = sorted({k for r in rows for k in r if k.endswith("/acc")})
     return list(dict.fromkeys([*accs, *fitness_metrics]))

@@ -270,6 +270,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"stopped early by racing: {len(pruned)} trials, {used} items in all; latest: trial {pruned[-1].number}, "
             f"{pruned[-1].user_attrs.get('stopped', '')}"
         )
+    if len(study.directions) > 1:  # several objectives: the Pareto front instead of a ranking
+        from evolve.pareto import print_front
+
+        print_front(study, cfg, _print_table)
+        return 0
     complete = best_first(trials)[: args.top]
     if not complete:
         print("no complete trial yet")
@@ -323,7 +328,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     cfg = resolve_run(args.run)
     stage = args.stage or cfg.search.stages[-1]
     out = cfg.run_dir / ("report" if stage == cfg.search.stages[0] else f"report-{stage}")
-    for p in write_report(load_study(cfg, stage), out, title=f"{cfg.name} ({stage})"):
+    study = load_study(cfg, stage)
+    heldout = None
+    if len(study.directions) > 1 and not args.no_heldout:  # the front members' held-out scores (kept in the study)
+        from evolve.pareto import front_heldout
+
+        heldout = front_heldout(cfg, study)
+    title = f"{cfg.name} ({stage})"
+    for p in write_report(study, out, title=title, reference=cfg.evaluation.reference_point, heldout=heldout):
         print(f"wrote {p}")
     return 0
 
@@ -433,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("run", help="run directory or config file")
         p.add_argument("--top", type=int, default=10, help="how many of the best trials to list")
         p.add_argument("--stage", choices=["ps", "dfs"], default=None, help="which stage's study (default: the last)")
+    p.add_argument(
+        "--no-heldout", action="store_true", help="several objectives: skip scoring the front members held out"
+    )
 
     p = command("export", cmd_export, "write the best (or a chosen) trial as an HF checkpoint + recipes + model card")
     p.add_argument("run", help="run directory or config file")

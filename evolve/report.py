@@ -23,6 +23,7 @@ import optuna  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from evolve.items import items_scored, tokens_generated  # noqa: E402
+from evolve.pareto import balanced, objective_names, pareto_front  # noqa: E402
 from evolve.study import best_first, best_trial, candidates_per_hour, rescored  # noqa: E402
 from evolve.urls import redact_url  # noqa: E402
 from merge_core.errors import EvomergeError  # noqa: E402
@@ -41,8 +42,17 @@ DPI = 100
 # ---- entry point --------------------------------------------------------------------------------
 
 
-def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None) -> list[Path]:
-    """Write fitness.png, best_recipe.png, importances.png (when it can be computed) and report.html into out_dir."""
+def write_report(
+    study: optuna.Study,
+    out_dir: Path,
+    *,
+    title: str | None = None,
+    reference: list[float] | None = None,
+    heldout: dict[int, dict[str, float]] | None = None,
+) -> list[Path]:
+    """Write fitness.png, best_recipe.png, importances.png (when it can be computed) and report.html into out_dir.
+    A multi-objective study gets pareto.png and hypervolume.png instead of fitness.png, and a front table (with
+    `heldout`: trial -> held-out metrics of the front members; `reference`: the configured reference point)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise EvomergeError(f"study '{study.study_name}' has no complete trial yet: nothing to report")
@@ -50,17 +60,27 @@ def write_report(study: optuna.Study, out_dir: Path, *, title: str | None = None
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
     best = best_trial(study)
-    figures = {"fitness.png": plot_fitness(trials)}
+    front_html: list[str] = []
+    if len(study.directions) > 1:
+        figures, front_html = pareto_figures(study, trials, reference, heldout or {})
+    else:
+        figures = {"fitness.png": plot_fitness(trials)}
     recipe = _readable_recipe(best)
     if isinstance(recipe, DataFlowRecipe):  # a data-flow trial: draw its path
         figures["best_path.png"] = plot_layer_path(best.number, recipe)
     else:
         figures["best_recipe.png"] = plot_best_recipe(best, _param_order(study, best))
-    importances, why_not = compute_importances(study, len(complete))
+    importances, why_not = (
+        compute_importances(study, len(complete))
+        if len(study.directions) == 1
+        else (None, "a multi-objective study has no single value to attribute")
+    )
     if importances is not None:
         figures["importances.png"] = plot_importances(importances)
     paths = [_save(fig, out_dir / name) for name, fig in figures.items()]
-    page = render_html(study, trials, best, {p.name: p for p in paths}, title=title, importance_note=why_not)
+    page = render_html(
+        study, trials, best, {p.name: p for p in paths}, title=title, importance_note=why_not, front=front_html
+    )
     html_path = out_dir / "report.html"
     html_path.write_text(page, encoding="utf-8")
     log.info("wrote report for study '%s' to %s", study.study_name, html_path)
@@ -200,7 +220,8 @@ def plot_best_recipe(best: FrozenTrial, order: list[str]) -> plt.Figure:
     small = n_cols <= 30
     ax.set_xticks(range(n_cols), col_labels, fontsize=9 if small else 7, rotation=0 if small else 90)
     ax.set_yticks(range(n_rows), row_labels, fontsize=9)
-    ax.set_title(f"best recipe (trial {best.number}, fitness {best.value:.4g})")
+    what = f"fitness {best.value:.4g}" if len(best.values) == 1 else "the front's balanced member"
+    ax.set_title(f"best recipe (trial {best.number}, {what})")
     if grid.size <= MAX_ANNOTATED_CELLS:
         _annotate(ax, grid, image)
     return fig
@@ -251,6 +272,115 @@ def plot_importances(importances: dict[str, float]) -> plt.Figure:
     return fig
 
 
+# ---- several objectives -------------------------------------------------------------------------
+
+_PARETO_FIGURES = (("pareto.png", "Pareto front"), ("hypervolume.png", "hypervolume per trial"))
+
+
+def pareto_figures(
+    study: optuna.Study, trials: list[FrozenTrial], reference: list[float] | None, heldout: dict[int, dict]
+) -> tuple[dict[str, plt.Figure], list[str]]:
+    """pareto.png, hypervolume.png and the front's HTML section (members, objectives, held-out scores)."""
+    from evolve.pareto import BALANCED_RULE, front_rows, hypervolume_history, hypervolume_line, reference_point
+
+    names = objective_names(study)
+    front = pareto_front(trials, study.directions)
+    pick = balanced(front, study.directions)
+    figures = {"pareto.png": plot_pareto(trials, front, pick, names, study.directions)}
+    ref = reference_point(study, reference, store=False)
+    if ref is not None:
+        figures["hypervolume.png"] = plot_hypervolume(hypervolume_history(trials, study.directions, ref))
+    rows = front_rows(study)
+    held = sorted({k for m in heldout.values() for k in m})
+    head = ["trial", *names, "balanced", *[f"held-out {k}" for k in held], "recipe (mean per source)"]
+    cells = []
+    for r in rows:
+        h = heldout.get(r["trial"], {})
+        vals = [r["trial"], *[_fmt(r[n]) for n in names], r["balanced"], *[_fmt(h.get(k, "")) for k in held]]
+        cells.append([*vals, r["recipe (mean per source)"]])
+    esc = html.escape
+    table = "<table>\n<tr>" + "".join(f"<th>{esc(str(c))}</th>" for c in head) + "</tr>\n"
+    table += "\n".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in cells)
+    section = [
+        "<h2>Pareto front</h2>",
+        f"<p>{esc(hypervolume_line(study, reference))}. {len(rows)} members; {esc(BALANCED_RULE)} "
+        "(ties: the higher scaled sum, then the lower trial number). "
+        + ("Held-out scores on the run's held-out split." if held else "Held-out scores not computed.")
+        + "</p>",
+        table + "\n</table>",
+    ]
+    return figures, section
+
+
+def plot_pareto(
+    trials: list[FrozenTrial], front: list[FrozenTrial], pick: FrozenTrial, names: list[str], directions: list
+) -> plt.Figure:
+    """Two objectives: every complete trial, the front drawn as a staircase and its members numbered; three or
+    more: one panel per pair of objectives (the front's members highlighted and numbered in each)."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
+    n = len(names)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    cols = min(3, len(pairs))
+    rows = math.ceil(len(pairs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.4 * rows), squeeze=False)
+    on_front = {t.number for t in front}
+    for ax, (i, j) in zip(axes.flat, pairs):
+        rest = [t for t in done if t.number not in on_front]
+        ax.scatter(
+            [t.values[i] for t in rest],
+            [t.values[j] for t in rest],
+            s=14,
+            color="tab:gray",
+            alpha=0.5,
+            label=f"trial ({len(done)} complete)",
+        )
+        ax.scatter(
+            [t.values[i] for t in front],
+            [t.values[j] for t in front],
+            s=30,
+            color="tab:blue",
+            label=f"Pareto front ({len(front)})",
+            zorder=3,
+        )
+        if n == 2:  # the staircase bounding what the front dominates: through each pair's inner corner
+            worse = [min if d.name == "MAXIMIZE" else max for d in directions]
+            pts = sorted((t.values[i], t.values[j]) for t in front)
+            line = [pts[0]]
+            for a, b in zip(pts, pts[1:]):
+                line += [(worse[0](a[0], b[0]), worse[1](a[1], b[1])), b]
+            ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:blue", alpha=0.6)
+        ax.scatter(
+            [pick.values[i]],
+            [pick.values[j]],
+            marker="*",
+            s=220,
+            color="tab:orange",
+            zorder=4,
+            label=f"balanced (trial {pick.number})",
+        )
+        for t in front:
+            ax.annotate(
+                str(t.number), (t.values[i], t.values[j]), textcoords="offset points", xytext=(4, 4), fontsize=8
+            )
+        ax.set_xlabel(f"{names[i]} ({directions[i].name.lower()})")
+        ax.set_ylabel(f"{names[j]} ({directions[j].name.lower()})")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(pairs) :]:
+        ax.axis("off")
+    axes.flat[0].legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_hypervolume(history: list[tuple[int, float]]) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.step([n for n, _ in history], [h for _, h in history], where="post", color="tab:green")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("hypervolume")
+    ax.grid(alpha=0.3)
+    return fig
+
+
 # ---- HTML ---------------------------------------------------------------------------------------
 
 
@@ -262,12 +392,15 @@ def render_html(
     *,
     title: str | None = None,
     importance_note: str | None = None,
+    front: list[str] = (),
 ) -> str:
     """One page with no external references: summary table, best recipe YAML, figures inlined as base64."""
     title = title or f"evomerge report: {study.study_name}"
     esc = html.escape
     body = [f"<h1>{esc(title)}</h1>", "<h2>Summary</h2>", _summary_table(study, trials, best)]
     body += _rescore_section(study)
+    body += list(front)
+    body += [_img(images[n], alt) for n, alt in _PARETO_FIGURES if n in images]
     body += ["<h2>Best recipe</h2>", f"<pre>{esc(str(best.user_attrs.get('recipe', '(not recorded)')))}</pre>"]
     body += [
         _img(images[name], alt)
@@ -308,7 +441,10 @@ def _summary_table(study: optuna.Study, trials: list[FrozenTrial], best: FrozenT
         ("tokens generated", sum(tokens_generated(t.user_attrs.get("items")) for t in trials)),
         ("candidates/hour", _fmt(candidates_per_hour(trials))),
     ]
-    rows += [("best fitness", f"{best.value:.6g}"), ("best trial", best.number)]
+    if len(best.values) == 1:
+        rows += [("best fitness", f"{best.value:.6g}"), ("best trial", best.number)]
+    else:
+        rows += [("balanced member of the front", best.number)]
     rows += [(f"best {k}", _fmt(v)) for k, v in (best.user_attrs.get("metrics") or {}).items()]
     rows += [
         (k.replace("_", " "), _fmt(best.user_attrs[k]))

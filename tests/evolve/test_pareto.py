@@ -218,3 +218,79 @@ def test_a_configured_reference_point_is_stored_and_used(fast_dir, trade_off):
     last = study.trials[-1]
     expected = hypervolume([t.values for t in study.trials], study.directions, [0.1, 0.2])
     assert last.user_attrs["hypervolume"] == pytest.approx(expected)
+
+
+# ---- status, report, held-out scores of the front -------------------------------------------------
+
+
+def test_status_lists_the_front_with_the_balanced_member_and_the_hypervolume(fast_dir, trade_off, capsys):
+    from evolve.cli import main
+
+    cfg = parse_config(mo_data(fast_dir / "run", "tpe", trials=14))
+    study = run_search(cfg, progress=False).study
+    capsys.readouterr()
+    assert main(["status", str(fast_dir / "run")]) == 0
+    out = capsys.readouterr().out
+    front = pareto_front(study.trials, study.directions)
+    pick = balanced(front, study.directions)
+    assert "objectives: ja_sub/acc (maximize), ja_sub/gold_prob (maximize); hypervolume " in out
+    assert "reference point (0, 0), derived" in out and f"Pareto front ({len(front)} trials; balanced:" in out
+    table = out.split("Pareto front", 1)[1].splitlines()[3:]
+    assert [int(line.split()[0]) for line in table] == [t.number for t in front]
+    assert [line.split()[0] for line in table if " yes " in line] == [str(pick.number)]
+    assert all("ja.weight" in line and "math.weight" in line for line in table)
+
+
+def test_report_draws_the_front_and_the_hypervolume_and_lists_the_members(fast_dir, trade_off, capsys):
+    from evolve.cli import main
+
+    cfg = parse_config(mo_data(fast_dir / "run", "random", trials=10))
+    study = run_search(cfg, progress=False).study
+    assert main(["report", str(fast_dir / "run"), "--no-heldout"]) == 0
+    report = fast_dir / "run" / "report"
+    assert {p.name for p in report.iterdir()} >= {"pareto.png", "hypervolume.png", "best_recipe.png", "report.html"}
+    page = (report / "report.html").read_text()
+    front = pareto_front(study.trials, study.directions)
+    assert "<h2>Pareto front</h2>" in page and "Held-out scores not computed" in page
+    assert page.count("<tr><td>") == len(front) and "balanced member of the front" in page
+
+
+def test_three_objectives_are_drawn_as_pairwise_panels(fast_dir):
+    from evolve.report import plot_pareto
+
+    trials = [trial(i, [i / 10, 1 - i / 10, (i % 3) / 3]) for i in range(8)]
+    directions = [MAX, MAX, MIN]
+    front = pareto_front(trials, directions)
+    fig = plot_pareto(trials, front, balanced(front, directions), ["a", "b", "c"], directions)
+    assert sum(ax.axison for ax in fig.axes) == 3  # (a, b), (a, c), (b, c)
+
+
+def test_front_heldout_scores_each_member_once(fast_dir, trade_off, monkeypatch):
+    from evolve import baselines
+    from evolve.pareto import front_heldout
+
+    cfg = parse_config(mo_data(fast_dir / "run", "nsga2", trials=6, heldout_limit=10))
+    study = run_search(cfg, progress=False).study
+    front = pareto_front(study.trials, study.directions)
+    first = front_heldout(cfg, study)
+    assert sorted(first) == [t.number for t in front]
+    assert all(0 <= m["ja_sub/acc"] <= 1 for m in first.values())
+    monkeypatch.setattr(baselines, "score_recipes", lambda *a, **k: pytest.fail("scored again"))
+    assert front_heldout(cfg, optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)) == first
+
+
+def test_the_run_ends_with_the_front_and_its_heldout_table(fast_dir, trade_off, capsys):
+    from evolve.cli import main
+
+    data = mo_data(fast_dir / "run", "nsga2", trials=5, heldout_limit=10)
+    path = fast_dir / "config.yaml"
+    path.write_text(__import__("yaml").safe_dump(data))
+    assert main(["run", str(path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{fast_dir / 'run' / 'study.db'}")
+    front = pareto_front(study.trials, study.directions)
+    pick = balanced(front, study.directions)
+    assert f"Pareto front: {len(front)} trials; hypervolume " in out
+    assert f"balanced member: trial {pick.number} (ja_sub/acc=" in out
+    for t in front:
+        assert f"evolved PS front trial {t.number}" + (" (balanced)" if t is pick else "") in out
