@@ -294,3 +294,19 @@ def test_the_run_ends_with_the_front_and_its_heldout_table(fast_dir, trade_off, 
     assert f"balanced member: trial {pick.number} (ja_sub/acc=" in out
     for t in front:
         assert f"evolved PS front trial {t.number}" + (" (balanced)" if t is pick else "") in out
+
+
+def test_export_defaults_to_the_balanced_member_and_takes_any_member(fast_dir, trade_off, capsys):
+    import json
+
+    from evolve.cli import main
+
+    cfg = parse_config(mo_data(fast_dir / "run", "nsga2", trials=6))
+    study = run_search(cfg, progress=False).study
+    front = pareto_front(study.trials, study.directions)
+    pick = balanced(front, study.directions)
+    other = next((t for t in front if t.number != pick.number), pick)
+    for args, number in (([], pick.number), (["--trial", str(other.number)], other.number)):
+        out = fast_dir / f"export-{number}"
+        assert main(["export", str(fast_dir / "run"), "--out", str(out), "--no-heldout", *args]) == 0
+        assert json.loads((out / "evomerge_scores.json").read_text())["trial"] == number
