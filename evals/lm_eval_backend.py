@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from evals.base import ItemScores
 from evals.data import split_path, subsample_indices
 from evals.extract import FIRST_WORD_PATTERN, NUMBER_PATTERN
 from evals.native import PROMPT_FIELD, check_template
@@ -151,6 +152,26 @@ class LmEvalEvaluator:
         return self._lm
 
     def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
+        return self._run(model, tokenizer, log_samples=False)[0]
+
+    def evaluate_items(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    ) -> tuple[dict[str, float], dict[str, ItemScores]]:
+        """`evaluate`'s metrics and, per leaf task, its per-sample values (`per_sample_scores`) from lm-eval's logged
+        samples: the items of the held-out table's intervals and paired tests."""
+        metrics, output = self._run(model, tokenizer, log_samples=True)
+        return metrics, per_sample_scores(output.get("samples") or {}, self._leaf_tasks())
+
+    def item_counts(self) -> dict[str, int]:
+        """Items per leaf task (its `limit` draw, or every evaluation document)."""
+        return {
+            name: len(self.samples[name]) if self.samples else len(task.eval_docs)
+            for name, task in self._leaf_tasks().items()
+        }
+
+    def _run(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, log_samples: bool
+    ) -> tuple[dict[str, float], dict[str, Any]]:
         from lm_eval.evaluator import evaluate
 
         output = evaluate(
@@ -159,7 +180,7 @@ class LmEvalEvaluator:
             samples=self.samples,
             cache_requests=False,
             bootstrap_iters=0,
-            log_samples=False,
+            log_samples=log_samples,
         )
         flat = numeric_results(output["results"])
         for task, key in self.metrics.items():
@@ -167,7 +188,33 @@ class LmEvalEvaluator:
                 available = sorted(k.split("/", 1)[1] for k in flat if k.startswith(f"{task}/"))
                 raise EvomergeError(f"lm_eval metrics.{task}: {key!r} not in the results (available: {available})")
             flat[task] = flat[f"{task}/{key}"]
-        return flat
+        return flat, output
+
+
+def per_sample_scores(samples: Mapping[str, Sequence[Mapping[str, Any]]], leaves: Mapping[str, Any]) -> dict:
+    """``{leaf task: ItemScores}`` from lm-eval's logged samples: for every metric the task aggregates by a plain
+    mean (exact_match, acc, acc_norm, ...), its value on each document, keyed ``"<metric>,<filter>"`` like the
+    results (so ``"<task>/<leaf>/<metric>,<filter>"`` names the same number in both), documents in doc_id order.
+    Metrics aggregated otherwise (corpus BLEU, F1, perplexity) have no per-item form and are left out."""
+    from lm_eval.api.metrics import mean
+
+    out: dict[str, ItemScores] = {}
+    for leaf, rows in samples.items():
+        task = leaves.get(leaf)
+        if task is None:
+            continue
+        averaged = {m for m, fn in task.aggregation().items() if fn is mean}
+        by_key: dict[str, dict[int, float]] = {}
+        for row in rows:
+            for metric in row.get("metrics", ()):
+                value = row.get(metric)
+                if metric in averaged and isinstance(value, (int, float)):
+                    by_key.setdefault(f"{metric},{row['filter']}", {})[int(row["doc_id"])] = float(value)
+        docs = sorted({d for values in by_key.values() for d in values})
+        values = {k: [v[d] for d in docs] for k, v in by_key.items() if len(v) == len(docs)}
+        if values:
+            out[leaf] = ItemScores(0, values)
+    return out
 
 
 # ---------------------------------------------------------------- YAML for our JSONL tasks

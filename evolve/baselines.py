@@ -178,18 +178,19 @@ def heldout_comparisons(rows: list[dict[str, Any]]) -> list[tuple[str, Compariso
     accuracy column scored item by item (McNemar's exact test on the same held-out items)."""
     out = []
     for evolved in (r for r in rows if r.get("_kind") == "evolved"):
-        for column in (k for k in evolved if k.endswith("/acc")):
-            task = column.split("/", 1)[0]
-            if task not in evolved["_items"] or evolved.get(column) is None:
+        for column in (k for k in evolved if not k.startswith("_") and _correct_per_item(evolved, k) is not None):
+            if evolved.get(column) is None:
                 continue
             for kind in ("source", "untuned"):
-                others = [r for r in rows if r.get("_kind") == kind and r.get(column) is not None]
+                others = [
+                    r
+                    for r in rows
+                    if r.get("_kind") == kind and r.get(column) is not None and _correct_per_item(r, column) is not None
+                ]
                 if not others:
                     continue
                 best = max(others, key=lambda r: r[column])
-                only_e, only_o, p = mcnemar_exact(
-                    evolved["_items"][task].values["acc"], best["_items"][task].values["acc"]
-                )
+                only_e, only_o, p = mcnemar_exact(_correct_per_item(evolved, column), _correct_per_item(best, column))
                 out.append(
                     (
                         evolved["model"],
@@ -199,7 +200,23 @@ def heldout_comparisons(rows: list[dict[str, Any]]) -> list[tuple[str, Compariso
     return out
 
 
+def _correct_per_item(row: dict[str, Any], column: str) -> list[float] | None:
+    """The row's per-item 0/1 values of an accuracy-like column (a native task's ``acc``, or an lm-eval leaf task's
+    mean-aggregated metric such as ``exact_match,<filter>`` scored 0/1 per document); None when it has none."""
+    items = row.get("_items") or {}
+    for key, s in items.items():
+        metric = column[len(key) + 1 :] if column.startswith(f"{key}/") else None
+        if metric in s.values and (metric == "acc" or "," in metric):
+            values = s.values[metric]
+            return values if all(v in (0.0, 1.0) for v in values) else None
+    return None
+
+
 def _table_columns(cfg: RunConfig, rows: list[dict[str, Any]]) -> list[str]:
+    """Accuracy columns, each held-out lm-eval task's metrics (``<task>/<leaf>/<metric>,<filter>``, e.g. MGSM-JA's
+    exact_match under both of its filters), and the fitness metrics."""
     fitness_metrics = [metric for _, _, metric in cfg.evaluation.named_metrics()]
     accs = sorted({k for r in rows for k in r if k.endswith("/acc")})
-    return list(dict.fromkeys([*accs, *fitness_metrics]))
+    lm_eval = [t.name for t in cfg.evaluation.heldout_scored() if t.type == "lm_eval"]
+    lm_columns = sorted({k for r in rows for k in r if "," in k and k.split("/", 1)[0] in lm_eval})
+    return list(dict.fromkeys([*accs, *lm_columns, *fitness_metrics]))

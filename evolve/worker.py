@@ -87,7 +87,10 @@ def score_items(
     metrics: dict[str, float] = {}
     out = dict(scored or {})
     for name, evaluator in evaluators:
-        if not hasattr(evaluator, "score_items"):
+        if hasattr(evaluator, "evaluate_items"):  # lm-eval: scored whole, its per-sample values kept by leaf task
+            values, per_leaf = evaluator.evaluate_items(model, tokenizer)
+            out |= {f"{name}/{leaf}": s for leaf, s in per_leaf.items()}
+        elif not hasattr(evaluator, "score_items"):
             values = evaluator.evaluate(model, tokenizer)
         else:
             have = out[name].n if name in out else 0
@@ -102,8 +105,12 @@ def score_items(
 
 
 def item_totals(evaluators: list[tuple[str, Any]]) -> dict[str, int]:
-    """Items per task of the evaluators that score item by item."""
-    return {name: len(ev.order) for name, ev in evaluators if hasattr(ev, "score_items")}
+    """Items per task of the evaluators that score item by item (an lm-eval task's per leaf task, `name/leaf`)."""
+    totals = {name: len(ev.order) for name, ev in evaluators if hasattr(ev, "score_items")}
+    for name, ev in evaluators:
+        if hasattr(ev, "item_counts"):
+            totals |= {f"{name}/{leaf}": n for leaf, n in ev.item_counts().items()}
+    return totals
 
 
 def evaluator_batch(cfg: RunConfig) -> tuple[int, int]:
