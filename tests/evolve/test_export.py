@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard
 from evolve.config import load_config
 from evolve.export import MERGEKIT_FILE, card_name, export_trial
 from evolve.loop import run_search
+from evolve.worker import Outcome
 from merge_core.merge import RECIPE_FILE, run_merge
 from merge_core.recipe import MergeRecipe
 from tests.evolve.fake_run import HashScoreExecutor, config_dict, write_config
@@ -104,3 +105,27 @@ def test_card_names(tmp_path):
     local.mkdir()
     (local / "config.json").write_text(json.dumps({"_name_or_path": "/home/me/checkpoints/step-100"}))
     assert card_name(str(local)) == "My-Merge"  # a local path recorded in the config is not a name
+
+
+class TwoObjectiveExecutor(HashScoreExecutor):
+    """Two objectives from the stand-in score: words/acc up, words/gold_prob its complement."""
+
+    def wait(self):
+        key, out = super().wait()
+        acc = out.metrics["words/acc"]
+        metrics = {"words/acc": acc, "words/gold_prob": 1 - acc}
+        return key, Outcome(worker="fake", metrics=metrics, values=[acc, 1 - acc])
+
+
+def test_a_front_member_exports_with_its_objectives_on_the_card(tmp_path, tiny_llama_trio):
+    data = config_dict(tiny_llama_trio, tmp_path / "run")
+    data["evaluation"] |= {"fitness": None, "objectives": [{"metric": "words/acc"}, {"metric": "words/gold_prob"}]}
+    cfg = load_config(write_config(tmp_path / "config.yaml", data))
+    study = run_search(cfg, progress=False, executor_factory=TwoObjectiveExecutor).study
+    member = study.best_trials[-1]
+    export_trial(cfg, study, tmp_path / "export", trial_number=member.number, device="cpu", heldout=False)
+    card = ModelCard.load(tmp_path / "export" / "README.md")
+    assert card.data.base_model == ["base", "ft_a", "ft_b"]  # local directories without a recorded hub id
+    assert "objectives words/acc (max), words/gold_prob (max)" in card.text
+    assert f"this trial ({member.number}): words/acc {member.values[0]:.4f}" in card.text
+    assert json.loads((tmp_path / "export" / "evomerge_scores.json").read_text())["values"] == member.values
