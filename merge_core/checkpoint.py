@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import json
 import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -387,6 +389,44 @@ def check_output_dir(out_dir: str | Path, *, overwrite: bool = False, inputs: It
     return out
 
 
+STALE_PARTIAL_S = 3600  # a partial output this long untouched, whose writer is gone, is garbage
+
+
+def remove_stale_partials(out: Path, *, min_age_s: float = STALE_PARTIAL_S) -> list[Path]:
+    """Remove the temporary siblings (`.NAME.tmp-PID`) that killed writers of `out` left: only when process PID is not
+    alive here and nothing in the folder changed for `min_age_s` (another host's writer on a shared disk keeps it
+    fresh). A `.NAME.old-PID` (the previous output, mid-replacement when its writer died) is never removed: a
+    warning names it."""
+    removed = []
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, pid = path.name[len(out.name) + 2 :].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if kind == "old":
+            log.warning("%s: the previous %s, left by a writer that died replacing it; restore it by hand", path, out)
+            continue
+        try:
+            newest = max([path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*")])
+            if time.time() - newest < min_age_s:
+                continue
+            shutil.rmtree(path)
+        except OSError:
+            continue
+        log.info("removed %s, a partial output of %s left by a killed process (pid %s)", path, out, pid)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def staged_output(out_dir: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Write a directory all or nothing: yields a new temporary sibling (`.NAME.tmp-PID`) to write into; when the
@@ -398,6 +438,7 @@ def staged_output(out_dir: str | Path, *, overwrite: bool = False, inputs: Itera
         out.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
+        remove_stale_partials(out)
         tmp.mkdir()
     except OSError as e:
         raise EvomergeError(f"--out {out_dir}: cannot write in {out.parent} ({e.strerror or e})") from None

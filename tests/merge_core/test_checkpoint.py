@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -318,3 +320,36 @@ def test_every_layer_tensor_is_classified(tiny_qwen2_trio):
     assert kinds == {"embed", "head", "attn", "mlp", "other"}
     assert {layer_index(n) for n in ckpt.names} == {None, 0, 1}
     assert "model.layers.0.self_attn.q_proj.bias" in ckpt
+
+
+def test_staged_output_removes_what_killed_writers_left_and_nothing_else(tmp_path, caplog):
+    """A `.NAME.tmp-PID` whose process is gone and that has not changed for an hour is a killed writer's partial
+    output: removed by the next write of NAME. A fresh one, a live process's, and a `.NAME.old-PID` (a previous
+    output mid-replacement) stay."""
+    import subprocess
+    import sys
+
+    from merge_core.checkpoint import STALE_PARTIAL_S, staged_output
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "merged"
+    hour_ago = time.time() - STALE_PARTIAL_S - 60
+    partials = {
+        "stale": tmp_path / f".merged.tmp-{dead.pid}",
+        "fresh": tmp_path / f".merged.tmp-{dead.pid + 100000}",
+        "live": tmp_path / f".merged.tmp-{os.getppid()}",
+        "old": tmp_path / f".merged.old-{dead.pid}",
+        "other": tmp_path / f".merged2.tmp-{dead.pid}",
+    }
+    for name, path in partials.items():
+        (path / "sub").mkdir(parents=True)
+        (path / "sub" / "model.safetensors").write_bytes(b"partial")
+        if name != "fresh":
+            for p in (path, path / "sub", path / "sub" / "model.safetensors"):
+                os.utime(p, (hour_ago, hour_ago))
+    with caplog.at_level("INFO"), staged_output(out) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (out / "config.json").is_file()
+    assert [n for n, p in partials.items() if not p.exists()] == ["stale"]
+    assert "left by a killed process" in caplog.text and "restore it by hand" in caplog.text
