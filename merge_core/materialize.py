@@ -19,11 +19,13 @@ from merge_core.merge import (
     check_recipe,
     compute_tensor,
     load_as_float32,
+    map_tensors,
     method_spec,
     open_models,
     output_dtype,
     plan_tensor,
     resolve_device,
+    tensor_workers,
 )
 from merge_core.recipe import MergeRecipe
 
@@ -78,6 +80,7 @@ class Materializer:
         self._name_set = set(self.names)
         ref = self.reference
         gta = self.spec.kind == "gta"
+        self.workers = tensor_workers(self.device)  # tensors merged at once by apply
         self.plan = memplan.plan_memory(
             {n: ref.shape(n) for n in self.names},
             device=str(self.device),
@@ -92,6 +95,7 @@ class Materializer:
             else 0,
             resident=resident,
             precompute=precompute,
+            workers=self.workers,
         )
         log.info(self.plan.line())
         keep_deltas = self.plan.resident == "task_vectors"
@@ -182,9 +186,12 @@ class Materializer:
         missing = [n for n in params if n not in self._name_set]
         if missing:
             raise EvomergeError(f"live model parameter {missing[0]} has no tensor in {self.reference.name}")
-        for name, param in params.items():
-            plan = plan_tensor(recipe, name, self.num_layers)
-            param.copy_(compute_tensor(recipe, plan, self, self.device))
+
+        def merged(name: str) -> torch.Tensor:
+            return compute_tensor(recipe, plan_tensor(recipe, name, self.num_layers), self, self.device)
+
+        for name, tensor in map_tensors(merged, params, self.workers):
+            params[name].copy_(tensor)
 
     def _check_same_models(self, recipe: MergeRecipe) -> None:
         t = self.template

@@ -8,7 +8,7 @@ log line with the bytes of each part:
   task vector (source - base) per source: task vectors skip a subtraction per candidate, sources take half the
   bytes (bf16 task vectors would not be bit-identical to the on-disk merge, so they are never chosen);
 - the sparsification cache (magnitude keys: int16 per task-vector element; DARE draws: float32 per element);
-- the live model in its dtype; the merge workspace (float32 buffers of the largest tensor);
+- the live model in its dtype; the merge workspace (float32 buffers of the largest tensors merged at once);
 - the evaluator's reserve: KV cache, logits and MLP activations at the configured batch and sequence length.
 
 Options are tried in order of speed (task vectors + cache, task vectors, sources + cache, sources); the first
@@ -82,11 +82,13 @@ def plan_memory(
     evaluator_bytes: int = 0,
     resident: Resident = "auto",
     precompute: bool | Literal["auto"] = "auto",
+    workers: int = 1,
 ) -> MemoryPlan:
     """The fastest resident layout that fits (see the module docstring); n_sources = task vectors (0: a method
-    without them, whose sources are always resident as loaded); raises EvomergeError when nothing fits."""
+    without them, whose sources are always resident as loaded); `workers` tensors are merged at once (each with its
+    own workspace); raises EvomergeError when nothing fits."""
     numels = [math.prod(s) for s in shapes.values()]
-    params, largest = sum(numels), max(numels, default=0)
+    params = sum(numels)
     cacheable = n_sources > 0 and sparsification in ("magnitude", "magnitude_outliers", "random")
     layouts = ("task_vectors", "sources") if n_sources > 0 else ("sources",)
     if resident != "auto":
@@ -111,7 +113,8 @@ def plan_memory(
             if live_dtype is not None:
                 parts.append((f"live model ({_name(live_dtype)})", params * live_dtype.itemsize))
             sources_f32 = n_models if layout == "sources" else 0  # each input upcast while a tensor is merged
-            parts.append(("merge workspace", largest * 4 * (WORK_BUFFERS + n_sources + sources_f32)))
+            per_tensor = 4 * (WORK_BUFFERS + n_sources + sources_f32)
+            parts.append(("merge workspace", per_tensor * sum(sorted(numels, reverse=True)[: max(1, workers)])))
             parts.append(("evaluator reserve", int(evaluator_bytes)))
             options.append(
                 MemoryPlan(device=device, available=int(available), resident=layout, cache=cache, parts=tuple(parts))

@@ -5,10 +5,13 @@ the in-memory Materializer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -144,6 +147,34 @@ def compute_tensor(recipe: MergeRecipe, plan: TensorPlan, inputs: TensorInputs, 
     )
 
 
+T = TypeVar("T")
+
+
+def tensor_workers(device: torch.device) -> int:
+    """Tensors merged at once: two on a CPU with two or more cores (the single-threaded parts of one tensor,
+    random draws and selections, overlap the other's), one on a GPU."""
+    return min(2, os.cpu_count() or 1) if device.type == "cpu" else 1
+
+
+def map_tensors(fn: Callable[[str], T], names: Iterable[str], workers: int) -> Iterator[tuple[str, T]]:
+    """(name, fn(name)) in the order of `names`, computing up to `workers` at once (threads; torch releases the
+    GIL). Each tensor's result depends on its name alone, so the results are those of a plain loop."""
+    if workers <= 1:
+        for name in names:
+            yield name, fn(name)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for name in names:
+            pending.append((name, pool.submit(fn, name)))
+            if len(pending) >= workers:
+                done_name, future = pending.popleft()
+                yield done_name, future.result()
+        while pending:
+            done_name, future = pending.popleft()
+            yield done_name, future.result()
+
+
 # ---- inputs from checkpoints on disk ----------------------------------------------------------
 
 
@@ -220,7 +251,6 @@ def run_merge(
     check_recipe(recipe, reference.num_layers)
     dev = resolve_device(device)
     out_dtype = output_dtype(recipe, reference)
-    inputs = CheckpointInputs(ckpts, recipe.base_model, TORCH_DTYPES.get(recipe.dtype or ""), dev)
     plans = {name: plan_tensor(recipe, name, reference.num_layers) for name in reference.names}  # fail before writing
     tokenizer_src = None
     if recipe.tokenizer_source not in (None, "base"):
@@ -228,13 +258,16 @@ def run_merge(
         if tokenizer_src is None:
             tokenizer_src = Checkpoint.open(recipe.tokenizer_source, trust_remote_code=trust_remote_code)
     read = [c.path for c in ckpts.values()] + ([tokenizer_src.path] if tokenizer_src is not None else [])
+    load_dtype = TORCH_DTYPES.get(recipe.dtype or "")
+
+    def merged(name: str) -> torch.Tensor:
+        inputs = CheckpointInputs(ckpts, recipe.base_model, load_dtype, dev)  # one per tensor: threads share none
+        return compute_tensor(recipe, plans[name], inputs, dev).to(out_dtype).cpu()
+
     with staged_output(out_dir, overwrite=overwrite, inputs=read) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes)
-        for name in progress(reference.names):
-            plan = plans[name]
-            merged = compute_tensor(recipe, plan, inputs, dev)
-            writer.add(name, merged.to(out_dtype).cpu())
-            inputs.clear()
+        for name, tensor in map_tensors(merged, progress(reference.names), tensor_workers(dev)):
+            writer.add(name, tensor)
         writer.finalize()
         copy_model_files(reference, tmp, out_dtype, tokenizer_src=tokenizer_src)
         (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
