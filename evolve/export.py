@@ -192,7 +192,7 @@ def score_heldout(cfg: RunConfig, path: Path, device: str) -> HeldOut:
         split=str(cfg.evaluation.heldout_split),
         metrics=metrics,
         intervals=metric_intervals(items, terms),
-        items={task: len(next(iter(s.values.values()), [])) for task, s in items.items()},
+        items={task: s.n for task, s in items.items()},
         others=scored,
         other_intervals=intervals,
         comparisons=comparisons,
@@ -206,13 +206,16 @@ def accuracy_comparisons(
     other_metrics: dict[str, float],
     other_items: dict[str, ItemScores],
 ) -> list[Comparison]:
-    """McNemar's exact test on every `task/acc` both were scored on item by item."""
+    """McNemar's exact test on every accuracy-like metric both were scored on item by item (0/1 per item: the
+    held-out table's rule, `evolve.baselines`)."""
+    from evolve.baselines import _correct_per_item
+
     out = []
-    for column in (k for k in metrics if k.endswith("/acc") and k in other_metrics):
-        task = column.split("/", 1)[0]
-        if "acc" not in items.get(task, ItemScores(0, {})).values or task not in other_items:
+    for column in (k for k in metrics if k in other_metrics):
+        mine, theirs = _correct_per_item({"_items": items}, column), _correct_per_item({"_items": other_items}, column)
+        if mine is None or theirs is None:
             continue
-        only_e, only_o, p = mcnemar_exact(items[task].values["acc"], other_items[task].values["acc"])
+        only_e, only_o, p = mcnemar_exact(mine, theirs)
         out.append(Comparison(column, other, metrics[column], other_metrics[column], only_e, only_o, p))
     return out
 
@@ -357,10 +360,10 @@ def _heldout_text(held: HeldOut | None) -> str:
     items = ", ".join(f"{t} {n}" for t, n in held.items.items())
     text = f"`{held.split}` split ({items} items), the same items for every model; [{pct} bootstrap interval over "
     text += "items].\n\n" + "\n".join(rows)
-    beats = [c for c in held.comparisons if c.verdict == "beats it"]
-    verdict = (
-        "Beats " + "; ".join(f"{c.other} on {c.metric}" for c in beats) if beats else "Beats no source significantly"
-    )
-    text += f"\n\n{verdict} (McNemar's exact test on the same items, p < {Comparison.alpha:g}):\n\n"
-    text += "\n".join(f"- {c.line('this merge')}" for c in held.comparisons) or "- (no accuracy metric to compare)"
+    if not held.comparisons:
+        return text + "\n\nNo accuracy metric was scored item by item, so no paired test against the sources.\n"
+    beats = [f"{c.other} on {c.metric}" for c in held.comparisons if c.verdict == "beats it"]
+    text += f"\n\n{'Beats ' + '; '.join(beats) if beats else 'Beats no source significantly'} "
+    text += f"(McNemar's exact test on the same items, p < {Comparison.alpha:g}):\n\n"
+    text += "\n".join(f"- {c.line('this merge')}" for c in held.comparisons)
     return text
