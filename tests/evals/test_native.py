@@ -191,3 +191,15 @@ def test_choice_and_perplexity_items(lm, tmp_path) -> None:
     assert per_doc.n == 7 and 0.0 in per_doc.weights  # a one-token document predicts nothing
     nll = sum(n * w for n, w in zip(per_doc.values["nll"], per_doc.weights)) / sum(per_doc.weights)
     assert ppl.evaluate(model, tokenizer)["nll"] == pytest.approx(nll, rel=1e-9)
+
+
+@pytest.mark.parametrize("checkpoint_length", [1, 9])
+def test_generation_length_is_the_evaluators_not_the_checkpoints(lm, checkpoint_length) -> None:
+    """A `max_new_tokens` in the model's generation config (as the zoo once shipped) changes nothing: the run
+    config's `max_new_tokens` is what the evaluator generates."""
+    model, tokenizer = lm
+    evaluator = GenerationEvaluator(items_from(random_prompts(6), ["x"] * 6), batch_size=6, max_new_tokens=3)
+    plain, counts = evaluator.generate(model, tokenizer), []
+    model.generation_config.max_new_tokens = checkpoint_length
+    assert evaluator.generate(model, tokenizer, token_counts=counts) == plain
+    assert max(counts) == 3
