@@ -512,6 +512,12 @@ class Execution(_Strict):
     cpus_per_worker: float = Field(default=0.5, gt=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)
     shared_study: bool = Field(default=False, description="allow several `evolve run` processes on one study")
+    heartbeat_s: int = Field(
+        default=60,
+        ge=1,
+        description="shared_study: each process records a heartbeat of its running trials this often; a trial "
+        "whose heartbeat stopped for 3x as long (its process died) is failed and re-run by another process",
+    )
 
     @field_validator("device")
     @classmethod

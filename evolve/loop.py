@@ -33,6 +33,7 @@ from evolve.study import (
     rescored,
     resume_trial,
     storage_errors,
+    take_over_stale,
     trial_recipe,
 )
 from evolve.urls import has_secret
@@ -314,17 +315,20 @@ def _loop(
     state = LoopState.replay(budget, trials, study.directions)
     sign = signs(study.directions) if len(study.directions) > 1 else None
     inflight: dict[int, optuna.Trial] = {}
+    beats = Heartbeats(study)
     resumable = sorted(left, key=lambda t: t.number)  # asked before the stop: finished whatever the budget says now
     bar = Progress(budget.max_trials, state.done, show)
     reason = "budget: max_trials reached"
     try:
         while True:
+            beats.check()
             stop = state.stop_reason()
             while len(inflight) < cap and (
                 resumable
                 or (stop is None and state.done + len(inflight) < budget.max_trials and _can_ask(sampler, study))
             ):
                 trial = resume_trial(study, resumable.pop(0), dists) if resumable else study.ask(dists)
+                beats.start(trial)
                 recipe = space.decode([trial.params[n] for n in space.names])
                 trial.set_user_attr("recipe", recipe.to_yaml())
                 trial.set_user_attr("recipe_hash", recipe.hash())
@@ -334,6 +338,7 @@ def _loop(
                 h = _cache_key(trial)
                 if h in cache:  # an identical candidate is never evaluated twice (on the same items)
                     _tell_cached(study, trial, cache[h])
+                    beats.stop(trial)
                     state.record(None, cached=True)  # a duplicate: counts for the budget only
                     bar.update(state.best, state.items)
                     continue
@@ -350,6 +355,7 @@ def _loop(
             number, outcome = executor.wait()
             trial = inflight.pop(number)
             _tell(study, trial, outcome, evaluation)
+            beats.stop(trial)
             if outcome.ok:
                 cache[_cache_key(trial)] = study._storage.get_trial(trial._trial_id)
             else:
@@ -362,6 +368,7 @@ def _loop(
             bar.update(state.best, state.items)
     finally:  # Ctrl-C (KeyboardInterrupt) goes up: told trials are recorded, in-flight ones stay RUNNING and
         bar.close()  # continue in place on resume (`resume_trial`), as after a crash
+        beats.close()
     if state.failures >= budget.max_consecutive_failures:
         raise EvomergeError(
             f"stopped after {state.failures} consecutive failed trials; last: {_last_fail_reason(study)}"
@@ -452,6 +459,43 @@ def _cache_key(trial: optuna.Trial | FrozenTrial) -> str:
     protocol with batches, the batch."""
     batch = trial.user_attrs.get("batch")
     return trial.user_attrs["recipe_hash"] + (f"@batch{batch['index']}" if batch else "")
+
+
+class Heartbeats:
+    """A shared study's heartbeat of each trial this process runs (Optuna's heartbeat thread, as `study.optimize`
+    keeps one), and, at most once per interval, the take-over of trials whose process died (`take_over_stale`).
+    Nothing for a study without heartbeat (one process owns it; `resume` continues its trials in place)."""
+
+    def __init__(self, study: optuna.Study):
+        from optuna.storages._heartbeat import is_heartbeat_enabled
+
+        self.study = study
+        self.enabled = is_heartbeat_enabled(study._storage)
+        self.threads: dict[int, object] = {}
+        self.next_check = 0.0
+
+    def check(self) -> None:
+        if self.enabled and time.monotonic() >= self.next_check:
+            take_over_stale(self.study)
+            self.next_check = time.monotonic() + self.study._storage.get_heartbeat_interval()
+
+    def start(self, trial: optuna.Trial) -> None:
+        if self.enabled:
+            from optuna.storages._heartbeat import HeartbeatThread
+
+            thread = HeartbeatThread(trial._trial_id, self.study._storage)
+            thread.start()
+            self.threads[trial.number] = thread
+
+    def stop(self, trial: optuna.Trial) -> None:
+        thread = self.threads.pop(trial.number, None)
+        if thread is not None:
+            thread.join()
+
+    def close(self) -> None:
+        for thread in self.threads.values():
+            thread.join()
+        self.threads.clear()
 
 
 def _can_ask(sampler: optuna.samplers.BaseSampler, study: optuna.Study) -> bool:

@@ -4,6 +4,7 @@ the best trial, a trial's recipe, the run lock, and a failing storage in one lin
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shlex
 import socket
@@ -27,6 +28,7 @@ from merge_core.errors import EvomergeError
 from merge_core.recipe import load_recipe
 
 CONNECT_TIMEOUT_S = 10
+log = logging.getLogger(__name__)
 
 
 def study_name(cfg: RunConfig, stage: str) -> str:
@@ -46,7 +48,11 @@ def open_study(
     for attempt in range(3):  # two processes creating one new storage's schema at once: the loser retries
         try:
             study = optuna.create_study(
-                study_name=name, storage=cfg.storage_url, directions=directions, sampler=sampler, load_if_exists=True
+                study_name=name,
+                storage=search_storage(cfg),
+                directions=directions,
+                sampler=sampler,
+                load_if_exists=True,
             )
             break
         except Exception as e:  # storage errors carry the URL; never print its password
@@ -76,6 +82,43 @@ def open_study(
             f"({len(stored)} parameters, this config has {space.dim}); give the run a new name"
         )
     return study
+
+
+def search_storage(cfg: RunConfig) -> str | RDBStorage:
+    """The storage a search writes: the URL, or for a shared study an RDBStorage with Optuna's heartbeat (every
+    `execution.heartbeat_s`, stale after 3x that), so trials of a process that died are found (`take_over_stale`)."""
+    if not cfg.execution.shared_study:
+        return cfg.storage_url
+    with warnings.catch_warnings():  # heartbeat_interval: experimental since Optuna 2.9, unchanged since
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        hb = cfg.execution.heartbeat_s
+        return RDBStorage(cfg.storage_url, heartbeat_interval=hb, grace_period=3 * hb)
+
+
+def take_over_stale(study: optuna.Study) -> list[int]:
+    """In a shared study: fail each RUNNING trial whose heartbeat stopped (its process died), marked `interrupted`
+    so it does not count against the budget, and enqueue its parameters again (user attr ``retry_of``) for whichever
+    process asks next. Another process doing the same at once fails it first: the trial is then left to it. Returns
+    the trial numbers taken over."""
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    storage = study._storage
+    if not is_heartbeat_enabled(storage):
+        return []
+    taken = []
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        try:
+            storage.set_trial_user_attr(trial_id, "interrupted", True)
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        t = storage.get_trial(trial_id)
+        again = {"retry_of": t.number, **({"x0": True} if t.user_attrs.get("x0") else {})}
+        study.enqueue_trial(t.params, user_attrs=again)
+        log.warning("trial %d: its process stopped (no heartbeat); re-running its parameters", t.number)
+        taken.append(t.number)
+    return taken
 
 
 def load_study(cfg: RunConfig, stage: str | None = None) -> optuna.Study:

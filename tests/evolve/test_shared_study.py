@@ -1,0 +1,39 @@
+"""A shared study (`execution.shared_study`, several `evolve run` processes on one study): each process keeps a
+heartbeat of its running trials, and a trial whose process was SIGKILLed is failed (not counted) and its parameters
+re-run by the next process, so the study ends with its full budget of finished trials and nothing left RUNNING."""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+from evolve.config import load_config
+from evolve.study import counted, load_study
+from tests.evolve.harness import QUIET, evolve_cli, run_killed, write_config
+
+SHARED = {"execution.shared_study": True, "execution.heartbeat_s": 1, "search.budget.max_trials": 6}
+
+
+def test_a_killed_process_trial_is_re_run_by_the_next_one(tmp_path, world):
+    cfg_path = write_config(tmp_path, world, **SHARED)
+    killed = run_killed(cfg_path, "t", 3)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    cfg = load_config(cfg_path)
+    before = {t.number: t for t in load_study(cfg).get_trials(deepcopy=False)}
+    assert before[3].state == TrialState.RUNNING
+    storage = optuna.storages.RDBStorage(cfg.storage_url)
+    assert storage.get_trial(before[3]._trial_id).state == TrialState.RUNNING
+    time.sleep(3.5)  # past the grace period (3 heartbeats) since its last heartbeat
+    second = evolve_cli("run", str(cfg_path), *QUIET)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "trial 3: its process stopped (no heartbeat); re-running its parameters" in second.stderr
+    trials = load_study(cfg).get_trials(deepcopy=False)
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
+    assert trials[3].state == TrialState.FAIL and trials[3].user_attrs["interrupted"] is True
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == 3]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == before[3].params
+    assert sum(counted(t) for t in trials) == 6
+    # the finished trials of the killed process are kept as they were
+    assert [(t.number, t.value) for t in trials[:3]] == [(n, before[n].value) for n in range(3)]
