@@ -9,7 +9,8 @@ weight updates are always seen. `simple_evaluate` is avoided: it re-probes the e
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -174,14 +175,15 @@ class LmEvalEvaluator:
     ) -> tuple[dict[str, float], dict[str, Any]]:
         from lm_eval.evaluator import evaluate
 
-        output = evaluate(
-            self.lm(model, tokenizer),
-            self.task_dict,
-            samples=self.samples,
-            cache_requests=False,
-            bootstrap_iters=0,
-            log_samples=log_samples,
-        )
+        with tasks_set_generation_length(model):
+            output = evaluate(
+                self.lm(model, tokenizer),
+                self.task_dict,
+                samples=self.samples,
+                cache_requests=False,
+                bootstrap_iters=0,
+                log_samples=log_samples,
+            )
         flat = numeric_results(output["results"])
         for task, key in self.metrics.items():
             if f"{task}/{key}" not in flat:
@@ -189,6 +191,21 @@ class LmEvalEvaluator:
                 raise EvomergeError(f"lm_eval metrics.{task}: {key!r} not in the results (available: {available})")
             flat[task] = flat[f"{task}/{key}"]
         return flat, output
+
+
+@contextmanager
+def tasks_set_generation_length(model: PreTrainedModel) -> Iterator[None]:
+    """lm-eval asks for each task's generation length as `max_length`; a `max_new_tokens` in the model's generation
+    config (a checkpoint's generation_config.json) would take precedence in transformers, so it is lifted meanwhile."""
+    config = getattr(model, "generation_config", None)
+    shipped = getattr(config, "max_new_tokens", None)
+    if shipped is not None:
+        config.max_new_tokens = None
+    try:
+        yield
+    finally:
+        if shipped is not None:
+            config.max_new_tokens = shipped
 
 
 def per_sample_scores(samples: Mapping[str, Sequence[Mapping[str, Any]]], leaves: Mapping[str, Any]) -> dict:

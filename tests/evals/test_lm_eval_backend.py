@@ -70,3 +70,21 @@ def test_lm_eval_errors(half_solved_task: Path, tmp_path: Path) -> None:
         LmEvalEvaluator(["tiny_gen"], include_path=tmp_path / "yaml", metrics={"other": "acc,none"})
     with pytest.raises(EvomergeError, match="include_path does not exist"):
         LmEvalEvaluator(["tiny_gen"], include_path=tmp_path / "nowhere")
+
+
+def test_the_tasks_length_wins_over_the_checkpoints(half_solved_task: Path, tmp_path: Path, lm) -> None:
+    """A `max_new_tokens` in the model's generation config would override lm-eval's `max_length` in transformers
+    (the zoo once shipped 4): the backend lifts it while it evaluates, and puts it back."""
+    model, tokenizer = lm
+    write_jsonl_task_yaml("tiny_gen", half_solved_task, tmp_path / "yaml", stop=["."], max_new_tokens=4)
+    backend = LmEvalEvaluator(
+        ["tiny_gen"], include_path=tmp_path / "yaml", metrics={"tiny_gen": ["exact_match", "first_word"]}, batch_size=8
+    )
+
+    def responses() -> list[str]:
+        return [s["resps"][0][0] for s in backend._run(model, tokenizer, log_samples=True)[1]["samples"]["tiny_gen"]]
+
+    plain = responses()
+    assert max(len(tokenizer(r)["input_ids"]) for r in plain) > 1
+    model.generation_config.max_new_tokens = 1
+    assert responses() == plain and model.generation_config.max_new_tokens == 1
