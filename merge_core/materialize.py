@@ -4,6 +4,7 @@ written into a live model in place.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from typing import Literal
@@ -103,16 +104,17 @@ class Materializer:
         self._deltas: dict[tuple[str, str], torch.Tensor] = {}
         base = template.base_model
         for name in self.names:
-            stored = {m: _resident(ck.tensor(name), load_dtype, self.device) for m, ck in ckpts.items()}
             if keep_deltas:
                 assert base is not None
-                base_f32 = stored[base].float()
+                self._tensors[(base, name)] = stored = _resident(ckpts[base].tensor(name), load_dtype, self.device)
+                base_f32 = stored.float()
                 for m in template.sources:
-                    self._deltas[(m, name)] = stored[m].float() - base_f32
-                self._tensors[(base, name)] = stored[base]
+                    source = load_as_float32(ckpts[m].tensor(name), load_dtype, self.device)
+                    self._deltas[(m, name)] = source.sub_(base_f32)
             else:
-                for m, t in stored.items():
-                    self._tensors[(m, name)] = t
+                for m, ck in ckpts.items():
+                    self._tensors[(m, name)] = _resident(ck.tensor(name), load_dtype, self.device)
+        release_free_memory(self.device)
         self.resident_bytes = sum(
             t.numel() * t.element_size() for t in (*self._tensors.values(), *self._deltas.values())
         )
@@ -192,6 +194,7 @@ class Materializer:
 
         for name, tensor in map_tensors(merged, params, self.workers):
             params[name].copy_(tensor)
+        release_free_memory(self.device)
 
     def _check_same_models(self, recipe: MergeRecipe) -> None:
         t = self.template
@@ -206,6 +209,24 @@ class Materializer:
                 f"not {self.spec.name}"
             )
         check_recipe(recipe, self.num_layers)
+
+
+def release_free_memory(device: torch.device) -> None:
+    """On CPU, hand the C heap's free pages back to the system (glibc malloc_trim): the temporaries of a build or an
+    apply otherwise stay in the process's resident memory as holes between resident tensors."""
+    if device.type == "cpu" and _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _resident(t: torch.Tensor, load_dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:

@@ -34,7 +34,9 @@ PROMPT_TOKENS = 512  # assumed prompt length of one evaluation sequence when siz
 KEY_BYTES = 2  # int16 magnitude key per task-vector element (methods.magnitude_keys)
 HISTOGRAM_BINS = 2**15  # at most this many int64 counts per task vector (methods.MagnitudeKeys)
 UNIFORM_BYTES = 4  # float32 DARE draw per task-vector element
-WORK_BUFFERS = 4  # float32 buffers of the largest tensor besides one per source (methods.Workspace)
+# float32 temporaries of one tensor's merge: WORK_BUFFERS + 2 per source (its masked copy and its mask), + one
+# per model when sources are resident (each upcast); measured 31-36 bytes per element with two sources (bench)
+WORK_BUFFERS = 4
 GIB = 2**30
 
 
@@ -113,7 +115,7 @@ def plan_memory(
             if live_dtype is not None:
                 parts.append((f"live model ({_name(live_dtype)})", params * live_dtype.itemsize))
             sources_f32 = n_models if layout == "sources" else 0  # each input upcast while a tensor is merged
-            per_tensor = 4 * (WORK_BUFFERS + n_sources + sources_f32)
+            per_tensor = 4 * (WORK_BUFFERS + 2 * n_sources + sources_f32)
             parts.append(("merge workspace", per_tensor * sum(sorted(numels, reverse=True)[: max(1, workers)])))
             parts.append(("evaluator reserve", int(evaluator_bytes)))
             options.append(
