@@ -27,6 +27,7 @@ from merge_core.errors import EvomergeError
 
 SPARSIFICATIONS: tuple[str, ...] = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 CONSENSUS_METHODS: tuple[str, ...] = ("sum", "count")
+KEYED_MIN = 2**16  # from this many elements, magnitude masks select through magnitude_keys, not kthvalue (faster)
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale when either L1 norm is below this
 
 
@@ -142,12 +143,14 @@ def _top_k_mask_keyed(delta: Tensor, keys: MagnitudeKeys, k: int) -> Tensor:
 
 def magnitude_mask(delta: Tensor, density: float, keys: MagnitudeKeys | None = None) -> Tensor:
     """Keep the k = max(1, int(density·n)) largest |delta| (ties: lower index); density ≤ 0 keeps none, ≥ 1 all.
-    With ``keys`` (magnitude_keys(delta)) the selection reads 2 bytes per element and sorts a few."""
+    With ``keys`` (magnitude_keys(delta), made here for a large tensor) the selection reads 2 bytes per element
+    and selects among the few that share the threshold's key."""
     if density >= 1:
         return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
     if density <= 0 or delta.numel() == 0:
         return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
     k = max(1, int(density * delta.numel()))
+    keys = keys if keys is not None or delta.numel() < KEYED_MIN else magnitude_keys(delta)
     return _top_k_mask_keyed(delta, keys, k) if keys is not None else _top_k_mask(_f32(delta).abs(), k)
 
 
@@ -162,6 +165,7 @@ def magnitude_outliers_mask(
     if target <= 0:
         return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
     outliers = min(int(gamma * n), n - target)
+    keys = keys if keys is not None or n < KEYED_MIN else magnitude_keys(delta)
     if keys is not None:
         return _top_k_mask_keyed(delta, keys, outliers + target) & ~_top_k_mask_keyed(delta, keys, outliers)
     magnitudes = _f32(delta).abs()
