@@ -407,6 +407,15 @@ def _random_states(sampler: optuna.samplers.BaseSampler) -> list[tuple[str, np.r
     return list(found.values())
 
 
+def _raw_copy(optimizer: Any) -> Any:
+    """An exact copy of a cmaes optimizer: its attributes deep-copied one by one (`copy.deepcopy` of the object goes
+    through its pickle state, which rebuilds C from one triangle: not the same object when C is not exactly
+    symmetric)."""
+    clone = object.__new__(type(optimizer))
+    clone.__dict__.update({k: copy.deepcopy(v) for k, v in optimizer.__dict__.items()})
+    return clone
+
+
 class ReseededCmaEsSampler(_ReseedPerTrial, optuna.samplers.CmaEsSampler):
     """Optuna's CMA-ES, reseeded per trial (see `_ReseedPerTrial`), whose optimizer is rebuilt from the study's plain
     record instead of unpickled from it.
@@ -426,21 +435,41 @@ class ReseededCmaEsSampler(_ReseedPerTrial, optuna.samplers.CmaEsSampler):
         self._replay_from = (study, search_space)
         return super().sample_relative(study, trial, search_space)
 
+    @property
+    def _replayed(self) -> dict[tuple[int, int], tuple[list[tuple[int, ...]], Any, Any]]:
+        """(study id, dimension) -> (trial numbers told per generation, the optimizer before and after the last
+        tell): where the previous ask's replay ended."""
+        if not hasattr(self, "_replay_cache"):
+            self._replay_cache: dict = {}
+        return self._replay_cache
+
     def _restore_optimizer(self, completed_trials: list[FrozenTrial], *args: Any, **kwargs: Any) -> Any:
         study, search_space = self._replay_from
         trans = _SearchSpaceTransform(search_space, transform_step=not self._with_margin, transform_0_1=True)
         rng_state = self._cma_rng.rng.get_state()
         optimizer = self._init_optimizer(trans, study.direction)  # draws a seed from _cma_rng
         sign = 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
+        by_generation: dict[int, list[FrozenTrial]] = {}  # as `_get_solution_trials`, for every generation at once
+        for t in completed_trials:
+            by_generation.setdefault(t.system_attrs.get(self._attr_key_generation, -1), []).append(t)
+        told, used = None, []
+        cached = self._replayed.get((study._study_id, len(trans.bounds)))
+        if cached is not None and optimizer.dim == len(trans.bounds):
+            # the generations told last time, unchanged (finished trials never change): continue from that optimizer
+            pop = optimizer.population_size
+            if all(tuple(t.number for t in by_generation.get(g, [])[:pop]) == nums for g, nums in enumerate(cached[0])):
+                used, told, optimizer = list(cached[0]), _raw_copy(cached[1]), _raw_copy(cached[2])
         while True:
-            solution_trials = self._get_solution_trials(completed_trials, optimizer.generation)
+            solution_trials = by_generation.get(optimizer.generation, [])
             if optimizer.dim != len(trans.bounds) or len(solution_trials) < optimizer.population_size:
                 break
             told = optimizer  # the object Optuna asks from right after its own tell
-            optimizer.tell(
-                [(trans.transform(t.params), sign * t.value) for t in solution_trials[: optimizer.population_size]]
-            )
+            batch = solution_trials[: optimizer.population_size]
+            optimizer.tell([(trans.transform(t.params), sign * t.value) for t in batch])
+            used.append(tuple(t.number for t in batch))
             optimizer = copy.deepcopy(optimizer)  # the round trip of Optuna's stored pickle (it re-symmetrizes C)
+        if used:  # kept for the next ask: the replay tells each generation once per process, not once per ask
+            self._replayed[(study._study_id, len(trans.bounds))] = (used, _raw_copy(told), _raw_copy(optimizer))
         generations = {t.system_attrs.get(self._attr_key_generation, 0) for t in completed_trials}
         if optimizer.generation > 0 and optimizer.generation not in generations:
             optimizer = told  # the last tell is this trial's: Optuna would ask from the object it just told

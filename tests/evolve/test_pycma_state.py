@@ -194,3 +194,18 @@ def test_cmaes_never_unpickles_the_study_and_stores_no_pickle(tmp_path):
     marker.unlink()
     cmaes_run(ReseededCmaEsSampler, 4, url)
     assert not marker.exists()
+
+
+def test_cmaes_replay_tells_each_generation_once_per_process(monkeypatch):
+    """The replay continues from where the previous ask's ended: over 12 generations of 4, one tell per full
+    generation (11 before the 49th ask; a replay from scratch on every ask made 264), and still
+    Optuna's own trajectory."""
+    import cmaes
+
+    tells = []
+    real_tell = cmaes.CMA.tell
+    monkeypatch.setattr(cmaes.CMA, "tell", lambda self, solutions: tells.append(1) or real_tell(self, solutions))
+    ours = cmaes_run(ReseededCmaEsSampler, 12 * 4 + 1)
+    assert len(tells) == 11
+    tells.clear()
+    assert cmaes_run(PicklingCmaEs, 12 * 4 + 1) == ours
