@@ -184,6 +184,10 @@ def test_magnitude_keys_select_like_the_selection_with_ties_by_index():
             assert torch.equal(
                 methods.magnitude_outliers_mask(d, density, 0.2, keys), methods.magnitude_outliers_mask(d, density, 0.2)
             )
+    large = torch.randn(methods.KEYED_MIN + 5, generator=g).to(torch.bfloat16).float()  # keys made on the fly
+    for density in (0.1, 0.5, 0.9):
+        k = max(1, int(density * large.numel()))
+        assert torch.equal(methods.magnitude_mask(large, density), methods._top_k_mask(large.abs(), k))
 
 
 def test_materializer_rewrites_in_place_and_task_vector_mode_matches_source_mode(llama):
