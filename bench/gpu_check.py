@@ -295,9 +295,14 @@ def device_facts(device: torch.device) -> str:
 
 def report(args, device, config, build_s: float, merges: list[dict], evaluation: dict, command: str) -> str:
     params = sum(torch.Size(s).numel() for s in tensor_shapes(config).values())
-    lines = [
-        f"Command (from the repository root): `{command}`",
-        "",
+    lines = [f"Command (from the repository root): `{command}`", ""]
+    if args.reduced:
+        lines += [
+            "Reduced mode (tiny shapes): shows the check runs end to end; its figures say nothing about a GPU or a 7B "
+            "model. Run `.venv/bin/python bench/gpu_check.py` on a GPU machine to replace this section.",
+            "",
+        ]
+    lines += [
         f"- device: {device_facts(device)}",
         f"- checkpoints: 3 random Mistrals ({'reduced shapes' if args.reduced else '7B shape'}: "
         + ", ".join(f"{k} {v}" for k, v in SHAPES["reduced" if args.reduced else "full"].items())
