@@ -72,3 +72,29 @@ def test_hybrid_ps_then_dfs_runs_and_exports_on_smollm2(real_models: RealModels,
     assert main(["export", str(tmp_path / "run"), "--out", str(out), "--device", "cpu", "--no-heldout"]) == 0
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert type(exported).__name__ == "LlamaForCausalLM" and 2 <= exported.config.num_hidden_layers <= 40
+
+
+@pytest.mark.slow  # two processes each loading SmolLM2: 424 s with the 2-core CPU shared by four jobs
+def test_a_killed_real_model_search_resumes_with_nothing_lost(real_models: RealModels, tmp_path) -> None:
+    """configs/smollm2_ps.yaml cut down to 4 candidates, SIGKILLed right after trial 2 went to the worker: the resumed
+    run keeps trials 0-1 as they were, completes trial 2 in place with the parameters it was asked with, and ends
+    with the budget's 4 complete trials."""
+    from tests.evolve.harness import resume, run_killed
+
+    cfg = short_config("smollm2_ps", real_models, tmp_path)
+    config = yaml.safe_load(cfg.read_text())
+    config["search"]["budget"]["max_trials"] = 4
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+    killed = run_killed(cfg, "smollm2_ps_e2e", 2)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    before = optuna.load_study(study_name="smollm2_ps_e2e", storage=storage).trials
+    assert [t.state for t in before] == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.RUNNING]
+    resumed = resume(tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = optuna.load_study(study_name="smollm2_ps_e2e", storage=storage).trials
+    assert [t.state for t in after] == [optuna.trial.TrialState.COMPLETE] * 4
+    assert [(t.params, t.value, t.user_attrs["items"]) for t in after[:2]] == [
+        (t.params, t.value, t.user_attrs["items"]) for t in before[:2]
+    ]
+    assert after[2].params == before[2].params and after[2].number == 2
