@@ -128,6 +128,47 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def trials_to(curve: list, target: float) -> int | None:
+    """The first trial count at which the best dev fitness so far reaches `target` (None: never)."""
+    return next((i + 1 for i, (_, best) in enumerate(curve) if best >= target), None)
+
+
+def efficiency(results: list[dict]) -> str:
+    """Sample efficiency of full-scoring searches, per world and sampler (median over seeds): dev fitness at the last
+    trial, and trials to reach random search's and CMA-ES's median final dev fitness (the issue's targets: <= 1/3
+    of random's trials to random's final, <= 75 trials to CMA-ES's)."""
+    full = [r for r in results if r["mode"] == "full"]
+    lines = [
+        "| world | sampler | seeds | dev fitness at the last trial (median; per seed) | trials to random's median "
+        "final (median; per seed) | trials to cmaes's median final (median; per seed) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for world in sorted({Path(r["world"]).name for r in full}):
+        rows = [r for r in full if Path(r["world"]).name == world]
+        finals = {s: [r["curve"][-1][1] for r in rows if r["sampler"] == s] for s in {r["sampler"] for r in rows}}
+        targets = {s: float(np.median(finals[s])) for s in ("random", "cmaes") if finals.get(s)}
+        for sampler in sorted(finals):
+            rs = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["seed"])
+            cells = []
+            for s in ("random", "cmaes"):
+                if s not in targets:
+                    cells.append("-")
+                    continue
+                hits = [trials_to(r["curve"], targets[s]) for r in rs]
+                got = sorted(h if h is not None else 10**9 for h in hits)
+                med = got[len(got) // 2]
+                cells.append(
+                    f"{med if med < 10**9 else 'not reached'} ({', '.join(str(h) if h else '-' for h in hits)})"
+                    + (f" [target {targets[s]:.3f}]" if sampler == s else "")
+                )
+            final = [r["curve"][-1][1] for r in rs]
+            lines.append(
+                f"| {world} | {sampler} | {len(rs)} | {np.median(final):.3f} ({', '.join(f'{f:.2f}' for f in final)})"
+                f" | {cells[0]} | {cells[1]} |"
+            )
+    return "\n".join(lines)
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -160,6 +201,35 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_curves(results: list[dict], path: Path) -> None:
+    """Best dev fitness so far against items scored, per world, sampler and mode: the median over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    worlds = sorted({Path(r["world"]).name for r in results})
+    fig, axes = plt.subplots(1, len(worlds), figsize=(6.5 * len(worlds), 4.5), squeeze=False)
+    styles = {"full": "-", "racing": "--", "racing+rescore": ":"}
+    colors: dict[str, str] = {}
+    for ax, world in zip(axes[0], worlds):
+        groups: dict[tuple, list] = {}
+        for r in results:
+            if Path(r["world"]).name == world and r["mode"] != "racing+rescore":  # its curve is racing's
+                groups.setdefault((r["sampler"], r["mode"]), []).append(r["curve"])
+        for (sampler, mode), curves in sorted(groups.items()):
+            grid = np.linspace(0, max(c[-1][0] for c in curves), 200)
+            ys = [np.interp(grid, [x for x, _ in c], [max(y, -1.0) for _, y in c]) for c in curves]
+            color = colors.setdefault(sampler, f"C{len(colors)}")
+            ax.plot(grid, np.median(ys, axis=0), styles[mode], color=color, label=f"{sampler} {mode} (n={len(ys)})")
+        ax.set_title(f"world {world}")
+        ax.set_xlabel("items scored by the search")
+        ax.set_ylabel("best dev fitness so far (median over seeds)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worlds", nargs="+", default=["data/zoo"])
@@ -182,8 +252,11 @@ def main() -> None:
                     )
                     results.append(r)
     print(table(results))
+    print()
+    print(efficiency(results))
     plot(results, ROOT / "bench" / "economy.png")
-    print("wrote bench/economy.png")
+    plot_curves(results, ROOT / "bench" / "economy_curves.png")
+    print("wrote bench/economy.png, bench/economy_curves.png")
 
 
 if __name__ == "__main__":
