@@ -114,8 +114,11 @@ def plan_memory(
                 parts.append(("magnitude key cache (int16)", n_sources * (params * KEY_BYTES + histograms)))
             if live_dtype is not None:
                 parts.append((f"live model ({_name(live_dtype)})", params * live_dtype.itemsize))
-            sources_f32 = n_models if layout == "sources" else 0  # each input upcast while a tensor is merged
-            per_tensor = 4 * (WORK_BUFFERS + 2 * n_sources + sources_f32)
+            if n_sources == 0:  # linear, slerp, model_stock: a float32 result and the inputs upcast
+                per_tensor = 4 * (1 + n_models)
+            else:
+                sources_f32 = n_models if layout == "sources" else 0  # each input upcast while a tensor is merged
+                per_tensor = 4 * (WORK_BUFFERS + 2 * n_sources + sources_f32)
             parts.append(("merge workspace", per_tensor * sum(sorted(numels, reverse=True)[: max(1, workers)])))
             parts.append(("evaluator reserve", int(evaluator_bytes)))
             options.append(
