@@ -63,6 +63,47 @@ def score_checkpoint_items(
     return score_items(evaluators or heldout_evaluators(cfg, split, limit), model, tokenizer)
 
 
+MODEL_SCORES_KEY = "heldout-model:"  # + label: a study user attr, a base's or source's held-out scores, kept
+
+
+def heldout_model_items(
+    cfg: RunConfig, label: str, path: str, evaluators: list, *, device: str = "auto"
+) -> tuple[dict[str, float], dict[str, ItemScores]]:
+    """`score_checkpoint_items` of a base or source on the held-out split, scored once per run: kept in the first
+    stage's study (user attr ``heldout-model:<label>``: metrics and per-item records) under the checkpoint, the
+    held-out tasks, split, limit, seed, device and dtype, and reused while they match (the end-of-run table, every
+    `evolve export` and `report` score the same sources: at 7B each is a full held-out evaluation)."""
+    import hashlib
+    import json
+
+    from evolve.items import decode_items, encode_items
+    from merge_core.merge import resolve_device
+
+    ev = cfg.evaluation
+    spec = [t.model_dump(mode="json") for t in ev.heldout_scored()]
+    key = {
+        "path": str(path),
+        "tasks": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16],
+        "split": ev.heldout_split,
+        "limit": ev.heldout_limit,
+        "seed": cfg.seed,
+        "device": str(resolve_device(device if device != "auto" else cfg.execution.device)),
+        "dtype": cfg.execution.dtype,
+    }
+    try:
+        study = load_study(cfg, cfg.search.stages[0])
+    except EvomergeError:  # no search yet (`evolve eval`-like use): score, keep nothing
+        study = None
+    got = study.user_attrs.get(f"{MODEL_SCORES_KEY}{label}") if study is not None else None
+    if got is not None and got.get("key") == key:
+        return got["metrics"], decode_items(got["items"])
+    metrics, items = score_checkpoint_items(cfg, path, device=device, evaluators=evaluators)
+    if study is not None:
+        record = encode_items(items, {task: s.n for task, s in items.items()}, soft="f64")
+        study.set_user_attr(f"{MODEL_SCORES_KEY}{label}", {"key": key, "metrics": metrics, "items": record})
+    return metrics, items
+
+
 def score_recipes(cfg: RunConfig, recipes: dict[str, Recipe], evaluators: list) -> dict[str, dict[str, float]]:
     """Score recipes in memory: one backend (Materializer, or models A and B) per group of compatible recipes."""
     return {label: metrics for label, (metrics, _) in score_recipes_items(cfg, recipes, evaluators).items()}
@@ -138,7 +179,7 @@ def heldout_table(cfg: RunConfig) -> list[dict[str, Any]]:
         ("source", f"source {a}", s.path) for a, s in zip(cfg.models.aliases(), cfg.models.sources)
     ]
     for kind, label, path in models:
-        metrics, items = score_checkpoint_items(cfg, path, device=cfg.execution.device, evaluators=evaluators)
+        metrics, items = heldout_model_items(cfg, label, path, evaluators, device=cfg.execution.device)
         rows.append({"model": label, **metrics, "_kind": kind, "_items": items})
     recipes: dict[str, Recipe] = dict(untuned_recipes(cfg))
     kinds = dict.fromkeys(recipes, "untuned")

@@ -174,7 +174,7 @@ class HeldOut:
 def score_heldout(cfg: RunConfig, path: Path, device: str) -> HeldOut:
     """Score the checkpoint at `path`, the base and every source on the held-out split (the same items), with
     bootstrap intervals and McNemar's exact test against each source on each accuracy metric."""
-    from evolve.baselines import heldout_evaluators, score_checkpoint_items
+    from evolve.baselines import heldout_evaluators, heldout_model_items, score_checkpoint_items
 
     evaluators = heldout_evaluators(cfg)
     terms = cfg.evaluation.fitness or []
@@ -184,7 +184,7 @@ def score_heldout(cfg: RunConfig, path: Path, device: str) -> HeldOut:
     ]
     scored, intervals, comparisons = {}, {}, []
     for label, model in others:
-        m, it = score_checkpoint_items(cfg, model, device=device, evaluators=evaluators)
+        m, it = heldout_model_items(cfg, label, model, evaluators, device=device)  # scored once per run
         scored[label], intervals[label] = m, metric_intervals(it, terms)
         if label != "base":
             comparisons += accuracy_comparisons(metrics, items, label, m, it)

@@ -26,11 +26,15 @@ from merge_core.errors import EvomergeError
 NOT_ITEM_MEANS = ("ppl", "nll")
 
 
-def encode_values(values: Sequence[float]) -> str:
+SOFT_TYPES = {"f16": "<f2", "f32": "<f4", "f64": "<f8"}
+
+
+def encode_values(values: Sequence[float], soft: str = "f16") -> str:
+    """0/1 values as packed bits, others as float16 (`soft`: "f64" for scores kept to be shown again exactly)."""
     arr = np.asarray(values, dtype=np.float64)
     if np.all((arr == 0) | (arr == 1)):
         return "bits:" + base64.b64encode(np.packbits(arr.astype(np.uint8)).tobytes()).decode()
-    return "f16:" + base64.b64encode(arr.astype("<f2").tobytes()).decode()
+    return f"{soft}:" + base64.b64encode(arr.astype(SOFT_TYPES[soft]).tobytes()).decode()
 
 
 def decode_values(code: str, n: int) -> np.ndarray:
@@ -40,12 +44,12 @@ def decode_values(code: str, n: int) -> np.ndarray:
         return np.unpackbits(np.frombuffer(raw, dtype=np.uint8))[:n].astype(np.float64)
     if kind == "f16":
         return np.frombuffer(raw, dtype="<f2").astype(np.float64)
-    if kind == "f32":
-        return np.frombuffer(raw, dtype="<f4").astype(np.float64)
+    if kind in ("f32", "f64"):
+        return np.frombuffer(raw, dtype=SOFT_TYPES[kind]).astype(np.float64)
     raise EvomergeError(f"per-item record: unknown encoding {kind!r}")
 
 
-def encode_scores(scores: ItemScores, total: int) -> dict[str, Any]:
+def encode_scores(scores: ItemScores, total: int, soft: str = "f16") -> dict[str, Any]:
     """One task's record: `scores` (positions 0..n-1 of its order) out of `total` items."""
     if scores.start != 0:
         raise ValueError("a stored record starts at the first item of the order")
@@ -53,7 +57,7 @@ def encode_scores(scores: ItemScores, total: int) -> dict[str, Any]:
         "n": scores.n,
         "of": total,
         "tokens": scores.tokens,
-        "values": {k: encode_values(v) for k, v in scores.values.items()},
+        "values": {k: encode_values(v, soft) for k, v in scores.values.items()},
     }
     if scores.weights is not None:
         record["weights"] = "f32:" + base64.b64encode(np.asarray(scores.weights, dtype="<f4").tobytes()).decode()
@@ -67,9 +71,9 @@ def decode_scores(record: Mapping[str, Any]) -> ItemScores:
     return ItemScores(0, values, weights, int(record.get("tokens", 0)))
 
 
-def encode_items(scores: Mapping[str, ItemScores], totals: Mapping[str, int]) -> dict[str, Any]:
+def encode_items(scores: Mapping[str, ItemScores], totals: Mapping[str, int], soft: str = "f16") -> dict[str, Any]:
     """The ``items`` user attr: every task's record."""
-    return {task: encode_scores(s, totals[task]) for task, s in scores.items()}
+    return {task: encode_scores(s, totals[task], soft) for task, s in scores.items()}
 
 
 def decode_items(attr: Mapping[str, Any] | None) -> dict[str, ItemScores]:
