@@ -136,8 +136,8 @@ def _top_k_mask_keyed(delta: Tensor, keys: MagnitudeKeys, k: int) -> Tensor:
     flat_keys = keys.keys.reshape(-1)
     keep = flat_keys > keys.low + j
     boundary = torch.nonzero(flat_keys == keys.low + j).squeeze(1)  # ascending: ties keep the lower index
-    chosen = _top_k_mask(_f32(delta.reshape(-1)[boundary]).abs(), k - above)
-    keep[boundary[chosen]] = True
+    chosen = _top_k_mask(_f32(delta.reshape(-1).index_select(0, boundary)).abs(), k - above)
+    keep.index_fill_(0, boundary[chosen], True)  # index_select / index_fill_: cheaper than advanced indexing
     return keep.reshape(delta.shape)
 
 
