@@ -32,6 +32,7 @@ from evolve.study import (
     open_study,
     rescored,
     resume_trial,
+    set_user_attrs,
     storage_errors,
     take_over_stale,
     trial_recipe,
@@ -330,11 +331,9 @@ def _loop(
                 trial = resume_trial(study, resumable.pop(0), dists) if resumable else study.ask(dists)
                 beats.start(trial)
                 recipe = space.decode([trial.params[n] for n in space.names])
-                trial.set_user_attr("recipe", recipe.to_yaml())
-                trial.set_user_attr("recipe_hash", recipe.hash())
                 items = TrialItems.for_trial(protocol[0], trial.number, protocol[1]) if protocol else None
-                if items is not None and items.attr() is not None:
-                    trial.set_user_attr("batch", items.attr())
+                batch = {"batch": items.attr()} if items is not None and items.attr() is not None else {}
+                set_user_attrs(trial, {"recipe": recipe.to_yaml(), "recipe_hash": recipe.hash(), **batch})
                 h = _cache_key(trial)
                 if h in cache:  # an identical candidate is never evaluated twice (on the same items)
                     _tell_cached(study, trial, cache[h])
@@ -514,35 +513,36 @@ def sampler_value(fitness: float) -> float:
     return float(f"{fitness:.{FITNESS_DIGITS}g}") if math.isfinite(fitness) else fitness
 
 
-def record_metrics(trial: optuna.Trial, metrics: dict[str, float]) -> None:
+def metric_attrs(metrics: dict[str, float]) -> dict[str, float]:
     """Each metric also as a user attr of its own, named as the metric (`task/metric`; no other attr has a '/'), beside
     the `metrics` dict: a column optuna-dashboard shows, sorts and filters (it cannot look inside a dict)."""
-    for name, value in metrics.items():
-        trial.set_user_attr(name, value)
+    return dict(metrics)
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, evaluation: Evaluation | None = None) -> None:
-    for key in ("metrics", "merge_seconds", "eval_seconds", "worker"):
-        trial.set_user_attr(key, getattr(outcome, key))
-    record_metrics(trial, outcome.metrics)
+    attrs = {key: getattr(outcome, key) for key in ("metrics", "merge_seconds", "eval_seconds", "worker")}
+    attrs |= metric_attrs(outcome.metrics)
     if outcome.scores:  # items scored and tokens generated are in it (`items_scored`, `tokens_generated`)
-        trial.set_user_attr("items", encode_items(outcome.scores, outcome.totals))
+        attrs["items"] = encode_items(outcome.scores, outcome.totals)
+    if outcome.ok and outcome.values is None:
+        attrs["fitness"] = outcome.fitness
+    if outcome.ok and outcome.stopped:
+        attrs["stopped"] = outcome.stopped
+    if not outcome.ok:
+        attrs["fail_reason"] = outcome.error
+    set_user_attrs(trial, attrs)  # one transaction
     for n, value in outcome.steps:  # a race's estimate after each chunk (optuna-dashboard plots these)
         if math.isfinite(value):
             trial.report(sampler_value(value), step=n)
     if outcome.ok and outcome.stopped:
-        trial.set_user_attr("fitness", outcome.fitness)
-        trial.set_user_attr("stopped", outcome.stopped)
         study.tell(trial, state=TrialState.PRUNED)  # its value: the last estimate reported
     elif outcome.ok and outcome.values is not None:  # several objectives: each told as it is
         values = [sampler_value(v) for v in outcome.values]
         record_hypervolume(study, trial, values, evaluation.reference_point if evaluation else None)
         study.tell(trial, values)
     elif outcome.ok:
-        trial.set_user_attr("fitness", outcome.fitness)
         study.tell(trial, sampler_value(outcome.fitness))
     else:
-        trial.set_user_attr("fail_reason", outcome.error)
         study.tell(trial, state=TrialState.FAIL)
 
 
@@ -592,10 +592,9 @@ def _race(study: optuna.Study, racing: Racing, terms: list, number: int) -> Race
 
 
 def _tell_cached(study: optuna.Study, trial: optuna.Trial, source: FrozenTrial) -> None:
-    for key in ("metrics", "fitness"):
-        trial.set_user_attr(key, source.user_attrs.get(key))
-    record_metrics(trial, source.user_attrs.get("metrics") or {})
-    trial.set_user_attr("cached_from", source.number)
+    attrs = {key: source.user_attrs.get(key) for key in ("metrics", "fitness")}
+    attrs |= metric_attrs(source.user_attrs.get("metrics") or {})
+    set_user_attrs(trial, {**attrs, "cached_from": source.number})
     study.tell(trial, source.values)  # one value, or one per objective
 
 

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy.exc
@@ -119,6 +120,25 @@ def take_over_stale(study: optuna.Study) -> list[int]:
         log.warning("trial %d: its process stopped (no heartbeat); re-running its parameters", t.number)
         taken.append(t.number)
     return taken
+
+
+def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    """A running trial's user attrs, in one transaction where the storage is an RDB (one commit, not one per attr:
+    on SQLite each commit is a sync to disk; a trial records a dozen), else one by one. Optuna's cached storage
+    writes a running trial's attrs straight to its backend too, so reads see them as with `set_user_attr`."""
+    storage = trial.study._storage
+    backend = getattr(storage, "_backend", storage)
+    if not isinstance(backend, RDBStorage):
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        for key, value in attrs.items():
+            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial._trial_id, key, value)
+    trial._cached_frozen_trial.user_attrs.update(attrs)  # what Trial.set_user_attr keeps for `trial.user_attrs`
 
 
 def load_study(cfg: RunConfig, stage: str | None = None) -> optuna.Study:
