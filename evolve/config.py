@@ -510,6 +510,12 @@ class Execution(_Strict):
     dtype: DType = "float32"
     ray_address: str | None = None
     cpus_per_worker: float = Field(default=0.5, gt=0)
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch CPU threads in each process that merges or scores (default: torch's, one per core); 1 "
+        "for tiny models or a CPU shared with other jobs, where more threads only wait on each other",
+    )
     gpus_per_worker: float = Field(default=0.0, ge=0)
     shared_study: bool = Field(default=False, description="allow several `evolve run` processes on one study")
     heartbeat_s: int = Field(

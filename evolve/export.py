@@ -47,6 +47,9 @@ def export_trial(
     tokenizer source, recipes, scores, model card) is written to a temporary sibling of `out` that takes its place
     once complete; `out` must be new or empty (or `overwrite`), and neither an input model (nor inside one) nor the
     run directory (nor holding it)."""
+    from evolve.worker import use_threads
+
+    use_threads(cfg)
     trial = best_trial(study, trial_number)
     recipe = trial_recipe(trial)
     run_dir, target = cfg.run_dir.resolve(), Path(out).expanduser().resolve()

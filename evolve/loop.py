@@ -281,6 +281,9 @@ def rescore_elites(cfg: RunConfig, study: optuna.Study, stage: str = "ps") -> di
 
 def export_ps_best(cfg: RunConfig) -> Path:
     """Write the PS stage's best merge to RUN_DIR/ps_best (model A of a hybrid's DFS stage), once per best trial."""
+    from evolve.worker import use_threads
+
+    use_threads(cfg)
     recipe = trial_recipe(best_trial(load_study(cfg, "ps")))
     out = cfg.run_dir / "ps_best"
     marker = out / RECIPE_FILE

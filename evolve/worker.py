@@ -168,9 +168,17 @@ def open_checkpoint(cfg: RunConfig, ref: str) -> Checkpoint:
     return Checkpoint.open(ref, allow_pickle=cfg.models.allow_pickle, trust_remote_code=cfg.models.trust_remote_code)
 
 
+def use_threads(cfg: RunConfig) -> None:
+    """`execution.threads` torch CPU threads in this process (unchanged when not set)."""
+    if cfg.execution.threads is not None and torch.get_num_threads() != cfg.execution.threads:
+        torch.set_num_threads(cfg.execution.threads)
+
+
 def load_live_model(cfg: RunConfig, ref: str):
     """An HF checkpoint loaded with transformers onto the execution device and dtype, in eval mode."""
     from transformers import AutoModelForCausalLM
+
+    use_threads(cfg)
 
     from merge_core.merge import resolve_device
 
@@ -182,6 +190,7 @@ def load_live_model(cfg: RunConfig, ref: str):
 
 
 def make_backend(cfg: RunConfig, template: Recipe) -> MergeBackend | DataFlowBackend:
+    use_threads(cfg)
     return DataFlowBackend(cfg, template) if isinstance(template, DataFlowRecipe) else MergeBackend(cfg, template)
 
 

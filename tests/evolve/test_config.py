@@ -210,3 +210,20 @@ def test_racing_rescore_and_max_items_fields() -> None:
     data["evaluation"]["racing"] = {"alpha": 1.5}
     with pytest.raises(EvomergeError, match=r"^config: evaluation.racing.alpha: Input should be less than 1$"):
         parse_config(data)
+
+
+def test_execution_threads_sets_torch_threads_where_models_are_built(tmp_path):
+    import torch
+
+    from evolve.worker import use_threads
+
+    with pytest.raises(EvomergeError, match="execution.threads: Input should be greater than or equal to 1"):
+        parse_config({**GOOD, "execution": {"threads": 0}})
+    before = torch.get_num_threads()
+    try:
+        use_threads(parse_config({**GOOD, "execution": {"threads": 2}}))
+        assert torch.get_num_threads() == 2
+        use_threads(parse_config(GOOD))  # not set: left as it is
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
