@@ -107,6 +107,83 @@ def run_cell(world: Path, seed: int, sampler: str, mode: str, trials: int) -> di
     return out
 
 
+POINTS = (10, 20, 30, 50, 75, 100, 150)  # trials at which the pick so far is scored held-out
+
+
+def heldout_along(world: Path, seed: int, sampler: str, mode: str, trials: int) -> list[tuple[int, int, float]]:
+    """(trials, items scored so far, held-out accuracy of the pick so far) at each of POINTS: the pick so far is
+    the best complete trial by search fitness among the first N (what the run would export had it stopped there;
+    re-scoring is not replayed). Cached in the run's economy.json."""
+    cfg = parse_config(cell_config(world, seed, sampler, mode if mode != "racing" else "racing+rescore", trials))
+    result_file = cfg.run_dir / "economy.json"
+    record = json.loads(result_file.read_text())
+    if "heldout_along" in record:
+        return record["heldout_along"]
+    trials_ = sorted(load_study(cfg).get_trials(deepcopy=False), key=lambda t: t.number)
+    picks, spent = {}, 0
+    for n, t in enumerate(trials_, 1):
+        spent += items_scored(t.user_attrs.get("items"))
+        if n in POINTS:
+            best = best_first(trials_[:n])
+            if best:
+                picks[n] = (spent, best[0])
+    recipes = {str(n): trial_recipe(t) for n, (_, t) in picks.items()}
+    scored = score_recipes_items(cfg, recipes, heldout_evaluators(cfg))
+    along = [(n, spent, scored[str(n)][0]["ja_sub/acc"]) for n, (spent, _) in sorted(picks.items())]
+    record["heldout_along"] = along
+    result_file.write_text(json.dumps(record))
+    return along
+
+
+def plot_heldout_along(results: list[dict], path: Path) -> None:
+    """Held-out accuracy of the pick so far against items scored, per world, sampler and mode (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    worlds = sorted({Path(r["world"]).name for r in results})
+    fig, axes = plt.subplots(1, len(worlds), figsize=(6.5 * len(worlds), 4.5), squeeze=False)
+    styles = {"full": "-o", "racing": "--^"}
+    colors: dict[str, str] = {}
+    for ax, world in zip(axes[0], worlds):
+        groups: dict[tuple, list] = {}
+        for r in results:
+            if Path(r["world"]).name == world and r.get("heldout_along") and r["mode"] in styles:
+                groups.setdefault((r["sampler"], r["mode"]), []).append(r["heldout_along"])
+        for (sampler, mode), runs in sorted(groups.items()):
+            n = min(len(a) for a in runs)
+            xs = np.mean([[p[1] for p in a[:n]] for a in runs], axis=0)
+            ys = np.mean([[p[2] for p in a[:n]] for a in runs], axis=0)
+            color = colors.setdefault(sampler, f"C{len(colors)}")
+            ax.plot(xs, ys, styles[mode], color=color, markersize=3, label=f"{sampler} {mode} (n={len(runs)})")
+        ax.set_title(f"world {world}")
+        ax.set_xlabel("items scored by the search")
+        ax.set_ylabel("held-out accuracy of the pick so far (mean over seeds)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def along_table(results: list[dict]) -> str:
+    """Mean held-out accuracy of the pick so far at each of POINTS, per world, sampler and mode."""
+    lines = [
+        "| world | sampler | mode | seeds | " + " | ".join(f"{n} trials" for n in POINTS) + " |",
+        "|---" * (4 + len(POINTS)) + "|",
+    ]
+    groups: dict[tuple, list] = {}
+    for r in results:
+        if r.get("heldout_along"):
+            groups.setdefault((Path(r["world"]).name, r["sampler"], r["mode"]), []).append(r["heldout_along"])
+    for (world, sampler, mode), runs in sorted(groups.items()):
+        cells = []
+        for n in POINTS:
+            at = [p for a in runs for p in a if p[0] == n]
+            cells.append(f"{np.mean([p[2] for p in at]):.3f} ({np.mean([p[1] for p in at]):.0f} items)" if at else "-")
+        lines.append(f"| {world} | {sampler} | {mode} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
     lines = [
         "| world | sampler | mode | seeds | held-out acc of the pick (mean [min, max]) | items scored (mean) | "
@@ -250,13 +327,18 @@ def main() -> None:
                         f"{r['items']} items, {r['pruned']} stopped, {r['seconds']:.0f} s",
                         flush=True,
                     )
+                    if mode != "racing+rescore":  # its search is racing's
+                        r["heldout_along"] = heldout_along((ROOT / world).resolve(), seed, sampler, mode, args.trials)
                     results.append(r)
     print(table(results))
     print()
     print(efficiency(results))
+    print()
+    print(along_table(results))
     plot(results, ROOT / "bench" / "economy.png")
     plot_curves(results, ROOT / "bench" / "economy_curves.png")
-    print("wrote bench/economy.png, bench/economy_curves.png")
+    plot_heldout_along(results, ROOT / "bench" / "economy_heldout.png")
+    print("wrote bench/economy.png, bench/economy_curves.png, bench/economy_heldout.png")
 
 
 if __name__ == "__main__":

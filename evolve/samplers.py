@@ -496,7 +496,29 @@ class ReseededNSGAIISampler(_ReseedPerTrial, optuna.samplers.NSGAIISampler):
 class ReseededGPSampler(_ReseedPerTrial, optuna.samplers.GPSampler):
     """Optuna's Gaussian-process sampler (log EI), reseeded per trial (see `_ReseedPerTrial`). It warm-starts each
     kernel fit from the previous one held in memory, so a resumed search may ask slightly different trials than an
-    uninterrupted one; PRUNED trials are left out of its model."""
+    uninterrupted one. Optuna's GPSampler fits COMPLETE trials only; with `consider_pruned_trials` (set under
+    racing) a PRUNED trial joins its data with its last reported value, the race's partial estimate, as CMA-ES is
+    told it: without them it learned from 12 of 150 raced trials."""
+
+    def __init__(self, *args: Any, consider_pruned_trials: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._consider_pruned = consider_pruned_trials
+
+    def _sample_relative_impl(
+        self, study: Study, completed_trials: list[FrozenTrial], running_trials: list[FrozenTrial], *args: Any
+    ) -> Any:
+        if self._consider_pruned:
+            pruned = study._get_trials(deepcopy=False, states=(TrialState.PRUNED,), use_cache=False)
+            completed_trials = completed_trials + [_as_complete(t) for t in pruned if t.intermediate_values]
+        return super()._sample_relative_impl(study, completed_trials, running_trials, *args)
+
+
+def _as_complete(trial: FrozenTrial) -> FrozenTrial:
+    """A PRUNED trial as a COMPLETE one whose value is its last reported value (a copy; the record is unchanged)."""
+    copy_ = copy.copy(trial)
+    copy_.state = TrialState.COMPLETE
+    copy_._values = [trial.intermediate_values[max(trial.intermediate_values)]]
+    return copy_
 
 
 def make_sampler(
@@ -523,7 +545,7 @@ def make_sampler(
                 consider_pruned_trials=racing,
             )
     if name == "gp":
-        return ReseededGPSampler(seed=seed, warn_independent_sampling=False)
+        return ReseededGPSampler(seed=seed, warn_independent_sampling=False, consider_pruned_trials=racing)
     if name == "pycma":
         return PycmaSampler(space.names, space.x0, space.bounds, sigma0, seed, popsize)
     if name == "tpe":

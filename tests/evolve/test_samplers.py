@@ -264,3 +264,38 @@ def test_pycma_trial_left_running_mid_ask_gets_its_candidate_back_in_place(tmp_p
     assert (system_attrs(resumed, trial)[GENERATION_KEY], system_attrs(resumed, trial)[INDEX_KEY]) == (1, 2)
     resumed.tell(trial, quadratic(trial.params))
     assert before + [trial.params] + run(resumed, total - len(before) - 1) == uninterrupted
+
+
+def test_gp_under_racing_learns_from_stopped_trials_with_their_partial_estimate(monkeypatch) -> None:
+    """Optuna's GPSampler fits COMPLETE trials only; under racing (`consider_pruned_trials`) a PRUNED trial joins
+    its data as COMPLETE with its last reported value, and the study's record is left as it was."""
+    from evolve.samplers import ReseededGPSampler
+
+    seen: list[list[tuple[str, float]]] = []
+
+    def record(self, study, completed, running, search_space):
+        seen.append([(t.state.name, t.value) for t in completed])
+        return {}
+
+    monkeypatch.setattr(optuna.samplers.GPSampler, "_sample_relative_impl", record)
+    dists = {"x": FloatDistribution(0.0, 1.0)}
+    for racing, expected in ((False, 10), (True, 13)):
+        seen.clear()
+        study = optuna.create_study(
+            direction="maximize", sampler=ReseededGPSampler(seed=0, n_startup_trials=10, consider_pruned_trials=racing)
+        )
+        for i in range(13):
+            trial = study.ask(dists)
+            if i % 4 == 3:  # three raced candidates stopped after two looks
+                trial.report(0.1, step=40)
+                trial.report(0.05 * i, step=80)
+                study.tell(trial, state=TrialState.PRUNED)
+            else:
+                study.tell(trial, float(i))
+        study.ask(dists)
+        assert len(seen[-1]) == expected
+        assert all(state == "COMPLETE" for state, _ in seen[-1])
+        if racing:
+            told = [v for _, v in seen[-1]]
+            assert all(any(v == pytest.approx(0.05 * i) for v in told) for i in (3, 7, 11))  # the last estimates
+        assert sum(t.state == TrialState.PRUNED for t in study.trials) == 3
