@@ -335,10 +335,10 @@ def test_a_transient_storage_failure_stops_cleanly_and_resume_continues_the_tria
     expected = uninterrupted(fast_dir, "cmaes")
     path = write_config(fast_dir / "full", "cmaes")
     storage_cls = optuna.storages.RDBStorage
-    original = storage_cls.set_trial_user_attr
+    original = storage_cls._set_trial_attr_without_commit  # under every user attr write, one by one or batched
     armed = [True]
 
-    def set_trial_user_attr(self, trial_id, key, value):
+    def set_trial_attr(self, session, model_cls, trial_id, key, value):
         if armed[0] and key == "metrics" and self.get_trial_number_from_id(trial_id) == 9:
             armed[0] = False
             try:
@@ -347,9 +347,9 @@ def test_a_transient_storage_failure_stops_cleanly_and_resume_continues_the_tria
                 raise optuna.exceptions.StorageInternalError(
                     "An exception is raised during the commit. e.g. exceeding max length."
                 ) from e
-        return original(self, trial_id, key, value)
+        return original(self, session, model_cls, trial_id, key, value)
 
-    monkeypatch.setattr(storage_cls, "set_trial_user_attr", set_trial_user_attr)
+    monkeypatch.setattr(storage_cls, "_set_trial_attr_without_commit", set_trial_attr)
     capsys.readouterr()
     assert main(["run", str(path), "--no-progress", "--no-final-table"]) == 2
     err = capsys.readouterr().err.strip()
