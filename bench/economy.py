@@ -137,16 +137,9 @@ def heldout_along(world: Path, seed: int, sampler: str, mode: str, trials: int) 
 
 def plot_heldout_along(results: list[dict], path: Path) -> None:
     """Held-out accuracy of the pick so far against items scored, per world, sampler and mode (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    worlds = sorted({Path(r["world"]).name for r in results})
-    fig, axes = plt.subplots(1, len(worlds), figsize=(6.5 * len(worlds), 4.5), squeeze=False)
     styles = {"full": "-o", "racing": "--^"}
-    colors: dict[str, str] = {}
-    for ax, world in zip(axes[0], worlds):
+
+    def draw(ax, world: str, colors: dict[str, str]) -> None:
         groups: dict[tuple, list] = {}
         for r in results:
             if Path(r["world"]).name == world and r.get("heldout_along") and r["mode"] in styles:
@@ -157,9 +150,26 @@ def plot_heldout_along(results: list[dict], path: Path) -> None:
             ys = np.mean([[p[2] for p in a[:n]] for a in runs], axis=0)
             color = colors.setdefault(sampler, f"C{len(colors)}")
             ax.plot(xs, ys, styles[mode], color=color, markersize=3, label=f"{sampler} {mode} (n={len(runs)})")
+
+    per_world_figure(results, path, "held-out accuracy of the pick so far (mean over seeds)", draw)
+
+
+def per_world_figure(results: list[dict], path: Path, ylabel: str, draw) -> None:
+    """One panel per world (`draw(ax, world, colors)` plots it; a sampler keeps its color across panels), x =
+    items scored, saved to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    worlds = sorted({Path(r["world"]).name for r in results})
+    fig, axes = plt.subplots(1, len(worlds), figsize=(6.5 * len(worlds), 4.5), squeeze=False)
+    colors: dict[str, str] = {}
+    for ax, world in zip(axes[0], worlds):
+        draw(ax, world, colors)
         ax.set_title(f"world {world}")
         ax.set_xlabel("items scored by the search")
-        ax.set_ylabel("held-out accuracy of the pick so far (mean over seeds)")
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -280,16 +290,9 @@ def plot(results: list[dict], path: Path) -> None:
 
 def plot_curves(results: list[dict], path: Path) -> None:
     """Best dev fitness so far against items scored, per world, sampler and mode: the median over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    worlds = sorted({Path(r["world"]).name for r in results})
-    fig, axes = plt.subplots(1, len(worlds), figsize=(6.5 * len(worlds), 4.5), squeeze=False)
     styles = {"full": "-", "racing": "--", "racing+rescore": ":"}
-    colors: dict[str, str] = {}
-    for ax, world in zip(axes[0], worlds):
+
+    def draw(ax, world: str, colors: dict[str, str]) -> None:
         groups: dict[tuple, list] = {}
         for r in results:
             if Path(r["world"]).name == world and r["mode"] != "racing+rescore":  # its curve is racing's
@@ -299,12 +302,8 @@ def plot_curves(results: list[dict], path: Path) -> None:
             ys = [np.interp(grid, [x for x, _ in c], [max(y, -1.0) for _, y in c]) for c in curves]
             color = colors.setdefault(sampler, f"C{len(colors)}")
             ax.plot(grid, np.median(ys, axis=0), styles[mode], color=color, label=f"{sampler} {mode} (n={len(ys)})")
-        ax.set_title(f"world {world}")
-        ax.set_xlabel("items scored by the search")
-        ax.set_ylabel("best dev fitness so far (median over seeds)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+
+    per_world_figure(results, path, "best dev fitness so far (median over seeds)", draw)
 
 
 def main() -> None:

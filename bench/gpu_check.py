@@ -44,18 +44,11 @@ from evals.data import GenerationItem  # noqa: E402
 from evals.native import GenerationEvaluator  # noqa: E402
 from merge_core.materialize import Materializer  # noqa: E402
 from merge_core.recipe import MergeRecipe  # noqa: E402
-from merge_core.synthetic import SPECIAL_TOKENS, word_tokenizer  # noqa: E402
+from merge_core.synthetic import MISTRAL_7B, SPECIAL_TOKENS, word_tokenizer  # noqa: E402
 
 SECTION = "GPU check (issue 15): 7B-shaped merge and evaluator"
 SHAPES = {
-    "full": dict(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        intermediate_size=14336,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=32000,
-    ),
+    "full": MISTRAL_7B,
     "reduced": dict(
         hidden_size=64,
         num_hidden_layers=2,

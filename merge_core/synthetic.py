@@ -57,6 +57,15 @@ DEFAULT_WORDS = (
 )
 
 # Sizes for unit tests: a whole trio builds and loads in well under a second.
+# Mistral-7B-v0.1's shape (config.json field names): the 7B scenarios of the memory plan's tests and bench/gpu_check.py
+MISTRAL_7B: dict[str, int] = dict(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=32000,
+)
 TEST_SIZES: dict[str, int] = dict(hidden_size=32, num_layers=4, intermediate_size=64, num_heads=4, num_kv_heads=2)
 
 _FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {

@@ -8,17 +8,11 @@ from transformers import AutoModelForCausalLM, MistralConfig
 from merge_core import memplan
 from merge_core.errors import EvomergeError
 from merge_core.materialize import Materializer
+from merge_core.synthetic import MISTRAL_7B as MISTRAL_7B_SHAPE
 from tests.merge_core.test_merge import recipe, trio
 
 GIB = 2**30
-MISTRAL_7B = MistralConfig(
-    hidden_size=4096,
-    num_hidden_layers=32,
-    intermediate_size=14336,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=32000,
-)
+MISTRAL_7B = MistralConfig(**MISTRAL_7B_SHAPE)
 
 
 @pytest.fixture(scope="module")
