@@ -25,7 +25,7 @@ def test_a_killed_process_trial_is_re_run_by_the_next_one(tmp_path, world):
     assert before[3].state == TrialState.RUNNING
     storage = optuna.storages.RDBStorage(cfg.storage_url)
     assert storage.get_trial(before[3]._trial_id).state == TrialState.RUNNING
-    time.sleep(3.5)  # past the grace period (3 heartbeats) since its last heartbeat
+    time.sleep(5)  # past the grace period (3 heartbeats; SQLite keeps whole seconds) since its last heartbeat
     second = evolve_cli("run", str(cfg_path), *QUIET)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "trial 3: its process stopped (no heartbeat); re-running its parameters" in second.stderr
