@@ -313,6 +313,7 @@ def main() -> None:
     p.add_argument("--samplers", nargs="+", default=["cmaes", "tpe", "random", "gp"])
     p.add_argument("--modes", nargs="+", default=["full", "racing+rescore", "racing"])
     p.add_argument("--trials", type=int, default=150)
+    p.add_argument("--report-only", action="store_true", help="tables and plots of the finished cells; run nothing")
     args = p.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     results = []
@@ -320,6 +321,9 @@ def main() -> None:
         for sampler in args.samplers:
             for mode in args.modes:
                 for seed in args.seeds:
+                    done = parse_config(cell_config((ROOT / world).resolve(), seed, sampler, mode, args.trials)).run_dir
+                    if args.report_only and not (done / "economy.json").is_file():
+                        continue
                     r = run_cell((ROOT / world).resolve(), seed, sampler, mode, args.trials)
                     print(
                         f"{Path(world).name} {sampler} {mode} seed {seed}: held-out {r['heldout_acc']:.3f}, "
