@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ from search_spaces.dfs import DataFlowSpace
 from search_spaces.ps import ParameterSpace
 
 log = logging.getLogger(__name__)
+# Optuna warns on every ask of a study whose storage has a heartbeat; ours keeps it (`Heartbeats`), as optimize does
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 def build_space(cfg: RunConfig, stage: str = "ps") -> SearchSpace:
@@ -485,6 +488,9 @@ class Heartbeats:
         if self.enabled:
             from optuna.storages._heartbeat import HeartbeatThread
 
+            # the first beat before anything else: a trial without one is never found stale (a process killed
+            # before its thread's first beat would leave it RUNNING for good)
+            self.study._storage.record_heartbeat(trial._trial_id)
             thread = HeartbeatThread(trial._trial_id, self.study._storage)
             thread.start()
             self.threads[trial.number] = thread

@@ -37,3 +37,27 @@ def test_a_killed_process_trial_is_re_run_by_the_next_one(tmp_path, world):
     assert sum(counted(t) for t in trials) == 6
     # the finished trials of the killed process are kept as they were
     assert [(t.number, t.value) for t in trials[:3]] == [(n, before[n].value) for n in range(3)]
+
+
+def test_a_trial_has_its_first_heartbeat_before_it_goes_to_a_worker(tmp_path):
+    """The first beat is written at once, not by the thread later: a process killed in between would otherwise leave
+    a trial no one ever finds stale."""
+    from evolve.loop import Heartbeats
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=60)
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    beats = Heartbeats(study)
+    started = []
+    real = optuna.storages._heartbeat.HeartbeatThread.start
+    optuna.storages._heartbeat.HeartbeatThread.start = lambda self: started.append(self)  # no thread beats
+    try:
+        beats.start(trial)
+    finally:
+        optuna.storages._heartbeat.HeartbeatThread.start = real
+    assert started and storage.get_heartbeat_interval() == 60
+    with storage.scoped_session() as session:
+        from optuna.storages._rdb import models
+
+        assert models.TrialHeartbeatModel.where_trial_id(trial._trial_id, session) is not None
+    beats.threads.clear()
