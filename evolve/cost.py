@@ -24,15 +24,13 @@ class TaskCost:
 
 
 def task_items(task: Any) -> int | None:
-    """How many items of `task` a candidate is scored on (its limit applied); None when the data cannot be read
-    here without a download (a hub dataset not cached, an lm-eval task)."""
+    """How many items of `task` a candidate is scored on (its limit applied); its limit alone (None: unknown) when
+    the data is not read here (an lm-eval or perplexity task, a hub dataset not cached)."""
     from evals.data import DatasetNotCached, dataset_rows, read_jsonl, split_path
 
-    if task.type == "lm_eval":
+    if task.type in ("lm_eval", "perplexity"):
         return task.limit
     try:
-        if task.type == "perplexity":
-            return None if task.limit is None else task.limit
         if getattr(task, "dataset", None) is not None:
             n = len(dataset_rows(task.type, task.dataset.model_dump(), offline=True))
         else:
