@@ -1,7 +1,9 @@
-"""Answer-language checks: is a response Japanese (script share), or is its answer word in a vocabulary.
+"""Answer-language checks: is a response Japanese (script share), French or English (function-word share), or is
+its answer word in a vocabulary.
 
 Sakana's MGSM-JA score counted an answer only if the response was Japanese (they used fastText
-lid.176); here a script-share test stands in. A check maps a response to a bool.
+lid.176); here a script-share test stands in for Japanese, and a function-word vote for languages that share the
+Latin script. A check maps a response to a bool.
 """
 
 from __future__ import annotations
@@ -83,13 +85,62 @@ class WordPattern:
         return re.search(self.pattern, words[0] if self.word == "first" else words[-1]) is not None
 
 
+# Frequent words of each language that the others do not use as words (ambiguous ones such as "a", "on", "plus",
+# "est" in English math, "son", "pour" left out); lower case, accents kept, apostrophe-split ("l'eau" -> "l", "eau").
+FUNCTION_WORDS: dict[str, frozenset[str]] = {
+    "fr": frozenset(
+        "le la les l un une des de du d et il elle ils elles je tu nous vous ce cette ces qui que qu quoi dans "
+        "pour par avec sur au aux ne pas reste combien chaque donc alors mais ou leur leurs sa ses mon ma mes notre "
+        "votre très aussi y lui est sont ont avait était fait en réponse".split()
+    ),
+    "en": frozenset(
+        "the an of and is are was were has have had he she it they we you this that these those which who what "
+        "in for with by at to from not no each how many much left so then but or their his her its my our your "
+        "very also does did do there answer".split()
+    ),
+}
+_WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
+
+
+def function_word_counts(text: str) -> dict[str, int]:
+    """Per language, how many of `text`'s words are its function words."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    return {lang: sum(w in vocab for w in words) for lang, vocab in FUNCTION_WORDS.items()}
+
+
+@dataclass(frozen=True)
+class FunctionWordShare:
+    """True when `language`'s function words are at least `threshold` of the function words of every known
+    language in the response, and at least `min_words` of them (a bare number is no language)."""
+
+    language: str
+    threshold: float = 0.6
+    min_words: int = 2
+
+    def __post_init__(self) -> None:
+        if self.language not in FUNCTION_WORDS:
+            raise EvomergeError(
+                f"language_check.language: no word list for {self.language!r} (choose one of {sorted(FUNCTION_WORDS)})"
+            )
+        if not 0.0 < self.threshold <= 1.0:
+            raise EvomergeError(f"language_check.threshold must be in (0, 1], got {self.threshold}")
+        if self.min_words < 1:
+            raise EvomergeError(f"language_check.min_words must be >= 1, got {self.min_words}")
+
+    def __call__(self, response: str) -> bool:
+        counts = function_word_counts(response)
+        mine, total = counts[self.language], sum(counts.values())
+        return mine >= self.min_words and mine >= self.threshold * total
+
+
 def make_language_check(spec: Mapping[str, Any] | LanguageCheck | None) -> LanguageCheck | None:
-    """A check from {"type": "japanese", "threshold": 0.5} or {"type": "pattern", "pattern": ..., "word": ...}."""
+    """A check from {"type": "japanese", "threshold": 0.5}, {"type": "words", "language": "fr", "threshold": 0.6}
+    or {"type": "pattern", "pattern": ..., "word": ...}."""
     if spec is None or callable(spec):
         return spec
     fields = dict(spec)
     kind = fields.pop("type", None)
-    kinds: dict[str, type] = {"japanese": JapaneseScript, "pattern": WordPattern}
+    kinds: dict[str, type] = {"japanese": JapaneseScript, "words": FunctionWordShare, "pattern": WordPattern}
     if kind not in kinds:
         raise EvomergeError(f"language_check.type: unknown check {kind!r} (choose one of {sorted(kinds)})")
     try:

@@ -51,3 +51,27 @@ def test_make_language_check() -> None:
         make_language_check({"type": "fasttext"})
     with pytest.raises(EvomergeError, match="bad fields"):
         make_language_check({"type": "japanese", "cutoff": 0.5})
+
+
+@pytest.mark.parametrize(
+    ("text", "french"),
+    [
+        ("Tom a 23 pommes et en reçoit 45 de plus, donc 23 + 45 = 68. La réponse est 68.", True),
+        ("Tom has 23 apples and gets 45 more, so 23 + 45 = 68. The answer is 68.", False),
+        ("Tom a 23 pommes. The answer is 68.", False),  # 0 French function words ("a" counts for neither), 3 English
+        ("Il y a 6 boîtes, donc 6 * 8 = 48. The answer is 48.", False),  # il, y, donc vs the, answer, is: 0.5 < 0.6
+        ("68", False),  # a bare number is no language
+        ("Le chat.", False),  # one function word: under min_words
+        ("L'herbe est verte.", True),  # apostrophes split: l, est
+    ],
+)
+def test_function_word_share_tells_french_from_english(text: str, french: bool) -> None:
+    check = make_language_check({"type": "words", "language": "fr"})
+    assert check(text) is french
+
+
+def test_function_word_check_rejects_unknown_languages_in_one_line() -> None:
+    with pytest.raises(EvomergeError, match="language_check.language: no word list for 'xx'"):
+        make_language_check({"type": "words", "language": "xx"})
+    with pytest.raises(EvomergeError, match="language_check.min_words must be >= 1"):
+        make_language_check({"type": "words", "language": "en", "min_words": 0})
