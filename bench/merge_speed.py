@@ -47,7 +47,10 @@ import yaml  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+BASELINE_ENV = "MERGE_SPEED_BASELINE"  # set in a worker that times an earlier commit's merge_core (--baseline-rev)
+sys.path.insert(0, os.environ.get(BASELINE_ENV) or str(REPO))
+if os.environ.get(BASELINE_ENV):
+    sys.path.insert(1, str(REPO))
 
 from results import RESULTS, write_section  # noqa: E402  (bench/ is on sys.path: scripts run from it)
 
@@ -373,14 +376,19 @@ def in_memory_worker(method: str, models: dict[str, Path], repeats: int, out: Pa
     )
 
 
-def in_memory(method: str, work: Path, repeats: int, bandwidth_gbs: float, env: dict[str, str]) -> InMemory:
-    """Run in_memory_worker in a fresh process (its peak RSS is the worker's alone)."""
-    out = work / f"in_memory_{method}.json"
+def in_memory(
+    method: str, work: Path, repeats: int, bandwidth_gbs: float, env: dict[str, str], baseline: Path | None = None
+) -> InMemory:
+    """Run in_memory_worker in a fresh process (its peak RSS is the worker's alone); with ``baseline`` (a
+    directory holding an earlier commit's merge_core), that code instead of this checkout's."""
+    tag = f"{method}_baseline" if baseline else method
+    out = work / f"in_memory_{tag}.json"
     run = timed(
-        [sys.executable, __file__, "--work", str(work), "--repeats", str(repeats), "--in-memory-worker", method],
-        work / f"in_memory_{method}.log",
-        env,
-    )
+        [sys.executable, __file__, "--work", str(work), "--repeats", str(repeats), "--in-memory-worker", method,
+         "--in-memory-out", str(out)],
+        work / f"in_memory_{tag}.log",
+        {**env, BASELINE_ENV: str(baseline)} if baseline else env,
+    )  # fmt: skip
     r = json.loads(out.read_text())
     bound = (r["resident_bytes"] + r["cache_bytes"] + r["output_bytes"]) / (bandwidth_gbs * 1e9)
     return InMemory(
@@ -397,6 +405,20 @@ def in_memory(method: str, work: Path, repeats: int, bandwidth_gbs: float, env: 
         r["anon_peak_bytes"] / MIB,
         r["plan_line"],
     )
+
+
+def baseline_code(rev: str, work: Path) -> Path:
+    """merge_core as of git revision ``rev``, extracted under ``work`` (once): the A of an A/B timing in one run."""
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True, text=True)
+    if sha.returncode:
+        raise SystemExit(f"--baseline-rev: {rev!r} is not a git revision of {REPO}")
+    target = work / f"baseline-{sha.stdout.strip()}"
+    if not (target / "merge_core").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha.stdout.strip(), "merge_core"],
+                                 capture_output=True, check=True)  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    return target
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -438,6 +460,12 @@ def main() -> None:
         "--threads", type=int, help="torch threads here and OMP/MKL threads of both CLIs (default: torch's)"
     )
     parser.add_argument("--in-memory-worker", metavar="METHOD", help=argparse.SUPPRESS)
+    parser.add_argument("--in-memory-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--baseline-rev",
+        help="also time the in-memory re-merge with merge_core as of this git revision, each method's baseline "
+        "worker right before this checkout's (a before/after ratio under the same load)",
+    )
     parser.add_argument("--in-memory-only", action="store_true", help="only the in-memory re-merge (its own section)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
@@ -458,9 +486,8 @@ def main() -> None:
 
     models = ensure_checkpoints(work)
     if args.in_memory_worker:
-        return in_memory_worker(
-            args.in_memory_worker, models, args.repeats, work / f"in_memory_{args.in_memory_worker}.json"
-        )
+        out = args.in_memory_out or work / f"in_memory_{args.in_memory_worker}.json"
+        return in_memory_worker(args.in_memory_worker, models, args.repeats, out)
     shapes = checkpoint_shapes(models["base"])
     n_params = sum(numel(s) for s in shapes.values())
     print(f"{n_params:,} parameters per checkpoint ({len(shapes)} tensors, bf16)", flush=True)
@@ -567,8 +594,16 @@ def in_memory_section(
     """The in-memory re-merge of each method in a fresh worker process, against the copy-bandwidth bound."""
     bandwidth = copy_bandwidth_gbs()
     print(f"copy bandwidth: {bandwidth:.1f} GB/s (read + write)", flush=True)
-    inmem = []
+    inmem, baselines = [], {}
+    baseline = baseline_code(args.baseline_rev, work) if args.baseline_rev else None
     for method in args.methods:
+        if baseline:
+            b = baselines[method] = in_memory(method, work, args.repeats, bandwidth, env, baseline)
+            print(
+                f"{method} in memory at {args.baseline_rev}: first apply {b.first_apply_s:.2f}s, "
+                f"apply min {min(b.apply_s):.2f}s",
+                flush=True,
+            )
         r = in_memory(method, work, args.repeats, bandwidth, env)
         inmem.append(r)
         print(
@@ -614,6 +649,23 @@ def in_memory_section(
             f"{min(r.apply_s):.2f} / {statistics.median(r.apply_s):.2f} | "
             f"{r.bound_s:.2f} | {ratio:.1f}× ({verdict}, ≤ {INMEM_TARGET:g}×) |"
         )
+    if baselines:
+        lines += [
+            "",
+            f"Before / after in this run: each method's worker with merge_core as of `{args.baseline_rev}` "
+            "(`--baseline-rev`), right before this checkout's, same checkpoints, candidates and load.",
+            "",
+            f"| method | first apply at {args.baseline_rev} (s) | first apply now (s) | now / before "
+            f"| apply min at {args.baseline_rev} (s) | apply min now (s) | now / before |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in inmem:
+            b = baselines[r.method]
+            lines.append(
+                f"| {r.method} | {b.first_apply_s:.2f} | {r.first_apply_s:.2f} | "
+                f"{r.first_apply_s / b.first_apply_s:.2f} | {min(b.apply_s):.2f} | {min(r.apply_s):.2f} | "
+                f"{min(r.apply_s) / min(b.apply_s):.2f} |"
+            )
     lines += ["", "Plan log lines:", ""] + [f"- {r.method}: `{r.plan_line}`" for r in inmem]
     text = "\n".join(lines) + "\n"
     print("\n" + text)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 import time
 from typing import Literal
 
@@ -132,24 +133,29 @@ class Materializer:
 
     # ---- TensorInputs ---------------------------------------------------------------------------
     def tensor(self, model: str, name: str) -> torch.Tensor:
-        return self._tensors[(model, name)].float()
+        """The resident tensor as stored (the load dtype): the methods upcast it to float32 exactly, or, for the
+        base of a task-arithmetic method, add it to the float32 result as it is (no float32 copy)."""
+        return self._tensors[(model, name)]
 
     def delta(self, model: str, name: str) -> torch.Tensor:
         cached = self._deltas.get((model, name))
         if cached is not None:
             return cached
         assert self.template.base_model is not None
-        return self.tensor(model, name) - self.tensor(self.template.base_model, name)
+        return self.tensor(model, name).float() - self.tensor(self.template.base_model, name).float()
 
     def precomputed(self, model: str, name: str, spec: methods.MethodSpec, seed: int) -> methods.Precomputed | None:
-        """The cached rank / DARE uniforms / L1 norm of a task vector (computed on first use), or None when off."""
+        """The cached magnitude keys / DARE uniforms of a task vector, and its L1 norm for a method that rescales by
+        default (computed on first use; a recipe that turns rescale on elsewhere computes the norm per candidate),
+        or None when off."""
         if not self.precompute or spec.sparsification not in _CACHEABLE:
             return None
         key = (model, name)
         pre, pre_seed = self._precomputed.get(key, (methods.Precomputed(), None))
         needs_keys = spec.sparsification in ("magnitude", "magnitude_outliers") and pre.keys is None
         needs_uniform = spec.sparsification == "random" and (pre.uniform is None or pre_seed != seed)
-        if needs_keys or needs_uniform or pre.l1 is None:
+        needs_l1 = pre.l1 is None and spec.global_params.get("rescale") is True  # rescaling by default (DARE)
+        if needs_keys or needs_uniform or needs_l1:
             delta = self.delta(model, name)
             keys = methods.magnitude_keys(delta) if needs_keys and delta.numel() else pre.keys
             if needs_uniform:
@@ -157,7 +163,7 @@ class Materializer:
                 uniform, pre_seed = methods.dare_uniform(delta.shape, generator, self.device), seed
             else:
                 uniform = pre.uniform
-            pre = methods.Precomputed(keys=keys, uniform=uniform, l1=delta.abs().sum() if pre.l1 is None else pre.l1)
+            pre = methods.Precomputed(keys=keys, uniform=uniform, l1=methods.l1_norm(delta) if needs_l1 else pre.l1)
             self._precomputed[key] = (pre, pre_seed)
         return pre
 
@@ -178,6 +184,9 @@ class Materializer:
         model = AutoModelForCausalLM.from_pretrained(
             str(self.reference.path), dtype=dtype or self.out_dtype, trust_remote_code=self.trust_remote_code
         )
+        if self.device.type == "cpu":  # parameters may be copy-on-write pages of the checkpoint's memory map:
+            for p in model.parameters():  # own them now, not page by page in the first apply (tied ones stay tied)
+                p.data = p.data.clone()
         return model.to(self.device).eval()
 
     @torch.no_grad()
@@ -189,11 +198,20 @@ class Materializer:
         if missing:
             raise EvomergeError(f"live model parameter {missing[0]} has no tensor in {self.reference.name}")
 
-        def merged(name: str) -> torch.Tensor:
-            return compute_tensor(recipe, plan_tensor(recipe, name, self.num_layers), self, self.device)
+        local, workspaces = threading.local(), []  # one methods.Workspace per thread, reused from tensor to tensor
 
-        for name, tensor in map_tensors(merged, params, self.workers):
-            params[name].copy_(tensor)
+        def write(name: str) -> None:
+            if not hasattr(local, "workspace"):
+                local.workspace = methods.Workspace()
+                workspaces.append(local.workspace)
+            plan = plan_tensor(recipe, name, self.num_layers)
+            with torch.no_grad():  # grad mode is per thread
+                params[name].copy_(compute_tensor(recipe, plan, self, self.device, local.workspace))  # before the next
+
+        for _ in map_tensors(write, params, self.workers):
+            pass
+        for workspace in workspaces:  # the evaluator gets the memory back between candidates
+            workspace.release()
         release_free_memory(self.device)
 
     def _check_same_models(self, recipe: MergeRecipe) -> None:

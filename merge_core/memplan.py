@@ -34,9 +34,11 @@ PROMPT_TOKENS = 512  # assumed prompt length of one evaluation sequence when siz
 KEY_BYTES = 2  # int16 magnitude key per task-vector element (methods.magnitude_keys)
 HISTOGRAM_BINS = 2**15  # at most this many int64 counts per task vector (methods.MagnitudeKeys)
 UNIFORM_BYTES = 4  # float32 DARE draw per task-vector element
-# float32 temporaries of one tensor's merge: WORK_BUFFERS + 2 per source (its masked copy and its mask), + one
-# per model when sources are resident (each upcast); measured 31-36 bytes per element with two sources (bench)
-WORK_BUFFERS = 4
+# float32 buffers of one tensor's GTA merge (methods.generalized_task_arithmetic): one per source (its weighted,
+# sparsified task vector, the mask first), + WORK_BUFFERS (elected sign, scratch, divisor), + one per model when
+# sources are resident (each upcast); DELLA adds its keep probabilities, sort order (int64) and mask
+WORK_BUFFERS = 3
+DELLA_BYTES = 16  # per element: float32 probabilities + int64 sort order + float32 mask
 GIB = 2**30
 
 
@@ -118,7 +120,8 @@ def plan_memory(
                 per_tensor = 4 * (1 + n_models)
             else:
                 sources_f32 = n_models if layout == "sources" else 0  # each input upcast while a tensor is merged
-                per_tensor = 4 * (WORK_BUFFERS + 2 * n_sources + sources_f32)
+                per_tensor = 4 * (WORK_BUFFERS + n_sources + sources_f32)
+                per_tensor += DELLA_BYTES if sparsification == "della_magprune" else 0
             parts.append(("merge workspace", per_tensor * sum(sorted(numels, reverse=True)[: max(1, workers)])))
             parts.append(("evaluator reserve", int(evaluator_bytes)))
             options.append(

@@ -39,7 +39,7 @@ class TensorInputs(Protocol):
     """Where a tensor's inputs come from: checkpoints on disk, or tensors resident on a device."""
 
     def tensor(self, model: str, name: str) -> torch.Tensor:
-        """The model's tensor, float32, on the compute device."""
+        """The model's tensor on the compute device: float32, or a narrower float dtype the methods upcast."""
 
     def delta(self, model: str, name: str) -> torch.Tensor:
         """The task vector (model - base), float32, on the compute device."""
@@ -121,8 +121,15 @@ def _needs(spec: methods.MethodSpec, model: str, recipe: MergeRecipe) -> bool:
     return spec.kind == "linear" or (spec.kind == "gta" and model != recipe.base_model)
 
 
-def compute_tensor(recipe: MergeRecipe, plan: TensorPlan, inputs: TensorInputs, device: torch.device) -> torch.Tensor:
-    """The merged tensor (float32) for one plan: gather the method's inputs, then methods.merge_tensor."""
+def compute_tensor(
+    recipe: MergeRecipe,
+    plan: TensorPlan,
+    inputs: TensorInputs,
+    device: torch.device,
+    workspace: methods.Workspace | None = None,
+) -> torch.Tensor:
+    """The merged tensor (float32) for one plan: gather the method's inputs, then methods.merge_tensor (with a
+    workspace, the result may be a view of its buffers: use it before the workspace's next merge)."""
     spec = method_spec(recipe)
     name, base = plan.name, recipe.base_model
     if spec.kind == "linear":
@@ -144,6 +151,7 @@ def compute_tensor(recipe: MergeRecipe, plan: TensorPlan, inputs: TensorInputs, 
         if spec.stochastic
         else None,
         precomputed=[cache(m, name, spec, recipe.seed) for m in contributors] if cache is not None else None,
+        workspace=workspace,
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -60,12 +61,20 @@ class Precomputed:
 
 
 def magnitude_keys(delta: Tensor) -> MagnitudeKeys:
-    """MagnitudeKeys of a non-empty task vector (a few elementwise passes and one histogram; no sort)."""
-    bits = _f32(delta).abs().view(torch.int32).bitwise_right_shift(16).reshape(-1)
-    low, high = int(bits.min()), int(bits.max())
-    counts = torch.bincount(bits.sub_(low), minlength=high - low + 1)
-    keys = bits.add_(low).to(torch.int16).reshape(delta.shape)
-    return MagnitudeKeys(keys=keys, low=low, at_least=counts.flip(0).cumsum(0).flip(0))
+    """MagnitudeKeys of a non-empty task vector: one pass reading the high halves of the float32 words (sign
+    cleared) into int16, and one histogram of those; no sort."""
+    if _LITTLE_ENDIAN:  # the high 16 bits of a float32 are the odd int16 of its two
+        high_halves = _f32(delta).contiguous().view(torch.int16).reshape(-1, 2)[:, 1]
+        keys = torch.bitwise_and(high_halves, 0x7FFF)  # |delta| bits >> 16
+    else:
+        keys = _f32(delta).abs().view(torch.int32).bitwise_right_shift(16).to(torch.int16).reshape(-1)
+    counts = torch.bincount(keys)  # length max key + 1
+    low = int(torch.count_nonzero(torch.cumsum(counts, 0) == 0))  # the smallest key present
+    at_least = counts[low:].flip(0).cumsum(0).flip(0)
+    return MagnitudeKeys(keys=keys.reshape(delta.shape), low=low, at_least=at_least)
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def _f32(tensor: Tensor) -> Tensor:
@@ -125,33 +134,42 @@ def _top_k_mask(magnitudes: Tensor, k: int) -> Tensor:
     return keep.reshape(magnitudes.shape)
 
 
-def _top_k_mask_keyed(delta: Tensor, keys: MagnitudeKeys, k: int) -> Tensor:
-    """_top_k_mask(|delta|, k) from magnitude_keys(delta): key > b, plus the top of the elements with key == b."""
+def _top_k_mask_keyed(delta: Tensor, keys: MagnitudeKeys, k: int, out: Tensor | None = None) -> Tensor:
+    """_top_k_mask(|delta|, k) from magnitude_keys(delta): key > b, plus the top of the elements with key == b.
+    Written into ``out`` (delta's shape, bool or float32 0/1) when given."""
     n = delta.numel()
     if k <= 0 or k >= n:
+        if out is not None:
+            return out.fill_(k > 0)
         return torch.full(delta.shape, k > 0, dtype=torch.bool, device=delta.device)
     at_least = keys.at_least
     j = int(torch.count_nonzero(at_least >= k)) - 1  # at_least falls with the key: b = low + j
     above = int(at_least[j + 1]) if j + 1 < at_least.numel() else 0
     flat_keys = keys.keys.reshape(-1)
-    keep = flat_keys > keys.low + j
+    keep = torch.gt(flat_keys, keys.low + j, out=None if out is None else out.view(-1))
     boundary = torch.nonzero(flat_keys == keys.low + j).squeeze(1)  # ascending: ties keep the lower index
     chosen = _top_k_mask(_f32(delta.reshape(-1).index_select(0, boundary)).abs(), k - above)
     keep.index_fill_(0, boundary[chosen], True)  # index_select / index_fill_: cheaper than advanced indexing
     return keep.reshape(delta.shape)
 
 
-def magnitude_mask(delta: Tensor, density: float, keys: MagnitudeKeys | None = None) -> Tensor:
+def magnitude_mask(
+    delta: Tensor, density: float, keys: MagnitudeKeys | None = None, out: Tensor | None = None
+) -> Tensor:
     """Keep the k = max(1, int(density·n)) largest |delta| (ties: lower index); density ≤ 0 keeps none, ≥ 1 all.
     With ``keys`` (magnitude_keys(delta), made here for a large tensor) the selection reads 2 bytes per element
-    and selects among the few that share the threshold's key."""
-    if density >= 1:
-        return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
-    if density <= 0 or delta.numel() == 0:
-        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+    and selects among the few that share the threshold's key. Bool, or written into ``out`` (e.g. float32 0/1)."""
+    if density >= 1 or density <= 0 or delta.numel() == 0:
+        keep_all = density >= 1
+        if out is not None:
+            return out.fill_(keep_all)
+        return torch.full(delta.shape, keep_all, dtype=torch.bool, device=delta.device)
     k = max(1, int(density * delta.numel()))
     keys = keys if keys is not None or delta.numel() < KEYED_MIN else magnitude_keys(delta)
-    return _top_k_mask_keyed(delta, keys, k) if keys is not None else _top_k_mask(_f32(delta).abs(), k)
+    if keys is not None:
+        return _top_k_mask_keyed(delta, keys, k, out)
+    mask = _top_k_mask(_f32(delta).abs(), k)
+    return mask if out is None else out.copy_(mask)
 
 
 def magnitude_outliers_mask(
@@ -178,26 +196,43 @@ def bernoulli_mask(
     generator: torch.Generator | None,
     device: torch.device | str = "cpu",
     uniform: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """m_j = [u_j < density], u_j ~ U[0, 1) (drawn from ``generator``, or the given draws), as float32 0/1."""
+    """m_j = [u_j < density], u_j ~ U[0, 1) (drawn from ``generator``, or the given draws), as float32 0/1
+    (into ``out`` when given; the draws then go there first)."""
     if uniform is None:
-        uniform = dare_uniform(shape, generator, device)
-    return torch.lt(uniform, density, out=torch.empty_like(uniform))  # one pass; faster than torch.bernoulli
+        uniform = dare_uniform(shape, generator, device, out=out)
+    return torch.lt(uniform, density, out=torch.empty_like(uniform) if out is None else out)  # one pass
 
 
-def dare_uniform(shape: Sequence[int], generator: torch.Generator | None, device: torch.device | str = "cpu") -> Tensor:
+def dare_uniform(
+    shape: Sequence[int],
+    generator: torch.Generator | None,
+    device: torch.device | str = "cpu",
+    out: Tensor | None = None,
+) -> Tensor:
     """The U[0, 1) draws bernoulli_mask makes from ``generator`` (cacheable while the generator's seed is fixed)."""
-    return torch.rand(tuple(shape), generator=generator, dtype=torch.float32, device=device)
+    return torch.rand(tuple(shape), generator=generator, dtype=torch.float32, device=device, out=out)
 
 
 def rescaled(delta: Tensor, mask: Tensor, rescale: bool, l1: Tensor | None = None) -> Tensor:
     """delta ⊙ m, times ||delta||_1 / ||delta ⊙ m||_1 when rescale (unless either norm < 1e-7)."""
     masked = _f32(delta) * (mask if mask.dtype == torch.float32 else mask.to(torch.float32))  # a bool operand is slower
-    if not rescale:
-        return masked
-    before, after = (l1 if l1 is not None else _f32(delta).abs().sum()), masked.abs().sum()
+    return masked.mul_(_rescale_factor(delta, masked, l1)) if rescale else masked
+
+
+def _rescale_factor(delta: Tensor, masked: Tensor, l1: Tensor | None, scratch: Tensor | None = None) -> Tensor:
+    """||delta||_1 / ||masked||_1, or 1 when either is below 1e-7 (a 0-dim tensor: no host sync). The norms are
+    abs then sum (``scratch`` holds the absolute values when given), as everywhere a norm is cached."""
+    before = l1 if l1 is not None else l1_norm(delta, scratch)
+    after = l1_norm(masked, scratch)
     degenerate = (before < RESCALE_EPS) | (after < RESCALE_EPS)
-    return masked.mul_(torch.where(degenerate, torch.ones_like(before), before / after))  # no host sync
+    return torch.where(degenerate, torch.ones_like(before), before / after)
+
+
+def l1_norm(x: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """sum_j |x_j| in float32 (the one way every L1 norm of a task vector is computed, cached or not)."""
+    return torch.abs(_f32(x), out=scratch).sum()
 
 
 def _della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
@@ -257,6 +292,74 @@ def sparsify(
     raise EvomergeError(f"unknown sparsification {method!r}; use one of {', '.join(SPARSIFICATIONS)}")
 
 
+def _weighted_sparse(
+    delta: Tensor,
+    weight: float,
+    density: float,
+    method: str | None,
+    *,
+    rescale: bool,
+    gamma: float,
+    epsilon: float,
+    generator: torch.Generator | None,
+    precomputed: Precomputed | None,
+    out: Tensor,
+    scratch: Tensor,
+) -> Tensor:
+    """w·sparsify(delta), bit for bit, written into ``out`` (float32, delta's shape; ``scratch`` is a second one):
+    the mask as float32 0/1 in ``out``, then one pass -0 + (w·m)·δ, whose products are exact (m is 0 or 1) and
+    whose -0 start keeps every signed zero; with rescale, (δ·m)·factor·w as sparsify then _weighted compute it."""
+    if method is None or (density >= 1 and method in SPARSIFICATIONS):
+        return torch.mul(delta, float(weight), out=out)
+    pre = precomputed or Precomputed()
+    if method == "magnitude":
+        mask = magnitude_mask(delta, density, pre.keys, out=out)
+    elif method == "random":
+        mask = bernoulli_mask(delta.shape, density, generator, delta.device, pre.uniform, out=out)
+    elif method == "magnitude_outliers":
+        mask = out.copy_(magnitude_outliers_mask(delta, density, gamma, pre.keys))
+    else:  # della_magprune, unknown names: the plain path
+        return _weighted(sparsify(delta, density, method, rescale=rescale, gamma=gamma, epsilon=epsilon,
+                                  generator=generator, precomputed=precomputed), delta, float(weight))  # fmt: skip
+    if not rescale:
+        return torch.addcmul(_scalar(-0.0, out), mask, delta, value=float(weight), out=mask)
+    masked = torch.mul(delta, mask, out=mask)
+    masked.mul_(_rescale_factor(delta, masked, pre.l1, scratch))
+    return masked.mul_(float(weight))
+
+
+def _scalar(value: float, like: Tensor) -> Tensor:
+    return torch.full((), value, dtype=torch.float32, device=like.device)
+
+
+class Workspace:
+    """Float32 buffers one thread reuses from tensor to tensor: a fresh large CPU tensor costs a page fault per
+    4 KiB, about as much as one pass over it. ``buffer(i, like)`` is a view of the i-th, grown on demand; a merge
+    given a workspace returns a view of one of them, which must be used before that workspace's next merge."""
+
+    def __init__(self) -> None:
+        self._buffers: list[Tensor] = []
+
+    def buffer(self, i: int, like: Tensor) -> Tensor:
+        n = like.numel()
+        while len(self._buffers) <= i:
+            self._buffers.append(torch.empty(0, dtype=torch.float32, device=like.device))
+        if self._buffers[i].numel() < n or self._buffers[i].device != like.device:
+            self._buffers[i] = torch.empty(n, dtype=torch.float32, device=like.device)
+        return self._buffers[i][:n].view(like.shape)
+
+    def release(self) -> None:
+        """Drop every buffer (the next merge allocates them again)."""
+        self._buffers.clear()
+
+
+def _buffer(workspace: Workspace | None, i: int, like: Tensor) -> Tensor:
+    """Workspace buffer i shaped like ``like``, or a fresh float32 tensor without a workspace."""
+    if workspace is None:
+        return torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    return workspace.buffer(i, like)
+
+
 # ----------------------------------------------------------------------------- sign consensus, GTA
 
 
@@ -265,23 +368,28 @@ def _majority_positive(weighted_deltas: Sequence[Tensor], method: str) -> Tensor
     return _majority_sign(weighted_deltas, method) > 0
 
 
-def _majority_sign(weighted_deltas: Sequence[Tensor], method: str) -> Tensor:
-    """The elected sign as float32 ±1: +1 where sum_i d_i ≥ 0 ("sum") or sum_i sign(d_i) ≥ 0 ("count").
+def _majority_sign(weighted_deltas: Sequence[Tensor], method: str, out: Tensor | None = None) -> Tensor:
+    """The elected sign as float32 ±1 (into ``out`` when given): +1 where sum_i d_i ≥ 0 ("sum") or
+    sum_i sign(d_i) ≥ 0 ("count").
 
     "sum" adds the deltas without a +0 start: the total is -0 only where every d_i is ±0, and those elements
     agree with no sign, so electing - there (copysign(1, -0) = -1) changes nothing."""
     if method not in CONSENSUS_METHODS:
         raise EvomergeError(f"unknown consensus {method!r}; use one of {', '.join(CONSENSUS_METHODS)}")
+    first = weighted_deltas[0]
     if method == "sum":
-        total = _f32(weighted_deltas[0]) if len(weighted_deltas) == 1 else weighted_deltas[0] + weighted_deltas[1]
+        if len(weighted_deltas) == 1:
+            total = _f32(first)
+        else:
+            total = torch.add(first, weighted_deltas[1], out=out)
         for delta in weighted_deltas[2:]:
             total = total.add_(delta)
     else:
-        total = torch.zeros_like(weighted_deltas[0], dtype=torch.float32)
+        total = torch.zeros(first.shape, dtype=torch.float32, device=first.device, out=out)
         for delta in weighted_deltas:
             total.add_(torch.sign(delta))
         total.add_(0.0)  # -0 (no votes) elects +, as sum_i sign(d_i) ≥ 0 does
-    return torch.copysign(torch.ones((), dtype=torch.float32, device=total.device), total)
+    return torch.copysign(_scalar(1.0, total), total, out=out)
 
 
 def _agrees(delta: Tensor, majority_positive: Tensor) -> Tensor:
@@ -319,8 +427,12 @@ def generalized_task_arithmetic(
     epsilons: Sequence[float] | None = None,
     generators: Sequence[torch.Generator | None] | None = None,
     precomputed: Sequence[Precomputed | None] | None = None,
+    workspace: Workspace | None = None,
 ) -> Tensor:
-    """base + λ·(Σ_i m_i w_i s(δ_i)) / (Σ_i m_i w_i if normalize), s = sparsify, m = sign consensus (or 1)."""
+    """base + λ·(Σ_i m_i w_i s(δ_i)) / (Σ_i m_i w_i if normalize), s = sparsify, m = sign consensus (or 1).
+
+    Every temporary is one of count + 3 float32 buffers (w_i s(δ_i) in buffer i, then the sign, a scratch and the
+    divisor), taken from ``workspace`` when given (the result is then a view of buffer 0) or allocated."""
     count = len(deltas)
     if count == 0:
         return _f32(base)
@@ -331,20 +443,26 @@ def generalized_task_arithmetic(
     generators = _per_source(generators, count, None, "generators")
     precomputed = _per_source(precomputed, count, None, "precomputed")
     weighted = (
-        _weighted(
-            sparsify(d, p, sparsification, rescale=rescale, gamma=g, epsilon=e, generator=r, precomputed=c), d, float(w)
+        _weighted_sparse(
+            d, w, p, sparsification, rescale=rescale, gamma=g, epsilon=e, generator=r, precomputed=c,
+            out=_buffer(workspace, i, d), scratch=None if workspace is None else workspace.buffer(count, d),
         )
-        for d, w, p, g, e, r, c in zip(deltas, weights, densities, gammas, epsilons, generators, precomputed)
-    )
+        for i, (d, w, p, g, e, r, c) in enumerate(
+            zip(deltas, weights, densities, gammas, epsilons, generators, precomputed)
+        )
+    )  # fmt: skip
     if consensus is None:
         mixed, divisor = _plain_sum(weighted, weights)
     else:
-        mixed, divisor = _consensus_sum(list(weighted), weights, consensus)
+        mixed, divisor = _consensus_sum(list(weighted), weights, consensus, normalize, workspace)
     if normalize:
         mixed.div_(divisor)
     if lambda_ != 1:
         mixed.mul_(lambda_)
-    return mixed.add_(_f32(base))
+    return mixed.add_(base if base.dtype in _EXACT_IN_F32 else _f32(base))  # bf16 + float32: upcast on the fly
+
+
+_EXACT_IN_F32 = (torch.float32, torch.bfloat16, torch.float16)  # float32 holds every value of these exactly
 
 
 def _weighted(sparsified: Tensor, delta: Tensor, weight: float) -> Tensor:
@@ -362,23 +480,37 @@ def _plain_sum(weighted: Iterable[Tensor], weights: Sequence[float]) -> tuple[Te
     return mixed, (1.0 if abs(total) < 1e-8 else total)
 
 
-def _consensus_sum(weighted: list[Tensor], weights: Sequence[float], consensus: str) -> tuple[Tensor, Tensor]:
-    """(Σ_i m_i w_i δ_i, Σ_i m_i w_i) with zero divisors -> 1, m_i = sign agreement with the elected sign.
+def _consensus_sum(
+    weighted: list[Tensor],
+    weights: Sequence[float],
+    consensus: str,
+    normalize: bool = True,
+    workspace: Workspace | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """(Σ_i m_i w_i δ_i, Σ_i m_i w_i with zero divisors -> 1, or None without normalize), m_i = sign agreement
+    with the elected sign; the sum overwrites weighted[0] (the w_i δ_i are this merge's own buffers).
 
-    Four passes per source, one scratch buffer: m_i = [δ_i·sign > 0] as float32 (sign(0) never agrees),
-    then mixed += δ_i·m_i and divisor += w_i·m_i. The products are exact (m_i is 0 or 1), so the sums are the
-    ones a separate mask, product and sum give, bit for bit; mixed starts at +0 as a zero-filled sum does."""
-    sign = _majority_sign(weighted, consensus)
-    zero = torch.zeros((), dtype=torch.float32, device=sign.device)
-    scratch = torch.empty_like(sign) if len(weighted) > 1 else sign
+    Three passes per source (four with the divisor), buffers count .. count + 2 of the workspace: m_i =
+    [δ_i·sign > 0] as float32 (sign(0) never agrees), then mixed += δ_i·m_i and divisor += w_i·m_i. The products
+    are exact (m_i is 0 or 1), so the sums are the ones a separate mask, product and sum give, bit for bit; mixed
+    starts at +0 as a zero-filled sum does. Zero divisors become 1 by adding [divisor == 0] (exact)."""
+    count, first = len(weighted), weighted[0]
+    sign = _majority_sign(weighted, consensus, out=_buffer(workspace, count, first))
+    zero = _scalar(0.0, sign)
+    scratch = _buffer(workspace, count + 1, first) if count > 1 else sign
     mixed = divisor = None
     for i, (delta, weight) in enumerate(zip(weighted, weights)):
-        agree = sign if i == len(weighted) - 1 else scratch  # the last source's agreement overwrites the sign
+        agree = sign if i == count - 1 else scratch  # the last source's agreement overwrites the sign
         torch.gt(torch.mul(delta, sign, out=agree), 0, out=agree)  # 1.0 where δ_i has the elected sign
-        mixed = torch.addcmul(zero, delta, agree) if mixed is None else mixed.addcmul_(delta, agree)
-        divisor = agree.mul(float(weight)) if divisor is None else divisor.add_(agree, alpha=float(weight))
-    assert mixed is not None and divisor is not None
-    return mixed, divisor.masked_fill_(divisor == 0, 1.0)
+        mixed = torch.addcmul(zero, delta, agree, out=delta) if mixed is None else mixed.addcmul_(delta, agree)
+        if normalize and divisor is None:
+            divisor = torch.mul(agree, float(weight), out=_buffer(workspace, count + 2, first))
+        elif normalize:
+            divisor.add_(agree, alpha=float(weight))
+    assert mixed is not None
+    if divisor is not None:
+        divisor.add_(torch.eq(divisor, 0, out=sign))  # the sign buffer is free: the last agreement is used
+    return mixed, divisor
 
 
 # ----------------------------------------------------------------------------- model stock
@@ -526,9 +658,11 @@ def merge_tensor(
     tensor_params: Sequence[dict[str, Any]],
     generators: Sequence[torch.Generator | None] | None = None,
     precomputed: Sequence[Precomputed | None] | None = None,
+    workspace: Workspace | None = None,
 ) -> Tensor:
     """spec's method on one tensor; tensors: non-base sources (linear: every listed input); deltas: source - base;
-    precomputed: per source, cached candidate-independent sparsification inputs (GTA methods; results unchanged)."""
+    precomputed: per source, cached candidate-independent sparsification inputs (GTA methods; results unchanged);
+    workspace: reused float32 buffers (GTA methods; the result may then be a view of one of them)."""
     glob = _resolved(spec.global_params, params, spec.name)
     per = [_resolved(spec.tensor_params, p, spec.name) for p in tensor_params]
     if spec.needs_base and base is None:
@@ -548,4 +682,5 @@ def merge_tensor(
         sparsification=spec.sparsification, consensus=spec.consensus, normalize=bool(glob["normalize"]),
         rescale=bool(glob["rescale"]), lambda_=float(glob["lambda"]), gammas=[p.get("gamma", 0.01) for p in per],
         epsilons=[p.get("epsilon", 0.15) for p in per], generators=generators, precomputed=precomputed,
+        workspace=workspace,
     )  # fmt: skip
