@@ -8,7 +8,11 @@ re-scoring's. Runs are kept under bench/_work/economy/ and reused when complete,
 continues. Writes a markdown table and bench/economy.png (held-out accuracy of the pick against items scored).
 
     python bench/economy.py --worlds data/zoo bench/_work/worlds/s2 --seeds 0 1 2 3 4 \
-        --samplers cmaes tpe random gp --modes full racing racing+rescore [--trials 150]
+        --samplers cmaes tpe random gp --modes full racing racing+rescore [--trials 150] [--racing 40:40 20:20]
+
+`--racing CHUNK:MIN_ITEMS` (several allowed) runs the racing modes with that chunk and minimum (alpha 0.05, test t);
+40:40 is the first grid's rule and keeps its run names; other rules are runs of their own, shown as e.g.
+"racing (c20/m20)".
 """
 
 from __future__ import annotations
@@ -34,13 +38,32 @@ from evolve.stats import mean_interval  # noqa: E402
 from evolve.study import best_first, best_trial, counted, load_study, rescored, trial_recipe  # noqa: E402
 
 WORK = ROOT / "bench" / "_work" / "economy"
-RACING = {"chunk": 40, "alpha": 0.05, "min_items": 40}
+RACING = {"chunk": 40, "alpha": 0.05, "min_items": 40}  # the first grid's rule (its runs keep their names)
 RESCORE = {"top_k": 5, "split": "train", "limit": 200}
 
 
-def cell_config(world: Path, seed: int, sampler: str, mode: str, trials: int) -> dict:
+def racing_rule(spec: str) -> dict:
+    """'CHUNK:MIN_ITEMS' -> the racing block (alpha 0.05, test t)."""
+    chunk, min_items = (int(x) for x in spec.split(":"))
+    return {"chunk": chunk, "alpha": 0.05, "min_items": min_items, "test": "t"}
+
+
+def rule_tag(racing: dict) -> str:
+    """'' for the first grid's rule, else 'c20/m20' (also in run names, as c20-m20)."""
+    if racing["chunk"] == RACING["chunk"] and racing["min_items"] == RACING["min_items"]:
+        return ""
+    return f"c{racing['chunk']}/m{racing['min_items']}"
+
+
+def label(r: dict) -> str:
+    """A result's mode with its racing rule when not the first grid's."""
+    return f"{r['mode']} ({r['racing']})" if r.get("racing") else r["mode"]
+
+
+def cell_config(world: Path, seed: int, sampler: str, mode: str, trials: int, racing: dict = RACING) -> dict:
     data = yaml.safe_load((ROOT / "configs" / "tiny_jp_math.yaml").read_text())
-    name = f"{world.name}-{sampler}-{mode.replace('+', '-')}-s{seed}"
+    tag = rule_tag(racing) if mode != "full" else ""
+    name = f"{world.name}-{sampler}-{mode.replace('+', '-')}{'-' + tag.replace('/', '-') if tag else ''}-s{seed}"
     data.update(name=name, seed=seed, output_dir=str(WORK / name))
     data["models"]["base"] = str(world / "base")
     for s in data["models"]["sources"]:
@@ -49,21 +72,23 @@ def cell_config(world: Path, seed: int, sampler: str, mode: str, trials: int) ->
         t["task_dir"] = str(world / "tasks" / "ja_sub")
     data["search"]["optimizer"]["sampler"] = sampler
     data["search"]["budget"]["max_trials"] = trials
+    data["evaluation"].pop("racing", None)  # the demo config's own economy settings are not a cell's
+    data["evaluation"].pop("rescore", None)
     if mode in ("racing", "racing+rescore"):
-        data["evaluation"]["racing"] = RACING
+        data["evaluation"]["racing"] = dict(racing)
     if mode == "racing+rescore":
         data["evaluation"]["rescore"] = RESCORE
     return data
 
 
-def run_cell(world: Path, seed: int, sampler: str, mode: str, trials: int) -> dict:
+def run_cell(world: Path, seed: int, sampler: str, mode: str, trials: int, racing: dict = RACING) -> dict:
     """One search and its pick's held-out score. "racing" without re-scoring is the same search as "racing+rescore"
     (re-scoring comes after it), so it is read from that run when it exists: its pick is the search's best trial."""
-    cfg = parse_config(cell_config(world, seed, sampler, mode, trials))
+    cfg = parse_config(cell_config(world, seed, sampler, mode, trials, racing))
     result_file = cfg.run_dir / "economy.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
-    rescore_cfg = parse_config(cell_config(world, seed, sampler, "racing+rescore", trials))
+    rescore_cfg = parse_config(cell_config(world, seed, sampler, "racing+rescore", trials, racing))
     t0 = time.perf_counter()
     if mode == "racing" and (rescore_cfg.run_dir / "economy.json").is_file():
         study = load_study(rescore_cfg)
@@ -91,6 +116,7 @@ def run_cell(world: Path, seed: int, sampler: str, mode: str, trials: int) -> di
         "seed": seed,
         "sampler": sampler,
         "mode": mode,
+        "racing": rule_tag(racing) if mode != "full" else "",
         "trials": sum(counted(t) for t in trials_),
         "pruned": sum(t.state.name == "PRUNED" for t in trials_),
         "items": items,
@@ -110,11 +136,15 @@ def run_cell(world: Path, seed: int, sampler: str, mode: str, trials: int) -> di
 POINTS = (10, 20, 30, 50, 75, 100, 150)  # trials at which the pick so far is scored held-out
 
 
-def heldout_along(world: Path, seed: int, sampler: str, mode: str, trials: int) -> list[tuple[int, int, float]]:
+def heldout_along(
+    world: Path, seed: int, sampler: str, mode: str, trials: int, racing: dict = RACING
+) -> list[tuple[int, int, float]]:
     """(trials, items scored so far, held-out accuracy of the pick so far) at each of POINTS: the pick so far is
     the best complete trial by search fitness among the first N (what the run would export had it stopped there;
     re-scoring is not replayed). Cached in the run's economy.json."""
-    cfg = parse_config(cell_config(world, seed, sampler, mode if mode != "racing" else "racing+rescore", trials))
+    cfg = parse_config(
+        cell_config(world, seed, sampler, mode if mode != "racing" else "racing+rescore", trials, racing)
+    )
     result_file = cfg.run_dir / "economy.json"
     record = json.loads(result_file.read_text())
     if "heldout_along" in record:
@@ -143,13 +173,14 @@ def plot_heldout_along(results: list[dict], path: Path) -> None:
         groups: dict[tuple, list] = {}
         for r in results:
             if Path(r["world"]).name == world and r.get("heldout_along") and r["mode"] in styles:
-                groups.setdefault((r["sampler"], r["mode"]), []).append(r["heldout_along"])
-        for (sampler, mode), runs in sorted(groups.items()):
+                groups.setdefault((r["sampler"], r["mode"], label(r)), []).append(r["heldout_along"])
+        for (sampler, mode, name), runs in sorted(groups.items()):
             n = min(len(a) for a in runs)
             xs = np.mean([[p[1] for p in a[:n]] for a in runs], axis=0)
             ys = np.mean([[p[2] for p in a[:n]] for a in runs], axis=0)
             color = colors.setdefault(sampler, f"C{len(colors)}")
-            ax.plot(xs, ys, styles[mode], color=color, markersize=3, label=f"{sampler} {mode} (n={len(runs)})")
+            style = styles[mode] if name == mode else ":v"
+            ax.plot(xs, ys, style, color=color, markersize=3, label=f"{sampler} {name} (n={len(runs)})")
 
     per_world_figure(results, path, "held-out accuracy of the pick so far (mean over seeds)", draw)
 
@@ -184,7 +215,7 @@ def along_table(results: list[dict]) -> str:
     groups: dict[tuple, list] = {}
     for r in results:
         if r.get("heldout_along"):
-            groups.setdefault((Path(r["world"]).name, r["sampler"], r["mode"]), []).append(r["heldout_along"])
+            groups.setdefault((Path(r["world"]).name, r["sampler"], label(r)), []).append(r["heldout_along"])
     for (world, sampler, mode), runs in sorted(groups.items()):
         cells = []
         for n in POINTS:
@@ -202,7 +233,7 @@ def table(results: list[dict]) -> str:
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((Path(r["world"]).name, r["sampler"], r["mode"]), []).append(r)
+        groups.setdefault((Path(r["world"]).name, r["sampler"], label(r)), []).append(r)
     for (world, sampler, mode), rs in sorted(groups.items()):
         accs = [r["heldout_acc"] for r in rs]
         full = groups.get((world, sampler, "full"))
@@ -263,7 +294,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    marks = {"full": "o", "racing": "^", "racing+rescore": "s"}
+    marks = {"full": "o", "racing": "^", "racing+rescore": "s"}  # another racing rule: hollow
     colors = {}
     for r in results:
         c = colors.setdefault(r["sampler"], f"C{len(colors)}")
@@ -274,6 +305,7 @@ def plot(results: list[dict], path: Path) -> None:
             yerr=[[r["heldout_acc"] - lo], [hi - r["heldout_acc"]]],
             fmt=marks[r["mode"]],
             color=c,
+            mfc="none" if r.get("racing") else c,
             alpha=0.7,
             capsize=2,
         )
@@ -296,12 +328,13 @@ def plot_curves(results: list[dict], path: Path) -> None:
         groups: dict[tuple, list] = {}
         for r in results:
             if Path(r["world"]).name == world and r["mode"] != "racing+rescore":  # its curve is racing's
-                groups.setdefault((r["sampler"], r["mode"]), []).append(r["curve"])
-        for (sampler, mode), curves in sorted(groups.items()):
+                groups.setdefault((r["sampler"], r["mode"], label(r)), []).append(r["curve"])
+        for (sampler, mode, name), curves in sorted(groups.items()):
             grid = np.linspace(0, max(c[-1][0] for c in curves), 200)
             ys = [np.interp(grid, [x for x, _ in c], [max(y, -1.0) for _, y in c]) for c in curves]
             color = colors.setdefault(sampler, f"C{len(colors)}")
-            ax.plot(grid, np.median(ys, axis=0), styles[mode], color=color, label=f"{sampler} {mode} (n={len(ys)})")
+            style = styles[mode] if name == mode else "-."
+            ax.plot(grid, np.median(ys, axis=0), style, color=color, label=f"{sampler} {name} (n={len(ys)})")
 
     per_world_figure(results, path, "best dev fitness so far (median over seeds)", draw)
 
@@ -313,25 +346,31 @@ def main() -> None:
     p.add_argument("--samplers", nargs="+", default=["cmaes", "tpe", "random", "gp"])
     p.add_argument("--modes", nargs="+", default=["full", "racing+rescore", "racing"])
     p.add_argument("--trials", type=int, default=150)
+    p.add_argument(
+        "--racing", nargs="+", default=["40:40"], metavar="CHUNK:MIN_ITEMS", help="racing rules (alpha 0.05, test t)"
+    )
     p.add_argument("--report-only", action="store_true", help="tables and plots of the finished cells; run nothing")
     args = p.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     results = []
     for world in args.worlds:
         for sampler in args.samplers:
-            for mode in args.modes:
+            cells = [(m, RACING) for m in args.modes if m == "full"]
+            cells += [(m, racing_rule(spec)) for spec in args.racing for m in args.modes if m != "full"]
+            for mode, racing in cells:
                 for seed in args.seeds:
-                    done = parse_config(cell_config((ROOT / world).resolve(), seed, sampler, mode, args.trials)).run_dir
+                    w = (ROOT / world).resolve()
+                    done = parse_config(cell_config(w, seed, sampler, mode, args.trials, racing)).run_dir
                     if args.report_only and not (done / "economy.json").is_file():
                         continue
-                    r = run_cell((ROOT / world).resolve(), seed, sampler, mode, args.trials)
+                    r = run_cell(w, seed, sampler, mode, args.trials, racing)
                     print(
-                        f"{Path(world).name} {sampler} {mode} seed {seed}: held-out {r['heldout_acc']:.3f}, "
+                        f"{Path(world).name} {sampler} {label(r)} seed {seed}: held-out {r['heldout_acc']:.3f}, "
                         f"{r['items']} items, {r['pruned']} stopped, {r['seconds']:.0f} s",
                         flush=True,
                     )
                     if mode != "racing+rescore":  # its search is racing's
-                        r["heldout_along"] = heldout_along((ROOT / world).resolve(), seed, sampler, mode, args.trials)
+                        r["heldout_along"] = heldout_along(w, seed, sampler, mode, args.trials, racing)
                     results.append(r)
     print(table(results))
     print()

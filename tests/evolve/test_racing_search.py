@@ -12,11 +12,11 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from evolve.config import load_config
+from evolve.config import load_config, parse_config
 from evolve.items import fully_scored, items_scored
-from evolve.loop import elites
+from evolve.loop import elites, run_search
 from evolve.study import best_trial, rescored
-from tests.evolve.harness import QUIET, evolve_cli, resume, zoo_config_data
+from tests.evolve.harness import QUIET, ROOT, evolve_cli, resume, zoo_config_data
 
 TRIALS = 10
 RACING = {"chunk": 40, "alpha": 0.05, "min_items": 40}
@@ -123,3 +123,34 @@ def test_sigkill_in_a_race_and_in_the_rescoring_loses_nothing(raced) -> None:
     resumed = resume(run_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert record(cfg_path) == raced.record
+
+
+def test_the_demo_config_races_its_candidates_and_picks_a_fully_scored_one(tmp_path) -> None:
+    """configs/tiny_jp_math.yaml as shipped (racing in 20-item chunks, no re-scoring), its first 8 trials: the
+    first candidates are scored on every item, most later ones are stopped early with their partial estimate, and
+    the pick is a fully scored trial."""
+    data = yaml.safe_load((ROOT / "configs" / "tiny_jp_math.yaml").read_text())
+    assert data["evaluation"]["racing"] == {"chunk": 20, "min_items": 20, "alpha": 0.05, "test": "t"}
+    assert "rescore" not in data["evaluation"]
+    data["models"]["base"] = str(ROOT / data["models"]["base"])
+    for s in data["models"]["sources"]:
+        s["path"] = str(ROOT / s["path"])
+    data["evaluation"]["tasks"][0]["task_dir"] = str(ROOT / data["evaluation"]["tasks"][0]["task_dir"])
+    data["search"]["budget"]["max_trials"] = 8
+    data["output_dir"] = str(tmp_path / "run")
+    study = run_search(parse_config(data), progress=False).study
+    trials = study.get_trials()
+    assert len(trials) == 8 and all(fully_scored(t.user_attrs["items"]) for t in trials[:1])
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert len(pruned) >= 3, [(t.number, t.state.name) for t in trials]
+    for t in pruned:
+        used = items_scored(t.user_attrs["items"])
+        assert 20 <= used < 200 and used % 20 == 0 and t.value == t.intermediate_values[used]
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            assert fully_scored(t.user_attrs["items"])
+    pick = best_trial(study)
+    assert pick.state == TrialState.COMPLETE and pick.value == max(
+        t.value for t in trials if t.state == TrialState.COMPLETE
+    )
+    assert sum(items_scored(t.user_attrs["items"]) for t in trials) < 0.7 * 200 * 8
