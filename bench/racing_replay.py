@@ -6,7 +6,10 @@ best trial before it), using the per-item records the run stored; nothing is re-
 real candidates; it does not model how the sampler would have moved had it seen the stopped trials differently
 (bench/economy.py runs real searches for that).
 
-    python bench/racing_replay.py runs/tiny_jp_math [--chunk 40 --min-items 40 --alpha 0.05]
+    python bench/racing_replay.py runs/RUN [--chunk 40 --min-items 40 --alpha 0.05]
+
+RUN must have scored every candidate on every item: the demo config races, so replay a copy of it without
+`evaluation.racing` (a raced run is refused: its stopped trials have no full record to replay).
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ from evolve.study import load_study  # noqa: E402
 def replay(run: str, chunk: int, min_items: int, alpha: float, test: str) -> dict:
     cfg = resolve_run(run)
     study = load_study(cfg)
+    raced = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
+    if raced:
+        raise SystemExit(
+            f"error: {run}: {raced} trials were stopped by racing, so they have no full per-item record to replay; "
+            "replay a run without evaluation.racing"
+        )
     trials = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
