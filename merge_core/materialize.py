@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import threading
 import time
 from typing import Literal
@@ -80,6 +81,7 @@ class Materializer:
         load_dtype = TORCH_DTYPES.get(template.dtype or "")
         self.names = list(self.reference.names)
         self._name_set = set(self.names)
+        self._largest = max((math.prod(self.reference.shape(n)) for n in self.names), default=0)  # elements
         ref = self.reference
         gta = self.spec.kind == "gta"
         self.workers = tensor_workers(self.device)  # tensors merged at once by apply
@@ -98,6 +100,7 @@ class Materializer:
             resident=resident,
             precompute=precompute,
             workers=self.workers,
+            method_kind=self.spec.kind,
         )
         log.info(self.plan.line())
         keep_deltas = self.plan.resident == "task_vectors"
@@ -165,6 +168,7 @@ class Materializer:
                 uniform = pre.uniform
             pre = methods.Precomputed(keys=keys, uniform=uniform, l1=methods.l1_norm(delta) if needs_l1 else pre.l1)
             self._precomputed[key] = (pre, pre_seed)
+            release_free_memory(self.device)  # the fill's temporaries, between cache tensors: no resident holes
         return pre
 
     @property
@@ -202,7 +206,7 @@ class Materializer:
 
         def write(name: str) -> None:
             if not hasattr(local, "workspace"):
-                local.workspace = methods.Workspace()
+                local.workspace = methods.Workspace(self._largest)
                 workspaces.append(local.workspace)
             plan = plan_tensor(recipe, name, self.num_layers)
             with torch.no_grad():  # grad mode is per thread

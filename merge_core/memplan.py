@@ -87,9 +87,11 @@ def plan_memory(
     resident: Resident = "auto",
     precompute: bool | Literal["auto"] = "auto",
     workers: int = 1,
+    method_kind: str | None = None,
 ) -> MemoryPlan:
     """The fastest resident layout that fits (see the module docstring); n_sources = task vectors (0: a method
-    without them, whose sources are always resident as loaded); `workers` tensors are merged at once (each with its
+    without them, whose sources are always resident as loaded; "linear" as `method_kind` upcasts one input at a
+    time); `workers` tensors are merged at once (each with its
     own workspace); raises EvomergeError when nothing fits."""
     numels = [math.prod(s) for s in shapes.values()]
     params = sum(numels)
@@ -117,7 +119,7 @@ def plan_memory(
             if live_dtype is not None:
                 parts.append((f"live model ({_name(live_dtype)})", params * live_dtype.itemsize))
             if n_sources == 0:  # linear, slerp, model_stock: a float32 result and the inputs upcast
-                per_tensor = 4 * (1 + n_models)
+                per_tensor = 4 * (2 if method_kind == "linear" else 1 + n_models)
             else:
                 sources_f32 = n_models if layout == "sources" else 0  # each input upcast while a tensor is merged
                 per_tensor = 4 * (WORK_BUFFERS + n_sources + sources_f32)

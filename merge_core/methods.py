@@ -335,17 +335,20 @@ def _scalar(value: float, like: Tensor) -> Tensor:
 class Workspace:
     """Float32 buffers one thread reuses from tensor to tensor: a fresh large CPU tensor costs a page fault per
     4 KiB, about as much as one pass over it. ``buffer(i, like)`` is a view of the i-th, grown on demand; a merge
-    given a workspace returns a view of one of them, which must be used before that workspace's next merge."""
+    given a workspace returns a view of one of them, which must be used before that workspace's next merge.
+    ``min_numel`` (e.g. the largest tensor's) sizes every buffer once: growing them tensor by tensor would leave
+    freed blocks in the C allocator's per-thread arenas, resident until trimmed."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_numel: int = 0) -> None:
         self._buffers: list[Tensor] = []
+        self.min_numel = min_numel
 
     def buffer(self, i: int, like: Tensor) -> Tensor:
         n = like.numel()
         while len(self._buffers) <= i:
             self._buffers.append(torch.empty(0, dtype=torch.float32, device=like.device))
         if self._buffers[i].numel() < n or self._buffers[i].device != like.device:
-            self._buffers[i] = torch.empty(n, dtype=torch.float32, device=like.device)
+            self._buffers[i] = torch.empty(max(n, self.min_numel), dtype=torch.float32, device=like.device)
         return self._buffers[i][:n].view(like.shape)
 
     def release(self) -> None:
