@@ -10,9 +10,9 @@ continues. Writes a markdown table and bench/economy.png (held-out accuracy of t
     python bench/economy.py --worlds data/zoo bench/_work/worlds/s2 --seeds 0 1 2 3 4 \
         --samplers cmaes tpe random gp --modes full racing racing+rescore [--trials 150] [--racing 40:40 20:20]
 
-`--racing CHUNK:MIN_ITEMS` (several allowed) runs the racing modes with that chunk and minimum (alpha 0.05, test t);
-40:40 is the first grid's rule and keeps its run names; other rules are runs of their own, shown as e.g.
-"racing (c20/m20)".
+`--racing CHUNK:MIN_ITEMS[:ALPHA]` (several allowed) runs the racing modes with that chunk, minimum and error rate
+(default 0.05; test t); 40:40 is the first grid's rule and keeps its run names; other rules are runs of their own,
+shown as e.g. "racing (c20/m20)" or "racing (c20/m20/a0.1)".
 """
 
 from __future__ import annotations
@@ -43,16 +43,17 @@ RESCORE = {"top_k": 5, "split": "train", "limit": 200}
 
 
 def racing_rule(spec: str) -> dict:
-    """'CHUNK:MIN_ITEMS' -> the racing block (alpha 0.05, test t)."""
-    chunk, min_items = (int(x) for x in spec.split(":"))
-    return {"chunk": chunk, "alpha": 0.05, "min_items": min_items, "test": "t"}
+    """'CHUNK:MIN_ITEMS[:ALPHA]' -> the racing block (alpha 0.05 unless given, test t)."""
+    chunk, min_items, *alpha = spec.split(":")
+    return {"chunk": int(chunk), "alpha": float(alpha[0]) if alpha else 0.05, "min_items": int(min_items), "test": "t"}
 
 
 def rule_tag(racing: dict) -> str:
-    """'' for the first grid's rule, else 'c20/m20' (also in run names, as c20-m20)."""
-    if racing["chunk"] == RACING["chunk"] and racing["min_items"] == RACING["min_items"]:
+    """'' for the first grid's rule, else 'c20/m20' ('c20/m20/a0.1' for another alpha; in run names as c20-m20)."""
+    alpha = "" if racing["alpha"] == RACING["alpha"] else f"/a{racing['alpha']:g}"
+    if racing["chunk"] == RACING["chunk"] and racing["min_items"] == RACING["min_items"] and not alpha:
         return ""
-    return f"c{racing['chunk']}/m{racing['min_items']}"
+    return f"c{racing['chunk']}/m{racing['min_items']}{alpha}"
 
 
 def label(r: dict) -> str:
@@ -347,7 +348,11 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["full", "racing+rescore", "racing"])
     p.add_argument("--trials", type=int, default=150)
     p.add_argument(
-        "--racing", nargs="+", default=["40:40"], metavar="CHUNK:MIN_ITEMS", help="racing rules (alpha 0.05, test t)"
+        "--racing",
+        nargs="+",
+        default=["40:40"],
+        metavar="CHUNK:MIN_ITEMS[:ALPHA]",
+        help="racing rules (test t; alpha 0.05 unless given)",
     )
     p.add_argument("--report-only", action="store_true", help="tables and plots of the finished cells; run nothing")
     args = p.parse_args()
