@@ -57,6 +57,12 @@ def stage_cost(cfg: RunConfig, stage: str) -> tuple[list[TaskCost], str]:
         notes.append(f"a batch of {protocol.batch} items per task, new every {protocol.every} trials")
     if protocol is not None and protocol.validation:
         notes.append(f"then the top {protocol.top_k} re-scored on the last {protocol.validation} items of each task")
+    if cfg.evaluation.racing is not None:
+        r = cfg.evaluation.racing
+        notes.append(
+            f"racing: a candidate that cannot beat the incumbent stops after {r.min_items}+ items, in chunks of "
+            f"{r.chunk}, so these are upper bounds"
+        )
     if cfg.evaluation.rescore is not None:
         notes.append(f"then the top {cfg.evaluation.rescore.top_k} re-scored on more items")
     return out, "; ".join(notes)
