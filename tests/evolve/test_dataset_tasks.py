@@ -145,8 +145,10 @@ def test_run_header_states_cost_and_check_the_measured_rate(tmp_path, capsys):
     lines = cost_lines(config)
     assert (
         lines[0]
-        == "cost: ps: per candidate 10 items, at most 20 generated tokens; 3 trials: 30 items, at most 60 tokens"
-    )
+        == "cost: ps: per candidate 10 items, at most 20 generated tokens; 3 trials: 30 items, at most 60 tokens "
+        "(racing: a candidate that cannot beat the incumbent stops after 20+ items, in chunks of 20, so these are "
+        "upper bounds)"
+    )  # the demo races
     assert lines[1].startswith("cost: ps: not measured on this machine yet")
     run_search(config, progress=False)
     assert re.match(
