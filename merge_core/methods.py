@@ -435,10 +435,11 @@ def generalized_task_arithmetic(
     """base + λ·(Σ_i m_i w_i s(δ_i)) / (Σ_i m_i w_i if normalize), s = sparsify, m = sign consensus (or 1).
 
     Every temporary is one of count + 3 float32 buffers (w_i s(δ_i) in buffer i, then the sign, a scratch and the
-    divisor), taken from ``workspace`` when given (the result is then a view of buffer 0) or allocated."""
+    divisor), taken from ``workspace`` when given (the result is then a view of buffer 0) or from a fresh one."""
     count = len(deltas)
     if count == 0:
         return _f32(base)
+    workspace = workspace if workspace is not None else Workspace()
     weights = _per_source(weights, count, None, "weights")
     densities = _per_source(densities, count, 1.0, "densities")
     gammas = _per_source(gammas, count, 0.01, "gammas")
@@ -448,7 +449,7 @@ def generalized_task_arithmetic(
     weighted = (
         _weighted_sparse(
             d, w, p, sparsification, rescale=rescale, gamma=g, epsilon=e, generator=r, precomputed=c,
-            out=_buffer(workspace, i, d), scratch=None if workspace is None else workspace.buffer(count, d),
+            out=workspace.buffer(i, d), scratch=workspace.buffer(count, d),
         )
         for i, (d, w, p, g, e, r, c) in enumerate(
             zip(deltas, weights, densities, gammas, epsilons, generators, precomputed)
