@@ -3,6 +3,7 @@ in-memory re-merge (`Materializer.apply`) against a memory-bandwidth bound.
 
     .venv/bin/python bench/merge_speed.py [--methods linear ties dare_ties] [--repeats 2] [--skip-mergekit]
     .venv/bin/python bench/merge_speed.py --in-memory-only [--methods ...]     # step 3 alone
+    .venv/bin/python bench/merge_speed.py ... --baseline-rev REV   # step 3 also with merge_core as of git REV
 
 1. Builds (once, cached under --work) a random base and two noisy "fine-tunes" of it.
 2. Per method, one recipe YAML fed to both CLIs; each run is a subprocess timed by wall clock, its peak RSS
