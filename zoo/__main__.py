@@ -54,7 +54,7 @@ def _real(out: str | Path, overwrite: bool) -> int:
     except EvomergeError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    names = (models.base, models.expert_a, models.expert_b, models.math_en, models.chat_fr)
+    names = (models.base, models.expert_a, models.expert_b, models.math_en, models.chat_fr, models.math_bi)
     print(f"real models in {models.root}: {', '.join(p.name for p in names)}")
     return 0
 

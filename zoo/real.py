@@ -9,9 +9,9 @@ does for `tie_word_embeddings`) and the config, generation config and tokenizer 
 own `save_pretrained`. The conversion is deterministic: `BASE_SHA256` pins the weights' bytes and a build that
 differs fails. `expert_a` and `expert_b` are cheap stand-ins for fine-tunes: base + seeded rank-`rank` deltas on
 every matrix (embeddings included) and small multiplicative noise on the norms, so every merge method has work to
-do and the models still talk. `math_en` and `chat_fr` are real fine-tunes: base + the LoRA adapters trained on this
-CPU and committed under data/real_experts (zoo/real_experts.py). Everything lands in a gitignored folder and is
-reused while `real.json` says it is complete.
+do and the models still talk. `math_en`, `chat_fr` and `math_bi` are real fine-tunes: base + the LoRA adapters
+trained on this CPU and committed under data/real_experts (zoo/real_experts.py). Everything lands in a gitignored
+folder and is reused while `real.json` says it is complete.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BASE_SHA256 = "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd"  # model.safetensors of the conversion
 WEIGHTS = "model.safetensors"
 MANIFEST = "real.json"
-FORMAT = 2  # bump when what a build writes changes: older caches are rebuilt
+FORMAT = 3  # bump when what a build writes changes: older caches are rebuilt
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "data" / "real"
 EXPERTS = {"expert_a": 1, "expert_b": 2}  # name -> seed of its deltas
-TRAINED = ("math_en", "chat_fr")  # fine-tunes built from data/real_experts/<name>.safetensors
+TRAINED = ("math_en", "chat_fr", "math_bi")  # fine-tunes built from data/real_experts/<name>.safetensors
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class RealModels:
     expert_b: Path
     math_en: Path
     chat_fr: Path
+    math_bi: Path
 
 
 def find_gguf() -> Path:
@@ -124,9 +125,7 @@ def perturb(base_dir: Path, out_dir: Path, seed: int, *, rank: int = 8, scale: f
 
 
 def models_at(root: Path) -> RealModels:
-    return RealModels(
-        root, root / "smollm2-135m", root / "expert_a", root / "expert_b", root / "math_en", root / "chat_fr"
-    )
+    return RealModels(root, root / "smollm2-135m", *(root / name for name in (*EXPERTS, *TRAINED)))
 
 
 def cached(root: Path = DEFAULT_ROOT) -> RealModels | None:
@@ -136,8 +135,7 @@ def cached(root: Path = DEFAULT_ROOT) -> RealModels | None:
     except (OSError, ValueError):
         return None
     models = models_at(root)
-    folders = (models.base, models.expert_a, models.expert_b, models.math_en, models.chat_fr)
-    complete = all((p / WEIGHTS).is_file() for p in folders)
+    complete = all((root / name / WEIGHTS).is_file() for name in ("smollm2-135m", *EXPERTS, *TRAINED))
     return models if manifest.get("format") == FORMAT and complete else None
 
 

@@ -1,12 +1,16 @@
-"""Two real experts fine-tuned from SmolLM2-135M-Instruct on this CPU: LoRA adapters, committed small, and the
+"""Real experts fine-tuned from SmolLM2-135M-Instruct on this CPU: LoRA adapters, committed small, and the
 full checkpoints they make, built on demand.
 
-    python -m zoo train-experts [--experts NAME ...] [--overwrite]   # ~15-30 min per expert on 2 CPU cores
-    python -m zoo real                                          # builds data/real/{math_en,chat_fr} from them
+    python -m zoo train-experts [--experts NAME ...] [--overwrite]   # ~20-35 min per expert on 2 shared CPU cores
+    python -m zoo real                       # builds data/real/{math_en,chat_fr,math_bi} from the adapters
 
-`math_en` learns arithmetic word problems with a worked answer ("... so 23 + 45 = 68. The answer is 68."), in
-English; `chat_fr` learns to converse in French, with no arithmetic. The target (`zoo.real_tasks`) asks the same
-problems in French and counts an answer only when the response is French: each expert alone lacks half of it.
+`chat_fr` learns to converse in French, with no arithmetic. The math expert came in two designs: `math_en` (design
+1) learns arithmetic word problems asked in English with a worked answer in English ("... so 23 + 45 = 68. The
+answer is 68."); on French problems it echoes the question, and no merge with `chat_fr` found the target's
+arithmetic. `math_bi` (design 2) learns the same problems asked in English or French, always answered in English:
+WizardMath's place in EvoLLM-JP, a model that reads the target's language but answers in another. The target
+(`zoo.real_tasks`) asks the problems in French and counts an answer only if the response is French: each expert
+alone lacks half of it.
 
 Training: rank-`RANK` LoRA on every linear map of the 30 decoder layers (q, k, v, o, gate, up, down; embeddings
 and norms frozen), AdamW, linear warm-up and decay, loss on the assistant's tokens of the chat template only
@@ -30,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from merge_core.errors import EvomergeError
-from zoo.real_tasks import TRAIN_EXAMPLES, TRAIN_SEED, chat_fr_pairs, math_en_pairs
+from zoo.real_tasks import TRAIN_EXAMPLES, TRAIN_SEED, chat_fr_pairs, math_bi_pairs, math_en_pairs
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "data" / "real_experts"
 RECORD = "experts.json"
@@ -54,8 +58,9 @@ class ExpertSpec:
 
 
 EXPERT_SPECS = {
-    "math_en": ExpertSpec("math_en", math_en_pairs),
-    "chat_fr": ExpertSpec("chat_fr", chat_fr_pairs, steps=50),  # 800 examples: about 1.2 passes over its ~650 pairs
+    "math_en": ExpertSpec("math_en", math_en_pairs),  # design 1: English problems, English answers
+    "chat_fr": ExpertSpec("chat_fr", chat_fr_pairs, steps=50),  # 800 examples: ~1.2 passes over its ~650 pairs
+    "math_bi": ExpertSpec("math_bi", math_bi_pairs, steps=100),  # design 2: reads French too, answers in English
 }
 
 

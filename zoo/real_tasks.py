@@ -5,7 +5,8 @@ This is EvoLLM-JP's shape on SmolLM2-135M-Instruct: one expert learns a skill (a
 the form the answer must take (French), and the target needs both (a French question, a French answer with the
 right number). Everything is generated from templates by seeded RNGs, deterministically; nothing is downloaded.
 
-    math_en_pairs(n, seed)   -> [(question, worked answer)]   the math expert's training text
+    math_en_pairs(n, seed)   -> [(question, worked answer)]   the math expert's training text (design 1)
+    math_bi_pairs(n, seed)   -> [(question, worked answer)]   the same, half the questions in French (design 2)
     chat_fr_pairs(n, seed)   -> [(question, answer)]          the French expert's training text
     fr_math_items(n, seed)   -> [{"id", "prompt", "answer"}]  the target task (dev/test splits)
     en_math_items(n, seed)   -> [{"id", "prompt", "answer"}]  the math skill alone (English), for the table
@@ -109,6 +110,18 @@ TRAIN_EXAMPLES, TRAIN_SEED = 2000, 0  # what zoo.real_experts trains math_en on
 @functools.cache
 def _training_questions() -> frozenset[str]:
     return frozenset(q for q, _ in math_en_pairs(TRAIN_EXAMPLES, TRAIN_SEED))
+
+
+def math_bi_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    """math_en's problems (the same draws), each asked in English or, half the time, in French, always answered
+    in English: a math expert that reads both languages and answers in one (WizardMath's place in EvoLLM-JP)."""
+    rng = random.Random(f"math_en/{seed}")
+    lang = random.Random(f"math_bi/{seed}")
+    pairs = []
+    for _ in range(n):
+        en, work, fr, _ = _problem(rng)
+        pairs.append((fr if lang.random() < 0.5 else en, work))
+    return pairs
 
 
 def _items(n: int, seed: int, prefix: str, pick: Callable[[Problem], str]) -> list[dict[str, str]]:
@@ -295,4 +308,4 @@ def write_tasks(root: str | Path) -> dict[str, Path]:
     return out
 
 
-__all__ = ["chat_fr_pairs", "en_math_items", "fr_math_items", "math_en_pairs", "write_tasks"]
+__all__ = ["chat_fr_pairs", "math_bi_pairs", "en_math_items", "fr_math_items", "math_en_pairs", "write_tasks"]

@@ -1,7 +1,8 @@
-"""The two real experts (zoo/real_experts.py): base + their committed LoRA adapters, each with its own skill.
+"""The real experts (zoo/real_experts.py): base + their committed LoRA adapters, each with its own skill.
 
-`math_en` answers English arithmetic problems and not in French; `chat_fr` answers French questions in French and
-gets the arithmetic wrong: the target (French problems, French answers) needs both. Scored with the search's own
+`math_en` (design 1) solves English arithmetic problems; `math_bi` (design 2) solves them asked in French too, but
+answers in English; `chat_fr` answers French questions in French and gets the arithmetic wrong: the target (French
+problems, French answers) needs a math expert and `chat_fr`. Scored with the search's own
 evaluator (configs/smollm2_fr_math.yaml) on the first 12 problems of the dev splits."""
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from zoo.real_experts import ADAPTERS, RECORD
 ROOT = Path(__file__).resolve().parents[2]
 ITEMS = 12
 MATH_EN_MIN = 0.5  # measured on these 12 items: base 0.17, math_en 0.75
-FR_LANG_MIN = 0.9  # measured: chat_fr 1.0, math_en 0.67 (it echoes the French question)
+FR_LANG_MIN = 0.9  # measured: chat_fr 1.0, math_bi 0.0 (it answers in English)
+MATH_BI_MIN = 0.5  # measured: math_bi 0.67, chat_fr 0.08
 
 
 def config(real_models: RealModels, task: str):
@@ -32,7 +34,7 @@ def config(real_models: RealModels, task: str):
         update={
             "base": str(real_models.base),
             "sources": [
-                math.model_copy(update={"path": str(real_models.math_en)}),
+                math.model_copy(update={"path": str(real_models.math_bi)}),
                 fr.model_copy(update={"path": str(real_models.chat_fr)}),
             ],
         }
@@ -48,7 +50,8 @@ def config(real_models: RealModels, task: str):
 def test_experts_are_the_base_plus_their_adapters(real_models: RealModels) -> None:
     manifest = json.loads((real_models.root / MANIFEST).read_text())
     record = json.loads((ADAPTERS / RECORD).read_text())
-    for name, path in (("math_en", real_models.math_en), ("chat_fr", real_models.chat_fr)):
+    for name in ("math_en", "chat_fr", "math_bi"):
+        path = real_models.root / name
         assert name in manifest["sha256"] and record[name]["loss_last10"] < record[name]["loss_first"]
         with (
             safe_open(real_models.base / WEIGHTS, "pt") as base,
@@ -72,8 +75,8 @@ def test_each_expert_has_its_skill_and_lacks_the_other(real_models: RealModels) 
         return score_checkpoint(cfg, str(path), split="dev", limit=ITEMS, device="cpu")
 
     base_en, math_en = score(en, real_models.base), score(en, real_models.math_en)
-    math_fr, fr_fr = score(fr, real_models.math_en), score(fr, real_models.chat_fr)
-    print(json.dumps({"base en": base_en, "math en": math_en, "math fr": math_fr, "fr fr": fr_fr}, indent=1))
+    bi_fr, fr_fr = score(fr, real_models.math_bi), score(fr, real_models.chat_fr)
+    print(json.dumps({"base en": base_en, "math_en en": math_en, "math_bi fr": bi_fr, "chat_fr fr": fr_fr}, indent=1))
     assert math_en["en_math/acc"] >= MATH_EN_MIN > base_en["en_math/acc"]  # math_en learned arithmetic
-    assert fr_fr["fr_math/lang_ok"] >= FR_LANG_MIN > math_fr["fr_math/lang_ok"]  # chat_fr answers in French
-    assert fr_fr["fr_math/acc_value"] < math_fr["fr_math/acc_value"]  # ... with worse arithmetic
+    assert bi_fr["fr_math/acc_value"] >= MATH_BI_MIN > fr_fr["fr_math/acc_value"]  # math_bi reads French problems
+    assert fr_fr["fr_math/lang_ok"] >= FR_LANG_MIN > bi_fr["fr_math/lang_ok"]  # ... but only chat_fr answers in French
