@@ -29,11 +29,12 @@ from results import write_section  # noqa: E402
 
 from evolve.baselines import _correct_per_item, heldout_evaluators, heldout_table, score_recipes_items  # noqa: E402
 from evolve.config import load_config  # noqa: E402
+from evolve.items import items_scored  # noqa: E402
 from evolve.stats import mcnemar_exact, metric_intervals  # noqa: E402
 from evolve.study import best_trial, load_study  # noqa: E402
 
 SECTION = "On a real model: two LoRA experts of SmolLM2-135M-Instruct, French arithmetic (issue 13)"
-COLUMNS = ["fr_math/acc", "fr_math/acc_value", "fr_math/lang_ok", "en_math/acc"]
+COLUMNS = ["fr_math/acc", "fr_math/acc_value", "fr_math/lang_ok"]
 
 
 def cell(row: dict[str, Any], column: str) -> str:
@@ -53,7 +54,7 @@ def stage_summary(cfg) -> list[str]:
             continue
         trials = study.get_trials(deepcopy=False)
         done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
-        items = sum(int(t.user_attrs.get("items_scored", 0) or 0) for t in done)
+        items = sum(items_scored(t.user_attrs.get("items")) for t in done)
         seconds = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done if t.datetime_complete)
         best = best_trial(study)
         lines.append(
