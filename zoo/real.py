@@ -116,8 +116,13 @@ def perturb(base_dir: Path, out_dir: Path, seed: int, *, rank: int = 8, scale: f
         else:
             delta = w.double() * torch.randn(w.shape, generator=gen, dtype=torch.float64) * (scale / 4)
         out[name] = (w.double() + delta).float().contiguous()
+    return write_like(base_dir, out, out_dir)
+
+
+def write_like(base_dir: Path, tensors: dict[str, torch.Tensor], out_dir: Path) -> Path:
+    """A checkpoint folder with `tensors` as its weights and every other file (config, tokenizer) of `base_dir`."""
     out_dir.mkdir(parents=True)
-    save_file(out, out_dir / WEIGHTS, metadata={"format": "pt"})
+    save_file(tensors, out_dir / WEIGHTS, metadata={"format": "pt"})
     for file in base_dir.iterdir():
         if file.name != WEIGHTS:
             shutil.copyfile(file, out_dir / file.name)

@@ -217,7 +217,7 @@ def train_experts(
 
 def apply_adapter(base_dir: Path, adapter: Path, out_dir: Path) -> Path:
     """A full checkpoint: base + B @ A (float32) on each adapted matrix; config and tokenizer copied."""
-    import shutil
+    from zoo.real import write_like
 
     tensors = load_file(base_dir / "model.safetensors")
     with safe_open(adapter, "pt") as f:
@@ -229,12 +229,7 @@ def apply_adapter(base_dir: Path, adapter: Path, out_dir: Path) -> Path:
                 raise EvomergeError(f"{adapter}: {prefix} does not match the base model's tensors")
             delta = f.get_tensor(f"{prefix}.lora_b").float() @ f.get_tensor(key).float()
             tensors[weight] = (tensors[weight] + delta).contiguous()
-    out_dir.mkdir(parents=True)
-    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
-    for file in base_dir.iterdir():
-        if file.name != "model.safetensors":
-            shutil.copyfile(file, out_dir / file.name)
-    return out_dir
+    return write_like(base_dir, tensors, out_dir)
 
 
 __all__ = ["ADAPTERS", "EXPERT_SPECS", "ExpertSpec", "add_lora", "apply_adapter", "train_adapter", "train_experts"]
