@@ -47,6 +47,7 @@ FORMAT = 3  # bump when what a build writes changes: older caches are rebuilt
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "data" / "real"
 EXPERTS = {"expert_a": 1, "expert_b": 2}  # name -> seed of its deltas
 TRAINED = ("math_en", "chat_fr", "math_bi")  # fine-tunes built from data/real_experts/<name>.safetensors
+CHECKPOINT_BYTES = 538_090_408 + 4_000_000  # one float32 model.safetensors, plus its config and tokenizer
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,17 @@ def write_like(base_dir: Path, tensors: dict[str, torch.Tensor], out_dir: Path) 
     return out_dir
 
 
+def check_free_space(folder: Path, needed: int) -> None:
+    """Refuse before writing anything when the disk under `folder` has less than `needed` bytes free."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise EvomergeError(
+            f"{folder}: building the real models needs {needed / 1e9:.1f} GB free and the disk has {free / 1e9:.1f} GB;"
+            " free some space or build elsewhere with `python -m zoo real --out DIR`"
+        )
+
+
 def models_at(root: Path) -> RealModels:
     return RealModels(root, root / "smollm2-135m", *(root / name for name in (*EXPERTS, *TRAINED)))
 
@@ -182,6 +194,9 @@ def build_real(root: str | Path = DEFAULT_ROOT, *, overwrite: bool = False) -> R
     models = models_at(root)
     staging = root.with_name(root.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
+    if (root / MANIFEST).is_file():  # an older or incomplete build of ours: its space is needed for the new one
+        shutil.rmtree(root)
+    check_free_space(root.parent, (1 + len(EXPERTS) + len(TRAINED)) * CHECKPOINT_BYTES)
     staged = models_at(staging)
     convert_gguf(gguf, staged.base)
     base_sha = file_sha256(staged.base / WEIGHTS)
