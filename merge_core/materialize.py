@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from merge_core import memplan, methods
+from merge_core import fused, memplan, methods
 from merge_core.checkpoint import Checkpoint
 from merge_core.errors import EvomergeError
 from merge_core.merge import (
@@ -54,6 +54,11 @@ class Materializer:
     the DARE uniform draws for the recipe's seed, and the L1 norm. They are filled during the first ``apply``.
     The plan counts the live model (``live_dtype``, default the output dtype) and the evaluator's KV cache and
     activations for ``evaluator_batch`` = (sequences, tokens each) beside it.
+
+    With ``fuse`` (default "auto": models of 50M+ elements; the EVOMERGE_FUSED environment variable, 0 or 1,
+    overrides), task arithmetic, TIES and DARE candidates are written by one compiled kernel per tensor
+    (merge_core.fused: bit-identical, checked against the eager merge on each kernel's first tensor; the eager
+    merge wherever no compiler runs).
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class Materializer:
         trust_remote_code: bool = False,
         live_dtype: torch.dtype | None = None,
         evaluator_batch: tuple[int, int] | None = None,
+        fuse: bool | Literal["auto"] = "auto",
     ):
         t0 = time.perf_counter()
         self.template = template
@@ -124,6 +130,8 @@ class Materializer:
         )
         self._precomputed: dict[tuple[str, str], tuple[methods.Precomputed, int | None]] = {}  # (cache, its DARE seed)
         self.precompute = self.plan.cache and self.spec.sparsification in _CACHEABLE
+        total = sum(math.prod(ref.shape(n)) for n in self.names)
+        self.fused = fused.FusedMerge() if gta and fused.enabled(fuse, total) else None
         self.build_seconds = time.perf_counter() - t0
         log.info(
             "materializer: %d tensors resident on %s (%.1f MiB, %s) in %.1fs",
@@ -209,8 +217,11 @@ class Materializer:
                 local.workspace = methods.Workspace(self._largest)
                 workspaces.append(local.workspace)
             plan = plan_tensor(recipe, name, self.num_layers)
+            param = params[name]
             with torch.no_grad():  # grad mode is per thread
-                params[name].copy_(compute_tensor(recipe, plan, self, self.device, local.workspace))  # before the next
+                merged = compute_tensor(recipe, plan, self, self.device, local.workspace, self.fused, param)
+                if merged is not param:  # a compiled kernel wrote param itself
+                    param.copy_(merged)  # before the next merge reuses the workspace
 
         for _ in map_tensors(write, params, self.workers):
             pass

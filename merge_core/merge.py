@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
@@ -19,6 +19,9 @@ from merge_core import methods
 from merge_core.checkpoint import Checkpoint, ShardedWriter, copy_model_files, staged_output, validate_compatible
 from merge_core.errors import EvomergeError
 from merge_core.recipe import DTYPES, MergeRecipe, locate, resolve_parameter, validate_layout
+
+if TYPE_CHECKING:
+    from merge_core.fused import FusedMerge
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +130,12 @@ def compute_tensor(
     inputs: TensorInputs,
     device: torch.device,
     workspace: methods.Workspace | None = None,
+    fused: FusedMerge | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The merged tensor (float32) for one plan: gather the method's inputs, then methods.merge_tensor (with a
-    workspace, the result may be a view of its buffers: use it before the workspace's next merge)."""
+    workspace, the result may be a view of its buffers: use it before the workspace's next merge; with fused and
+    out, it may be ``out`` itself, already holding the result in out's dtype)."""
     spec = method_spec(recipe)
     name, base = plan.name, recipe.base_model
     if spec.kind == "linear":
@@ -152,6 +158,8 @@ def compute_tensor(
         else None,
         precomputed=[cache(m, name, spec, recipe.seed) for m in contributors] if cache is not None else None,
         workspace=workspace,
+        fused=fused,
+        out=out,
     )
 
 

@@ -19,12 +19,15 @@ import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
 from merge_core.errors import EvomergeError
+
+if TYPE_CHECKING:
+    from merge_core.fused import FusedMerge
 
 SPARSIFICATIONS: tuple[str, ...] = ("magnitude", "random", "magnitude_outliers", "della_magprune")
 CONSENSUS_METHODS: tuple[str, ...] = ("sum", "count")
@@ -431,21 +434,38 @@ def generalized_task_arithmetic(
     generators: Sequence[torch.Generator | None] | None = None,
     precomputed: Sequence[Precomputed | None] | None = None,
     workspace: Workspace | None = None,
+    fused: FusedMerge | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """base + λ·(Σ_i m_i w_i s(δ_i)) / (Σ_i m_i w_i if normalize), s = sparsify, m = sign consensus (or 1).
 
     Every temporary is one of count + 3 float32 buffers (w_i s(δ_i) in buffer i, then the sign, a scratch and the
-    divisor), taken from ``workspace`` when given (the result is then a view of buffer 0) or from a fresh one."""
+    divisor), taken from ``workspace`` when given (the result is then a view of buffer 0) or from a fresh one.
+    With ``fused`` and ``out`` (the tensor the result goes to, e.g. a live model's parameter), a compiled kernel
+    (merge_core.fused) may write the result, cast to out's dtype, straight into ``out`` and return it: the same
+    bits as this function's float32 result copied into ``out``."""
     count = len(deltas)
     if count == 0:
         return _f32(base)
-    workspace = workspace if workspace is not None else Workspace()
     weights = _per_source(weights, count, None, "weights")
     densities = _per_source(densities, count, 1.0, "densities")
     gammas = _per_source(gammas, count, 0.01, "gammas")
     epsilons = _per_source(epsilons, count, 0.15, "epsilons")
     generators = _per_source(generators, count, None, "generators")
     precomputed = _per_source(precomputed, count, None, "precomputed")
+    if fused is not None and out is not None:
+        eager = lambda: generalized_task_arithmetic(  # noqa: E731 (checks a compiled variant's first tensor)
+            base, deltas, weights, densities, sparsification=sparsification, consensus=consensus,
+            normalize=normalize, rescale=rescale, lambda_=lambda_, gammas=gammas, epsilons=epsilons,
+            generators=generators, precomputed=precomputed,
+        )  # fmt: skip
+        if fused.merge(
+            base, deltas, weights, densities, sparsification=sparsification, consensus=consensus,
+            normalize=normalize, rescale=rescale, lambda_=lambda_, precomputed=precomputed, out=out, eager=eager,
+            workspace=workspace,
+        ):  # fmt: skip
+            return out
+    workspace = workspace if workspace is not None else Workspace()
     weighted = (
         _weighted_sparse(
             d, w, p, sparsification, rescale=rescale, gamma=g, epsilon=e, generator=r, precomputed=c,
@@ -663,10 +683,13 @@ def merge_tensor(
     generators: Sequence[torch.Generator | None] | None = None,
     precomputed: Sequence[Precomputed | None] | None = None,
     workspace: Workspace | None = None,
+    fused: FusedMerge | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """spec's method on one tensor; tensors: non-base sources (linear: every listed input); deltas: source - base;
     precomputed: per source, cached candidate-independent sparsification inputs (GTA methods; results unchanged);
-    workspace: reused float32 buffers (GTA methods; the result may then be a view of one of them)."""
+    workspace: reused float32 buffers (GTA methods; the result may then be a view of one of them); fused and out:
+    compiled GTA kernels and the tensor the result is for (GTA methods: the result may be ``out`` itself)."""
     glob = _resolved(spec.global_params, params, spec.name)
     per = [_resolved(spec.tensor_params, p, spec.name) for p in tensor_params]
     if spec.needs_base and base is None:
@@ -686,5 +709,5 @@ def merge_tensor(
         sparsification=spec.sparsification, consensus=spec.consensus, normalize=bool(glob["normalize"]),
         rescale=bool(glob["rescale"]), lambda_=float(glob["lambda"]), gammas=[p.get("gamma", 0.01) for p in per],
         epsilons=[p.get("epsilon", 0.15) for p in per], generators=generators, precomputed=precomputed,
-        workspace=workspace,
+        workspace=workspace, fused=fused, out=out,
     )  # fmt: skip

@@ -1,0 +1,370 @@
+"""One compiled kernel per tensor for a GTA candidate (task arithmetic, TIES, DARE): the Materializer's re-merge.
+
+Eager PyTorch runs a TIES candidate as about ten passes over each tensor (mask, weighted product, sign election,
+agreement, masked sum, divisor, division, base, output cast), each reading and writing float32 buffers. Here
+torch.compile (inductor: C++ on CPU, Triton on GPU) fuses them into one loop that reads each task vector once
+(and its 2-byte magnitude key or 4-byte DARE draw inside the mask) and writes the output dtype straight into the
+live model's parameter.
+
+Results are bit for bit those of ``methods.generalized_task_arithmetic`` followed by the cast to the parameter's
+dtype: every operation is the eager one, in the eager order (the weighted products are exact, as m is 0 or 1;
+sums run source by source as eager adds them; the divisor's zero fix, the division, λ, the base and the cast
+follow). Two pieces are computed outside the kernel so that nothing is reordered:
+
+- a magnitude mask is "the k largest |δ|, ties to the lower index": from the cached ``methods.MagnitudeKeys``
+  the threshold value v (the k-th largest |δ|) and the index cut among the elements equal to v are found on the
+  few elements sharing v's key; in the kernel the mask is |δ| > v or (|δ| = v and index < cut);
+- with rescale, ||δ ⊙ m||_1 is summed by the eager ``sum`` over |δ ⊙ m| written by a first compiled kernel, as
+  ``methods.l1_norm`` sums it (a compiled reduction would order the sum differently).
+
+Each variant (sources, sparsification, consensus, normalize, rescale, λ, dtypes, device) compiles once per process
+(dynamic shapes: every tensor is passed flat, so one graph serves every length) and is checked on its first tensor
+against the eager merge; a mismatch, or a compiler that fails (no C++ compiler, no Triton), turns the variant off
+with one warning and the eager merge runs from then on. Calls into compiled code are serialized by a lock (the
+kernels use every core themselves). Other sparsifications (magnitude_outliers, della), tensors without cached
+keys and merges without a target tensor stay eager. So does the linear method: eager adds each w_i·x_i with
+ATen's vectorized fused multiply-add (one rounding), which inductor's C++ backend does not emit; a kernel of
+separate multiplies and adds differs in the last bit (measured).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from merge_core import methods
+
+log = logging.getLogger(__name__)
+
+FUSED_SPARSIFICATIONS = (None, "magnitude", "random")
+ENV = "EVOMERGE_FUSED"  # "0" turns the fused path off, "1" on, whatever the Materializer was asked
+AUTO_MIN_ELEMENTS = 50_000_000  # "auto": fuse when a model has at least this many elements (the compile pays back)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a compiled graph is specialized on (everything else is a runtime input)."""
+
+    count: int
+    sparsification: str | None
+    consensus: str | None
+    normalize: bool
+    rescale: bool
+    scaled: bool  # λ != 1
+    base_dtype: torch.dtype
+    out_dtype: torch.dtype
+    device: str
+
+
+def enabled(requested: bool | str, total_elements: int) -> bool:
+    """Whether a Materializer fuses: the EVOMERGE_FUSED environment variable when set, else ``requested``
+    (True, False or "auto": models of at least AUTO_MIN_ELEMENTS elements, where one compile per worker pays back)."""
+    env = os.environ.get(ENV)
+    if env in ("0", "1"):
+        return env == "1"
+    if requested == "auto":
+        return total_elements >= AUTO_MIN_ELEMENTS
+    return bool(requested)
+
+
+class FusedMerge:
+    """The compiled merge kernels of one worker (thread-safe: compiled calls hold a lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kernels: dict[Variant, tuple[Callable, Callable | None]] = {}
+        self._verified: set[Variant] = set()
+        self._off: dict[Variant, str] = {}
+        self.broken: str | None = None  # why the compiler itself failed (then nothing is fused)
+        self.fused_tensors = 0  # tensors merged by a compiled kernel (for logs and tests)
+
+    def supports(self, sparsification: str | None, count: int) -> bool:
+        return self.broken is None and sparsification in FUSED_SPARSIFICATIONS and count > 0
+
+    def merge(
+        self,
+        base: Tensor,
+        deltas: Sequence[Tensor],
+        weights: Sequence[float],
+        densities: Sequence[float],
+        *,
+        sparsification: str | None,
+        consensus: str | None,
+        normalize: bool,
+        rescale: bool,
+        lambda_: float,
+        precomputed: Sequence[methods.Precomputed | None],
+        out: Tensor,
+        eager: Callable[[], Tensor],
+        workspace: methods.Workspace | None = None,
+    ) -> bool:
+        """Write the merge into ``out`` with a compiled kernel and return True, or return False (nothing written)
+        when this case stays eager. ``eager()`` computes the same merge eagerly (float32): it checks a variant's
+        first tensor. With rescale, |δ ⊙ m| goes to the workspace's first buffer (else a fresh tensor)."""
+        count = len(deltas)
+        if not self.supports(sparsification, count) or not out.is_contiguous():
+            return False
+        inputs = _runtime_inputs(deltas, weights, densities, sparsification, normalize, rescale, precomputed)
+        if inputs is None:
+            return False
+        variant = Variant(
+            count, sparsification, consensus if count else None, normalize, rescale, lambda_ != 1,
+            base.dtype, out.dtype, str(out.device),
+        )  # fmt: skip
+        per_source, total = inputs
+        scalars = _scalar_tensors(per_source, total, lambda_, out.device)
+        flat = [d.reshape(-1) for d in deltas]
+        draws = [p.uniform.reshape(-1) for p in precomputed] if sparsification == "random" else []  # type: ignore[union-attr]
+
+        def run(main: Callable, norms: Callable | None) -> None:
+            if rescale:
+                scratch = workspace.buffer(0, flat[0]) if workspace is not None else torch.empty_like(flat[0])
+                scalars["factor"] = _rescale_factors(norms, flat, draws, scalars, per_source, scratch)
+            main(flat, draws, scalars, base.reshape(-1), out.view(-1))
+
+        return self._run(variant, run, out, eager)
+
+    def _run(self, variant: Variant, run: Callable, out: Tensor, eager: Callable[[], Tensor]) -> bool:
+        """``run(main, norms)`` with the variant's compiled kernels (compiled on first use), checked against
+        ``eager()`` on the variant's first tensor; False when the variant is off or the compiler fails."""
+        if variant in self._off:
+            return False
+        with self._lock:
+            try:
+                run(*(self._kernels.get(variant) or self._compile(variant)))
+            except Exception as err:  # noqa: BLE001 (a compiler that cannot run: no C++ compiler, no Triton, ...)
+                self.broken = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                log.warning("fused merge kernels off (eager merge from now on): %s", self.broken)
+                return False
+            if variant not in self._verified:
+                expected = eager().to(out.dtype)
+                if not _same_bits(out, expected):
+                    self._off[variant] = "differs from the eager merge"
+                    log.warning("fused merge kernel %s differs from the eager merge: off, eager from now on", variant)
+                    out.copy_(expected)
+                    return True
+                self._verified.add(variant)
+            self.fused_tensors += 1
+        return True
+
+    def _compile(self, variant: Variant) -> tuple[Callable, Callable | None]:
+        options = {"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True}
+        compile_ = _compiler(options if variant.device.startswith("cuda") else None)
+        main = compile_(_own_code(_main_kernel(variant)))
+        norms = compile_(_own_code(_abs_masked_kernel(variant))) if variant.rescale else None
+        self._kernels[variant] = (main, norms)
+        return main, norms
+
+
+def _own_code(fn: Callable) -> Callable:
+    """fn with a code object of its own: torch.compile keeps its graphs (and counts recompilations against its
+    limit of 8) per code object, and every variant's closure shares the one code object of its factory."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_SERIAL)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+_SERIAL = itertools.count()
+
+
+def _compiler(options: dict | None) -> Callable[[Callable], Callable]:
+    return lambda fn: torch.compile(fn, dynamic=True, fullgraph=True, options=options)
+
+
+# ----------------------------------------------------------------------------- what the kernels are fed
+
+
+@dataclass(frozen=True)
+class _Source:
+    weight: float
+    threshold: float = 0.0  # magnitude: the k-th largest |δ| (inf: keep none, -inf: keep all)
+    cut: int = 0  # magnitude: elements equal to threshold are kept below this flat index
+    density: float = 1.0  # random: kept where u < density
+    l1: Tensor | None = None  # rescale: ||δ||_1
+
+
+def _runtime_inputs(
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    sparsification: str | None,
+    normalize: bool,
+    rescale: bool,
+    precomputed: Sequence[methods.Precomputed | None],
+) -> tuple[list[_Source], float] | None:
+    """Per source the candidate's scalars, and Σw (plain sum's divisor), or None where the eager path must run."""
+    sources = []
+    for delta, weight, density, pre in zip(deltas, weights, densities, precomputed):
+        if delta.dtype != torch.float32 or not delta.is_contiguous() or delta.numel() == 0:
+            return None
+        l1 = None
+        if sparsification is not None and rescale:
+            if density >= 1:
+                return None  # eager: no mask, no rescale
+            l1 = pre.l1 if pre is not None and pre.l1 is not None else methods.l1_norm(delta)
+        if sparsification == "magnitude":
+            if pre is None or pre.keys is None:
+                return None
+            threshold, cut = magnitude_threshold(delta, pre.keys, density)
+            sources.append(_Source(float(weight), threshold=threshold, cut=cut, l1=l1))
+        elif sparsification == "random":
+            if pre is None or pre.uniform is None:
+                return None
+            # density >= 1 keeps everything (u < 1 always); <= 0 nothing (u >= 0): the eager mask, as it is
+            sources.append(_Source(float(weight), density=float(density), l1=l1))
+        else:
+            sources.append(_Source(float(weight)))
+    total = float(sum(float(w) for w in weights))
+    return sources, (1.0 if abs(total) < 1e-8 else total)
+
+
+def magnitude_threshold(delta: Tensor, keys: methods.MagnitudeKeys, density: float) -> tuple[float, int]:
+    """(v, cut) with magnitude_mask(delta, density) = |δ| > v or (|δ| = v and flat index < cut)."""
+    n = delta.numel()
+    k = max(1, int(density * n)) if 0 < density < 1 else (n if density >= 1 else 0)
+    if k >= n:
+        return float("-inf"), 0
+    if k <= 0:
+        return float("inf"), 0
+    at_least = keys.at_least
+    j = int(torch.count_nonzero(at_least >= k)) - 1  # as methods._top_k_mask_keyed: the boundary key low + j
+    above = int(at_least[j + 1]) if j + 1 < at_least.numel() else 0
+    boundary = torch.nonzero(keys.keys.reshape(-1) == keys.low + j).squeeze(1)  # ascending flat indices
+    values = delta.reshape(-1).index_select(0, boundary).abs()
+    need = k - above  # taken among the boundary elements, 1 <= need <= len(boundary)
+    threshold = torch.kthvalue(values, values.numel() - need + 1).values
+    larger = int(torch.count_nonzero(values > threshold))
+    equal = boundary[values == threshold]  # ascending
+    return float(threshold), int(equal[need - larger - 1]) + 1
+
+
+def _scalar_tensors(sources: list[_Source], total: float, lambda_: float, device: torch.device) -> dict[str, Tensor]:
+    """The candidate's scalars as 0-dim tensors (graph inputs: new values never recompile), rounded to float32 as
+    eager rounds a Python scalar operand."""
+
+    def f32(values: list[float]) -> Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    return {
+        "weight": f32([s.weight for s in sources]),
+        "threshold": f32([s.threshold for s in sources]),
+        "cut": torch.tensor([s.cut for s in sources], dtype=torch.int64, device=device),
+        "density": f32([s.density for s in sources]),
+        "total": f32([total]),
+        "lambda": f32([lambda_]),
+    }
+
+
+def _rescale_factors(
+    norms: Callable | None,
+    flat: list[Tensor],
+    draws: list[Tensor],
+    scalars: dict[str, Tensor],
+    sources: list[_Source],
+    scratch: Tensor,
+) -> Tensor:
+    """Per source ||δ||_1 / ||δ ⊙ m||_1 (1 when either is below methods.RESCALE_EPS), the second summed by eager
+    ``sum`` over |δ ⊙ m| from a compiled kernel: the very sum methods._rescale_factor takes."""
+    assert norms is not None
+    factors = []
+    for i, delta in enumerate(flat):
+        draw = draws[i] if draws else delta
+        norms(delta, draw, scalars["threshold"][i], scalars["cut"][i], scalars["density"][i], scratch)
+        before, after = sources[i].l1, scratch.sum()
+        assert before is not None
+        degenerate = (before < methods.RESCALE_EPS) | (after < methods.RESCALE_EPS)
+        factors.append(torch.where(degenerate, torch.ones_like(before), before / after))
+    return torch.stack(factors)
+
+
+# ----------------------------------------------------------------------------- the kernels (traced per variant)
+
+
+def _mask(variant: Variant, delta: Tensor, draw: Tensor, threshold: Tensor, cut: Tensor, density: Tensor) -> Tensor:
+    """The source's 0/1 float32 mask, as methods computes it (threshold, cut, density: its 0-dim scalars)."""
+    if variant.sparsification == "magnitude":
+        magnitude = delta.abs()
+        index = torch.arange(delta.shape[0], device=delta.device)
+        keep = (magnitude > threshold) | ((magnitude == threshold) & (index < cut))
+    else:
+        keep = draw < density
+    return keep.to(torch.float32)
+
+
+def _source_mask(variant: Variant, delta: Tensor, draw: Tensor, scalars: dict[str, Tensor], i: int) -> Tensor:
+    return _mask(variant, delta, draw, scalars["threshold"][i], scalars["cut"][i], scalars["density"][i])
+
+
+def _abs_masked_kernel(variant: Variant) -> Callable:
+    def abs_masked(delta: Tensor, draw: Tensor, threshold: Tensor, cut: Tensor, density: Tensor, out: Tensor) -> None:
+        out.copy_((delta * _mask(variant, delta, draw, threshold, cut, density)).abs())
+
+    return abs_masked
+
+
+def _main_kernel(variant: Variant) -> Callable:
+    """base + λ·(Σ m_i w_i s(δ_i)) / (Σ m_i w_i if normalize), cast into out: methods.generalized_task_arithmetic's
+    operations in its order."""
+
+    def main(deltas: list[Tensor], draws: list[Tensor], scalars: dict[str, Tensor], base: Tensor, out: Tensor) -> None:
+        weight = scalars["weight"]
+        weighted = []
+        for i, delta in enumerate(deltas):
+            if variant.sparsification is None:
+                weighted.append(delta * weight[i])
+            elif variant.rescale:  # (δ·m)·factor·w
+                mask = _source_mask(variant, delta, draws[i] if draws else delta, scalars, i)
+                weighted.append(((delta * mask) * scalars["factor"][i]) * weight[i])
+            else:  # -0 + (w·m)·δ
+                mask = _source_mask(variant, delta, draws[i] if draws else delta, scalars, i)
+                weighted.append(-0.0 + (weight[i] * mask) * delta)
+        if variant.consensus is None:
+            mixed = weighted[0]
+            for w in weighted[1:]:
+                mixed = mixed + w
+            if variant.normalize:
+                mixed = mixed / scalars["total"][0]
+        else:
+            if variant.consensus == "sum":
+                total = weighted[0]
+                for w in weighted[1:]:
+                    total = total + w
+            else:
+                total = 0.0 + torch.sign(weighted[0])
+                for w in weighted[1:]:
+                    total = total + torch.sign(w)
+                total = total + 0.0
+            sign = torch.copysign(torch.ones_like(total), total)
+            agree = [(w * sign > 0).to(torch.float32) for w in weighted]
+            mixed = 0.0 + weighted[0] * agree[0]
+            for w, a in zip(weighted[1:], agree[1:]):
+                mixed = mixed + w * a
+            if variant.normalize:
+                divisor = agree[0] * weight[0]
+                for i, a in enumerate(agree[1:], start=1):
+                    divisor = divisor + weight[i] * a
+                divisor = divisor + (divisor == 0).to(torch.float32)
+                mixed = mixed / divisor
+        if variant.scaled:
+            mixed = mixed * scalars["lambda"][0]
+        out.copy_((mixed + base.to(torch.float32)).to(out.dtype))
+
+    return main
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Bitwise equality (NaNs and signed zeros included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+
+
+__all__ = ["FusedMerge", "Variant", "enabled", "magnitude_threshold"]
