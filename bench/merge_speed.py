@@ -72,7 +72,7 @@ SIZES: dict[str, Any] = dict(
 WEIGHTS, DENSITY = (0.6, 0.4), 0.5
 # In-memory candidates: (weight_a, weight_b, density_a, density_b); density ignored by linear.
 CANDIDATES = [(0.6, 0.4, 0.5, 0.5), (0.3, 0.7, 0.4, 0.6), (0.5, 0.5, 0.7, 0.3), (0.8, 0.2, 0.5, 0.5)]
-TARGETS = {"linear": 1.0, "ties": 0.5, "dare_ties": 0.5}  # our wall time / mergekit's, at most
+TARGETS = {"linear": 1.0, "task_arithmetic": 1.0, "ties": 0.5, "dare_ties": 0.5}  # our wall / mergekit's, at most
 INMEM_TARGET = 2.0  # apply time / bandwidth bound, at most
 FIRST_APPLY_TARGET = 10.0  # seconds for the first apply of ties (fills the magnitude-key cache), at most
 PLAN_TOLERANCE = 0.10  # |measured peak / plan - 1|, at most
@@ -120,11 +120,12 @@ def numel(shape: tuple[int, ...]) -> int:
 
 
 def recipe_dict(method: str, models: dict[str, Path], weights=WEIGHTS, densities=(DENSITY, DENSITY)) -> dict[str, Any]:
-    """The mergekit YAML both tools read: linear over the two fine-tunes; ties/dare_ties on the base."""
+    """The mergekit YAML both tools read: linear over the two fine-tunes; the others on the base (densities:
+    ties, dare_ties)."""
     entries = []
     for (name, w), d in zip(zip(("ft_a", "ft_b"), weights), densities):
         params: dict[str, Any] = {"weight": w}
-        if method != "linear":
+        if method not in ("linear", "task_arithmetic"):
             params["density"] = d
         entries.append({"model": str(models[name]), "parameters": params})
     recipe: dict[str, Any] = {"merge_method": method}
@@ -315,6 +316,7 @@ class InMemory:
     plan_mib: float  # the memory plan's prediction (merge_core.memplan), made before anything was loaded
     anon_peak_mib: float  # measured: peak anonymous RSS above the RSS before the Materializer was built
     plan_line: str
+    kernels: str  # "compiled (N tensors)": merge_core.fused wrote them; else "eager"
 
 
 def rss_anon() -> int:
@@ -372,9 +374,18 @@ def in_memory_worker(method: str, models: dict[str, Path], repeats: int, out: Pa
                 plan_bytes=mat.plan.total,
                 plan_line=mat.plan.line(),
                 anon_peak_bytes=sampler.stop() - baseline,
+                kernels=kernels_used(mat),
             )
         )
     )
+
+
+def kernels_used(mat: Materializer) -> str:
+    """Which kernels wrote the tensors: "compiled (N tensors)" (merge_core.fused) or "eager" (why, if it failed)."""
+    fused = getattr(mat, "fused", None)  # a --baseline-rev merge_core may predate it
+    if fused is not None and fused.fused_tensors:
+        return f"compiled ({fused.fused_tensors} tensors)"
+    return f"eager ({fused.broken})" if fused is not None and fused.broken else "eager"
 
 
 def in_memory(
@@ -384,6 +395,9 @@ def in_memory(
     directory holding an earlier commit's merge_core), that code instead of this checkout's."""
     tag = f"{method}_baseline" if baseline else method
     out = work / f"in_memory_{tag}.json"
+    inductor = work / f"inductor_{tag}"  # empty: a first apply that compiles pays the whole compile
+    shutil.rmtree(inductor, ignore_errors=True)
+    env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
     run = timed(
         [sys.executable, __file__, "--work", str(work), "--repeats", str(repeats), "--in-memory-worker", method,
          "--in-memory-out", str(out)],
@@ -405,6 +419,7 @@ def in_memory(
         r["plan_bytes"] / MIB,
         r["anon_peak_bytes"] / MIB,
         r["plan_line"],
+        r.get("kernels", "eager"),
     )
 
 
@@ -620,7 +635,8 @@ def in_memory_section(
         "",
         f"`Materializer.apply` into a live bf16 model, one fresh worker process per method, on the checkpoints of "
         f"the Merge speed section; {len(CANDIDATES)} candidates (varying weights and densities) applied once to fill "
-        f"the cache (the first apply is reported apart), then {args.repeats} more rounds = "
+        f"the cache and compile the kernels (merge_core.fused, on an empty inductor cache; the first apply is "
+        f"reported apart), then {args.repeats} more rounds = "
         f"{len(CANDIDATES) * args.repeats} timed applies. Bound = (resident bytes + cache bytes, all read once per "
         f"candidate, + output bytes written) / copy bandwidth {bandwidth:.1f} GB/s (torch `copy_` of a 1 GiB float32 "
         "buffer, read + write bytes counted).",
@@ -631,10 +647,10 @@ def in_memory_section(
         f"whole process (runtime and mapped file pages included). Targets: first apply of ties ≤ "
         f"{FIRST_APPLY_TARGET:g} s, measured peak within {PLAN_TOLERANCE:.0%} of the plan.",
         "",
-        "| method | resident (MiB, what) | cache (MiB) | build (s) | first apply (s) | plan (MiB) "
+        "| method | kernels | resident (MiB, what) | cache (MiB) | build (s) | first apply (s) | plan (MiB) "
         "| measured peak above baseline (MiB) | measured / plan | worker peak RSS (MiB) "
         "| apply min / median (s) | bound (s) | apply / bound |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in inmem:
         ratio = min(r.apply_s) / r.bound_s
@@ -645,8 +661,9 @@ def in_memory_section(
         mem = r.anon_peak_mib / r.plan_mib
         mem_verdict = "met" if abs(mem - 1) <= PLAN_TOLERANCE else "MISSED"
         lines.append(
-            f"| {r.method} | {r.resident_mib:.0f} ({r.resident_kind}) | {r.cache_mib:.0f} | {r.build_s:.1f} | "
-            f"{first} | {r.plan_mib:.0f} | {r.anon_peak_mib:.0f} | {mem:.2f} ({mem_verdict}) | {r.peak_rss_mib:.0f} | "
+            f"| {r.method} | {r.kernels} | {r.resident_mib:.0f} ({r.resident_kind}) | {r.cache_mib:.0f} | "
+            f"{r.build_s:.1f} | {first} | {r.plan_mib:.0f} | {r.anon_peak_mib:.0f} | {mem:.2f} ({mem_verdict}) | "
+            f"{r.peak_rss_mib:.0f} | "
             f"{min(r.apply_s):.2f} / {statistics.median(r.apply_s):.2f} | "
             f"{r.bound_s:.2f} | {ratio:.1f}× ({verdict}, ≤ {INMEM_TARGET:g}×) |"
         )
