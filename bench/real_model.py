@@ -152,7 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     command = "`.venv/bin/python bench/real_model.py " + shlex.join(sys.argv[1:]) + "`"
-    models = build_real()
+    models = build_real(trained=())  # the base and its two perturbed stand-ins
     (ROOT / "bench" / "_work").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / "bench" / "_work") as tmp:
         if args.part in ("merge", "both"):

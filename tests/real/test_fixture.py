@@ -16,7 +16,7 @@ from zoo.real import BASE_SHA256, MANIFEST, WEIGHTS, RealModels, cached
 def test_conversion_is_pinned_and_tied(real_models: RealModels) -> None:
     manifest = json.loads((real_models.root / MANIFEST).read_text())
     assert manifest["sha256"]["smollm2-135m"] == BASE_SHA256
-    assert cached(real_models.root) == real_models  # a second session reuses it
+    assert cached(real_models.root, trained=()) == real_models  # a second session reuses it
     config = json.loads((real_models.base / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"]
     assert (config["num_hidden_layers"], config["num_key_value_heads"], config["vocab_size"]) == (30, 3, 49152)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -106,3 +107,23 @@ def test_train_experts_refuses_to_replace_an_adapter_before_any_work(capsys) -> 
     assert "math_en.safetensors exists; pass --overwrite" in capsys.readouterr().err
     assert main(["train-experts", "--experts", "nope"]) == 2
     assert "unknown expert 'nope'" in capsys.readouterr().err
+
+
+def test_a_built_expert_is_stale_when_missing_or_built_from_another_adapter(tmp_path) -> None:
+    """data/real records each trained expert's adapter sha256: a retrained adapter rebuilds its expert (build_real),
+    and a build without trained experts (the real-model tests') is complete for a caller that asks for none."""
+    from zoo.real import EXPERTS, FORMAT, MANIFEST, WEIGHTS, cached, file_sha256, read_manifest, stale_experts
+
+    for name in ("smollm2-135m", *EXPERTS):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / WEIGHTS).write_bytes(b"")
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": FORMAT, "sha256": {}}))
+    manifest = read_manifest(tmp_path)
+    assert manifest is not None and cached(tmp_path, trained=()) is not None and cached(tmp_path) is None
+    assert stale_experts(tmp_path, manifest, ["chat_fr", "math_bi"]) == ["chat_fr", "math_bi"]
+    (tmp_path / "chat_fr").mkdir()
+    (tmp_path / "chat_fr" / WEIGHTS).write_bytes(b"")
+    manifest["adapters"] = {"chat_fr": file_sha256(ADAPTERS / "chat_fr.safetensors")}
+    assert stale_experts(tmp_path, manifest, ["chat_fr", "math_bi"]) == ["math_bi"]
+    manifest["adapters"]["chat_fr"] = "0" * 64  # built from an adapter since retrained
+    assert stale_experts(tmp_path, manifest, ["chat_fr"]) == ["chat_fr"]
