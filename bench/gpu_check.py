@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from evals.data import GenerationItem  # noqa: E402
 from evals.native import GenerationEvaluator  # noqa: E402
+from merge_core import fused  # noqa: E402
 from merge_core.materialize import Materializer  # noqa: E402
 from merge_core.recipe import MergeRecipe  # noqa: E402
 from merge_core.synthetic import MISTRAL_7B, SPECIAL_TOKENS, word_tokenizer  # noqa: E402
@@ -214,7 +215,7 @@ def merge_check(method: str, models: dict[str, Path], device: torch.device, args
     evaluator_batch = (args.batch, args.prompt_tokens + args.new_tokens)
     peak = PeakMemory(device)
     t0 = time.perf_counter()
-    mat = Materializer(recipe(method, models), device=str(device), evaluator_batch=evaluator_batch)
+    mat = Materializer(recipe(method, models), device=str(device), evaluator_batch=evaluator_batch, fuse=True)
     model = mat.new_model()
     sync(device)
     build_s = time.perf_counter() - t0
@@ -238,6 +239,7 @@ def merge_check(method: str, models: dict[str, Path], device: torch.device, args
         first_apply_s=applies[0],
         apply_s=applies[1:],
         reserve_mib=plan.part("evaluator reserve") / MIB,
+        kernels=fused.describe(mat.fused),
     )
     del mat
     return figures, model
@@ -305,14 +307,14 @@ def report(args, device, config, build_s: float, merges: list[dict], evaluation:
         f"- evaluator reserve in the plan: batch {args.batch} × ({args.prompt_tokens} prompt + {args.new_tokens} new) "
         "tokens",
         "",
-        "| method | layout chosen | plan without evaluator (MiB) | measured peak (MiB) | measured / plan "
-        "| build (s) | first apply (s) | apply min / median (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | kernels | layout chosen | plan without evaluator (MiB) | measured peak (MiB) | measured / plan "
+        "| build (s) | first apply (s, compiles) | apply min / median (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in merges:
         target = "" if args.reduced else f" ({'met' if min(m['apply_s']) < APPLY_TARGET_S else 'MISSED'}, < 2 s)"
         lines.append(
-            f"| {m['method']} | {m['layout']} | {m['plan_mib']:.0f} | {m['measured_mib']:.0f} | "
+            f"| {m['method']} | {m['kernels']} | {m['layout']} | {m['plan_mib']:.0f} | {m['measured_mib']:.0f} | "
             f"{m['measured_mib'] / m['plan_mib']:.2f} | {m['build_s']:.1f} | {m['first_apply_s']:.2f} | "
             f"{min(m['apply_s']):.2f} / {statistics.median(m['apply_s']):.2f}{target} |"
         )

@@ -345,6 +345,14 @@ class PeakSampler(threading.Thread):
         return max(self.peak, rss_anon())
 
 
+def kernels_used(mat: Materializer) -> str:
+    try:
+        from merge_core.fused import describe
+    except ImportError:  # a --baseline-rev merge_core that predates it: eager
+        return "eager"
+    return describe(getattr(mat, "fused", None))
+
+
 def in_memory_worker(method: str, models: dict[str, Path], repeats: int, out: Path) -> None:
     """(In a fresh process.) Build a Materializer once, then time `apply` of each candidate `repeats` times;
     the peak anonymous RSS above the RSS before the build is what the memory plan predicts."""
@@ -378,14 +386,6 @@ def in_memory_worker(method: str, models: dict[str, Path], repeats: int, out: Pa
             )
         )
     )
-
-
-def kernels_used(mat: Materializer) -> str:
-    """Which kernels wrote the tensors: "compiled (N tensors)" (merge_core.fused) or "eager" (why, if it failed)."""
-    fused = getattr(mat, "fused", None)  # a --baseline-rev merge_core may predate it
-    if fused is not None and fused.fused_tensors:
-        return f"compiled ({fused.fused_tensors} tensors)"
-    return f"eager ({fused.broken})" if fused is not None and fused.broken else "eager"
 
 
 def in_memory(

@@ -164,6 +164,13 @@ class FusedMerge:
         return main, norms
 
 
+def describe(kernels: FusedMerge | None) -> str:
+    """For reports: "compiled (N tensors)" when kernels wrote tensors, else "eager" (why, if the compiler failed)."""
+    if kernels is not None and kernels.fused_tensors:
+        return f"compiled ({kernels.fused_tensors} tensors)"
+    return f"eager ({kernels.broken})" if kernels is not None and kernels.broken else "eager"
+
+
 def _own_code(fn: Callable) -> Callable:
     """fn with a code object of its own: torch.compile keeps its graphs (and counts recompilations against its
     limit of 8) per code object, and every variant's closure shares the one code object of its factory."""
@@ -367,4 +374,4 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
 
 
-__all__ = ["FusedMerge", "Variant", "enabled", "magnitude_threshold"]
+__all__ = ["FusedMerge", "Variant", "describe", "enabled", "magnitude_threshold"]

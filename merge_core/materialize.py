@@ -91,6 +91,8 @@ class Materializer:
         ref = self.reference
         gta = self.spec.kind == "gta"
         self.workers = tensor_workers(self.device)  # tensors merged at once by apply
+        total = sum(math.prod(ref.shape(n)) for n in self.names)
+        fuse_gta = gta and fused.enabled(fuse, total)
         self.plan = memplan.plan_memory(
             {n: ref.shape(n) for n in self.names},
             device=str(self.device),
@@ -107,6 +109,7 @@ class Materializer:
             precompute=precompute,
             workers=self.workers,
             method_kind=self.spec.kind,
+            fused=fuse_gta,
         )
         log.info(self.plan.line())
         keep_deltas = self.plan.resident == "task_vectors"
@@ -130,8 +133,7 @@ class Materializer:
         )
         self._precomputed: dict[tuple[str, str], tuple[methods.Precomputed, int | None]] = {}  # (cache, its DARE seed)
         self.precompute = self.plan.cache and self.spec.sparsification in _CACHEABLE
-        total = sum(math.prod(ref.shape(n)) for n in self.names)
-        self.fused = fused.FusedMerge() if gta and fused.enabled(fuse, total) else None
+        self.fused = fused.FusedMerge() if fuse_gta else None
         self.build_seconds = time.perf_counter() - t0
         log.info(
             "materializer: %d tensors resident on %s (%.1f MiB, %s) in %.1fs",

@@ -88,11 +88,14 @@ def plan_memory(
     precompute: bool | Literal["auto"] = "auto",
     workers: int = 1,
     method_kind: str | None = None,
+    fused: bool = False,
 ) -> MemoryPlan:
     """The fastest resident layout that fits (see the module docstring); n_sources = task vectors (0: a method
     without them, whose sources are always resident as loaded; "linear" as `method_kind` upcasts one input at a
     time); `workers` tensors are merged at once (each with its
-    own workspace); raises EvomergeError when nothing fits."""
+    own workspace); `fused`: merge_core.fused writes the GTA candidates (its kernels keep no float32 buffers: one
+    eager merge of a tensor checks each kernel, and each worker holds a rescale scratch or a boundary mask);
+    raises EvomergeError when nothing fits."""
     numels = [math.prod(s) for s in shapes.values()]
     params = sum(numels)
     cacheable = n_sources > 0 and sparsification in ("magnitude", "magnitude_outliers", "random")
@@ -124,7 +127,13 @@ def plan_memory(
                 sources_f32 = n_models if layout == "sources" else 0  # each input upcast while a tensor is merged
                 per_tensor = 4 * (WORK_BUFFERS + n_sources + sources_f32)
                 per_tensor += DELLA_BYTES if sparsification == "della_magprune" else 0
-            parts.append(("merge workspace", per_tensor * sum(sorted(numels, reverse=True)[: max(1, workers)])))
+            largest = sorted(numels, reverse=True)[: max(1, workers)]
+            if fused and n_sources > 0 and (cache or sparsification is None):
+                scratch = {"random": 4, "magnitude": 1}.get(sparsification or "", 0)  # per element, per worker
+                workspace = per_tensor * largest[0] + scratch * largest[0] * max(1, workers)
+            else:
+                workspace = per_tensor * sum(largest)
+            parts.append(("merge workspace", workspace))
             parts.append(("evaluator reserve", int(evaluator_bytes)))
             options.append(
                 MemoryPlan(device=device, available=int(available), resident=layout, cache=cache, parts=tuple(parts))

@@ -57,6 +57,21 @@ def test_141_gb_gpu_keeps_float32_task_vectors_and_the_magnitude_keys(mistral_sh
     assert "magnitude key cache" in plan.line()
 
 
+@pytest.mark.parametrize(("sparsification", "scratch"), [("magnitude", 1), ("random", 4), (None, 0)])
+def test_fused_kernels_plan_one_eager_check_and_a_scratch_per_worker(sparsification, scratch):
+    """merge_core.fused keeps no float32 buffers: one eager merge of the largest tensor checks a kernel, and each of
+    the workers holds a boundary mask (magnitude, 1 byte per element) or a rescale scratch (DARE, 4 bytes)."""
+    shapes = {"embed": (1000, 100), "big": (800, 100), "small": (10, 10)}
+    kwargs = dict(device="cpu", available=10**10, n_models=3, n_sources=2, load_dtype=torch.bfloat16,
+                  live_dtype=torch.bfloat16, sparsification=sparsification, workers=2,
+                  resident="task_vectors")  # fmt: skip
+    eager = memplan.plan_memory(shapes, **kwargs).part("merge workspace")
+    fused = memplan.plan_memory(shapes, **kwargs, fused=True).part("merge workspace")
+    per_tensor = 4 * (memplan.WORK_BUFFERS + 2)
+    assert eager == per_tensor * (100_000 + 80_000)
+    assert fused == per_tensor * 100_000 + scratch * 100_000 * 2
+
+
 def test_141_gb_gpu_has_no_room_for_dare_draws_beside_float32_task_vectors(mistral_shapes):
     plan = plan_7b(mistral_shapes, 139.8, "random")
     assert (plan.resident, plan.cache) == ("task_vectors", False)
