@@ -48,6 +48,7 @@ import yaml  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+WARM_INDUCTOR_ENV = "MERGE_SPEED_INDUCTOR_CACHE"  # set by --inductor-cache
 BASELINE_ENV = "MERGE_SPEED_BASELINE"  # set in a worker that times an earlier commit's merge_core (--baseline-rev)
 sys.path.insert(0, os.environ.get(BASELINE_ENV) or str(REPO))
 if os.environ.get(BASELINE_ENV):
@@ -395,9 +396,11 @@ def in_memory(
     directory holding an earlier commit's merge_core), that code instead of this checkout's."""
     tag = f"{method}_baseline" if baseline else method
     out = work / f"in_memory_{tag}.json"
-    inductor = work / f"inductor_{tag}"  # empty: a first apply that compiles pays the whole compile
-    shutil.rmtree(inductor, ignore_errors=True)
-    env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
+    inductor = env.get(WARM_INDUCTOR_ENV)  # --inductor-cache: kept between workers and runs
+    if inductor is None:  # empty: a first apply that compiles pays the whole compile
+        inductor = str(work / f"inductor_{tag}")
+        shutil.rmtree(inductor, ignore_errors=True)
+    env = {**env, "TORCHINDUCTOR_CACHE_DIR": inductor}
     run = timed(
         [sys.executable, __file__, "--work", str(work), "--repeats", str(repeats), "--in-memory-worker", method,
          "--in-memory-out", str(out)],
@@ -483,6 +486,12 @@ def main() -> None:
         "worker right before this checkout's (a before/after ratio under the same load)",
     )
     parser.add_argument("--in-memory-only", action="store_true", help="only the in-memory re-merge (its own section)")
+    parser.add_argument(
+        "--inductor-cache",
+        type=Path,
+        help="inductor cache folder for the in-memory workers, kept (a second run's first apply finds the compiled "
+        "kernels there); default: an empty one per worker",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
     command = shlex.join(
@@ -493,6 +502,8 @@ def main() -> None:
         ]
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.inductor_cache:
+        env[WARM_INDUCTOR_ENV] = str(args.inductor_cache.resolve())
     if args.threads:
         torch.set_num_threads(args.threads)
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -628,6 +639,9 @@ def in_memory_section(
             f"bound {r.bound_s:.2f}s, plan {r.plan_mib:.0f} MiB, measured {r.anon_peak_mib:.0f} MiB",
             flush=True,
         )
+    cache_note = "empty inductor cache"
+    if args.inductor_cache:
+        cache_note = f"inductor cache {args.inductor_cache} kept from earlier runs"
     lines = [f"Command (from the repository root): `{command}`", ""]
     lines += [f"- {fact}" for fact in facts]
     lines.append(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -635,7 +649,7 @@ def in_memory_section(
         "",
         f"`Materializer.apply` into a live bf16 model, one fresh worker process per method, on the checkpoints of "
         f"the Merge speed section; {len(CANDIDATES)} candidates (varying weights and densities) applied once to fill "
-        f"the cache and compile the kernels (merge_core.fused, on an empty inductor cache; the first apply is "
+        f"the cache and compile the kernels (merge_core.fused, {cache_note}; the first apply is "
         f"reported apart), then {args.repeats} more rounds = "
         f"{len(CANDIDATES) * args.repeats} timed applies. Bound = (resident bytes + cache bytes, all read once per "
         f"candidate, + output bytes written) / copy bandwidth {bandwidth:.1f} GB/s (torch `copy_` of a 1 GiB float32 "
