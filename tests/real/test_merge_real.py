@@ -91,3 +91,24 @@ def test_every_method_full_merge_on_real_model(real_models: RealModels, real_bas
     # Only the factual question: DARE's rescaled random drops of these random-direction deltas (dare_linear,
     # dare_ties, della) cost the 135M model its arithmetic ("3 + 5 = 11"); the merge itself is checked above.
     assert_talks(merged, real_base.tokenizer, CHAT[:1])
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_compiled_kernels_on_the_real_model_equal_on_disk(real_models: RealModels, method: str) -> None:
+    """The Materializer of a 134.5M-parameter model fuses by default (merge_core.fused): two candidates, the second
+    from the cached magnitude keys / DARE draws, written by the compiled kernels, equal the on-disk merge on every
+    shape, the embedding included."""
+    first = real_recipe(method, real_models)
+    later = MergeRecipe.from_yaml(first.to_yaml().replace("0.9", "1.2").replace("0.8", "0.3"))
+    materializer = Materializer(first, device="cpu", precompute=True)
+    assert materializer.fused is not None
+    live = materializer.new_model()
+    params = dict(live.named_parameters())
+    disk = CheckpointInputs(open_models(first), first.base_model, torch.float32, torch.device("cpu"))
+    for recipe in (first, later):
+        materializer.apply(recipe, live)
+        for name in [*TENSORS, "model.embed_tokens.weight"]:
+            expected = compute_tensor(recipe, plan_tensor(recipe, name, 30), disk, torch.device("cpu"))
+            assert torch.equal(params[name], expected), name
+            disk.clear()
+    assert materializer.fused.broken is None and materializer.fused.fused_tensors == 2 * len(params)
