@@ -25,6 +25,7 @@ def test_reduced_gpu_check_builds_mistrals_plans_merges_and_generates(gpu_check,
     assert base.model_type == "mistral" and base.num_layers == 2
     rows = [line for line in text.splitlines() if line.startswith("| ties") or line.startswith("| dare_ties")]
     assert len(rows) == 2 and "task vectors + cache" in rows[0]
+    assert all("| compiled (" in row for row in rows), rows  # merge_core.fused wrote the candidates
     assert "ties: `memory plan on cpu:" in text and "evaluator reserve" in text
     assert " generated tokens/s " in text
 
