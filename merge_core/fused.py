@@ -40,11 +40,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from merge_core import methods
+from merge_core import memplan, methods
 
 log = logging.getLogger(__name__)
 
-FUSED_SPARSIFICATIONS = (None, "magnitude", "random")
+FUSED_SPARSIFICATIONS = (None, *memplan.FUSED)
 ENV = "EVOMERGE_FUSED"  # "0" turns the fused path off, "1" on, whatever the Materializer was asked
 AUTO_MIN_ELEMENTS = 50_000_000  # "auto": fuse when a model has at least this many elements (the compile pays back)
 
@@ -76,18 +76,21 @@ def enabled(requested: bool | str, total_elements: int) -> bool:
 
 
 class FusedMerge:
-    """The compiled merge kernels of one worker (thread-safe: compiled calls hold a lock)."""
+    """The compiled merge kernels of one worker (thread-safe: compiled calls hold ``lock``).
+
+    A variant whose compile or call fails (no C++ compiler, no Triton, ...) or whose first tensor differs from the
+    eager merge is turned off, with one warning, and merged eagerly from then on; out of memory is raised."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self._kernels: dict[Variant, tuple[Callable, Callable | None]] = {}
         self._verified: set[Variant] = set()
         self._off: dict[Variant, str] = {}
-        self.broken: str | None = None  # why the compiler itself failed (then nothing is fused)
+        self.broken: str | None = None  # the last compile or call failure, for reports
         self.fused_tensors = 0  # tensors merged by a compiled kernel (for logs and tests)
 
     def supports(self, sparsification: str | None, count: int) -> bool:
-        return self.broken is None and sparsification in FUSED_SPARSIFICATIONS and count > 0
+        return sparsification in FUSED_SPARSIFICATIONS and count > 0
 
     def merge(
         self,
@@ -112,6 +115,7 @@ class FusedMerge:
         count = len(deltas)
         if not self.supports(sparsification, count) or not out.is_contiguous():
             return False
+        rescale = rescale and sparsification is not None  # eager ignores rescale without a sparsification
         inputs = _runtime_inputs(deltas, weights, densities, sparsification, normalize, rescale, precomputed)
         if inputs is None:
             return False
@@ -119,6 +123,8 @@ class FusedMerge:
             count, sparsification, consensus if count else None, normalize, rescale, lambda_ != 1,
             base.dtype, out.dtype, str(out.device),
         )  # fmt: skip
+        if variant in self._off:
+            return False
         per_source, total = inputs
         scalars = _scalar_tensors(per_source, total, lambda_, out.device)
         flat = [d.reshape(-1) for d in deltas]
@@ -134,21 +140,24 @@ class FusedMerge:
 
     def _run(self, variant: Variant, run: Callable, out: Tensor, eager: Callable[[], Tensor]) -> bool:
         """``run(main, norms)`` with the variant's compiled kernels (compiled on first use), checked against
-        ``eager()`` on the variant's first tensor; False when the variant is off or the compiler fails."""
-        if variant in self._off:
-            return False
-        with self._lock:
+        ``eager()`` on the variant's first tensor; False when the variant fails (it is then off)."""
+        with self.lock:
+            if variant in self._off:
+                return False
             try:
                 run(*(self._kernels.get(variant) or self._compile(variant)))
+            except (torch.OutOfMemoryError, MemoryError):
+                raise
             except Exception as err:  # noqa: BLE001 (a compiler that cannot run: no C++ compiler, no Triton, ...)
                 self.broken = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                log.warning("fused merge kernels off (eager merge from now on): %s", self.broken)
+                self._off[variant] = self.broken
+                log.warning("fused merge kernel off for %s (eager merge from now on): %s", _label(variant), self.broken)
                 return False
             if variant not in self._verified:
                 expected = eager().to(out.dtype)
                 if not _same_bits(out, expected):
                     self._off[variant] = "differs from the eager merge"
-                    log.warning("fused merge kernel %s differs from the eager merge: off, eager from now on", variant)
+                    log.warning("fused merge kernel for %s differs from the eager merge: off", _label(variant))
                     out.copy_(expected)
                     return True
                 self._verified.add(variant)
@@ -162,6 +171,13 @@ class FusedMerge:
         norms = compile_(_own_code(_abs_masked_kernel(variant))) if variant.rescale else None
         self._kernels[variant] = (main, norms)
         return main, norms
+
+
+def _label(variant: Variant) -> str:
+    return (
+        f"{variant.count} sources, sparsification {variant.sparsification}, consensus {variant.consensus}, "
+        f"normalize {variant.normalize}, rescale {variant.rescale}, {variant.out_dtype} on {variant.device}"
+    )
 
 
 def describe(kernels: FusedMerge | None) -> str:
@@ -219,8 +235,10 @@ def _runtime_inputs(
         if sparsification == "magnitude":
             if pre is None or pre.keys is None:
                 return None
-            threshold, cut = magnitude_threshold(delta, pre.keys, density)
-            sources.append(_Source(float(weight), threshold=threshold, cut=cut, l1=l1))
+            found = magnitude_threshold(delta, pre.keys, density)
+            if found is None:
+                return None
+            sources.append(_Source(float(weight), threshold=found[0], cut=found[1], l1=l1))
         elif sparsification == "random":
             if pre is None or pre.uniform is None:
                 return None
@@ -232,8 +250,9 @@ def _runtime_inputs(
     return sources, (1.0 if abs(total) < 1e-8 else total)
 
 
-def magnitude_threshold(delta: Tensor, keys: methods.MagnitudeKeys, density: float) -> tuple[float, int]:
-    """(v, cut) with magnitude_mask(delta, density) = |δ| > v or (|δ| = v and flat index < cut)."""
+def magnitude_threshold(delta: Tensor, keys: methods.MagnitudeKeys, density: float) -> tuple[float, int] | None:
+    """(v, cut) with magnitude_mask(delta, density) = |δ| > v or (|δ| = v and flat index < cut); None when no such
+    pair exists (a NaN at the threshold)."""
     n = delta.numel()
     k = max(1, int(density * n)) if 0 < density < 1 else (n if density >= 1 else 0)
     if k >= n:
@@ -249,6 +268,8 @@ def magnitude_threshold(delta: Tensor, keys: methods.MagnitudeKeys, density: flo
     threshold = torch.kthvalue(values, values.numel() - need + 1).values
     larger = int(torch.count_nonzero(values > threshold))
     equal = boundary[values == threshold]  # ascending
+    if equal.numel() < need - larger:  # a NaN threshold (NaN task vectors): the eager merge decides
+        return None
     return float(threshold), int(equal[need - larger - 1]) + 1
 
 
@@ -265,6 +286,7 @@ def _scalar_tensors(sources: list[_Source], total: float, lambda_: float, device
         "cut": torch.tensor([s.cut for s in sources], dtype=torch.int64, device=device),
         "density": f32([s.density for s in sources]),
         "total": f32([total]),
+        "inverse_total": f32([1.0]) / f32([total]),  # float32 1/Σw: CUDA's eager division by a Python scalar
         "lambda": f32([lambda_]),
     }
 
@@ -336,7 +358,9 @@ def _main_kernel(variant: Variant) -> Callable:
             mixed = weighted[0]
             for w in weighted[1:]:
                 mixed = mixed + w
-            if variant.normalize:
+            if variant.normalize and variant.device.startswith("cuda"):
+                mixed = mixed * scalars["inverse_total"][0]  # ATen's CUDA a / scalar is a * (1 / scalar)
+            elif variant.normalize:
                 mixed = mixed / scalars["total"][0]
         else:
             if variant.consensus == "sum":

@@ -93,6 +93,7 @@ class Materializer:
         self.workers = tensor_workers(self.device)  # tensors merged at once by apply
         total = sum(math.prod(ref.shape(n)) for n in self.names)
         fuse_gta = gta and fused.enabled(fuse, total)
+        rescale_default = self.spec.global_params.get("rescale") is True
         self.plan = memplan.plan_memory(
             {n: ref.shape(n) for n in self.names},
             device=str(self.device),
@@ -110,6 +111,8 @@ class Materializer:
             workers=self.workers,
             method_kind=self.spec.kind,
             fused=fuse_gta,
+            rescale=rescale_default or _sets_rescale(template),
+            rescale_default=rescale_default,
         )
         log.info(self.plan.line())
         keep_deltas = self.plan.resident == "task_vectors"
@@ -133,7 +136,9 @@ class Materializer:
         )
         self._precomputed: dict[tuple[str, str], tuple[methods.Precomputed, int | None]] = {}  # (cache, its DARE seed)
         self.precompute = self.plan.cache and self.spec.sparsification in _CACHEABLE
-        self.fused = fused.FusedMerge() if fuse_gta else None
+        sparsification = self.spec.sparsification  # fused where the plan counted it (memplan.plan_memory)
+        fusable = sparsification is None or (self.plan.cache and sparsification in memplan.FUSED)
+        self.fused = fused.FusedMerge() if fuse_gta and fusable and self.plan.resident == "task_vectors" else None
         self.build_seconds = time.perf_counter() - t0
         log.info(
             "materializer: %d tensors resident on %s (%.1f MiB, %s) in %.1fs",
@@ -244,6 +249,12 @@ class Materializer:
                 f"not {self.spec.name}"
             )
         check_recipe(recipe, self.num_layers)
+
+
+def _sets_rescale(recipe: MergeRecipe) -> bool:
+    """Whether any global or slice parameter of the recipe sets ``rescale`` (true anywhere: the plan's worst case)."""
+    params = [*recipe.parameters, *(p for s in recipe.slices for p in s.parameters)]
+    return any(name == "rescale" and "True" in repr(value) for name, value in params)
 
 
 def release_free_memory(device: torch.device) -> None:

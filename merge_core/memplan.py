@@ -73,6 +73,9 @@ class MemoryPlan:
         )
 
 
+FUSED = ("magnitude", "random")  # sparsifications merge_core.fused compiles (besides none)
+
+
 def plan_memory(
     shapes: Mapping[str, Sequence[int]],
     *,
@@ -89,6 +92,8 @@ def plan_memory(
     workers: int = 1,
     method_kind: str | None = None,
     fused: bool = False,
+    rescale: bool = False,
+    rescale_default: bool = False,
 ) -> MemoryPlan:
     """The fastest resident layout that fits (see the module docstring); n_sources = task vectors (0: a method
     without them, whose sources are always resident as loaded; "linear" as `method_kind` upcasts one input at a
@@ -128,8 +133,12 @@ def plan_memory(
                 per_tensor = 4 * (WORK_BUFFERS + n_sources + sources_f32)
                 per_tensor += DELLA_BYTES if sparsification == "della_magprune" else 0
             largest = sorted(numels, reverse=True)[: max(1, workers)]
-            if fused and n_sources > 0 and (cache or sparsification is None):
-                scratch = {"random": 4, "magnitude": 1}.get(sparsification or "", 0)  # per element, per worker
+            fusable = sparsification is None or (cache and sparsification in FUSED)
+            if fused and layout == "task_vectors" and fusable:
+                # per element and worker: the boundary mask of a magnitude threshold; the rescale scratch, and
+                # |δ| for ||δ||_1 where no method default caches it
+                scratch = (1 if sparsification == "magnitude" else 0) + (4 if rescale else 0)
+                scratch += 4 if rescale and not rescale_default else 0
                 workspace = per_tensor * largest[0] + scratch * largest[0] * max(1, workers)
             else:
                 workspace = per_tensor * sum(largest)

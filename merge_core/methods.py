@@ -441,9 +441,10 @@ def generalized_task_arithmetic(
 
     Every temporary is one of count + 3 float32 buffers (w_i s(δ_i) in buffer i, then the sign, a scratch and the
     divisor), taken from ``workspace`` when given (the result is then a view of buffer 0) or from a fresh one.
-    With ``fused`` and ``out`` (the tensor the result goes to, e.g. a live model's parameter), a compiled kernel
-    (merge_core.fused) may write the result, cast to out's dtype, straight into ``out`` and return it: the same
-    bits as this function's float32 result copied into ``out``."""
+    With ``fused`` and ``out`` (the tensor the result goes to, e.g. a live model's parameter), the result, cast to
+    out's dtype, is written into ``out``, which is returned: by a compiled kernel (merge_core.fused), or, where it
+    declines, by this function in fresh buffers, one such merge at a time (the memory plan of a fused worker counts
+    one). The same bits as this function's float32 result copied into ``out``."""
     count = len(deltas)
     if count == 0:
         return _f32(base)
@@ -465,6 +466,8 @@ def generalized_task_arithmetic(
             workspace=workspace,
         ):  # fmt: skip
             return out
+        with fused.lock:  # one eager merge at a time beside the kernels, in fresh buffers: what the memory plan counts
+            return out.copy_(eager())
     workspace = workspace if workspace is not None else Workspace()
     weighted = (
         _weighted_sparse(

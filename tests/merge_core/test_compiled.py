@@ -51,7 +51,7 @@ VARIANTS = {
     "dare_linear": dict(count=2, sparsification="random", consensus=None, normalize=True, rescale=True, lambda_=1.0),
 }  # fmt: skip
 CANDIDATES = [
-    ((0.6, 0.4, 0.5), (0.5, 0.5, 0.3)),
+    ((0.9, 0.4, 0.5), (0.5, 0.5, 0.3)),  # weights summing to 1.3 (normalize divides by it), and below
     ((1.0, -1.0, 0.2), (0.9, 0.02, 0.6)),
     ((0.3, 0.7, 1.1), (0.0, 0.97, 1.0)),
 ]
@@ -107,7 +107,12 @@ def test_unsupported_cases_stay_eager() -> None:
     outliers = methods.generalized_task_arithmetic(
         base, deltas, [0.5, 0.5], [0.5, 0.5], sparsification="magnitude_outliers", precomputed=cached(deltas, 1), **args
     )
-    assert no_keys is not out and outliers is not out and kernels.fused_tensors == 0
+    expected = methods.generalized_task_arithmetic(
+        base, deltas, [0.5, 0.5], [0.5, 0.5], sparsification="magnitude_outliers", precomputed=cached(deltas, 1),
+        consensus="sum", normalize=True, rescale=False,
+    )  # fmt: skip
+    assert no_keys is out and outliers is out and kernels.fused_tensors == 0  # written by the eager merge
+    assert torch.equal(bits(out), bits(expected))
 
 
 def test_a_compiler_that_fails_leaves_the_eager_merge(monkeypatch, caplog) -> None:
@@ -129,9 +134,49 @@ def test_a_compiler_that_fails_leaves_the_eager_merge(monkeypatch, caplog) -> No
     with caplog.at_level(logging.WARNING, logger="merge_core.fused"):
         got = methods.generalized_task_arithmetic(base, deltas, [0.6, 0.4], [0.5, 0.5], fused=kernels, out=out, **spec)
     expected = methods.generalized_task_arithmetic(base, deltas, [0.6, 0.4], [0.5, 0.5], **spec)
-    assert got is not out and torch.equal(bits(got), bits(expected)) and not out.any()
+    assert got is out and torch.equal(bits(out), bits(expected)) and kernels.fused_tensors == 0  # eager wrote it
     assert kernels.broken == "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
-    assert "fused merge kernels off" in caplog.text and not kernels.supports("magnitude", 2)
+    assert "fused merge kernel off for 2 sources, sparsification magnitude" in caplog.text
+    assert fused.describe(kernels) == f"eager ({kernels.broken})"
+
+
+def test_out_of_memory_in_a_kernel_is_raised(monkeypatch) -> None:
+    def oom(options):
+        def compile_(fn):
+            def call(*args):
+                raise torch.OutOfMemoryError("CUDA out of memory")
+
+            return call
+
+        return compile_
+
+    monkeypatch.setattr(fused, "_compiler", oom)
+    deltas = task_vectors(2, seed=2)
+    with pytest.raises(torch.OutOfMemoryError):
+        methods.generalized_task_arithmetic(
+            torch.zeros(N), deltas, [0.6, 0.4], sparsification=None, consensus=None, normalize=False, rescale=False,
+            fused=fused.FusedMerge(), out=torch.zeros(N),
+        )  # fmt: skip
+
+
+def test_rescale_without_sparsification_and_nan_thresholds_give_the_eager_merge() -> None:
+    """rescale is ignored without a sparsification (as eager ignores it); a NaN at a magnitude threshold has no
+    (v, cut) form, so that tensor is merged eagerly and the kernels stay on."""
+    deltas = task_vectors(2, seed=6)
+    base, kernels = torch.zeros(N), fused.FusedMerge()
+    plain = dict(sparsification=None, consensus="sum", normalize=True, rescale=True)
+    out = torch.empty(N)
+    got = methods.generalized_task_arithmetic(base, deltas, [0.6, 0.4], fused=kernels, out=out, **plain)
+    expected = methods.generalized_task_arithmetic(base, deltas, [0.6, 0.4], **plain)
+    assert got is out and torch.equal(bits(out), bits(expected)) and kernels.fused_tensors == 1
+    nan = [d.clone() for d in deltas]
+    nan[0][: N // 2] = float("nan")
+    pre = cached(nan, 6)
+    ties = dict(sparsification="magnitude", consensus="sum", normalize=True, rescale=False, precomputed=pre)
+    got = methods.generalized_task_arithmetic(base, nan, [0.6, 0.4], [0.3, 0.5], fused=kernels, out=out, **ties)
+    expected = methods.generalized_task_arithmetic(base, nan, [0.6, 0.4], [0.3, 0.5], **ties)
+    assert got is out and torch.equal(bits(out), bits(expected)) and expected.isnan().any()
+    assert kernels.fused_tensors == 1 and not kernels._off
 
 
 def test_a_kernel_that_differs_is_turned_off_and_the_eager_result_kept(monkeypatch, caplog) -> None:
@@ -152,7 +197,9 @@ def test_a_kernel_that_differs_is_turned_off_and_the_eager_result_kept(monkeypat
     assert got is out and torch.equal(bits(out), bits(expected)) and len(kernels._off) == 1
     assert "differs from the eager merge" in caplog.text
     again = methods.generalized_task_arithmetic(base, deltas, [0.3, 0.7], fused=kernels, out=out, **spec)
-    assert again is not out  # that variant is eager from now on
+    expected = methods.generalized_task_arithmetic(base, deltas, [0.3, 0.7], **spec)
+    assert again is out and torch.equal(bits(out), bits(expected))  # that variant is eager from now on
+    assert kernels.fused_tensors == 0
 
 
 def test_fusing_is_chosen_by_size_and_the_environment_overrides(monkeypatch) -> None:
@@ -180,4 +227,5 @@ def test_materializer_with_compiled_kernels_gives_the_on_disk_merge(tmp_path, me
         disk_params = dict(disk.named_parameters())
         for name, p in live.named_parameters():
             assert torch.equal(bits(p.data), bits(disk_params[name].data)), name
-    assert mat.fused is not None and mat.fused.broken is None and mat.fused.fused_tensors > 0
+    assert mat.fused is not None and mat.fused.broken is None
+    assert mat.fused.fused_tensors == 2 * len(list(live.parameters()))  # every tensor of both candidates

@@ -57,19 +57,34 @@ def test_141_gb_gpu_keeps_float32_task_vectors_and_the_magnitude_keys(mistral_sh
     assert "magnitude key cache" in plan.line()
 
 
-@pytest.mark.parametrize(("sparsification", "scratch"), [("magnitude", 1), ("random", 4), (None, 0)])
-def test_fused_kernels_plan_one_eager_check_and_a_scratch_per_worker(sparsification, scratch):
-    """merge_core.fused keeps no float32 buffers: one eager merge of the largest tensor checks a kernel, and each of
-    the workers holds a boundary mask (magnitude, 1 byte per element) or a rescale scratch (DARE, 4 bytes)."""
+@pytest.mark.parametrize(
+    ("sparsification", "rescale", "default", "scratch"),
+    [("magnitude", False, False, 1), ("random", True, True, 4), (None, False, False, 0), ("magnitude", True, False, 9)],
+)
+def test_fused_kernels_plan_one_eager_merge_and_a_scratch_per_worker(sparsification, rescale, default, scratch):
+    """merge_core.fused keeps no float32 buffers: one eager merge of the largest tensor at a time (a kernel's check,
+    or a tensor it declines), and per worker a boundary mask (magnitude, 1 byte per element), a rescale scratch
+    (4 bytes) and, where the method does not rescale by default, |δ| for ||δ||_1 (4 bytes)."""
     shapes = {"embed": (1000, 100), "big": (800, 100), "small": (10, 10)}
     kwargs = dict(device="cpu", available=10**10, n_models=3, n_sources=2, load_dtype=torch.bfloat16,
-                  live_dtype=torch.bfloat16, sparsification=sparsification, workers=2,
-                  resident="task_vectors")  # fmt: skip
+                  live_dtype=torch.bfloat16, sparsification=sparsification, workers=2, resident="task_vectors",
+                  rescale=rescale, rescale_default=default)  # fmt: skip
     eager = memplan.plan_memory(shapes, **kwargs).part("merge workspace")
     fused = memplan.plan_memory(shapes, **kwargs, fused=True).part("merge workspace")
     per_tensor = 4 * (memplan.WORK_BUFFERS + 2)
     assert eager == per_tensor * (100_000 + 80_000)
     assert fused == per_tensor * 100_000 + scratch * 100_000 * 2
+
+
+@pytest.mark.parametrize(("sparsification", "precompute"), [("magnitude_outliers", True), ("magnitude", False)])
+def test_fused_plans_the_eager_workspace_where_the_kernels_do_not_run(sparsification, precompute):
+    """Breadcrumbs masks, or magnitude masks without the key cache, stay eager in every worker: planned as such."""
+    shapes = {"embed": (1000, 100), "big": (800, 100)}
+    kwargs = dict(device="cpu", available=10**10, n_models=3, n_sources=2, load_dtype=torch.bfloat16,
+                  live_dtype=torch.bfloat16, sparsification=sparsification, workers=2, resident="task_vectors",
+                  precompute=precompute)  # fmt: skip
+    plain = memplan.plan_memory(shapes, **kwargs).part("merge workspace")
+    assert memplan.plan_memory(shapes, **kwargs, fused=True).part("merge workspace") == plain
 
 
 def test_141_gb_gpu_has_no_room_for_dare_draws_beside_float32_task_vectors(mistral_shapes):

@@ -109,6 +109,6 @@ def test_compiled_kernels_on_the_real_model_equal_on_disk(real_models: RealModel
         materializer.apply(recipe, live)
         for name in [*TENSORS, "model.embed_tokens.weight"]:
             expected = compute_tensor(recipe, plan_tensor(recipe, name, 30), disk, torch.device("cpu"))
-            assert torch.equal(params[name], expected), name
+            assert torch.equal(params[name].detach().view(torch.int32), expected.view(torch.int32)), name  # bits
             disk.clear()
     assert materializer.fused.broken is None and materializer.fused.fused_tensors == 2 * len(params)
