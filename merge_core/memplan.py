@@ -7,13 +7,14 @@ log line with the bytes of each part:
 - the sources in the load dtype (every model, base included), or the base in the load dtype plus one float32
   task vector (source - base) per source: task vectors skip a subtraction per candidate, sources take half the
   bytes (bf16 task vectors would not be bit-identical to the on-disk merge, so they are never chosen);
-- the sparsification cache (magnitude keys: int16 per task-vector element; DARE draws: float32 per element);
+- the sparsification cache (magnitude keys: int16 per task-vector element, and, for the fused kernels, their key
+  order: int32 per element; DARE draws: float32 per element);
 - the live model in its dtype; the merge workspace (float32 buffers of the largest tensors merged at once);
 - the evaluator's reserve: KV cache, logits and MLP activations at the configured batch and sequence length.
 
-Options are tried in order of speed (task vectors + cache, task vectors, sources + cache, sources); the first
-whose total fits in HEADROOM of the available memory is taken. When none fits, a one-line EvomergeError names the
-shortfall: refused up front, never out of memory half-way through loading.
+Options are tried in order of speed (task vectors + cache (+ key order), task vectors, sources + cache, sources);
+the first whose total fits in HEADROOM of the available memory is taken. When none fits, a one-line EvomergeError
+names the shortfall: refused up front, never out of memory half-way through loading.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ PROMPT_TOKENS = 512  # assumed prompt length of one evaluation sequence when siz
 KEY_BYTES = 2  # int16 magnitude key per task-vector element (methods.magnitude_keys)
 HISTOGRAM_BINS = 2**15  # at most this many int64 counts per task vector (methods.MagnitudeKeys)
 UNIFORM_BYTES = 4  # float32 DARE draw per task-vector element
+INDEX_BYTES = 4  # int32 key order per task-vector element (methods.key_order; fused magnitude masks)
+SORT_BYTES = 10  # per element of the tensor whose key order is being built: int64 indices + int16 sorted keys
 # float32 buffers of one tensor's GTA merge (methods.generalized_task_arithmetic): one per source (its weighted,
 # sparsified task vector, the mask first), + WORK_BUFFERS (elected sign, scratch, divisor), + one per model when
 # sources are resident (each upcast); DELLA adds its keep probabilities, sort order (int64) and mask
@@ -52,6 +55,7 @@ class MemoryPlan:
     cache: bool  # keep the candidate-independent sparsification inputs (magnitude keys, DARE draws)
     parts: tuple[tuple[str, int], ...]  # (what, bytes)
     note: str = ""
+    index: bool = False  # keep each task vector's key order too (fused magnitude masks without a scan)
 
     @property
     def total(self) -> int:
@@ -111,48 +115,60 @@ def plan_memory(
         layouts = (resident,)
     caches = (True, False) if cacheable and precompute == "auto" else (bool(precompute is True and cacheable),)
     options = []
-    for layout in layouts:
-        for cache in caches:
-            parts: list[tuple[str, int]] = []
-            if layout == "task_vectors":
-                parts.append((f"base ({_name(load_dtype)})", params * load_dtype.itemsize))
-                parts.append((f"{n_sources} float32 task vectors", n_sources * params * 4))
-            else:
-                parts.append((f"{n_models} sources ({_name(load_dtype)})", n_models * params * load_dtype.itemsize))
-            if cache and sparsification == "random":
-                parts.append(("DARE draw cache (float32)", n_sources * params * UNIFORM_BYTES))
-            elif cache:
-                histograms = sum(8 * min(HISTOGRAM_BINS, n + 1) for n in numels)
-                parts.append(("magnitude key cache (int16)", n_sources * (params * KEY_BYTES + histograms)))
-            if live_dtype is not None:
-                parts.append((f"live model ({_name(live_dtype)})", params * live_dtype.itemsize))
-            if n_sources == 0:  # linear, slerp, model_stock: a float32 result and the inputs upcast
-                per_tensor = 4 * (2 if method_kind == "linear" else 1 + n_models)
-            else:
-                sources_f32 = n_models if layout == "sources" else 0  # each input upcast while a tensor is merged
-                per_tensor = 4 * (WORK_BUFFERS + n_sources + sources_f32)
-                per_tensor += DELLA_BYTES if sparsification == "della_magprune" else 0
-            largest = sorted(numels, reverse=True)[: max(1, workers)]
-            fusable = sparsification is None or (cache and sparsification in FUSED)
-            if fused and layout == "task_vectors" and fusable:
-                # per element and worker: the boundary mask of a magnitude threshold; the rescale scratch, and
-                # |δ| for ||δ||_1 where no method default caches it
-                scratch = (1 if sparsification == "magnitude" else 0) + (4 if rescale else 0)
-                scratch += 4 if rescale and not rescale_default else 0
-                workspace = per_tensor * largest[0] + scratch * largest[0] * max(1, workers)
-            else:
-                workspace = per_tensor * sum(largest)
-            parts.append(("merge workspace", workspace))
-            parts.append(("evaluator reserve", int(evaluator_bytes)))
-            options.append(
-                MemoryPlan(device=device, available=int(available), resident=layout, cache=cache, parts=tuple(parts))
-            )
+    combos = [
+        (layout, cache, index)
+        for layout in layouts
+        for cache in caches
+        for index in ((True, False) if fused and cache and sparsification == "magnitude" else (False,))
+        if not index or layout == "task_vectors"
+    ]
+    for layout, cache, index in combos:
+        parts: list[tuple[str, int]] = []
+        if layout == "task_vectors":
+            parts.append((f"base ({_name(load_dtype)})", params * load_dtype.itemsize))
+            parts.append((f"{n_sources} float32 task vectors", n_sources * params * 4))
+        else:
+            parts.append((f"{n_models} sources ({_name(load_dtype)})", n_models * params * load_dtype.itemsize))
+        if cache and sparsification == "random":
+            parts.append(("DARE draw cache (float32)", n_sources * params * UNIFORM_BYTES))
+        elif cache:
+            histograms = sum(8 * min(HISTOGRAM_BINS, n + 1) for n in numels)
+            parts.append(("magnitude key cache (int16)", n_sources * (params * KEY_BYTES + histograms)))
+            if index:
+                parts.append(("magnitude key order (int32)", n_sources * params * INDEX_BYTES))
+        if live_dtype is not None:
+            parts.append((f"live model ({_name(live_dtype)})", params * live_dtype.itemsize))
+        if n_sources == 0:  # linear, slerp, model_stock: a float32 result and the inputs upcast
+            per_tensor = 4 * (2 if method_kind == "linear" else 1 + n_models)
+        else:
+            sources_f32 = n_models if layout == "sources" else 0  # each input upcast while a tensor is merged
+            per_tensor = 4 * (WORK_BUFFERS + n_sources + sources_f32)
+            per_tensor += DELLA_BYTES if sparsification == "della_magprune" else 0
+        largest = sorted(numels, reverse=True)[: max(1, workers)]
+        fusable = sparsification is None or (cache and sparsification in FUSED)
+        if fused and layout == "task_vectors" and fusable:
+            # per element and worker: the boundary mask of a magnitude threshold; the rescale scratch, and
+            # |δ| for ||δ||_1 where no method default caches it
+            scratch = (1 if sparsification == "magnitude" else 0) + (4 if rescale else 0)
+            scratch += 4 if rescale and not rescale_default else 0
+            scratch += SORT_BYTES if index else 0  # building a key order (once, in a worker's apply)
+            workspace = per_tensor * largest[0] + scratch * largest[0] * max(1, workers)
+        else:
+            workspace = per_tensor * sum(largest)
+        parts.append(("merge workspace", workspace))
+        parts.append(("evaluator reserve", int(evaluator_bytes)))
+        options.append(
+            MemoryPlan(
+                device=device, available=int(available), resident=layout, cache=cache, parts=tuple(parts), index=index
+            )  # fmt: skip
+        )
     for i, plan in enumerate(options):
         if plan.total <= plan.budget:
             if i == 0:
                 return plan
             dropped = options[0]
-            note = f" (not {dropped.resident.replace('_', ' ')}{' + cache' if dropped.cache else ''}: needs "
+            extras = (" + cache" if dropped.cache else "") + (" + key order" if dropped.index else "")
+            note = f" (not {dropped.resident.replace('_', ' ')}{extras}: needs "
             return MemoryPlan(**{**plan.__dict__, "note": f"{note}{_gib(dropped.total)})"})
     smallest = options[-1]
     short = smallest.total - smallest.budget

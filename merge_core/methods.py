@@ -47,6 +47,7 @@ class MagnitudeKeys:
     keys: Tensor
     low: int
     at_least: Tensor
+    order: Tensor | None = None  # key_order(keys): flat indices by ascending key, ascending within a key (int32)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,12 @@ def magnitude_keys(delta: Tensor) -> MagnitudeKeys:
     low = int(torch.count_nonzero(torch.cumsum(counts, 0) == 0))  # the smallest key present
     at_least = counts[low:].flip(0).cumsum(0).flip(0)
     return MagnitudeKeys(keys=keys.reshape(delta.shape), low=low, at_least=at_least)
+
+
+def key_order(keys: MagnitudeKeys) -> Tensor:
+    """The flat indices of a task vector's elements sorted by key, stably (int32): the elements of key b are then
+    one slice, ascending, so a magnitude threshold needs no scan of the keys (merge_core.fused)."""
+    return torch.sort(keys.keys.reshape(-1), stable=True).indices.to(torch.int32)
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"

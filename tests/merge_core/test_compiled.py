@@ -91,8 +91,12 @@ def test_magnitude_threshold_reproduces_the_keyed_mask() -> None:
     for delta in cases:
         keys = methods.magnitude_keys(delta)
         index = torch.arange(N)
+        ordered = methods.MagnitudeKeys(keys.keys, keys.low, keys.at_least, methods.key_order(keys))
+        assert torch.equal(keys.keys.reshape(-1)[ordered.order.long()].diff() >= 0, torch.ones(N - 1, dtype=torch.bool))
         for density in (0.0, 1e-5, 0.2, 0.5, 0.61, 0.999, 1.0):
-            v, cut = fused.magnitude_threshold(delta, keys, density)
+            found = fused.magnitude_threshold(delta, keys, density)
+            assert found is not None and fused.magnitude_threshold(delta, ordered, density) == found  # no scan
+            v, cut = found
             mask = (delta.abs() > v) | ((delta.abs() == v) & (index < cut))
             assert torch.equal(mask, methods.magnitude_mask(delta, density, keys)), density
 
@@ -220,12 +224,15 @@ def test_materializer_with_compiled_kernels_gives_the_on_disk_merge(tmp_path, me
     first = recipe(method, base, a, b)
     later = MergeRecipe.from_yaml(first.to_yaml().replace("0.6", "1.3").replace("0.5", "0.2").replace("0.7", "0.9"))
     mat = Materializer(first, device="cpu", fuse=True)
+    assert mat.plan.index == (method == "ties")  # room for the key order: built during the second apply
     live = mat.new_model(torch.bfloat16)
-    for i, r in enumerate((first, later)):
+    for i, r in enumerate((first, later, first)):
         mat.apply(r, live)
         disk = AutoModelForCausalLM.from_pretrained(run_merge(r, tmp_path / f"disk{i}"), dtype=torch.bfloat16)
         disk_params = dict(disk.named_parameters())
         for name, p in live.named_parameters():
             assert torch.equal(bits(p.data), bits(disk_params[name].data)), name
     assert mat.fused is not None and mat.fused.broken is None
-    assert mat.fused.fused_tensors == 2 * len(list(live.parameters()))  # every tensor of both candidates
+    assert mat.fused.fused_tensors == 3 * len(list(live.parameters()))  # every tensor of the three applies
+    if method == "ties":
+        assert all(pre.keys.order is not None for pre, _ in mat._precomputed.values())

@@ -59,7 +59,12 @@ def test_141_gb_gpu_keeps_float32_task_vectors_and_the_magnitude_keys(mistral_sh
 
 @pytest.mark.parametrize(
     ("sparsification", "rescale", "default", "scratch"),
-    [("magnitude", False, False, 1), ("random", True, True, 4), (None, False, False, 0), ("magnitude", True, False, 9)],
+    [
+        ("magnitude", False, False, 11),  # 1 (boundary mask) + 10 (building the key order: there is room for it)
+        ("random", True, True, 4),
+        (None, False, False, 0),
+        ("magnitude", True, False, 19),
+    ],
 )
 def test_fused_kernels_plan_one_eager_merge_and_a_scratch_per_worker(sparsification, rescale, default, scratch):
     """merge_core.fused keeps no float32 buffers: one eager merge of the largest tensor at a time (a kernel's check,
@@ -74,6 +79,22 @@ def test_fused_kernels_plan_one_eager_merge_and_a_scratch_per_worker(sparsificat
     per_tensor = 4 * (memplan.WORK_BUFFERS + 2)
     assert eager == per_tensor * (100_000 + 80_000)
     assert fused == per_tensor * 100_000 + scratch * 100_000 * 2
+
+
+def test_fused_ties_keeps_the_key_order_where_it_fits():
+    """The key order (int32 per task-vector element, its sort's int64 + int16 temporaries per worker) comes first
+    and is dropped, with a note, where it does not fit."""
+    shapes = {"embed": (1000, 100), "big": (800, 100)}
+    kwargs = dict(device="cpu", n_models=3, n_sources=2, load_dtype=torch.bfloat16, live_dtype=torch.bfloat16,
+                  sparsification="magnitude", workers=2, fused=True)  # fmt: skip
+    roomy = memplan.plan_memory(shapes, available=10**10, **kwargs)
+    assert roomy.index and roomy.part("magnitude key order (int32)") == 2 * 180_000 * 4
+    per_tensor = 4 * (memplan.WORK_BUFFERS + 2)
+    assert roomy.part("merge workspace") == per_tensor * 100_000 + (1 + memplan.SORT_BYTES) * 100_000 * 2
+    tight = memplan.plan_memory(shapes, available=int(roomy.total / memplan.HEADROOM) - 1, **kwargs)
+    assert (tight.resident, tight.cache, tight.index) == ("task_vectors", True, False)
+    assert "(not task vectors + cache + key order: needs" in tight.line()
+    assert not memplan.plan_memory(shapes, available=10**10, **{**kwargs, "fused": False}).index
 
 
 @pytest.mark.parametrize(("sparsification", "precompute"), [("magnitude_outliers", True), ("magnitude", False)])
