@@ -348,11 +348,11 @@ class PeakSampler(threading.Thread):
 
 
 def kernels_used(mat: Materializer) -> str:
-    try:
-        from merge_core.fused import describe
-    except ImportError:  # a --baseline-rev merge_core that predates it: eager
+    if not hasattr(mat, "fused"):  # a --baseline-rev merge_core that predates merge_core.fused: eager
         return "eager"
-    return describe(getattr(mat, "fused", None))
+    from merge_core.fused import describe
+
+    return describe(mat.fused)
 
 
 def cache_read_per_candidate(mat: Materializer) -> int:
