@@ -20,15 +20,18 @@ follow). Two pieces are computed outside the kernel so that nothing is reordered
 Each variant (sources, sparsification, consensus, normalize, rescale, λ, dtypes, device) compiles once per process
 (dynamic shapes: every tensor is passed flat, so one graph serves every length) and is checked on its first tensor
 against the eager merge; a mismatch, or a compiler that fails (no C++ compiler, no Triton), turns the variant off
-with one warning and the eager merge runs from then on. Calls into compiled code are serialized by a lock (the
-kernels use every core themselves). Other sparsifications (magnitude_outliers, della), tensors without cached
-keys and merges without a target tensor stay eager. So does the linear method: eager adds each w_i·x_i with
+with one warning and the eager merge runs from then on. A variant's compile and check hold a lock; after that its
+kernels run in the Materializer's worker threads at once (dynamo serializes any recompilation itself). Tensors
+the kernels decline are merged eagerly one at a time (methods.generalized_task_arithmetic). Other
+sparsifications (magnitude_outliers, della), tensors without cached keys and merges without a target tensor stay
+eager. So does the linear method: eager adds each w_i·x_i with
 ATen's vectorized fused multiply-add (one rounding), which inductor's C++ backend does not emit; a kernel of
 separate multiplies and adds differs in the last bit (measured).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -79,7 +82,8 @@ class FusedMerge:
     """The compiled merge kernels of one worker (thread-safe: compiled calls hold ``lock``).
 
     A variant whose compile or call fails (no C++ compiler, no Triton, ...) or whose first tensor differs from the
-    eager merge is turned off, with one warning, and merged eagerly from then on; out of memory is raised."""
+    eager merge is turned off, with one warning, and merged eagerly from then on; out of memory is raised. Once a
+    variant is checked, its kernels run in the worker threads concurrently."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -140,7 +144,19 @@ class FusedMerge:
 
     def _run(self, variant: Variant, run: Callable, out: Tensor, eager: Callable[[], Tensor]) -> bool:
         """``run(main, norms)`` with the variant's compiled kernels (compiled on first use), checked against
-        ``eager()`` on the variant's first tensor; False when the variant fails (it is then off)."""
+        ``eager()`` on the variant's first tensor; False when the variant fails (it is then off). A variant's
+        compile and check hold the lock; once checked, its kernels run in every worker thread at once (dynamo
+        serializes any recompilation itself)."""
+        if variant in self._verified:
+            try:
+                run(*self._kernels[variant])
+            except (torch.OutOfMemoryError, MemoryError):
+                raise
+            except Exception as err:  # noqa: BLE001 (a recompilation that fails)
+                return self._turn_off(variant, err)
+            with self.lock:
+                self.fused_tensors += 1
+            return True
         with self.lock:
             if variant in self._off:
                 return False
@@ -149,10 +165,7 @@ class FusedMerge:
             except (torch.OutOfMemoryError, MemoryError):
                 raise
             except Exception as err:  # noqa: BLE001 (a compiler that cannot run: no C++ compiler, no Triton, ...)
-                self.broken = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                self._off[variant] = self.broken
-                log.warning("fused merge kernel off for %s (eager merge from now on): %s", _label(variant), self.broken)
-                return False
+                return self._turn_off(variant, err, locked=True)
             if variant not in self._verified:
                 expected = eager().to(out.dtype)
                 if not _same_bits(out, expected):
@@ -163,6 +176,15 @@ class FusedMerge:
                 self._verified.add(variant)
             self.fused_tensors += 1
         return True
+
+    def _turn_off(self, variant: Variant, err: Exception, locked: bool = False) -> bool:
+        """Record a failed compile or call: the variant is merged eagerly from now on (one warning). False."""
+        with contextlib.nullcontext() if locked else self.lock:
+            self.broken = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            self._verified.discard(variant)
+            self._off[variant] = self.broken
+        log.warning("fused merge kernel off for %s (eager merge from now on): %s", _label(variant), self.broken)
+        return False
 
     def _compile(self, variant: Variant) -> tuple[Callable, Callable | None]:
         options = {"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True}

@@ -240,7 +240,7 @@ class Materializer:
                 if merged is not param:  # a compiled kernel wrote param itself
                     param.copy_(merged)  # before the next merge reuses the workspace
 
-        for _ in map_tensors(write, params, self.workers):
+        for _ in map_tensors(write, params, self.workers, window=len(params)):  # write() returns nothing
             pass
         for workspace in workspaces:  # the evaluator gets the memory back between candidates
             workspace.release()

@@ -172,9 +172,13 @@ def tensor_workers(device: torch.device) -> int:
     return min(2, os.cpu_count() or 1) if device.type == "cpu" else 1
 
 
-def map_tensors(fn: Callable[[str], T], names: Iterable[str], workers: int) -> Iterator[tuple[str, T]]:
+def map_tensors(
+    fn: Callable[[str], T], names: Iterable[str], workers: int, window: int | None = None
+) -> Iterator[tuple[str, T]]:
     """(name, fn(name)) in the order of `names`, computing up to `workers` at once (threads; torch releases the
-    GIL). Each tensor's result depends on its name alone, so the results are those of a plain loop."""
+    GIL). Each tensor's result depends on its name alone, so the results are those of a plain loop. At most
+    `window` (default `workers`) results are pending at once: a larger window keeps every worker busy past a large
+    tensor, for an `fn` whose results hold no memory."""
     if workers <= 1:
         for name in names:
             yield name, fn(name)
@@ -183,7 +187,7 @@ def map_tensors(fn: Callable[[str], T], names: Iterable[str], workers: int) -> I
         pending: deque = deque()
         for name in names:
             pending.append((name, pool.submit(fn, name)))
-            if len(pending) >= workers:
+            if len(pending) >= (window or workers):
                 done_name, future = pending.popleft()
                 yield done_name, future.result()
         while pending:
