@@ -240,7 +240,12 @@ class Materializer:
                 if merged is not param:  # a compiled kernel wrote param itself
                     param.copy_(merged)  # before the next merge reuses the workspace
 
-        for _ in map_tensors(write, params, self.workers, window=len(params)):  # write() returns nothing
+        names = list(params)
+        if self.fused is not None and not self._applies:  # the kernels' first-tensor check on the largest tensor,
+            largest = max(names, key=lambda n: params[n].numel())  # alone: the peak the memory plan counts
+            write(largest)
+            names.remove(largest)
+        for _ in map_tensors(write, names, self.workers, window=len(names)):  # write() returns nothing
             pass
         for workspace in workspaces:  # the evaluator gets the memory back between candidates
             workspace.release()
