@@ -281,13 +281,7 @@ def magnitude_threshold(delta: Tensor, keys: methods.MagnitudeKeys, density: flo
         return float("-inf"), 0
     if k <= 0:
         return float("inf"), 0
-    at_least = keys.at_least
-    j = int(torch.count_nonzero(at_least >= k)) - 1  # as methods._top_k_mask_keyed: the boundary key low + j
-    above = int(at_least[j + 1]) if j + 1 < at_least.numel() else 0
-    if keys.order is not None:  # the elements of key b: a slice of the key order (key < b before it, > b after)
-        boundary = keys.order[n - int(at_least[j]) : n - above].to(torch.int64)  # ascending flat indices
-    else:
-        boundary = torch.nonzero(keys.keys.reshape(-1) == keys.low + j).squeeze(1)  # ascending flat indices
+    _, above, boundary = methods.boundary_elements(keys, k)  # ascending flat indices
     values = delta.reshape(-1).index_select(0, boundary).abs()
     need = k - above  # taken among the boundary elements, 1 <= need <= len(boundary)
     threshold = torch.kthvalue(values, values.numel() - need + 1).values

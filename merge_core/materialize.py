@@ -269,8 +269,12 @@ class Materializer:
 
 def _sets_rescale(recipe: MergeRecipe) -> bool:
     """Whether any global or slice parameter of the recipe sets ``rescale`` (true anywhere: the plan's worst case)."""
+
+    def true_anywhere(value: object) -> bool:  # a scalar, a gradient (tuple) or filters (tuple of Cond)
+        return value is True or (isinstance(value, tuple) and any(true_anywhere(getattr(v, "value", v)) for v in value))
+
     params = [*recipe.parameters, *(p for s in recipe.slices for p in s.parameters)]
-    return any(name == "rescale" and "True" in repr(value) for name, value in params)
+    return any(name == "rescale" and true_anywhere(value) for name, value in params)
 
 
 def release_free_memory(device: torch.device) -> None:

@@ -152,15 +152,23 @@ def _top_k_mask_keyed(delta: Tensor, keys: MagnitudeKeys, k: int, out: Tensor | 
         if out is not None:
             return out.fill_(k > 0)
         return torch.full(delta.shape, k > 0, dtype=torch.bool, device=delta.device)
-    at_least = keys.at_least
-    j = int(torch.count_nonzero(at_least >= k)) - 1  # at_least falls with the key: b = low + j
-    above = int(at_least[j + 1]) if j + 1 < at_least.numel() else 0
-    flat_keys = keys.keys.reshape(-1)
-    keep = torch.gt(flat_keys, keys.low + j, out=None if out is None else out.view(-1))
-    boundary = torch.nonzero(flat_keys == keys.low + j).squeeze(1)  # ascending: ties keep the lower index
+    b, above, boundary = boundary_elements(keys, k)  # ascending indices: ties keep the lower index
+    keep = torch.gt(keys.keys.reshape(-1), b, out=None if out is None else out.view(-1))
     chosen = _top_k_mask(_f32(delta.reshape(-1).index_select(0, boundary)).abs(), k - above)
     keep.index_fill_(0, boundary[chosen], True)  # index_select / index_fill_: cheaper than advanced indexing
     return keep.reshape(delta.shape)
+
+
+def boundary_elements(keys: MagnitudeKeys, k: int) -> tuple[int, int, Tensor]:
+    """For the k largest |delta| (0 < k < n): the key b of the k-th largest, how many elements have a key above b,
+    and the flat indices, ascending, of those whose key is b (a slice of ``keys.order`` when kept, else a scan)."""
+    at_least = keys.at_least
+    j = int(torch.count_nonzero(at_least >= k)) - 1  # at_least falls with the key: b = low + j
+    above = int(at_least[j + 1]) if j + 1 < at_least.numel() else 0
+    if keys.order is not None:  # key < b before the slice, > b after it
+        n = keys.keys.numel()
+        return keys.low + j, above, keys.order[n - int(at_least[j]) : n - above].to(torch.int64)
+    return keys.low + j, above, torch.nonzero(keys.keys.reshape(-1) == keys.low + j).squeeze(1)
 
 
 def magnitude_mask(
