@@ -104,11 +104,11 @@ def measure(base_cfg: RunConfig, seeds: list[int], grid: list[float], work: Path
     evaluators = heldout_evaluators(base_cfg)
     fixed: dict[str, dict[str, float]] = {}
     if base_cfg.models.base:
-        fixed["base"] = score_checkpoint(
+        fixed["base"], _ = score_checkpoint(
             base_cfg, base_cfg.models.base, device=base_cfg.execution.device, evaluators=evaluators
         )
     for alias, s in zip(base_cfg.models.aliases(), base_cfg.models.sources):
-        fixed[f"source {alias}"] = score_checkpoint(
+        fixed[f"source {alias}"], _ = score_checkpoint(
             base_cfg, s.path, device=base_cfg.execution.device, evaluators=evaluators
         )
 
@@ -130,7 +130,9 @@ def measure(base_cfg: RunConfig, seeds: list[int], grid: list[float], work: Path
         grid_rows, n_points = grid_cache
         recipes.update(grid_rows)
         recipes[EVOLVED] = evolved
-        scores = score_recipes(cfg, recipes, heldout_evaluators(cfg))
+        scores = {
+            label: metrics for label, (metrics, _) in score_recipes(cfg, recipes, heldout_evaluators(cfg)).items()
+        }
         rows = {**fixed, **scores}
         others = max(v[acc] for k, v in rows.items() if not k.startswith("evolved"))
         per_seed.append(

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import yaml  # noqa: E402
 
-from evolve.baselines import heldout_evaluators, score_recipes_items  # noqa: E402
+from evolve.baselines import heldout_evaluators, score_recipes  # noqa: E402
 from evolve.config import parse_config  # noqa: E402
 from evolve.items import items_scored  # noqa: E402
 from evolve.loop import run_search  # noqa: E402
@@ -103,7 +103,7 @@ def run_cell(world: Path, seed: int, sampler: str, mode: str, trials: int, racin
         rescore_items = sum(r["items_scored"] for r in rescored(study).values())
     trials_ = study.get_trials(deepcopy=False)
     items = sum(items_scored(t.user_attrs.get("items")) for t in trials_) + rescore_items
-    (metrics, scores) = score_recipes_items(cfg, {"pick": trial_recipe(pick)}, heldout_evaluators(cfg))["pick"]
+    (metrics, scores) = score_recipes(cfg, {"pick": trial_recipe(pick)}, heldout_evaluators(cfg))["pick"]
     acc = scores["ja_sub"].values["acc"]
     curve = []  # (items so far, best dev fitness so far) in trial order
     spent, best = 0, -np.inf
@@ -159,7 +159,7 @@ def heldout_along(
             if best:
                 picks[n] = (spent, best[0])
     recipes = {str(n): trial_recipe(t) for n, (_, t) in picks.items()}
-    scored = score_recipes_items(cfg, recipes, heldout_evaluators(cfg))
+    scored = score_recipes(cfg, recipes, heldout_evaluators(cfg))
     along = [(n, spent, scored[str(n)][0]["ja_sub/acc"]) for n, (spent, _) in sorted(picks.items())]
     record["heldout_along"] = along
     result_file.write_text(json.dumps(record))

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from demo_bar import grid_search  # noqa: E402
 from results import write_section  # noqa: E402
 
-from evolve.baselines import _correct_per_item, heldout_evaluators, heldout_table, score_recipes_items  # noqa: E402
+from evolve.baselines import correct_per_item, heldout_evaluators, heldout_table, score_recipes  # noqa: E402
 from evolve.config import load_config  # noqa: E402
 from evolve.items import items_scored  # noqa: E402
 from evolve.stats import mcnemar_exact, metric_intervals  # noqa: E402
@@ -78,7 +78,7 @@ def main() -> int:
     print(f"grid of {n_points} points: {grid_s:.0f} s", flush=True)
     t1 = time.perf_counter()
     rows = heldout_table(cfg)
-    for label, (metrics, items) in score_recipes_items(cfg, grid_rows, heldout_evaluators(cfg)).items():
+    for label, (metrics, items) in score_recipes(cfg, grid_rows, heldout_evaluators(cfg)).items():
         ci = metric_intervals(items)
         rows.append({"model": label, **metrics, "_kind": "grid", "_ci": ci, "_items": items})
     table_s = time.perf_counter() - t1
@@ -89,7 +89,9 @@ def main() -> int:
     for evolved in (r for r in rows if r["_kind"] == "evolved"):
         others = [r for r in rows if r["_kind"] != "evolved" and r.get(target) is not None]
         best = max(others, key=lambda r: r[target])
-        only_e, only_o, pval = mcnemar_exact(_correct_per_item(evolved, target), _correct_per_item(best, target))
+        only_e, only_o, pval = mcnemar_exact(
+            correct_per_item(evolved["_items"], target), correct_per_item(best["_items"], target)
+        )
         comparisons.append(
             f"- {evolved['model']} vs the best other row ({best['model']}): {target} {evolved[target]:.3f} vs "
             f"{best[target]:.3f}, {only_e} items right only for the evolved merge, {only_o} only for the other; "

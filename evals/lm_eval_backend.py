@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from evals.base import ItemScores
+from evals import spec
+from evals.base import Evaluator, ItemScores
 from evals.data import split_path, subsample_indices
 from evals.extract import FIRST_WORD_PATTERN, NUMBER_PATTERN
 from evals.native import PROMPT_FIELD, check_template
@@ -79,7 +80,7 @@ def numeric_results(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float
     return flat
 
 
-class LmEvalEvaluator:
+class LmEvalEvaluator(Evaluator):
     """lm-eval tasks scored on the live model.
 
     Returns every ``"<task>/<metric>,<filter>"`` (e.g. ``"ja_sub/exact_match,first_word"``) and, for each
@@ -97,7 +98,7 @@ class LmEvalEvaluator:
         name: str = "lm_eval",
         limit: int | None = None,
         seed: int = 0,
-        batch_size: int = 8,
+        batch_size: int = spec.BATCH_SIZE,
         num_fewshot: int | None = None,
         max_length: int | None = None,
     ) -> None:
@@ -264,7 +265,7 @@ def jsonl_task_config(
     split: str = "test",
     stop: Sequence[str] = (),
     extract: str = "first_word",
-    max_new_tokens: int = 32,
+    max_new_tokens: int = spec.MAX_NEW_TOKENS,
     prompt_template: str | None = None,
     absolute: bool = True,
 ) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from evals.base import ItemScores, item_order
+from evals import spec
+from evals.base import ItemEvaluator, ItemScores, item_order
 from evals.data import (
     ChoiceItem,
     GenerationItem,
@@ -281,7 +282,7 @@ def _source_label(task_dir: Any, split: str, dataset: Mapping[str, Any] | None) 
     return f"{task_dir!r} split {split!r}"
 
 
-class GenerationEvaluator:
+class GenerationEvaluator(ItemEvaluator):
     """Greedy generation + answer extraction + exact match (optionally counting only answers in the right language).
 
     Metrics: ``acc`` (value right AND language check passed), ``acc_value`` (value right, language ignored),
@@ -301,13 +302,13 @@ class GenerationEvaluator:
         name: str | None = None,
         limit: int | None = None,
         seed: int = 0,
-        batch_size: int = 8,
-        max_new_tokens: int = 32,
+        batch_size: int = spec.BATCH_SIZE,
+        max_new_tokens: int = spec.MAX_NEW_TOKENS,
         stop: Sequence[str] = (),
-        extract: str | Mapping[str, Any] | Extractor = "last_number",
+        extract: str | Mapping[str, Any] | Extractor = spec.EXTRACT,
         language_check: Mapping[str, Any] | LanguageCheck | None = None,
         prompt_template: str | None = None,
-        gold_prob: bool = True,
+        gold_prob: bool = spec.GOLD_PROB,
         extract_gold: bool = False,
         delimiter: str = " ",
         chat_template: bool = False,
@@ -329,7 +330,7 @@ class GenerationEvaluator:
         self.chat_template = chat_template
 
     @classmethod
-    def metric_names(cls, gold_prob: bool = True, **_: Any) -> tuple[str, ...]:
+    def metric_names(cls, gold_prob: bool = spec.GOLD_PROB, **_: Any) -> tuple[str, ...]:
         """The keys `evaluate` returns for these constructor fields (checked before a search starts)."""
         return ("acc", "acc_value", "lang_ok") + (("gold_prob", "gold_logprob") if gold_prob else ())
 
@@ -407,11 +408,8 @@ class GenerationEvaluator:
         """The metrics of scored items: the mean of each per-item value (summed in item order)."""
         return _means(self.order, scores)
 
-    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
-        return self.aggregate(self.score_items(model, tokenizer))
 
-
-class ChoiceEvaluator:
+class ChoiceEvaluator(ItemEvaluator):
     """Log-likelihood multiple choice: ``acc`` (argmax of log p(delimiter + choice | prompt)) and
     ``acc_norm`` (argmax of that log-likelihood divided by the choice's length in characters, as lm-eval)."""
 
@@ -424,7 +422,7 @@ class ChoiceEvaluator:
         name: str | None = None,
         limit: int | None = None,
         seed: int = 0,
-        batch_size: int = 8,
+        batch_size: int = spec.BATCH_SIZE,
         prompt_template: str | None = None,
         delimiter: str = " ",
     ) -> None:
@@ -465,11 +463,8 @@ class ChoiceEvaluator:
         """acc and acc_norm of scored items (means in item order)."""
         return _means(self.order, scores)
 
-    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
-        return self.aggregate(self.score_items(model, tokenizer))
 
-
-class PerplexityEvaluator:
+class PerplexityEvaluator(ItemEvaluator):
     """Token perplexity over a text file, one document per non-empty line (each truncated to `max_length`
     tokens): ``ppl`` = exp(``nll``), ``nll`` = mean negative log-likelihood per predicted token. Lower is better."""
 
@@ -480,8 +475,8 @@ class PerplexityEvaluator:
         name: str | None = None,
         limit: int | None = None,
         seed: int = 0,
-        batch_size: int = 8,
-        max_length: int = 512,
+        batch_size: int = spec.BATCH_SIZE,
+        max_length: int = spec.PERPLEXITY_MAX_LENGTH,
     ) -> None:
         path = Path(text_file)
         if not path.is_file():
@@ -527,9 +522,6 @@ class PerplexityEvaluator:
         total = sum(n * w for n, w in zip(scores.values["nll"], scores.weights))
         nll = total / sum(scores.weights)
         return {"ppl": math.exp(nll), "nll": nll}
-
-    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
-        return self.aggregate(self.score_items(model, tokenizer))
 
 
 def _in_order(

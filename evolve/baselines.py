@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Any
 
 from evals.base import ItemScores
 from evolve.config import RunConfig
+from evolve.items import decode_items, encode_items
+from evolve.pareto import is_multi, pareto_front
+from evolve.scoring import Evaluators, Scorer, build_evaluators
 from evolve.stats import Comparison, mcnemar_exact, metric_intervals
 from evolve.study import best_trial, load_study, trial_recipe
-from evolve.worker import build_evaluators, score_items
 from merge_core.errors import EvomergeError
-from merge_core.merge import method_spec
+from merge_core.merge import method_spec, resolve_device
 from merge_core.recipe import DataFlowRecipe, MergeRecipe, OutputSlice, Recipe, SliceSource
 
 log = logging.getLogger(__name__)
+Scores = tuple[dict[str, float], dict[str, ItemScores]]  # metrics, and the per-item scores behind them
 
 
-def heldout_evaluators(cfg: RunConfig, split: str | None = None, limit: int | None = None) -> list[tuple[str, Any]]:
+def heldout_evaluators(cfg: RunConfig, split: str | None = None, limit: int | None = None) -> Evaluators:
     ev = cfg.evaluation
     return build_evaluators(
         ev.heldout_scored(),
@@ -35,50 +40,23 @@ def score_checkpoint(
     split: str | None = None,
     limit: int | None = None,
     device: str = "auto",
-    evaluators: list | None = None,
-) -> dict[str, float]:
-    """Load an HF checkpoint with transformers and score it on the config's tasks."""
-    return score_checkpoint_items(cfg, path, split=split, limit=limit, device=device, evaluators=evaluators)[0]
-
-
-def score_checkpoint_items(
-    cfg: RunConfig,
-    path: str,
-    *,
-    split: str | None = None,
-    limit: int | None = None,
-    device: str = "auto",
-    evaluators: list | None = None,
-) -> tuple[dict[str, float], dict[str, ItemScores]]:
-    """`score_checkpoint`'s metrics and the per-item scores behind them."""
-    from transformers import AutoTokenizer
-
-    from evolve.worker import load_live_model, open_checkpoint
-
+    evaluators: Evaluators | None = None,
+) -> Scores:
+    """Load an HF checkpoint with transformers and score it on the config's held-out tasks (or `evaluators`)."""
     cfg = cfg.model_copy(update={"execution": cfg.execution.model_copy(update={"device": device})})
-    model = load_live_model(cfg, path)
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(open_checkpoint(cfg, path).path), trust_remote_code=cfg.models.trust_remote_code
-    )
-    return score_items(evaluators or heldout_evaluators(cfg, split, limit), model, tokenizer)
+    return Scorer.for_checkpoint(cfg, path, evaluators or heldout_evaluators(cfg, split, limit)).score()
 
 
 MODEL_SCORES_KEY = "heldout-model:"  # + label: a study user attr, a base's or source's held-out scores, kept
 
 
 def heldout_model_items(
-    cfg: RunConfig, label: str, path: str, evaluators: list, *, device: str = "auto"
-) -> tuple[dict[str, float], dict[str, ItemScores]]:
-    """`score_checkpoint_items` of a base or source on the held-out split, scored once per run: kept in the first
+    cfg: RunConfig, label: str, path: str, evaluators: Evaluators, *, device: str = "auto"
+) -> Scores:
+    """`score_checkpoint` of a base or source on the held-out split, scored once per run: kept in the first
     stage's study (user attr ``heldout-model:<label>``: metrics and per-item records) under the checkpoint, the
     held-out tasks, split, limit, seed, device and dtype, and reused while they match (the end-of-run table, every
     `evolve export` and `report` score the same sources: at 7B each is a full held-out evaluation)."""
-    import hashlib
-    import json
-
-    from evolve.items import decode_items, encode_items
-    from merge_core.merge import resolve_device
-
     ev = cfg.evaluation
     spec = [t.model_dump(mode="json") for t in ev.heldout_scored()]
     key = {
@@ -97,26 +75,15 @@ def heldout_model_items(
     got = study.user_attrs.get(f"{MODEL_SCORES_KEY}{label}") if study is not None else None
     if got is not None and got.get("key") == key:
         return got["metrics"], decode_items(got["items"])
-    metrics, items = score_checkpoint_items(cfg, path, device=device, evaluators=evaluators)
+    metrics, items = score_checkpoint(cfg, path, device=device, evaluators=evaluators)
     if study is not None:
         record = encode_items(items, {task: s.n for task, s in items.items()}, soft="f64")
         study.set_user_attr(f"{MODEL_SCORES_KEY}{label}", {"key": key, "metrics": metrics, "items": record})
     return metrics, items
 
 
-def score_recipes(cfg: RunConfig, recipes: dict[str, Recipe], evaluators: list) -> dict[str, dict[str, float]]:
-    """Score recipes in memory: one backend (Materializer, or models A and B) per group of compatible recipes."""
-    return {label: metrics for label, (metrics, _) in score_recipes_items(cfg, recipes, evaluators).items()}
-
-
-def score_recipes_items(
-    cfg: RunConfig, recipes: dict[str, Recipe], evaluators: list
-) -> dict[str, tuple[dict[str, float], dict[str, ItemScores]]]:
-    """`score_recipes`'s metrics and the per-item scores behind them."""
-    from transformers import AutoTokenizer
-
-    from evolve.worker import make_backend
-
+def score_recipes(cfg: RunConfig, recipes: dict[str, Recipe], evaluators: Evaluators) -> dict[str, Scores]:
+    """Score recipes in memory: one Scorer (a Materializer, or models A and B) per group of compatible recipes."""
     groups: dict[tuple, list[str]] = {}
     for label, r in recipes.items():
         key = (
@@ -125,14 +92,13 @@ def score_recipes_items(
             else (method_spec(r).kind, r.models, r.base_model, r.dtype)
         )
         groups.setdefault(key, []).append(label)
-    out: dict[str, tuple[dict[str, float], dict[str, ItemScores]]] = {}
+    out: dict[str, Scores] = {}
     for labels in groups.values():
-        backend = make_backend(cfg, recipes[labels[0]])
-        tok = AutoTokenizer.from_pretrained(backend.tokenizer_path, trust_remote_code=cfg.models.trust_remote_code)
+        scorer = Scorer.for_recipes(cfg, recipes[labels[0]], evaluators)
         for label in labels:
-            backend.apply(recipes[label])
-            out[label] = score_items(evaluators, backend.model, tok)
-        del backend
+            scorer.apply(recipes[label])
+            out[label] = scorer.score()
+        del scorer
     return out
 
 
@@ -187,16 +153,14 @@ def heldout_table(cfg: RunConfig) -> list[dict[str, Any]]:
     for stage in cfg.search.stages:
         study = load_study(cfg, stage)
         best = best_trial(study)
-        if len(study.directions) > 1:  # several objectives: every member of the front, the balanced one marked
-            from evolve.pareto import pareto_front
-
+        if is_multi(study.directions):  # several objectives: every member of the front, the balanced one marked
             for t in pareto_front(study.get_trials(deepcopy=False), study.directions):
                 label = f"{labels[stage]} front trial {t.number}" + (" (balanced)" if t.number == best.number else "")
                 recipes[label], kinds[label] = trial_recipe(t), "evolved"
             continue
         label = f"{labels[stage]} (trial {best.number})"
         recipes[label], kinds[label] = trial_recipe(best), "evolved"
-    for label, (metrics, items) in score_recipes_items(cfg, recipes, evaluators).items():
+    for label, (metrics, items) in score_recipes(cfg, recipes, evaluators).items():
         rows.append({"model": label, **metrics, "_kind": kinds[label], "_items": items})
     keep = _table_columns(cfg, rows)
     table = []
@@ -217,21 +181,25 @@ def heldout_table(cfg: RunConfig) -> list[dict[str, Any]]:
 def heldout_comparisons(rows: list[dict[str, Any]]) -> list[tuple[str, Comparison]]:
     """(evolved label, comparison) of each evolved row against the best source and the best untuned merge, on each
     accuracy column scored item by item (McNemar's exact test on the same held-out items)."""
+
+    def per_item(row: dict[str, Any], column: str) -> list[float] | None:
+        return correct_per_item(row.get("_items") or {}, column)
+
     out = []
     for evolved in (r for r in rows if r.get("_kind") == "evolved"):
-        for column in (k for k in evolved if not k.startswith("_") and _correct_per_item(evolved, k) is not None):
+        for column in (k for k in evolved if not k.startswith("_") and per_item(evolved, k) is not None):
             if evolved.get(column) is None:
                 continue
             for kind in ("source", "untuned"):
                 others = [
                     r
                     for r in rows
-                    if r.get("_kind") == kind and r.get(column) is not None and _correct_per_item(r, column) is not None
+                    if r.get("_kind") == kind and r.get(column) is not None and per_item(r, column) is not None
                 ]
                 if not others:
                     continue
                 best = max(others, key=lambda r: r[column])
-                only_e, only_o, p = mcnemar_exact(_correct_per_item(evolved, column), _correct_per_item(best, column))
+                only_e, only_o, p = mcnemar_exact(per_item(evolved, column), per_item(best, column))
                 out.append(
                     (
                         evolved["model"],
@@ -241,10 +209,9 @@ def heldout_comparisons(rows: list[dict[str, Any]]) -> list[tuple[str, Compariso
     return out
 
 
-def _correct_per_item(row: dict[str, Any], column: str) -> list[float] | None:
-    """The row's per-item 0/1 values of an accuracy-like column (a native task's ``acc``, or an lm-eval leaf task's
-    mean-aggregated metric such as ``exact_match,<filter>`` scored 0/1 per document); None when it has none."""
-    items = row.get("_items") or {}
+def correct_per_item(items: dict[str, ItemScores], column: str) -> list[float] | None:
+    """The per-item 0/1 values behind an accuracy-like column (a native task's ``acc``, or an lm-eval leaf task's
+    mean-aggregated metric such as ``exact_match,<filter>`` scored 0/1 per document); None when there are none."""
     for key, s in items.items():
         metric = column[len(key) + 1 :] if column.startswith(f"{key}/") else None
         if metric in s.values and (metric == "acc" or "," in metric):

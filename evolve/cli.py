@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from evolve.config import RunConfig, load_config, parse_config, validate_run
+from evolve.config import RunConfig, load_config, parse_config
 from evolve.urls import redact_url
 from merge_core.errors import EvomergeError
 
@@ -145,7 +145,10 @@ def _require_study(cfg: RunConfig) -> None:
 
 
 def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from evolve.checks import validate_run
+    from evolve.cost import cost_lines
     from evolve.loop import run_search
+    from evolve.pareto import is_multi
     from evolve.study import best_trial, rescored
 
     validate_run(cfg)  # every input checked before anything is written or a study opened
@@ -153,8 +156,6 @@ def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
         f"{s} {b.max_trials} trials, {o.sampler}" for s in cfg.search.stages for _, o, b in [cfg.search.stage(s)]
     )
     print(f"search '{cfg.name}': storage {redact_url(cfg.storage_url)}, {stages}, backend {cfg.execution.backend}")
-    from evolve.cost import cost_lines
-
     for line in cost_lines(cfg):
         print(line)
     with _second_interrupt_exits():
@@ -162,8 +163,8 @@ def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
             result = run_search(cfg, progress=not args.no_progress)
             best = best_trial(result.study)
             r = rescored(result.study).get(best.number)
-            if len(result.study.directions) > 1:  # several objectives: the front, and its balanced member
-                from evolve.pareto import front_summary
+            if is_multi(result.study.directions):  # several objectives: the front, and its balanced member
+                from evolve.front import front_summary
 
                 print(f"stopped: {result.stopped_because}. {front_summary(result.study, cfg)}")
             else:
@@ -249,6 +250,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from optuna.trial import TrialState
 
     from evolve.items import decode_items, items_scored, tokens_generated
+    from evolve.pareto import is_multi
     from evolve.stats import metric_intervals
     from evolve.study import best_first, best_trial, counted, load_study, rescored
 
@@ -270,8 +272,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"stopped early by racing: {len(pruned)} trials, {used} items in all; latest: trial {pruned[-1].number}, "
             f"{pruned[-1].user_attrs.get('stopped', '')}"
         )
-    if len(study.directions) > 1:  # several objectives: the Pareto front instead of a ranking
-        from evolve.pareto import print_front
+    if is_multi(study.directions):  # several objectives: the Pareto front instead of a ranking
+        from evolve.front import print_front
 
         print_front(study, cfg, _print_table)
         return 0
@@ -322,6 +324,7 @@ def _spending(trials: list, items_scored: Callable, tokens_generated: Callable) 
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from evolve.pareto import is_multi
     from evolve.report import write_report
     from evolve.study import load_study
 
@@ -330,8 +333,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = cfg.run_dir / ("report" if stage == cfg.search.stages[0] else f"report-{stage}")
     study = load_study(cfg, stage)
     heldout = None
-    if len(study.directions) > 1 and not args.no_heldout:  # the front members' held-out scores (kept in the study)
-        from evolve.pareto import front_heldout
+    if is_multi(study.directions) and not args.no_heldout:  # the front members' held-out scores (kept in the study)
+        from evolve.front import front_heldout
 
         heldout = front_heldout(cfg, study)
     title = f"{cfg.name} ({stage})"
@@ -362,6 +365,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from evolve.checks import validate_run
+    from evolve.cost import cost_lines
+
     cfg = load_config(args.config)
     lines = validate_run(cfg, where=args.config, offline=args.offline)
     stages = [line for line in lines if not line.startswith("note: ")]
@@ -370,8 +376,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     )
     for line in lines[len(stages) :]:
         print(f"{args.config}: {line}")
-    from evolve.cost import cost_lines
-
     for line in cost_lines(cfg, measured=not args.offline):
         print(f"{args.config}: {line}")
     return 0
@@ -381,7 +385,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from evolve.baselines import score_checkpoint
 
     cfg = load_config(args.config)
-    metrics = score_checkpoint(
+    metrics, _ = score_checkpoint(
         cfg, args.checkpoint, split=args.split or cfg.evaluation.heldout_split, limit=args.limit, device=args.device
     )
     if args.json:

@@ -23,12 +23,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from evals import spec
 from evolve.fitness import FitnessTerm, Objective
 from evolve.urls import expand_env, persisted_url, redact_url
 from merge_core.errors import EvomergeError
-from merge_core.recipe import DTYPES, _freeze_params
+from merge_core.recipe import DTYPES
 from merge_core.yamlio import load_yaml, read_text
-from search_spaces.ps import ps_method
 
 MAX_NAME = 100  # run, task and alias names: they name directories, studies and Optuna parameters
 MAX_SEED = 2**32  # seeds feed numpy (Optuna's samplers, pycma), which takes 0 <= seed < 2**32
@@ -151,7 +151,7 @@ class Budget(_Strict):
     max_items: int | None = Field(default=None, ge=1, description="stop once trials have scored this many items")
 
 
-class Protocol(_Strict):
+class ItemProtocol(_Strict):
     """Which items of each search task a stage scores (`evolve.protocol`). The last `validation` items of every
     search task are kept out of the search; once the stage's budget is spent its `top_k` best trials are re-scored
     on them and the best there is the stage's pick. The search scores the other items: all of them, or with
@@ -165,7 +165,7 @@ class Protocol(_Strict):
     top_k: int = Field(default=10, ge=1, description="the best trials by search fitness re-scored on validation")
 
     @model_validator(mode="after")
-    def _something(self) -> Protocol:
+    def _something(self) -> ItemProtocol:
         if not self.validation and self.batch is None:
             raise ValueError("give validation (items kept for the pick), batch (items per trial) or both")
         if self.batch is None and "every" in self.model_fields_set:
@@ -179,7 +179,7 @@ class DataFlowStage(_Strict):
     space: DataFlow
     optimizer: Optimizer = Field(default_factory=Optimizer)
     budget: Budget = Field(default_factory=Budget)
-    protocol: Protocol | None = None
+    protocol: ItemProtocol | None = None
 
 
 class Search(_Strict):
@@ -187,7 +187,7 @@ class Search(_Strict):
     space: Space = Field(default_factory=Space)
     optimizer: Optimizer = Field(default_factory=Optimizer)
     budget: Budget = Field(default_factory=Budget)
-    protocol: Protocol | None = Field(default=None, description="the ps stage's items: see Protocol")
+    protocol: ItemProtocol | None = Field(default=None, description="the ps stage's items: see ItemProtocol")
     dfs: DataFlowStage | None = None
 
     @model_validator(mode="after")
@@ -209,12 +209,17 @@ class Search(_Strict):
             return self.dfs.space, self.dfs.optimizer, self.dfs.budget
         return self.space, self.optimizer, self.budget
 
-    def protocol_of(self, name: str) -> Protocol | None:
+    def protocol_of(self, name: str) -> ItemProtocol | None:
         """The stage's item protocol (None: every search item for every trial, the pick by search fitness)."""
         if name == "dfs":
             assert self.dfs is not None
             return self.dfs.protocol
         return self.protocol
+
+    @staticmethod
+    def protocol_path(name: str) -> str:
+        """Where the stage's item protocol is in the config file (for messages)."""
+        return "search.protocol" if name == "ps" else "search.dfs.protocol"
 
 
 _Count = lambda minimum: Annotated[int, Field(ge=minimum)]  # noqa: E731
@@ -238,7 +243,7 @@ class _Task(BaseModel):
     name: str = Field(max_length=MAX_NAME)
     limit: _Count(1) | None = None
     seed: Annotated[int, Field(ge=0, lt=MAX_SEED)] = 0
-    batch_size: _Count(1) = 8
+    batch_size: _Count(1) = spec.BATCH_SIZE
 
     @field_validator("name")
     @classmethod
@@ -357,30 +362,30 @@ class _ItemsTask(_Task):
 
 
 class GenerationTask(_ItemsTask):
-    type: Literal["generation"] = "generation"
+    type: Literal[spec.GENERATION] = spec.GENERATION
     dataset: GenerationDataset | None = None
-    max_new_tokens: _Count(1) = 32
+    max_new_tokens: _Count(1) = spec.MAX_NEW_TOKENS
     stop: list[str] = []
-    extract: str | dict[str, Any] = "last_number"
+    extract: str | dict[str, Any] = spec.EXTRACT
     language_check: dict[str, Any] | None = None
-    gold_prob: bool = True
+    gold_prob: bool = spec.GOLD_PROB
     extract_gold: bool = False
     chat_template: bool = False  # each prompt as one user turn of the tokenizer's chat template
 
 
 class ChoiceTask(_ItemsTask):
-    type: Literal["choice"]
+    type: Literal[spec.CHOICE]
     dataset: ChoiceDataset | None = None
 
 
 class PerplexityTask(_Task):
-    type: Literal["perplexity"]
+    type: Literal[spec.PERPLEXITY]
     text_file: str
-    max_length: _Count(2) = 512
+    max_length: _Count(2) = spec.PERPLEXITY_MAX_LENGTH
 
 
 class LmEvalTask(_Task):
-    type: Literal["lm_eval"]
+    type: Literal[spec.LM_EVAL]
     tasks: Annotated[list[str], Field(min_length=1)]
     include_path: _Paths | None = None
     metrics: dict[str, _Paths] | None = None
@@ -388,8 +393,9 @@ class LmEvalTask(_Task):
     max_length: _Count(2) | None = None
 
 
-_TASK_KIND = {GenerationTask: "generation", ChoiceTask: "choice", PerplexityTask: "perplexity", LmEvalTask: "lm_eval"}
-TASK_TYPES = tuple(_TASK_KIND.values())  # evals.EVALUATOR_TYPES builds each
+TASK_TYPES = spec.TASK_TYPES  # evals.EVALUATOR_TYPES builds each
+_TASK_MODELS = (GenerationTask, ChoiceTask, PerplexityTask, LmEvalTask)
+_TASK_KIND = {model: typing.get_args(model.model_fields["type"].annotation)[0] for model in _TASK_MODELS}
 
 
 def _task_type(v: Any) -> Any:
@@ -587,7 +593,7 @@ class RunConfig(_Strict):
             pr = self.search.protocol_of(stage)
             if pr is None:
                 continue
-            where = "search.protocol" if stage == "ps" else "search.dfs.protocol"
+            where = self.search.protocol_path(stage)
             for t in ev.tasks:
                 if t.type == "lm_eval":
                     raise ValueError(
@@ -604,7 +610,7 @@ class RunConfig(_Strict):
                     f"{where}.validation: the pick is re-scored on the validation items; evaluation.rescore is a "
                     "second rule for it; use one of them"
                 )
-            if pr.validation and getattr(ev, "objectives", None) is not None:
+            if pr.validation and ev.multi_objective:
                 raise ValueError(
                     f"{where}.validation: a multi-objective search keeps its Pareto front; the validation pick is "
                     "for one fitness"
@@ -614,7 +620,7 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _multi_objective_sampler(self) -> RunConfig:
         """Several objectives need a sampler that handles them (evolve.samplers: nsga2, tpe, gp, random)."""
-        if self.evaluation.objectives is None:
+        if not self.evaluation.multi_objective:
             return self
         for stage in self.search.stages:
             _, opt, _ = self.search.stage(stage)
@@ -696,228 +702,3 @@ def dump_config(cfg: RunConfig) -> str:
     data = cfg.model_dump(mode="json")
     data["storage"] = persisted_url(data.get("storage"))
     return yaml.safe_dump(data, sort_keys=False)
-
-
-# ---- everything knowable before a search starts -------------------------------------------------
-
-
-def validate_run(cfg: RunConfig, *, where: str | None = None, offline: bool = False) -> list[str]:
-    """Check what the config-file schema cannot: evaluator fields and data, the fitness metrics' names, fixed method
-    parameters, the output directory, and (unless `offline`) every checkpoint and search space of the stages that
-    will run. Called by `evolve check` and before `evolve run`/`resume` does anything: it writes nothing and opens
-    no study. Raises a one-line EvomergeError (prefixed with `where`, the config file); returns one summary line
-    per stage, then a "note: ..." line for each thing it could not check (a dataset not in the local cache)."""
-    try:
-        return _validate_run(cfg, offline)
-    except EvomergeError as e:
-        raise EvomergeError(f"{where}: {e}" if where else str(e)) from None
-
-
-def _validate_run(cfg: RunConfig, offline: bool) -> list[str]:
-    notes = _check_tasks(cfg, offline=offline)
-    _check_fitness_metrics(cfg)
-    if "ps" in cfg.search.stages:
-        _check_space_params(cfg.search.space, cfg.models.sources)
-    _check_writable_dir(cfg.run_dir, "output_dir" if cfg.output_dir else "run directory")
-    if not offline:
-        from merge_core.merge import resolve_device
-
-        try:
-            resolve_device(cfg.execution.device)
-        except EvomergeError as e:
-            raise EvomergeError(f"execution.{e}") from None
-    lines = []
-    for stage in cfg.search.stages:
-        _, opt, budget = cfg.search.stage(stage)
-        run = f"{budget.max_trials} trials, sampler {opt.sampler}"
-        lines.append(
-            f"{stage}: {run} (checkpoints not opened)" if offline else f"{stage}: {_check_stage(cfg, stage)}, {run}"
-        )
-    return lines + [f"note: {n}" for n in notes]
-
-
-def _check_dataset(task: Any, where: str) -> str | None:
-    """A dataset task's split, fields and slice, read from disk or the local `datasets` cache only (offline mode
-    forced: nothing is downloaded, nothing waits on the network); a note when the data is not there to check."""
-    from evals.data import DatasetNotCached, dataset_rows
-
-    source = task.dataset.model_dump()
-    label = f"{source['path']}" + (f" ({source['name']})" if source["name"] else "") + f" split {source['split']}"
-    try:
-        rows = dataset_rows(task.type, source, offline=True)
-    except DatasetNotCached:
-        return f"{where}.dataset: {label}: not cached; not checked (split, fields); `evolve run` downloads it"
-    except EvomergeError as e:
-        msg = str(e)
-        raise EvomergeError(f"{where}.{msg}" if msg.startswith("dataset.") else f"{where}.dataset: {msg}") from None
-    if not rows:
-        raise EvomergeError(f"{where}.dataset.slice: '{source['slice']}' selects none of the split's rows")
-    return None
-
-
-def _check_tasks(cfg: RunConfig, offline: bool) -> list[str]:
-    """The data files exist; dataset sources are read from disk or the local cache (never downloaded; a note for
-    each not there); unless offline, the data: native evaluators are built (their data read, templates,
-    extractors and language checks parsed) for the search split and the held-out split. Returns the notes."""
-    ev = cfg.evaluation
-    notes, missing = [], set()
-    for group, tasks in (("tasks", ev.tasks), ("heldout_tasks", ev.heldout_tasks)):
-        for i, task in enumerate(tasks):
-            spec = task.evaluator_spec()
-            if getattr(task, "dataset", None) is not None:
-                note = _check_dataset(task, f"evaluation.{group}[{i}]")
-                if note:
-                    notes.append(note)
-                    missing.add(task.name)
-            for key in ("task_dir", "text_file"):
-                if not offline and isinstance(spec.get(key), str) and not Path(spec[key]).exists():
-                    raise EvomergeError(f"evaluation.{group}[{i}].{key}: {spec[key]} does not exist")
-    remote = cfg.execution.backend == "ray" and bool(cfg.execution.ray_address or os.environ.get("RAY_ADDRESS"))
-    if offline or remote:  # on a Ray cluster the workers read the data, perhaps from paths only they have
-        return notes
-    from contextlib import nullcontext
-
-    from evolve.worker import build_evaluators
-
-    with_datasets = any(getattr(t, "dataset", None) is not None for t in [*ev.tasks, *ev.heldout_tasks])
-    if with_datasets:
-        from evals.data import hub_offline
-
-    # lm-eval's task index takes long; a dataset not cached was noted above (building would download it)
-    native = lambda ts: [t for t in ts if t.type != "lm_eval" and t.name not in missing]  # noqa: E731
-    for label, build in (
-        ("evaluation.tasks", lambda: build_evaluators(native(ev.tasks), seed=cfg.seed)),
-        (
-            f"evaluation.heldout_split '{ev.heldout_split}'",
-            lambda: (
-                build_evaluators(
-                    native(ev.heldout_scored()),
-                    seed=cfg.seed,
-                    split=ev.heldout_split,
-                    limit=ev.heldout_limit,
-                    heldout=True,
-                )
-                if ev.heldout_split
-                else None
-            ),
-        ),
-    ):
-        try:
-            with hub_offline() if with_datasets else nullcontext():  # never a download
-                build()
-        except EvomergeError as e:
-            raise EvomergeError(f"{label}: {e}") from None
-    return notes
-
-
-def _check_fitness_metrics(cfg: RunConfig) -> None:
-    """Each fitness metric is one its task reports (evaluator classes declare theirs: `metric_names`). lm_eval
-    tasks' names come from the task YAMLs, so only their shape is checked: `<task>/<lm-eval task>/<metric>,<filter>`,
-    or `<task>/<lm-eval task>` for a task given a headline metric in the task's `metrics`."""
-    from evals import EVALUATOR_TYPES
-
-    tasks = {t.name: t for t in cfg.evaluation.tasks}
-    for field, i, full in cfg.evaluation.named_metrics():
-        name, metric = full.split("/", 1)
-        task = tasks[name]
-        spec = {k: v for k, v in task.evaluator_spec().items() if k != "type"}
-        names = EVALUATOR_TYPES[task.type].metric_names(**spec)
-        where = f"evaluation.{field}[{i}].metric: '{full}'"
-        if names is None:
-            headline = metric in (spec.get("metrics") or {})
-            if not headline and not re.fullmatch(r"[^/,]+/[^/,]+,[^/,]+", metric):
-                raise EvomergeError(
-                    f"{where}: an lm_eval task reports '{name}/<lm-eval task>/<metric>,<filter>' (e.g. "
-                    f"'{name}/ja_sub/exact_match,first_word'), or '{name}/<lm-eval task>' for a task "
-                    "named in its `metrics`"
-                )
-        elif metric not in names:
-            raise EvomergeError(f"{where}: {task.type} task '{name}' reports {', '.join(names)}; no '{metric}'")
-
-
-def _check_space_params(space: Space, sources: list[SourceModel]) -> None:
-    """search.space: a method the PS space can search, and fixed `params` that are its parameters with valid values."""
-    from merge_core.merge import _setting_values
-    from merge_core.methods import check_parameter
-
-    spec = ps_method(space.method, len(sources))
-    known = set(spec.global_params) | set(spec.tensor_params)
-    for key, setting in _freeze_params(dict(space.params), "search.space.params"):
-        if key not in known:
-            raise EvomergeError(
-                f"search.space.params.{key}: not a parameter of {spec.name} (known: {', '.join(sorted(known))})"
-            )
-        for value in _setting_values(setting):
-            problem = check_parameter(key, value)
-            if problem:
-                raise EvomergeError(f"search.space.params.{key}: {problem}")
-
-
-def _check_writable_dir(path: Path, field: str) -> None:
-    """`path` is, or can be created as, a directory this process can write in; checked without writing anything."""
-    probe = Path(path).expanduser().absolute()
-    while not probe.exists():
-        if probe.is_symlink():
-            raise EvomergeError(f"{field}: {path}: {probe} is a dangling symbolic link")
-        probe = probe.parent
-    if not probe.is_dir():
-        raise EvomergeError(f"{field}: {path}: {probe} is a file, not a directory; choose another {field}")
-    if os.statvfs(probe).f_flag & os.ST_RDONLY:
-        raise EvomergeError(f"{field}: {path} is on a read-only file system ({probe}); choose a writable {field}")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise EvomergeError(f"{field}: {path}: no permission to write in {probe}; choose a writable {field}")
-
-
-TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tiktoken.model")
-
-
-def _check_stage(cfg: RunConfig, stage: str) -> str:
-    """Open the stage's checkpoints (headers and configs only) and build its space; a summary of what was checked."""
-    from evolve.loop import build_space, dfs_model_a
-    from merge_core.checkpoint import Checkpoint
-    from merge_core.dataflow import check_compatible_configs
-    from merge_core.merge import check_recipe, open_models
-
-    opts = dict(allow_pickle=cfg.models.allow_pickle, trust_remote_code=cfg.models.trust_remote_code)
-    if stage == "ps":
-        space = build_space(cfg, "ps")
-        recipe = space.decode(space.x0)
-        ckpts = open_models(recipe, **opts)
-        reference = ckpts[recipe.base_model or recipe.models[0]]
-        check_recipe(recipe, reference.num_layers, where="search.space (its x0 recipe)")
-        _check_tokenizer(reference)
-        return f"{len(ckpts)} checkpoints compatible, {space.dim} parameters"
-    space = build_space(cfg, "dfs")  # opens A (the base while a hybrid's PS merge is not written yet) and B
-    a = dfs_model_a(cfg)
-    pending = a == str(cfg.run_dir / "ps_best") and not Path(a).exists()
-    ca = Checkpoint.open(cfg.models.base or cfg.models.sources[0].path if pending else a, **opts)
-    cb = Checkpoint.open(space.model_b, **opts)
-    try:  # the worker's own rule: B's layers must compute under A's config as under their own
-        check_compatible_configs(ca.config.get_text_config(), cb.config.get_text_config())
-    except EvomergeError as e:
-        raise EvomergeError(f"search.dfs.space.model_b: {e}") from None
-    va, vb = (c.config.get_text_config().vocab_size for c in (ca, cb))
-    if va != vb:
-        raise EvomergeError(
-            f"search.dfs.space.model_b: vocab_size {vb} differs from model A's {va}; "
-            "data-flow merging runs B's layers on A's embeddings and head"
-        )
-    _check_tokenizer(ca)
-    return (
-        f"{space.repeats} repeats x ({space.layers_a} + {space.layers_b}) layers = {space.num_slots} slots, "
-        f"{space.dim} parameters"
-    )
-
-
-def _check_tokenizer(ckpt: Any) -> None:
-    """The candidates are scored with this checkpoint's tokenizer: its files must be there."""
-    vocab_files = [
-        *(ckpt.path / f for f in TOKENIZER_MODEL_FILES),
-        *ckpt.path.glob("*.model"),
-        *ckpt.path.glob("*.tiktoken"),
-    ]
-    if not any(f.is_file() for f in vocab_files):
-        raise EvomergeError(
-            f"model '{ckpt.name}': no tokenizer ({', '.join(TOKENIZER_MODEL_FILES[:4])}) in {ckpt.path}; "
-            "the search scores candidates with this model's tokenizer: add its tokenizer files"
-        )

@@ -12,7 +12,11 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from optuna.trial import TrialState
+
+from evals.data import DatasetNotCached, dataset_rows, read_jsonl, split_path
 from evolve.config import RunConfig
+from evolve.study import load_study
 from merge_core.errors import EvomergeError
 
 
@@ -26,8 +30,6 @@ class TaskCost:
 def task_items(task: Any) -> int | None:
     """How many items of `task` a candidate is scored on (its limit applied); its limit alone (None: unknown) when
     the data is not read here (an lm-eval or perplexity task, a hub dataset not cached)."""
-    from evals.data import DatasetNotCached, dataset_rows, read_jsonl, split_path
-
     if task.type in ("lm_eval", "perplexity"):
         return task.limit
     try:
@@ -110,10 +112,6 @@ def cost_lines(cfg: RunConfig, *, measured: bool = True) -> list[str]:
 
 def measured_eta(cfg: RunConfig, stage: str, max_trials: int) -> str:
     """Seconds per candidate measured by this run's own trials (merge + evaluation, median), and the time left."""
-    from optuna.trial import TrialState
-
-    from evolve.study import load_study
-
     try:
         study = load_study(cfg, stage)
         trials = study.get_trials(deepcopy=False)

@@ -17,11 +17,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from evals.base import ItemScores
+from evolve.backends import use_threads
+from evolve.baselines import correct_per_item, heldout_evaluators, heldout_model_items, score_checkpoint
 from evolve.config import RunConfig
 from evolve.items import items_scored
 from evolve.stats import LEVEL, Comparison, mcnemar_exact, metric_intervals
 from evolve.study import best_trial, rescored, trial_recipe
 from merge_core.checkpoint import staged_output
+from merge_core.dataflow import export_dataflow
 from merge_core.errors import EvomergeError
 from merge_core.merge import RECIPE_FILE, run_merge
 from merge_core.recipe import DataFlowRecipe, MergeRecipe, OutputSlice, Recipe, SliceSource
@@ -47,8 +50,6 @@ def export_trial(
     tokenizer source, recipes, scores, model card) is written to a temporary sibling of `out` that takes its place
     once complete; `out` must be new or empty (or `overwrite`), and neither an input model (nor inside one) nor the
     run directory (nor holding it)."""
-    from evolve.worker import use_threads
-
     use_threads(cfg)
     trial = best_trial(study, trial_number)
     recipe = trial_recipe(trial)
@@ -60,8 +61,6 @@ def export_trial(
         )
     with staged_output(out, overwrite=overwrite, inputs=models_read(cfg, recipe)) as tmp:
         if isinstance(recipe, DataFlowRecipe):  # a plain checkpoint with len(path) layers; scales folded into weights
-            from merge_core.dataflow import export_dataflow
-
             export_dataflow(
                 recipe.path,
                 recipe.model_a,
@@ -177,11 +176,9 @@ class HeldOut:
 def score_heldout(cfg: RunConfig, path: Path, device: str) -> HeldOut:
     """Score the checkpoint at `path`, the base and every source on the held-out split (the same items), with
     bootstrap intervals and McNemar's exact test against each source on each accuracy metric."""
-    from evolve.baselines import heldout_evaluators, heldout_model_items, score_checkpoint_items
-
     evaluators = heldout_evaluators(cfg)
     terms = cfg.evaluation.fitness or []
-    metrics, items = score_checkpoint_items(cfg, str(path), device=device, evaluators=evaluators)
+    metrics, items = score_checkpoint(cfg, str(path), device=device, evaluators=evaluators)
     others = ([("base", cfg.models.base)] if cfg.models.base else []) + [
         (f"source {alias}", s.path) for alias, s in zip(cfg.models.aliases(), cfg.models.sources)
     ]
@@ -211,11 +208,9 @@ def accuracy_comparisons(
 ) -> list[Comparison]:
     """McNemar's exact test on every accuracy-like metric both were scored on item by item (0/1 per item: the
     held-out table's rule, `evolve.baselines`)."""
-    from evolve.baselines import _correct_per_item
-
     out = []
     for column in (k for k in metrics if k in other_metrics):
-        mine, theirs = _correct_per_item({"_items": items}, column), _correct_per_item({"_items": other_items}, column)
+        mine, theirs = correct_per_item(items, column), correct_per_item(other_items, column)
         if mine is None or theirs is None:
             continue
         only_e, only_o, p = mcnemar_exact(mine, theirs)

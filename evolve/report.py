@@ -22,8 +22,9 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
+from evolve.front import BALANCED_RULE, front_rows, hypervolume_line  # noqa: E402
 from evolve.items import items_scored, tokens_generated  # noqa: E402
-from evolve.pareto import balanced, objective_names, pareto_front  # noqa: E402
+from evolve.pareto import balanced, hypervolume_history, is_multi, objective_names, pareto_front, reference_point  # noqa: E402
 from evolve.study import best_first, best_trial, candidates_per_hour, rescored  # noqa: E402
 from evolve.urls import redact_url  # noqa: E402
 from merge_core.errors import EvomergeError  # noqa: E402
@@ -61,7 +62,7 @@ def write_report(
     trials = study.get_trials(deepcopy=False)
     best = best_trial(study)
     front_html: list[str] = []
-    if len(study.directions) > 1:
+    if is_multi(study.directions):
         figures, front_html = pareto_figures(study, trials, reference, heldout or {})
     else:
         figures = {"fitness.png": plot_fitness(trials)}
@@ -281,7 +282,6 @@ def pareto_figures(
     study: optuna.Study, trials: list[FrozenTrial], reference: list[float] | None, heldout: dict[int, dict]
 ) -> tuple[dict[str, plt.Figure], list[str]]:
     """pareto.png, hypervolume.png and the front's HTML section (members, objectives, held-out scores)."""
-    from evolve.pareto import BALANCED_RULE, front_rows, hypervolume_history, hypervolume_line, reference_point
 
     names = objective_names(study)
     front = pareto_front(trials, study.directions)

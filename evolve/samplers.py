@@ -54,12 +54,11 @@ from typing import Any, get_args
 import cma
 import numpy as np
 import optuna
-from optuna._transform import _SearchSpaceTransform
 from optuna.distributions import BaseDistribution, FloatDistribution
-from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from evolve import optuna_api
 from evolve.config import SamplerName
 from merge_core.errors import EvomergeError
 from search_spaces.base import SearchSpace
@@ -155,9 +154,8 @@ class PycmaSampler(optuna.samplers.BaseSampler):
         if not free:
             state = self._next_generation(study, state, slots)
             free = [0]
-        storage = study._storage
-        storage.set_trial_system_attr(trial._trial_id, GENERATION_KEY, state["generation"])
-        storage.set_trial_system_attr(trial._trial_id, INDEX_KEY, free[0])
+        optuna_api.set_trial_system_attr(study, trial, GENERATION_KEY, state["generation"])
+        optuna_api.set_trial_system_attr(study, trial, INDEX_KEY, free[0])
         return self._params(state["candidates"][free[0]])
 
     def sample_independent(
@@ -178,8 +176,8 @@ class PycmaSampler(optuna.samplers.BaseSampler):
             return
         for index, owners in _slots(study, state["generation"]).items():
             if _failed(owners) and fixed == owners[-1].params:
-                study._storage.set_trial_system_attr(trial._trial_id, GENERATION_KEY, state["generation"])
-                study._storage.set_trial_system_attr(trial._trial_id, INDEX_KEY, index)
+                optuna_api.set_trial_system_attr(study, trial, GENERATION_KEY, state["generation"])
+                optuna_api.set_trial_system_attr(study, trial, INDEX_KEY, index)
                 return
 
     def available(self, study: Study) -> int:
@@ -206,7 +204,7 @@ class PycmaSampler(optuna.samplers.BaseSampler):
         if state is None:
             es = self._new_es()
             state = _save_state(study, 0, es.ask())
-            self._es, self._es_at = es, (study._study_id, 0, state["candidates"])
+            self._es, self._es_at = es, (optuna_api.study_id(study), 0, state["candidates"])
         _check_generation(state, STATE_KEY)
         started = (len(state["candidates"][0]), len(state["candidates"]))
         if started != (len(self._names), self.max_parallel):
@@ -237,21 +235,21 @@ class PycmaSampler(optuna.samplers.BaseSampler):
             )
         losses = [loss if math.isfinite(loss) else max(finite) for loss in losses]
         es = self._es_asked(study, state)
-        study._storage.set_study_system_attr(
-            study._study_id, f"{HISTORY_KEY}:{generation}", {"candidates": candidates, "losses": losses}
+        optuna_api.set_study_system_attr(
+            study, f"{HISTORY_KEY}:{generation}", {"candidates": candidates, "losses": losses}
         )
         es.tell([np.asarray(c, dtype=float) for c in candidates], losses)
         state = _save_state(study, generation + 1, es.ask())
-        self._es_at = (study._study_id, generation + 1, state["candidates"])
+        self._es_at = (optuna_api.study_id(study), generation + 1, state["candidates"])
         return state
 
     def _es_asked(self, study: Study, state: dict[str, Any]) -> cma.CMAEvolutionStrategy:
         """The ES that asked ``state``'s generation: the one in memory, else rebuilt by replaying the study's history
         (a new ES, then ask + tell(stored candidates, stored losses) per generation), once per process."""
         generation = state["generation"]
-        if self._es is not None and self._es_at == (study._study_id, generation, state["candidates"]):
+        if self._es is not None and self._es_at == (optuna_api.study_id(study), generation, state["candidates"]):
             return self._es
-        attrs = study._storage.get_study_system_attrs(study._study_id)
+        attrs = optuna_api.study_system_attrs(study)
         es = self._new_es()
         for g in range(generation):
             key = f"{HISTORY_KEY}:{g}"
@@ -265,7 +263,7 @@ class PycmaSampler(optuna.samplers.BaseSampler):
             _check_replay(es.ask(), told["candidates"], key)
             es.tell([np.asarray(c, dtype=float) for c in told["candidates"]], [float(v) for v in told["losses"]])
         _check_replay(es.ask(), state["candidates"], f"{STATE_KEY} (generation {generation})")
-        self._es, self._es_at = es, (study._study_id, generation, state["candidates"])
+        self._es, self._es_at = es, (optuna_api.study_id(study), generation, state["candidates"])
         return es
 
     def _params(self, candidate: Sequence[float]) -> dict[str, float]:
@@ -273,12 +271,12 @@ class PycmaSampler(optuna.samplers.BaseSampler):
 
 
 def _stored_state(study: Study) -> dict[str, Any] | None:
-    return study._storage.get_study_system_attrs(study._study_id).get(STATE_KEY)
+    return optuna_api.study_system_attrs(study).get(STATE_KEY)
 
 
 def _save_state(study: Study, generation: int, candidates: list[np.ndarray]) -> dict[str, Any]:
     state = {"generation": generation, "candidates": [[float(x) for x in c] for c in candidates]}
-    study._storage.set_study_system_attr(study._study_id, STATE_KEY, state)
+    optuna_api.set_study_system_attr(study, STATE_KEY, state)
     return state
 
 
@@ -396,7 +394,7 @@ def _random_states(sampler: optuna.samplers.BaseSampler) -> list[tuple[str, np.r
 
     def walk(obj: Any, path: str) -> None:
         for attr, value in sorted(vars(obj).items()):
-            if isinstance(value, LazyRandomState):
+            if isinstance(value, optuna_api.LazyRandomState):
                 value = value.rng
             if isinstance(value, np.random.RandomState):
                 found.setdefault(id(value), (f"{path}.{attr}", value))
@@ -445,7 +443,7 @@ class ReseededCmaEsSampler(_ReseedPerTrial, optuna.samplers.CmaEsSampler):
 
     def _restore_optimizer(self, completed_trials: list[FrozenTrial], *args: Any, **kwargs: Any) -> Any:
         study, search_space = self._replay_from
-        trans = _SearchSpaceTransform(search_space, transform_step=not self._with_margin, transform_0_1=True)
+        trans = optuna_api.SearchSpaceTransform(search_space, transform_step=not self._with_margin, transform_0_1=True)
         rng_state = self._cma_rng.rng.get_state()
         optimizer = self._init_optimizer(trans, study.direction)  # draws a seed from _cma_rng
         sign = 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
@@ -453,7 +451,8 @@ class ReseededCmaEsSampler(_ReseedPerTrial, optuna.samplers.CmaEsSampler):
         for t in completed_trials:
             by_generation.setdefault(t.system_attrs.get(self._attr_key_generation, -1), []).append(t)
         told, used = None, []
-        cached = self._replayed.get((study._study_id, len(trans.bounds)))
+        key = (optuna_api.study_id(study), len(trans.bounds))
+        cached = self._replayed.get(key)
         if cached is not None and optimizer.dim == len(trans.bounds):
             # the generations told last time, unchanged (finished trials never change): continue from that optimizer
             pop = optimizer.population_size
@@ -469,7 +468,7 @@ class ReseededCmaEsSampler(_ReseedPerTrial, optuna.samplers.CmaEsSampler):
             used.append(tuple(t.number for t in batch))
             optimizer = copy.deepcopy(optimizer)  # the round trip of Optuna's stored pickle (it re-symmetrizes C)
         if used:  # kept for the next ask: the replay tells each generation once per process, not once per ask
-            self._replayed[(study._study_id, len(trans.bounds))] = (used, _raw_copy(told), _raw_copy(optimizer))
+            self._replayed[key] = (used, _raw_copy(told), _raw_copy(optimizer))
         generations = {t.system_attrs.get(self._attr_key_generation, 0) for t in completed_trials}
         if optimizer.generation > 0 and optimizer.generation not in generations:
             optimizer = told  # the last tell is this trial's: Optuna would ask from the object it just told
@@ -508,17 +507,14 @@ class ReseededGPSampler(_ReseedPerTrial, optuna.samplers.GPSampler):
         self, study: Study, completed_trials: list[FrozenTrial], running_trials: list[FrozenTrial], *args: Any
     ) -> Any:
         if self._consider_pruned:
-            pruned = study._get_trials(deepcopy=False, states=(TrialState.PRUNED,), use_cache=False)
+            pruned = optuna_api.trials_uncached(study, states=(TrialState.PRUNED,))
             completed_trials = completed_trials + [_as_complete(t) for t in pruned if t.intermediate_values]
         return super()._sample_relative_impl(study, completed_trials, running_trials, *args)
 
 
 def _as_complete(trial: FrozenTrial) -> FrozenTrial:
     """A PRUNED trial as a COMPLETE one whose value is its last reported value (a copy; the record is unchanged)."""
-    copy_ = copy.copy(trial)
-    copy_.state = TrialState.COMPLETE
-    copy_._values = [trial.intermediate_values[max(trial.intermediate_values)]]
-    return copy_
+    return optuna_api.with_value(trial, trial.intermediate_values[max(trial.intermediate_values)])
 
 
 def make_sampler(

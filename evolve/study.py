@@ -23,13 +23,17 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
+from evolve import optuna_api
 from evolve.config import RunConfig, dump_config
+from evolve.pareto import balanced, is_multi, pareto_front
 from evolve.urls import redact_text, redact_url
 from merge_core.errors import EvomergeError
 from merge_core.recipe import load_recipe
 
 CONNECT_TIMEOUT_S = 10
 log = logging.getLogger(__name__)
+# Optuna warns on every ask of a study whose storage has a heartbeat; ours keeps it (`Heartbeats`), as optimize does
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 def study_name(cfg: RunConfig, stage: str) -> str:
@@ -101,13 +105,11 @@ def take_over_stale(study: optuna.Study) -> list[int]:
     so it does not count against the budget, and enqueue its parameters again (user attr ``retry_of``) for whichever
     process asks next. Another process doing the same at once fails it first: the trial is then left to it. Returns
     the trial numbers taken over."""
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
-    storage = study._storage
-    if not is_heartbeat_enabled(storage):
+    if not optuna_api.heartbeat_enabled(study):
         return []
+    storage = optuna_api.storage(study)
     taken = []
-    for trial_id in storage._get_stale_trial_ids(study._study_id):
+    for trial_id in optuna_api.stale_trial_ids(study):
         try:
             storage.set_trial_user_attr(trial_id, "interrupted", True)
             if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
@@ -122,23 +124,46 @@ def take_over_stale(study: optuna.Study) -> list[int]:
     return taken
 
 
+class Heartbeats:
+    """A shared study's heartbeat of each trial this process runs (Optuna's heartbeat thread, as `study.optimize`
+    keeps one), and, at most once per interval, the take-over of trials whose process died (`take_over_stale`).
+    Nothing for a study without heartbeat (one process owns it; `resume` continues its trials in place)."""
+
+    def __init__(self, study: optuna.Study):
+        self.study = study
+        self.enabled = optuna_api.heartbeat_enabled(study)
+        self.threads: dict[int, Any] = {}
+        self.next_check = 0.0
+
+    def check(self) -> None:
+        if self.enabled and time.monotonic() >= self.next_check:
+            take_over_stale(self.study)
+            self.next_check = time.monotonic() + optuna_api.heartbeat_interval(self.study)
+
+    def start(self, trial: optuna.Trial) -> None:
+        # the first beat before anything else: a trial without one is never found stale (a process killed before
+        # its thread's first beat would leave it RUNNING for good)
+        if self.enabled:
+            self.threads[trial.number] = optuna_api.record_heartbeat(self.study, trial)
+
+    def stop(self, trial: optuna.Trial) -> None:
+        thread = self.threads.pop(trial.number, None)
+        if thread is not None:
+            thread.join()
+
+    def close(self) -> None:
+        for thread in self.threads.values():
+            thread.join()
+        self.threads.clear()
+
+
 def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
     """A running trial's user attrs, in one transaction where the storage is an RDB (one commit, not one per attr:
     on SQLite each commit is a sync to disk; a trial records a dozen), else one by one. Optuna's cached storage
     writes a running trial's attrs straight to its backend too, so reads see them as with `set_user_attr`."""
-    storage = trial.study._storage
-    backend = getattr(storage, "_backend", storage)
-    if not isinstance(backend, RDBStorage):
+    if not optuna_api.set_user_attrs_in_one_transaction(trial, attrs):
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
-        return
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    with _create_scoped_session(backend.scoped_session, True) as session:
-        for key, value in attrs.items():
-            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial._trial_id, key, value)
-    trial._cached_frozen_trial.user_attrs.update(attrs)  # what Trial.set_user_attr keeps for `trial.user_attrs`
 
 
 def load_study(cfg: RunConfig, stage: str | None = None) -> optuna.Study:
@@ -186,8 +211,7 @@ def resume_trial(study: optuna.Study, left: FrozenTrial, dists: dict[str, FloatD
     ones its ask had not set yet sampled now (an enqueued trial's from its fixed params). Like `study.ask`, the
     `Trial` calls `sampler.before_trial`; with `make_sampler`'s per-trial reseeding the missing values are the ones
     the dead process would have drawn."""
-    study._thread_local.cached_all_trials = None  # as study.ask does: the sampler reads the current record
-    trial = optuna.Trial(study, left._trial_id)
+    trial = optuna_api.reopen_trial(study, left)
     for name, d in dists.items():
         trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
     return trial
@@ -208,9 +232,7 @@ def best_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise EvomergeError(f"study '{study.study_name}' has no complete trial yet")
-    if number is None and len(study.directions) > 1:  # several objectives: the front's balanced member
-        from evolve.pareto import balanced, pareto_front
-
+    if number is None and is_multi(study.directions):  # several objectives: the front's balanced member
         return balanced(pareto_front(complete, study.directions), study.directions)
     if number is None:
         ranked = best_first(complete)

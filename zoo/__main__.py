@@ -13,7 +13,7 @@ from pathlib import Path
 
 from merge_core.errors import EvomergeError
 from zoo.build import SIZES, build_zoo
-from zoo.real import DEFAULT_ROOT, base_checkpoint, build_real
+from zoo.real import DEFAULT_ROOT, TRAINED, base_checkpoint, build_real
 
 EXIT_USER_ERROR = 2
 
@@ -54,7 +54,7 @@ def _real(out: str | Path, overwrite: bool) -> int:
     except EvomergeError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    names = (models.base, models.expert_a, models.expert_b, models.math_en, models.chat_fr, models.math_bi)
+    names = (models.base, models.expert_a, models.expert_b, *(getattr(models, name) for name in TRAINED))
     print(f"real models in {models.root}: {', '.join(p.name for p in names)}")
     return 0
 

@@ -21,6 +21,7 @@ in float32 (`apply_adapter`). `experts.json` records what training did: steps, s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from merge_core.errors import EvomergeError
 from zoo.real_tasks import TRAIN_EXAMPLES, TRAIN_SEED, chat_fr_pairs, math_bi_pairs, math_en_pairs
+from zoo.skill_tasks import SKILLS, skill_pairs
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "data" / "real_experts"
 RECORD = "experts.json"
@@ -61,6 +63,8 @@ EXPERT_SPECS = {
     "math_en": ExpertSpec("math_en", math_en_pairs),  # design 1: English problems, English answers
     "chat_fr": ExpertSpec("chat_fr", chat_fr_pairs, steps=50),  # 800 examples: ~1.2 passes over its ~650 pairs
     "math_bi": ExpertSpec("math_bi", math_bi_pairs, steps=100),  # design 2: reads French too, answers in English
+    # the multi-skill target's experts (zoo.skill_tasks): one short-answer skill each
+    **{skill: ExpertSpec(skill, functools.partial(skill_pairs, skill), steps=150) for skill in SKILLS},
 }
 
 

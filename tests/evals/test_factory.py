@@ -8,7 +8,7 @@ import pytest
 
 from evals import ChoiceEvaluator, GenerationEvaluator, PerplexityEvaluator, build_evaluator
 from evals.data import write_jsonl
-from evolve.worker import score_metrics
+from evolve.scoring import score_items
 from merge_core.errors import EvomergeError
 
 
@@ -49,7 +49,7 @@ def test_score_metrics_prefixes_each_metric_with_its_task_name(half_solved_task:
     model, tokenizer = lm
     a = GenerationEvaluator(half_solved_task, "dev", name="a", max_new_tokens=2, gold_prob=False)
     b = GenerationEvaluator(half_solved_task, "dev", name="b", max_new_tokens=2, gold_prob=False)
-    assert sorted(score_metrics([("a", a), ("b", b)], model, tokenizer)) == [
+    assert sorted(score_items([("a", a), ("b", b)], model, tokenizer)[0]) == [
         "a/acc",
         "a/acc_value",
         "a/lang_ok",

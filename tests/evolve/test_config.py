@@ -215,7 +215,7 @@ def test_racing_rescore_and_max_items_fields() -> None:
 def test_execution_threads_sets_torch_threads_where_models_are_built(tmp_path):
     import torch
 
-    from evolve.worker import use_threads
+    from evolve.backends import use_threads
 
     with pytest.raises(EvomergeError, match="execution.threads: Input should be greater than or equal to 1"):
         parse_config({**GOOD, "execution": {"threads": 0}})

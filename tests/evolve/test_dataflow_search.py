@@ -11,7 +11,8 @@ from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM
 
 from evolve.config import load_config
-from evolve.loop import build_dfs_space, run_search
+from evolve.loop import run_search
+from evolve.spaces import build_dfs_space
 from evolve.study import counted, study_name
 from tests.evolve.harness import evolve_cli, resume, run_killed, write_config
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 import evolve.baselines as baselines
+import evolve.export
 from evolve.baselines import MODEL_SCORES_KEY, heldout_table
 from evolve.config import parse_config
 from evolve.export import export_trial
@@ -35,13 +36,14 @@ def test_sources_are_scored_once_per_run_and_again_when_the_held_out_set_changes
     cfg = parse_config(zoo_config(tmp_path, 30))
     run_search(cfg, progress=False)
     scored: list[str] = []
-    real = baselines.score_checkpoint_items
+    real = baselines.score_checkpoint
 
     def counting(cfg_, path, **kwargs):
         scored.append(Path(path).name)
         return real(cfg_, path, **kwargs)
 
-    monkeypatch.setattr(baselines, "score_checkpoint_items", counting)
+    monkeypatch.setattr(baselines, "score_checkpoint", counting)
+    monkeypatch.setattr(evolve.export, "score_checkpoint", counting)  # export scores its merge with it
     table = heldout_table(cfg)
     assert sorted(scored) == ["base", "expert_ja", "expert_math"]
     kept = load_study(cfg).user_attrs[f"{MODEL_SCORES_KEY}source ja"]

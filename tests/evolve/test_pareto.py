@@ -15,8 +15,9 @@ from optuna.study import StudyDirection
 from optuna.trial import TrialState, create_trial
 
 from evolve.config import RunConfig, parse_config
-from evolve.loop import LoopState, build_ps_space, run_search
+from evolve.loop import LoopState, run_search
 from evolve.pareto import REFERENCE_ATTR, balanced, derived_reference, hypervolume, hypervolume_history, pareto_front
+from evolve.spaces import build_ps_space
 from evolve.study import best_trial
 from evolve.worker import Outcome
 from merge_core.errors import EvomergeError
@@ -82,7 +83,7 @@ def test_multi_objective_samplers_are_accepted(sampler, tmp_path):
 
 
 def test_a_metric_no_task_reports_is_refused_before_the_search(tmp_path):
-    from evolve.config import validate_run
+    from evolve.checks import validate_run
 
     data = mo_data(tmp_path)
     data["evaluation"]["objectives"][1]["metric"] = "ja_sub/bleu"
@@ -266,8 +267,8 @@ def test_three_objectives_are_drawn_as_pairwise_panels(fast_dir):
 
 
 def test_front_heldout_scores_each_member_once(fast_dir, trade_off, monkeypatch):
-    from evolve import baselines
-    from evolve.pareto import front_heldout
+    from evolve import front as front_view
+    from evolve.front import front_heldout
 
     cfg = parse_config(mo_data(fast_dir / "run", "nsga2", trials=6, heldout_limit=10))
     study = run_search(cfg, progress=False).study
@@ -275,7 +276,7 @@ def test_front_heldout_scores_each_member_once(fast_dir, trade_off, monkeypatch)
     first = front_heldout(cfg, study)
     assert sorted(first) == [t.number for t in front]
     assert all(0 <= m["ja_sub/acc"] <= 1 for m in first.values())
-    monkeypatch.setattr(baselines, "score_recipes", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(front_view, "score_recipes", lambda *a, **k: pytest.fail("scored again"))
     assert front_heldout(cfg, optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)) == first
 
 

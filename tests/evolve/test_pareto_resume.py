@@ -18,7 +18,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from evolve import loop
+from evolve import trials
 from evolve.config import parse_config
 from evolve.loop import run_search
 from evolve.pareto import REFERENCE_ATTR, balanced, pareto_front
@@ -74,7 +74,7 @@ def test_killed_while_asking_evaluating_and_telling_resumes_into_the_uninterrupt
     monkeypatch.setitem(run_search.__kwdefaults__, "executor_factory", KillingExecutor)
     KillingExecutor.kill_at = {7: Killed("killed while evaluating trial 7")}
     killing_asks(monkeypatch, {0: 1, 5: 2, 10: 3})
-    told = loop.record_hypervolume
+    told = trials.record_hypervolume
 
     def die_before_tell(study, trial, values, configured):  # the hypervolume stored, the tell not yet made
         told(study, trial, values, configured)
@@ -82,7 +82,7 @@ def test_killed_while_asking_evaluating_and_telling_resumes_into_the_uninterrupt
             die_before_tell.done = True
             raise Killed("killed between the hypervolume record and the tell of trial 3")
 
-    monkeypatch.setattr(loop, "record_hypervolume", die_before_tell)
+    monkeypatch.setattr(trials, "record_hypervolume", die_before_tell)
     for number in (0, 3, 5, 7, 10):
         with pytest.raises(Killed):
             run_search(cfg, progress=False)

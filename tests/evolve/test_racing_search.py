@@ -14,7 +14,8 @@ from optuna.trial import TrialState
 
 from evolve.config import load_config, parse_config
 from evolve.items import fully_scored, items_scored
-from evolve.loop import elites, run_search
+from evolve.loop import run_search
+from evolve.rescore import elites
 from evolve.study import best_trial, rescored
 from tests.evolve.harness import QUIET, ROOT, evolve_cli, resume, zoo_config_data
 

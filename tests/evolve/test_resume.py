@@ -26,7 +26,8 @@ from optuna.trial import TrialState
 
 from evolve.cli import main
 from evolve.config import RunConfig, parse_config
-from evolve.loop import build_ps_space, run_search
+from evolve.loop import run_search
+from evolve.spaces import build_ps_space
 from evolve.worker import Outcome
 from tests.evolve.harness import ROOT, zoo_config_data
 

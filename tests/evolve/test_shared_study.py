@@ -42,7 +42,7 @@ def test_a_killed_process_trial_is_re_run_by_the_next_one(tmp_path, world):
 def test_a_trial_has_its_first_heartbeat_before_it_goes_to_a_worker(tmp_path):
     """The first beat is written at once, not by the thread later: a process killed in between would otherwise leave
     a trial no one ever finds stale."""
-    from evolve.loop import Heartbeats
+    from evolve.study import Heartbeats
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=60)
     study = optuna.create_study(storage=storage)

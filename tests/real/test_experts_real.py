@@ -86,9 +86,9 @@ def test_each_expert_has_its_skill_and_lacks_the_other(real_models: RealModels, 
 
     def score(cfg, name: str) -> dict[str, float]:
         if name == "base":
-            return score_checkpoint(cfg, str(real_models.base), split="dev", limit=ITEMS, device="cpu")
+            return score_checkpoint(cfg, str(real_models.base), split="dev", limit=ITEMS, device="cpu")[0]
         with expert(real_models, name, tmp_path) as path:
-            return score_checkpoint(cfg, str(path), split="dev", limit=ITEMS, device="cpu")
+            return score_checkpoint(cfg, str(path), split="dev", limit=ITEMS, device="cpu")[0]
 
     base_en, math_en = score(en, "base"), score(en, "math_en")
     bi_fr, fr_fr = score(fr, "math_bi"), score(fr, "chat_fr")

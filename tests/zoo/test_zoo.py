@@ -16,7 +16,7 @@ from evals.lm_eval_backend import LmEvalEvaluator, build_task_manager
 from evals.native import GenerationEvaluator
 from evolve.baselines import heldout_evaluators, score_checkpoint
 from evolve.config import load_config
-from evolve.loop import build_space
+from evolve.spaces import build_space
 from merge_core.errors import EvomergeError
 from merge_core.materialize import Materializer
 from zoo import world
@@ -290,7 +290,7 @@ def test_each_source_scores_on_the_held_out_split_what_the_readme_table_says(mon
     cfg = load_config("configs/tiny_jp_math.yaml")
     evaluators = heldout_evaluators(cfg)  # the full test split, as the table was measured
     for row, name in README_ROWS.items():
-        metrics = score_checkpoint(cfg, str(ZOO / name), device="cpu", evaluators=evaluators)
+        metrics, _ = score_checkpoint(cfg, str(ZOO / name), device="cpu", evaluators=evaluators)
         assert metrics["ja_sub/acc"] == pytest.approx(table[row], abs=0.01), row
 
 

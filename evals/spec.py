@@ -1,0 +1,14 @@
+"""What the config layer knows of the evaluators without importing them (torch, transformers, lm-eval take
+seconds): the task type names and the defaults of the evaluator fields a config may leave out. Each is written here
+once; the evaluator classes and `evolve.config`'s task models both read it."""
+
+from __future__ import annotations
+
+GENERATION, CHOICE, PERPLEXITY, LM_EVAL = "generation", "choice", "perplexity", "lm_eval"
+TASK_TYPES = (GENERATION, CHOICE, PERPLEXITY, LM_EVAL)  # evals.EVALUATOR_TYPES builds each
+
+BATCH_SIZE = 8
+MAX_NEW_TOKENS = 32
+EXTRACT = "last_number"
+GOLD_PROB = True
+PERPLEXITY_MAX_LENGTH = 512

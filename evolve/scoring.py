@@ -1,0 +1,107 @@
+"""The one scoring seam: a `Scorer` holds a live model (a backend), its tokenizer and the evaluators built from the
+config's tasks; `apply` puts a candidate into the model, `score` scores it item by item where the evaluators can.
+The search worker, the elite re-scoring, the held-out table, export and `evolve eval` all score through it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from evals import build_evaluator
+from evals.base import OWN_ITEMS, Evaluator, ItemEvaluator, ItemScores
+from evolve.backends import Backend, CheckpointBackend, make_backend
+from evolve.config import RunConfig, Task
+from merge_core.recipe import Recipe
+
+Evaluators = list[tuple[str, Evaluator]]  # (task name, evaluator), in the config's order
+
+
+def build_evaluators(
+    tasks: Sequence[Task], *, seed: int, split: str | None = None, limit: int | None = None, heldout: bool = False
+) -> Evaluators:
+    """(task name, evaluator) pairs; the held-out variant swaps the split and the sample limit."""
+    out = []
+    for task in tasks:
+        spec = task.evaluator_spec()
+        spec.setdefault("seed", seed)
+        if heldout:
+            if split is not None and getattr(task, "task_dir", None) is not None:  # a dataset task keeps its split
+                spec["split"] = split
+            spec["limit"] = limit
+        spec.pop("name")
+        out.append((task.name, build_evaluator(spec)))
+    return out
+
+
+def record_key(task: str, record: str) -> str:
+    """The name of one of a task's per-item records: the task's own items, or `task/sub-task`."""
+    return task if record == OWN_ITEMS else f"{task}/{record}"
+
+
+def score_items(
+    evaluators: Evaluators,
+    model: Any,
+    tokenizer: Any,
+    upto: dict[str, int] | None = None,
+    scored: dict[str, ItemScores] | None = None,
+) -> tuple[dict[str, float], dict[str, ItemScores]]:
+    """(metrics, per-item scores by record): an `ItemEvaluator`'s items are scored one by one, up to `upto[task]`
+    items of its order when given, continuing the ItemScores in `scored` (racing scores chunk by chunk); any other
+    evaluator is scored whole, with its per-item records."""
+    metrics: dict[str, float] = {}
+    out = dict(scored or {})
+    for name, evaluator in evaluators:
+        if isinstance(evaluator, ItemEvaluator):
+            have = out[name].n if name in out else 0
+            stop = None if upto is None else upto[name]
+            if stop is None or stop > have:
+                more = evaluator.score_items(model, tokenizer, have, stop)
+                out[name] = out[name].extend(more) if name in out else more
+            values = evaluator.aggregate(out[name])
+        else:
+            values, records = evaluator.evaluate_items(model, tokenizer)
+            out |= {record_key(name, r): s for r, s in records.items()}
+        for key, value in values.items():
+            metrics[f"{name}/{key}"] = float(value)
+    return metrics, out
+
+
+def item_totals(evaluators: Evaluators) -> dict[str, int]:
+    """Items per record (an lm-eval task's per leaf task, `name/leaf`)."""
+    return {record_key(name, r): n for name, ev in evaluators for r, n in ev.item_counts().items()}
+
+
+class Scorer:
+    """A live model, its tokenizer and the evaluators: `apply` a candidate, `score` it."""
+
+    def __init__(self, cfg: RunConfig, backend: Backend, evaluators: Evaluators):
+        from transformers import AutoTokenizer
+
+        self.backend = backend
+        self.model = backend.model
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            backend.tokenizer_path, trust_remote_code=cfg.models.trust_remote_code
+        )
+        self.evaluators = evaluators
+
+    @classmethod
+    def for_recipes(cls, cfg: RunConfig, template: Recipe, evaluators: Evaluators) -> Scorer:
+        """Candidates like `template`: their sources (or models A and B) resident once, each written in place."""
+        return cls(cfg, make_backend(cfg, template), evaluators)
+
+    @classmethod
+    def for_checkpoint(cls, cfg: RunConfig, path: str, evaluators: Evaluators) -> Scorer:
+        """One checkpoint, loaded as it is."""
+        return cls(cfg, CheckpointBackend(cfg, path), evaluators)
+
+    def apply(self, recipe: Recipe) -> None:
+        self.backend.apply(recipe)
+
+    def score(
+        self, upto: dict[str, int] | None = None, scored: dict[str, ItemScores] | None = None
+    ) -> tuple[dict[str, float], dict[str, ItemScores]]:
+        """`score_items` of the live model (see there for `upto` and `scored`)."""
+        return score_items(self.evaluators, self.model, self.tokenizer, upto, scored)
+
+    def totals(self) -> dict[str, int]:
+        return item_totals(self.evaluators)
