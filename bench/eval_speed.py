@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from evals.data import load_generation_items, write_jsonl  # noqa: E402
-from evals.lm_eval_backend import LmEvalEvaluator, write_jsonl_task_yaml  # noqa: E402
+from evals.lm_eval_backend import LmEvalEvaluator, jsonl_task_config, write_task_yaml  # noqa: E402
 from evals.native import GenerationEvaluator  # noqa: E402
 from merge_core.synthetic import tiny_model, word_tokenizer  # noqa: E402
 
@@ -109,7 +109,8 @@ def main() -> None:
         model, tokenizer = random_model(task_dir, split)
     stop = ["</s>"] if args.stop is None else args.stop
     yaml_dir = workdir / "yaml"
-    write_jsonl_task_yaml("bench_task", task_dir, yaml_dir, split=split, stop=stop, max_new_tokens=args.max_new_tokens)
+    config = jsonl_task_config("bench_task", task_dir, split=split, stop=stop, max_new_tokens=args.max_new_tokens)
+    write_task_yaml(yaml_dir / "bench_task.yaml", config)
 
     start = time.perf_counter()
     LmEvalEvaluator(["bench_task"], include_path=yaml_dir)

@@ -91,6 +91,11 @@ class ItemEvaluator(Evaluator):
     """An evaluator that scores any stretch [start, stop) of its run-wide item order `order`."""
 
     order: Sequence[int]
+    metrics: tuple[str, ...] = ()  # what `evaluate` returns, unless `metric_names` says otherwise
+
+    @classmethod
+    def metric_names(cls, **fields: Any) -> tuple[str, ...] | None:
+        return cls.metrics
 
     @abc.abstractmethod
     def score_items(

@@ -21,7 +21,7 @@ from evals import spec
 from evals.base import Evaluator, ItemScores
 from evals.data import split_path, subsample_indices
 from evals.extract import FIRST_WORD_PATTERN, NUMBER_PATTERN
-from evals.native import PROMPT_FIELD, check_template
+from evals.lm import PROMPT_FIELD, check_template
 from merge_core.errors import EvomergeError
 
 log = logging.getLogger(__name__)
@@ -301,11 +301,6 @@ def jsonl_task_config(
     return config
 
 
-def write_jsonl_task_yaml(task_name: str, data_dir: str | Path, out_dir: str | Path, **options: Any) -> Path:
-    """Write `<out_dir>/<task_name>.yaml`: `jsonl_task_config(task_name, data_dir, **options)`."""
-    return _write_yaml(Path(out_dir) / f"{task_name}.yaml", jsonl_task_config(task_name, data_dir, **options))
-
-
 def write_jsonl_task_group(
     group: str, data_dirs: Mapping[str, str | Path], out_dir: str | Path, **options: Any
 ) -> list[Path]:
@@ -319,16 +314,17 @@ def write_jsonl_task_group(
     shared = {k: v for k, v in configs[0].items() if k != "task" and all(c.get(k) == v for c in configs)}
     out = Path(out_dir)
     template = f"_{group}_template_yaml"
-    paths = [_write_yaml(out / template, shared)]
+    paths = [write_task_yaml(out / template, shared)]
     for config in configs:
         own = {k: v for k, v in config.items() if k not in shared}
-        paths.append(_write_yaml(out / f"{config['task']}.yaml", {"include": template, **own}))
+        paths.append(write_task_yaml(out / f"{config['task']}.yaml", {"include": template, **own}))
     members = {"group": group, "task": [c["task"] for c in configs], "metadata": {"version": 1.0}}
-    paths.append(_write_yaml(out / f"_{group}.yaml", members))
+    paths.append(write_task_yaml(out / f"_{group}.yaml", members))
     return paths
 
 
-def _write_yaml(path: Path, config: Mapping[str, Any]) -> Path:
+def write_task_yaml(path: Path, config: Mapping[str, Any]) -> Path:
+    """Write one lm-eval task (or group, or template) file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(dict(config), allow_unicode=True, sort_keys=False), encoding="utf-8")
     log.info("wrote lm-eval config %s", path)

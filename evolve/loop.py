@@ -25,8 +25,9 @@ from evolve.items import items_scored
 from evolve.optuna_api import frozen_trial
 from evolve.pareto import is_multi, signs
 from evolve.protocol import TrialItems
+from evolve.pycma_sampler import PycmaSampler
 from evolve.rescore import rescore_elites
-from evolve.samplers import PycmaSampler, make_sampler
+from evolve.samplers import make_sampler
 from evolve.spaces import build_space, distributions, ps_best_dir
 from evolve.study import (
     Heartbeats,

@@ -10,7 +10,8 @@ from typing import Any
 from evals import build_evaluator
 from evals.base import OWN_ITEMS, Evaluator, ItemEvaluator, ItemScores
 from evolve.backends import Backend, CheckpointBackend, make_backend
-from evolve.config import RunConfig, Task
+from evolve.config import RunConfig
+from evolve.tasks import Task
 from merge_core.recipe import Recipe
 
 Evaluators = list[tuple[str, Evaluator]]  # (task name, evaluator), in the config's order

@@ -73,11 +73,6 @@ def metric_intervals(
     return out
 
 
-def mean_interval(values: Sequence[float], level: float = LEVEL, **kwargs) -> tuple[float, float]:
-    """The bootstrap interval of a plain mean over items."""
-    return interval(bootstrap_metrics({"": ItemScores(0, {"v": list(values)})}, **kwargs)["/v"], level)
-
-
 def mcnemar_exact(a: Sequence[float], b: Sequence[float]) -> tuple[int, int, float]:
     """(items only `a` gets right, items only `b` gets right, two-sided exact p-value), on paired 0/1 scores."""
     if len(a) != len(b):

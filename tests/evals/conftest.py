@@ -8,7 +8,7 @@ import pytest
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from evals.data import write_jsonl
-from evals.native import generate_greedy
+from evals.lm import generate_greedy
 from tests.evals.tiny import make_lm, random_prompts
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tokenizers.processors import TemplateProcessing
 
-from evals.native import chat_prompts
+from evals.lm import chat_prompts
 from merge_core.errors import EvomergeError
 from merge_core.synthetic import word_tokenizer
 

@@ -9,12 +9,17 @@ import pytest
 import torch
 import yaml
 
-from evals.lm_eval_backend import LmEvalEvaluator, leaf_tasks, write_jsonl_task_yaml
+from evals.lm_eval_backend import LmEvalEvaluator, jsonl_task_config, leaf_tasks, write_task_yaml
 from evals.native import GenerationEvaluator
 from merge_core.errors import EvomergeError
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def write_jsonl_task_yaml(task_name: str, data_dir: Path, out_dir: Path, **options) -> Path:
+    """`<out_dir>/<task_name>.yaml`: one of our JSONL tasks as a standalone lm-eval task file."""
+    return write_task_yaml(out_dir / f"{task_name}.yaml", jsonl_task_config(task_name, data_dir, **options))
 
 
 def test_yaml_is_absolute_and_templated(half_solved_task: Path, tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ import torch
 
 from evals.data import ChoiceItem, GenerationItem, load_generation_items
 from evals.extract import extract_first_word
-from evals.native import ChoiceEvaluator, GenerationEvaluator, PerplexityEvaluator, truncate_at_stop
+from evals.lm import truncate_at_stop
+from evals.native import ChoiceEvaluator, GenerationEvaluator, PerplexityEvaluator
 from tests.evals.tiny import random_prompts
 
 

@@ -7,10 +7,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from evals.base import ItemScores
+from evolve.stats import LEVEL, bootstrap_metrics, interval
 
 ROOT = Path(__file__).resolve().parents[2]
 QUIET = ("--no-progress", "--no-final-table")
@@ -100,3 +104,8 @@ def zoo_config_data(name: str, out_dir: Path, sampler: str, trials: int, popsize
     data["search"]["budget"] = {"max_trials": trials}
     data["evaluation"].pop("racing", None)
     return data
+
+
+def mean_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
+    """The bootstrap interval of a plain mean over items (`evolve.stats` on one task of one metric)."""
+    return interval(bootstrap_metrics({"": ItemScores(0, {"v": list(values)})})["/v"], level)

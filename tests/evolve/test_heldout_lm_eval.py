@@ -14,7 +14,7 @@ from evals.lm_eval_backend import per_sample_scores
 from evolve.baselines import heldout_comparisons, heldout_table
 from evolve.config import parse_config
 from evolve.loop import run_search
-from evolve.stats import mean_interval
+from tests.evolve.harness import mean_interval
 
 ROOT = Path(__file__).resolve().parents[2]
 LM = "lm/zoo_ja_sub/exact_match,first_word"

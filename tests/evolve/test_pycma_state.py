@@ -15,7 +15,8 @@ import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 
-from evolve.samplers import HISTORY_KEY, STATE_KEY, PycmaSampler, ReseededCmaEsSampler
+from evolve.pycma_sampler import HISTORY_KEY, STATE_KEY, PycmaSampler
+from evolve.samplers import ReseededCmaEsSampler
 from merge_core.errors import EvomergeError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -12,7 +12,8 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from evolve.samplers import GENERATION_KEY, INDEX_KEY, PycmaSampler, make_sampler
+from evolve.pycma_sampler import GENERATION_KEY, INDEX_KEY, PycmaSampler
+from evolve.samplers import make_sampler
 from merge_core.errors import EvomergeError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -9,7 +9,8 @@ import pytest
 
 from evals.base import ItemScores
 from evolve.fitness import FitnessTerm
-from evolve.stats import Comparison, mcnemar_exact, mean_interval, metric_intervals
+from evolve.stats import Comparison, mcnemar_exact, metric_intervals
+from tests.evolve.harness import mean_interval
 
 
 def test_mcnemar_exact_by_hand() -> None:

@@ -1,0 +1,237 @@
+"""Model calls the native evaluators share: prompts (template, chat template), length-sorted padded batches, greedy
+generation with stop strings, and teacher-forced log-likelihoods of continuations.
+
+Every call runs the live model in eval mode under `torch.inference_mode` on the model's device and batches items
+by length (results do not depend on the batch size). Prompts are tokenized with the tokenizer's default special
+tokens (as lm-eval's HFLM does), so both backends see the same ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import (
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from merge_core.errors import EvomergeError
+
+PROMPT_FIELD = "{prompt}"
+
+
+def format_prompt(template: str | None, prompt: str) -> str:
+    """`template` with ``{prompt}`` replaced by the item's prompt (plain replacement, no other braces)."""
+    return prompt if template is None else template.replace(PROMPT_FIELD, prompt)
+
+
+def check_template(template: str | None) -> str | None:
+    """Reject a prompt_template without the ``{prompt}`` placeholder."""
+    if template is not None and PROMPT_FIELD not in template:
+        raise EvomergeError(f"prompt_template must contain {PROMPT_FIELD}, got {template!r}")
+    return template
+
+
+def chat_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[str]:
+    """Each prompt as one user turn in the tokenizer's chat template, opening the assistant's turn (a BOS the
+    template writes is dropped when the tokenizer adds its own, so a prompt never starts with two)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise EvomergeError("chat_template: true, but the model's tokenizer has no chat template; set it to false")
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer.bos_token_id in tokenizer("")["input_ids"]
+    texts = []
+    for prompt in prompts:
+        turn = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+        texts.append(text[len(tokenizer.bos_token) :] if adds_bos and text.startswith(tokenizer.bos_token) else text)
+    return texts
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's pad id, else its EOS id."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise EvomergeError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
+    return int(pad)
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for `seqs`, padded on the "left" or "right"."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+        mask[row, cols] = 1
+    return ids, mask
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), to keep padding small."""
+    if batch_size < 1:
+        raise EvomergeError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the earliest occurrence of any stop string."""
+    cut = min((text.find(s) for s in stop if s and s in text), default=len(text))
+    return text[:cut]
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """EOS ids of the model's generation config and of the tokenizer (either one ends a row)."""
+    ids: list[int] = []
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for eos in (config_eos, tokenizer.eos_token_id):
+        for token in eos if isinstance(eos, (list, tuple)) else [eos]:
+            if token is not None and int(token) not in ids:
+                ids.append(int(token))
+    return ids
+
+
+class StopOnStrings(StoppingCriteria):
+    """Marks a row done once its generated tail contains a stop string (decodes only the last tokens)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str], prompt_width: int) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.prompt_width = prompt_width
+        self.lookback = 2 + max(len(tokenizer.encode(s, add_special_tokens=False)) for s in self.stop)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        start = max(self.prompt_width, input_ids.shape[1] - self.lookback)
+        tails = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+        done = [any(s in tail for s in self.stop) for tail in tails]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+# ---------------------------------------------------------------- generation and scoring
+
+
+def split_stops(tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> tuple[list[int], list[str]]:
+    """(token ids, strings): stop strings that are special tokens ("</s>", "<|im_end|>") end a row by id,
+    like EOS, since decoding drops special tokens; the others are matched in the decoded text."""
+    special = set(tokenizer.all_special_tokens)
+    ids = [int(tokenizer.convert_tokens_to_ids(s)) for s in stop if s in special]
+    return ids, [s for s in stop if s and s not in special]
+
+
+def decode_until(
+    tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], end_ids: Sequence[int], stop: Sequence[str]
+) -> str:
+    """`ids` decoded up to the first end id (special tokens dropped), cut at the first stop string."""
+    ends = [i for i, token in enumerate(ids) if token in end_ids]
+    text = tokenizer.decode(ids[: ends[0]] if ends else ids, skip_special_tokens=True)
+    return truncate_at_stop(text, stop)
+
+
+def generate_greedy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    token_counts: list[int] | None = None,
+) -> list[str]:
+    """Greedy continuations of `prompts` (left-padded batches with attention masks), cut at the first stop string.
+
+    A row ends at EOS or a stop string; a batch ends when every row has ended or after `max_new_tokens`. When
+    `token_counts` is given, it receives the number of tokens generated for each prompt (up to its end).
+    """
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    pad_id = pad_token_id(tokenizer)
+    stop_ids, stop_texts = split_stops(tokenizer, stop)
+    eos_ids = eos_token_ids(model, tokenizer)
+    end_ids = eos_ids + [i for i in stop_ids if i not in eos_ids]
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=end_ids
+    )
+    responses = [""] * len(prompts)
+    counts = [0] * len(prompts)
+    model.eval()
+    with torch.inference_mode():
+        for batch in length_batches([len(e) for e in encoded], batch_size):
+            ids, mask = pad_batch([encoded[i] for i in batch], pad_id, side="left")
+            criteria = [StopOnStrings(tokenizer, stop_texts, ids.shape[1])] if stop_texts else []
+            out = model.generate(
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
+                generation_config=config,
+                stopping_criteria=StoppingCriteriaList(criteria),
+            )
+            for i, row in zip(batch, out[:, ids.shape[1] :].tolist()):
+                responses[i] = decode_until(tokenizer, row, end_ids, stop_texts)
+                counts[i] = generated_length(row, end_ids, pad_id)
+    if token_counts is not None:
+        token_counts[:] = counts
+    return responses
+
+
+def generated_length(row: Sequence[int], end_ids: Sequence[int], pad_id: int) -> int:
+    """Tokens generated in one row of a batch: up to and including its first end id, else up to the padding that
+    fills a row finished early (by a stop string) while others went on."""
+    for i, token in enumerate(row):
+        if token in end_ids:
+            return i + 1
+    n = len(row)
+    while n and row[n - 1] == pad_id:
+        n -= 1
+    return n
+
+
+def continuation_token_ids(
+    tokenizer: PreTrainedTokenizerBase, context: str, continuation: str
+) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) split from the tokenization of context+continuation, as lm-eval does."""
+    context_ids = tokenizer(context)["input_ids"]
+    whole_ids = tokenizer(context + continuation)["input_ids"]
+    if whole_ids[: len(context_ids)] != context_ids:  # the boundary merged: tokenize the parts apart
+        whole_ids = context_ids + tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    continuation_ids = whole_ids[len(context_ids) :]
+    if not continuation_ids:
+        raise EvomergeError(f"continuation {continuation!r} tokenizes to nothing after context {context[-40:]!r}")
+    return context_ids, continuation_ids
+
+
+def sum_logprobs(
+    model: PreTrainedModel, sequences: Sequence[tuple[Sequence[int], int]], *, pad_id: int, batch_size: int
+) -> list[float]:
+    """For each (token ids, start): the sum of log p(ids[t] | ids[:t]) over t >= start (teacher forcing)."""
+    totals = [0.0] * len(sequences)
+    model.eval()
+    with torch.inference_mode():
+        for batch in length_batches([len(ids) for ids, _ in sequences], batch_size):
+            ids, mask = pad_batch([sequences[i][0] for i in batch], pad_id, side="right")
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+            for row, i in enumerate(batch):
+                seq, start = sequences[i]
+                positions = torch.arange(start - 1, len(seq) - 1, device=logits.device)
+                logprobs = torch.log_softmax(logits[row, positions].float(), dim=-1)
+                targets = torch.tensor(seq[start:], device=logits.device)
+                totals[i] = float(logprobs.gather(1, targets[:, None]).sum())
+    return totals
+
+
+def continuation_logprobs(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], *, batch_size: int
+) -> list[float]:
+    """log p(continuation | context) for each (context, continuation) pair."""
+    sequences = []
+    for context, continuation in pairs:
+        context_ids, continuation_ids = continuation_token_ids(tokenizer, context, continuation)
+        sequences.append((context_ids + continuation_ids, len(context_ids)))
+    return sum_logprobs(model, sequences, pad_id=pad_token_id(tokenizer), batch_size=batch_size)
+
+
+def with_delimiter(context: str, continuation: str, delimiter: str) -> str:
+    """`delimiter` + continuation, unless the context already ends in whitespace."""
+    return continuation if not context or context[-1].isspace() else delimiter + continuation
