@@ -46,7 +46,14 @@ MANIFEST = "real.json"
 FORMAT = 3  # bump when what a build writes changes: older caches are rebuilt
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "data" / "real"
 EXPERTS = {"expert_a": 1, "expert_b": 2}  # name -> seed of its deltas
-TRAINED = ("math_en", "chat_fr", "math_bi", "arith", "days", "rev")  # fine-tunes from data/real_experts/<name>.safetensors
+TRAINED = (
+    "math_en",
+    "chat_fr",
+    "math_bi",
+    "arith",
+    "days",
+    "rev",
+)  # fine-tunes from data/real_experts/<name>.safetensors
 CHECKPOINT_BYTES = 538_090_408 + 4_000_000  # one float32 model.safetensors, plus its config and tokenizer
 
 

@@ -102,7 +102,7 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, seed: int) -> dict
 def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], int]]:
     """Each (question, answer) as the chat template's user turn + assistant turn: (token ids, prompt length). The
     prompt is exactly what the native evaluator feeds (`evals.native.chat_prompts`), so training and scoring agree."""
-    from evals.native import chat_prompts
+    from evals.lm import chat_prompts
 
     prompts = chat_prompts(tokenizer, [q for q, _ in pairs])
     out = []

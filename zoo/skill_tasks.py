@@ -93,10 +93,10 @@ def _training_prompts(skill: str) -> frozenset[str]:
     return frozenset(q for q, _ in skill_pairs(skill, TRAIN_EXAMPLES, TRAIN_SEED))
 
 
-def skill_items(skill: str, n: int, seed: int) -> list[dict[str, str]]:
-    """`n` distinct items of `skill`, none of them a training prompt: {"id", "prompt", "answer"}."""
+def skill_items(skill: str, n: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[dict[str, str]]:
+    """`n` distinct items of `skill`, none of them a training prompt nor in `exclude`: {"id", "prompt", "answer"}."""
     rng = random.Random(f"{skill}-items/{seed}")
-    seen: set[str] = set()
+    seen: set[str] = set(exclude)
     items: list[dict[str, str]] = []
     while len(items) < n:
         prompt, answer = MAKERS[skill](rng, False)
@@ -108,15 +108,18 @@ def skill_items(skill: str, n: int, seed: int) -> list[dict[str, str]]:
 
 
 def write_skill_tasks(root: str | Path) -> dict[str, Path]:
-    """data/real_tasks/skills/<skill>/{dev,test}.jsonl (deterministic; what the multi-skill configs read)."""
+    """data/real_tasks/skills/<skill>/{dev,test}.jsonl (deterministic; what the multi-skill configs read); no test
+    item is a dev item."""
     from evals.data import write_jsonl
 
     root = Path(root)
-    return {
-        f"{skill}/{split}": write_jsonl(root / skill / f"{split}.jsonl", skill_items(skill, TASK_SIZES[split], seed))
-        for skill in SKILLS
-        for split, seed in TASK_SEEDS.items()
-    }
+    out = {}
+    for skill in SKILLS:
+        dev = skill_items(skill, TASK_SIZES["dev"], TASK_SEEDS["dev"])
+        test = skill_items(skill, TASK_SIZES["test"], TASK_SEEDS["test"], exclude=frozenset(i["prompt"] for i in dev))
+        for split, items in (("dev", dev), ("test", test)):
+            out[f"{skill}/{split}"] = write_jsonl(root / skill / f"{split}.jsonl", items)
+    return out
 
 
 __all__ = ["SKILLS", "skill_items", "skill_pairs", "write_skill_tasks"]
