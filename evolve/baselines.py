@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from evals.base import ItemScores
+from evolve import optuna_api
 from evolve.config import RunConfig
 from evolve.items import decode_items, encode_items
 from evolve.pareto import is_multi, pareto_front
@@ -47,16 +48,20 @@ def score_checkpoint(
     return Scorer.for_checkpoint(cfg, path, evaluators or heldout_evaluators(cfg, split, limit)).score()
 
 
-MODEL_SCORES_KEY = "heldout-model:"  # + label: a study user attr, a base's or source's held-out scores, kept
+MODEL_SCORES_KEY = "heldout-model:"  # + label: a study user attr, a base's or source's held-out metrics, kept
+MODEL_ITEMS_KEY = "heldout-items:"  # + label: a study system attr, the per-item record behind them
 
 
 def heldout_model_items(
     cfg: RunConfig, label: str, path: str, evaluators: Evaluators, *, device: str = "auto"
 ) -> Scores:
     """`score_checkpoint` of a base or source on the held-out split, scored once per run: kept in the first
-    stage's study (user attr ``heldout-model:<label>``: metrics and per-item records) under the checkpoint, the
-    held-out tasks, split, limit, seed, device and dtype, and reused while they match (the end-of-run table, every
-    `evolve export` and `report` score the same sources: at 7B each is a full held-out evaluation)."""
+    stage's study under the checkpoint, the held-out tasks, split, limit, seed, device and dtype, and reused while
+    they match (the end-of-run table, every `evolve export` and `report` score the same sources: at 7B each is a full
+    held-out evaluation). The key and metrics are the user attr ``heldout-model:<label>`` (a short line in
+    optuna-dashboard); the per-item record (kilobytes of packed scores) is the study system attr
+    ``heldout-items:<label>``, which the dashboard does not lay out (studies of an earlier evomerge kept it in the
+    user attr, and are still read)."""
     ev = cfg.evaluation
     spec = [t.model_dump(mode="json") for t in ev.heldout_scored()]
     key = {
@@ -74,11 +79,14 @@ def heldout_model_items(
         study = None
     got = study.user_attrs.get(f"{MODEL_SCORES_KEY}{label}") if study is not None else None
     if got is not None and got.get("key") == key:
-        return got["metrics"], decode_items(got["items"])
+        record = got.get("items") or optuna_api.study_system_attrs(study).get(f"{MODEL_ITEMS_KEY}{label}")
+        if record is not None:
+            return got["metrics"], decode_items(record)
     metrics, items = score_checkpoint(cfg, path, device=device, evaluators=evaluators)
     if study is not None:
         record = encode_items(items, {task: s.n for task, s in items.items()}, soft="f64")
-        study.set_user_attr(f"{MODEL_SCORES_KEY}{label}", {"key": key, "metrics": metrics, "items": record})
+        optuna_api.set_study_system_attr(study, f"{MODEL_ITEMS_KEY}{label}", record)
+        study.set_user_attr(f"{MODEL_SCORES_KEY}{label}", {"key": key, "metrics": metrics})
     return metrics, items
 
 

@@ -99,6 +99,10 @@ def test_dashboard_names_each_objective(tmp_path, tiny_llama_trio):
     detail = study_detail(study)
     assert detail["objective_names"] == list(METRICS) and detail["directions"] == ["maximize", "minimize"]
     assert len(detail["best_trials"]) >= 1  # the Pareto front
+    app = optuna_dashboard.wsgi(study._storage)
+    [listed] = get(app, "/api/studies")["study_summaries"]
+    plot = get(app, f"/api/studies/{listed['study_id']}/plot/pareto_front")
+    assert plot["data"]  # plotly is in the dev extra: the dashboard draws the front (without it: HTTP 500)
 
 
 def test_dashboard_shows_re_scored_trials(tmp_path, world):

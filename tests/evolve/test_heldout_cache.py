@@ -17,6 +17,7 @@ from evolve.config import parse_config
 from evolve.export import export_trial
 from evolve.loop import run_search
 from evolve.study import load_study
+from tests.evolve.test_dashboard import study_detail
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,6 +49,11 @@ def test_sources_are_scored_once_per_run_and_again_when_the_held_out_set_changes
     assert sorted(scored) == ["base", "expert_ja", "expert_math"]
     kept = load_study(cfg).user_attrs[f"{MODEL_SCORES_KEY}source ja"]
     assert kept["metrics"]["ja_sub/acc"] == next(r for r in table if r["model"] == "source ja")["ja_sub/acc"]
+    # optuna-dashboard lays the study's user attrs out on its page: none holds a run of text that cannot wrap (the
+    # per-item records are system attrs; as user attrs, each was 11-22 KB of unbroken base64 that widened the page)
+    shown = study_detail(load_study(cfg))["user_attrs"]
+    assert {a["key"] for a in shown} >= {f"{MODEL_SCORES_KEY}{m}" for m in ("base", "source ja", "source math")}
+    assert max(len(word) for a in shown for word in a["value"].split()) < 200
     scored.clear()
     again = heldout_table(cfg)
     assert scored == []  # all three from the study
