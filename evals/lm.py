@@ -8,6 +8,7 @@ tokens (as lm-eval's HFLM does), so both backends see the same ids.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from merge_core.dataflow import CACHE_NAME
 from merge_core.errors import EvomergeError
 
 PROMPT_FIELD = "{prompt}"
@@ -132,6 +134,32 @@ def decode_until(
     return truncate_at_stop(text, stop)
 
 
+MIN_SHARED_PREFIX = 8  # tokens every prompt starts with, below which no prefix is computed apart
+
+
+def shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
+    """How many leading token ids every prompt shares (a chat template's system turn, a few-shot preamble), leaving
+    each prompt at least one token of its own; 0 when fewer than MIN_SHARED_PREFIX, or fewer than two prompts."""
+    if len(encoded) < 2:
+        return 0
+    first, n = encoded[0], min(len(e) for e in encoded) - 1
+    length = next((i for i in range(n) if any(e[i] != first[i] for e in encoded)), max(n, 0))
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def prefix_cache(model: PreTrainedModel, prefix: Sequence[int]) -> Any:
+    """The KV cache of `prefix` (one row), computed once and copied into every batch (`batch_cache`)."""
+    out = model(input_ids=torch.tensor([list(prefix)], device=model.device), use_cache=True)
+    return getattr(out, CACHE_NAME)
+
+
+def batch_cache(cache: Any, rows: int) -> Any:
+    """A copy of a one-row prefix cache for `rows` rows (generation appends to it)."""
+    copied = copy.deepcopy(cache)
+    copied.batch_repeat_interleave(rows)
+    return copied
+
+
 def generate_greedy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -142,10 +170,14 @@ def generate_greedy(
     stop: Sequence[str] = (),
     token_counts: list[int] | None = None,
 ) -> list[str]:
-    """Greedy continuations of `prompts` (left-padded batches with attention masks), cut at the first stop string.
+    """Greedy continuations of `prompts`, cut at the first stop string.
 
-    A row ends at EOS or a stop string; a batch ends when every row has ended or after `max_new_tokens`. When
-    `token_counts` is given, it receives the number of tokens generated for each prompt (up to its end).
+    Batches are sorted by length; the prompts' shared leading tokens (`shared_prefix_length`: a chat template's
+    system turn, a preamble) are computed once per call and their KV cache copied into each batch, whose rows hold
+    the prefix, then left padding, then each prompt's own tokens (the attention mask skips the padding and the
+    positions continue the prefix's). A row ends at EOS or a stop string; a batch ends when every row has ended or
+    after `max_new_tokens`. When `token_counts` is given, it receives the number of tokens generated for each
+    prompt (up to its end).
     """
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     pad_id = pad_token_id(tokenizer)
@@ -157,16 +189,24 @@ def generate_greedy(
     )
     responses = [""] * len(prompts)
     counts = [0] * len(prompts)
+    shared = shared_prefix_length(encoded)
     model.eval()
     with torch.inference_mode():
+        cache = prefix_cache(model, encoded[0][:shared]) if shared else None
         for batch in length_batches([len(e) for e in encoded], batch_size):
-            ids, mask = pad_batch([encoded[i] for i in batch], pad_id, side="left")
+            ids, mask = pad_batch([encoded[i][shared:] for i in batch], pad_id, side="left")
+            extra = {}
+            if cache is not None:  # the prefix, then the left-padded rest of each prompt
+                prefix = torch.tensor([encoded[batch[0]][:shared]] * len(batch), dtype=ids.dtype)
+                ids, mask = torch.cat([prefix, ids], dim=1), torch.cat([torch.ones_like(prefix), mask], dim=1)
+                extra[CACHE_NAME] = batch_cache(cache, len(batch))
             criteria = [StopOnStrings(tokenizer, stop_texts, ids.shape[1])] if stop_texts else []
             out = model.generate(
                 input_ids=ids.to(model.device),
                 attention_mask=mask.to(model.device),
                 generation_config=config,
                 stopping_criteria=StoppingCriteriaList(criteria),
+                **extra,
             )
             for i, row in zip(batch, out[:, ids.shape[1] :].tolist()):
                 responses[i] = decode_until(tokenizer, row, end_ids, stop_texts)

@@ -68,3 +68,18 @@ def test_native_and_lm_eval_agree_within_one_item(native, lm_eval_samples) -> No
     for response, sample in zip(responses, lm_eval_samples):  # both read the same last number off real text
         if response == sample["resps"][0][0]:
             assert (extract_last_number(response) or "[invalid]") == sample["filtered_resps"][0].replace(",", "")
+
+
+def test_the_shared_chat_prefix_is_computed_once_with_the_same_responses(native, real_base, monkeypatch) -> None:
+    """The chat template's system turn is every prompt's prefix: computed once (evals.lm.generate_greedy), the
+    responses equal the ones of computing each prompt whole (real weights, real chain-of-thought lengths)."""
+    import evals.lm as lm_calls
+
+    evaluator, responses = native
+    prompts = evaluator.model_prompts(real_base.tokenizer)[:4]
+    assert lm_calls.shared_prefix_length([real_base.tokenizer(p)["input_ids"] for p in prompts]) > 20
+    monkeypatch.setattr(lm_calls, "MIN_SHARED_PREFIX", 10**9)
+    whole = lm_calls.generate_greedy(
+        real_base.model, real_base.tokenizer, prompts, batch_size=8, max_new_tokens=NEW_TOKENS, stop=OPTIONS["stop"]
+    )
+    assert whole == responses[:4]
