@@ -46,20 +46,14 @@ MANIFEST = "real.json"
 FORMAT = 3  # bump when what a build writes changes: older caches are rebuilt
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "data" / "real"
 EXPERTS = {"expert_a": 1, "expert_b": 2}  # name -> seed of its deltas
-TRAINED = (
-    "math_en",
-    "chat_fr",
-    "math_bi",
-    "arith",
-    "days",
-    "rev",
-)  # fine-tunes from data/real_experts/<name>.safetensors
+# fine-tunes built from data/real_experts/<name>.safetensors
+TRAINED = ("math_en", "chat_fr", "math_bi", "arith", "units", "rev", "fr_num")
 CHECKPOINT_BYTES = 538_090_408 + 4_000_000  # one float32 model.safetensors, plus its config and tokenizer
 
 
 @dataclass(frozen=True)
 class RealModels:
-    """Paths of the converted base, its two perturbed stand-ins and its three trained experts (each an ordinary HF
+    """Paths of the converted base, its two perturbed stand-ins and its trained experts (each an ordinary HF
     checkpoint folder; a trained expert's exists once a build asked for it: see build_real)."""
 
     root: Path
@@ -70,8 +64,9 @@ class RealModels:
     chat_fr: Path
     math_bi: Path
     arith: Path
-    days: Path
+    units: Path
     rev: Path
+    fr_num: Path
 
 
 def find_gguf() -> Path:

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from merge_core.errors import EvomergeError
 from zoo.real_tasks import TRAIN_EXAMPLES, TRAIN_SEED, chat_fr_pairs, math_bi_pairs, math_en_pairs
-from zoo.skill_tasks import SKILLS, skill_pairs
+from zoo.skill_tasks import SKILLS, fr_num_pairs, skill_pairs
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "data" / "real_experts"
 RECORD = "experts.json"
@@ -64,7 +64,9 @@ EXPERT_SPECS = {
     "chat_fr": ExpertSpec("chat_fr", chat_fr_pairs, steps=50),  # 800 examples: ~1.2 passes over its ~650 pairs
     "math_bi": ExpertSpec("math_bi", math_bi_pairs, steps=100),  # design 2: reads French too, answers in English
     # the multi-skill target's experts (zoo.skill_tasks): one short-answer skill each
-    **{skill: ExpertSpec(skill, functools.partial(skill_pairs, skill), steps=150) for skill in SKILLS},
+    **{skill: ExpertSpec(skill, functools.partial(skill_pairs, skill), steps=250) for skill in SKILLS},
+    # the composition target's form expert: numbers written in French words, no arithmetic (zoo.skill_tasks)
+    "fr_num": ExpertSpec("fr_num", fr_num_pairs, steps=150),
 }
 
 

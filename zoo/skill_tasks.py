@@ -5,8 +5,11 @@ never); a light LoRA fine-tune teaches one skill and the short answer form. Ever
 match, and short (at most a dozen tokens), so a candidate is scored on hundreds of items in seconds.
 
     arith   "What is 47 + 38? Answer with the number only."                       -> "85"
-    days    "Today is Monday. What day of the week will it be in 3 days? ..."      -> "Thursday"
+    units   "How many grams are in 47 kilograms? Answer with the number only."    -> "47000"
     rev     "Reverse the order of this list: apple, river, chair. ..."             -> "chair, river, apple"
+
+(A fourth skill, counting weekdays forward and back by up to 30 days on held-out (day, offset, direction) triples,
+did not train: its answer-token loss stayed at chance, 0.63-0.66, from step 11 to step 71; bench/RESULTS.md.)
 
 `skill_pairs(skill, n, seed)` is an expert's training text; `skill_items(skill, n, seed)` a dev or test split,
 with no item whose prompt is a training prompt. Everything comes from seeded RNGs, deterministically.
@@ -19,12 +22,11 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-SKILLS = ("arith", "days", "rev")
+SKILLS = ("arith", "units", "rev")
 TRAIN_EXAMPLES, TRAIN_SEED = 2000, 0
 TASK_SEEDS = {"dev": 101, "test": 202}  # never the training seed
 TASK_SIZES = {"dev": 64, "test": 200}  # per skill: the target's test split holds 600 items
 
-DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 WORDS = (
     "apple", "river", "chair", "cloud", "tiger", "lamp", "bread", "stone", "garden", "music", "paper", "horse",
     "window", "candle", "forest", "bottle", "pencil", "island", "mirror", "rabbit", "basket", "guitar", "ocean",
@@ -35,7 +37,7 @@ WORDS = (
 Pair = tuple[str, str]
 
 
-def _arith(rng: random.Random, train: bool = True) -> Pair:
+def _arith(rng: random.Random) -> Pair:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     if rng.random() < 0.5:
         return f"What is {a} + {b}? Answer with the number only.", str(a + b)
@@ -43,43 +45,32 @@ def _arith(rng: random.Random, train: bool = True) -> Pair:
     return f"What is {a} - {b}? Answer with the number only.", str(a - b)
 
 
-DAY_TEMPLATES = {
-    1: (
-        "Today is {day}. What day of the week will it be in {k} days? Answer with the day only.",
-        "What day of the week comes {k} days after {day}? Answer with the day only.",
-        "If it is {day} today, which day will it be {k} days from now? Answer with the day only.",
-    ),
-    -1: (
-        "Today is {day}. What day of the week was it {k} days ago? Answer with the day only.",
-        "What day of the week comes {k} days before {day}? Answer with the day only.",
-        "If it is {day} today, which day was it {k} days earlier? Answer with the day only.",
-    ),
-}
-DAYS_HELD_OUT = 0.3  # share of (day, offset, direction) triples that only dev/test items use
+UNITS = (  # (larger unit, smaller unit, smaller units per larger one)
+    ("kilometers", "meters", 1000),
+    ("meters", "centimeters", 100),
+    ("kilograms", "grams", 1000),
+    ("liters", "milliliters", 1000),
+    ("centimeters", "millimeters", 10),
+    ("meters", "millimeters", 1000),
+)
 
 
-def _held_out_triple(today: int, k: int, sign: int) -> bool:
-    return random.Random(f"days-split/{today}/{k}/{sign}").random() < DAYS_HELD_OUT
+def _units(rng: random.Random) -> Pair:
+    """A unit conversion by a power of ten, either way: how many small units in N large ones, or large in small."""
+    big, small, factor = rng.choice(UNITS)
+    n = rng.randint(2, 999)
+    if rng.random() < 0.5:
+        return f"How many {small} are in {n} {big}? Answer with the number only.", str(n * factor)
+    return f"How many {big} are in {n * factor} {small}? Answer with the number only.", str(n)
 
 
-def _days(rng: random.Random, train: bool = True) -> Pair:
-    """Weekday arithmetic; training and test items use disjoint (day, offset, direction) triples, so the expert
-    must count, not remember."""
-    while True:
-        today, k, sign = rng.randrange(7), rng.randint(1, 30), rng.choice((1, -1))
-        if _held_out_triple(today, k, sign) != train:
-            break
-    q = rng.choice(DAY_TEMPLATES[sign]).format(day=DAYS[today], k=k)
-    return q, DAYS[(today + sign * k) % 7]
-
-
-def _rev(rng: random.Random, train: bool = True) -> Pair:
+def _rev(rng: random.Random) -> Pair:
     words = rng.sample(WORDS, rng.randint(3, 5))
     q = f"Reverse the order of this list: {', '.join(words)}. Answer with the list only."
     return q, ", ".join(reversed(words))
 
 
-MAKERS: dict[str, Callable[[random.Random, bool], Pair]] = {"arith": _arith, "days": _days, "rev": _rev}
+MAKERS: dict[str, Callable[[random.Random], Pair]] = {"arith": _arith, "units": _units, "rev": _rev}
 
 
 def skill_pairs(skill: str, n: int, seed: int) -> list[Pair]:
@@ -99,7 +90,7 @@ def skill_items(skill: str, n: int, seed: int, exclude: frozenset[str] = frozens
     seen: set[str] = set(exclude)
     items: list[dict[str, str]] = []
     while len(items) < n:
-        prompt, answer = MAKERS[skill](rng, False)
+        prompt, answer = MAKERS[skill](rng)
         if prompt in seen or prompt in _training_prompts(skill):
             continue
         seen.add(prompt)
@@ -122,4 +113,87 @@ def write_skill_tasks(root: str | Path) -> dict[str, Path]:
     return out
 
 
-__all__ = ["SKILLS", "skill_items", "skill_pairs", "write_skill_tasks"]
+# ---------------------------------------------------------------- composition: arithmetic answered in French words
+
+UNITS_FR = (
+    "zéro", "un", "deux", "trois", "quatre", "cinq", "six", "sept", "huit", "neuf", "dix", "onze", "douze", "treize",
+    "quatorze", "quinze", "seize",
+)  # fmt: skip
+TENS_FR = {2: "vingt", 3: "trente", 4: "quarante", 5: "cinquante", 6: "soixante"}
+
+
+def french_words(n: int) -> str:
+    """`n` (0-199) in French words, traditional spelling with hyphens under a hundred ("soixante-et-onze",
+    "quatre-vingts", "quatre-vingt-dix-sept", "cent vingt-et-un")."""
+    if not 0 <= n < 200:
+        raise ValueError(f"{n} is outside 0-199")
+    if n >= 100:
+        return "cent" if n == 100 else f"cent {french_words(n - 100)}"
+    if n < 17:
+        return UNITS_FR[n]
+    if n < 20:
+        return f"dix-{UNITS_FR[n - 10]}"
+    if n < 70:
+        tens, unit = divmod(n, 10)
+        return TENS_FR[tens] + ("" if unit == 0 else "-et-un" if unit == 1 else f"-{UNITS_FR[unit]}")
+    if n < 80:
+        return "soixante-et-onze" if n == 71 else f"soixante-{french_words(n - 60)}"
+    return "quatre-vingts" if n == 80 else f"quatre-vingt-{french_words(n - 80)}"
+
+
+FR_NUM_TEMPLATES = (
+    "Écris le nombre {n} en toutes lettres.",
+    "Comment écrit-on {n} en lettres ?",
+    "Donne le nombre {n} en toutes lettres, sans chiffres.",
+)
+
+
+def fr_num_pairs(n: int, seed: int) -> list[Pair]:
+    """The form expert's training text: a number (0-199) written in French words; no arithmetic."""
+    rng = random.Random(f"fr_num/{seed}")
+    pairs = []
+    for _ in range(n):
+        k = rng.randrange(200)
+        pairs.append((rng.choice(FR_NUM_TEMPLATES).format(n=k), french_words(k)))
+    return pairs
+
+
+def fr_sum_items(n: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[dict[str, str]]:
+    """The composition target: two-digit additions and subtractions asked in French, answered in French words
+    (the arithmetic is `arith`'s skill, the words `fr_num`'s form). No item is an `arith` training question."""
+    rng = random.Random(f"fr_sum-items/{seed}")
+    seen: set[str] = set(exclude)
+    items: list[dict[str, str]] = []
+    while len(items) < n:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if rng.random() < 0.5:
+            english, value = f"What is {a} + {b}? Answer with the number only.", a + b
+            prompt = f"Combien font {a} + {b} ? Réponds en toutes lettres."
+        else:
+            a, b = max(a, b), min(a, b)
+            english, value = f"What is {a} - {b}? Answer with the number only.", a - b
+            prompt = f"Combien font {a} - {b} ? Réponds en toutes lettres."
+        if prompt in seen or english in _training_prompts("arith"):
+            continue
+        seen.add(prompt)
+        items.append({"id": f"fr_sum-{seed}-{len(items):03d}", "prompt": prompt, "answer": french_words(value)})
+    return items
+
+
+def write_fr_sum_tasks(root: str | Path) -> dict[str, Path]:
+    """data/real_tasks/fr_sum/{dev,test}.jsonl (deterministic); no test item is a dev item."""
+    from evals.data import write_jsonl
+
+    root = Path(root)
+    dev = fr_sum_items(TASK_SIZES["dev"], TASK_SEEDS["dev"])
+    test = fr_sum_items(TASK_SIZES["test"], TASK_SEEDS["test"], exclude=frozenset(i["prompt"] for i in dev))
+    return {
+        f"fr_sum/{split}": write_jsonl(root / "fr_sum" / f"{split}.jsonl", items)
+        for split, items in (("dev", dev), ("test", test))
+    }
+
+
+__all__ = [
+    "SKILLS", "fr_num_pairs", "fr_sum_items", "french_words", "skill_items", "skill_pairs", "write_fr_sum_tasks",
+    "write_skill_tasks",
+]  # fmt: skip

@@ -1,0 +1,182 @@
+"""Held-out tables of the real-model searches (issue 24), from the committed results under data/real_results/.
+
+    .venv/bin/python bench/real_search.py                     # print every target's table from the committed results
+    .venv/bin/python bench/real_search.py --write             # ... and write them into bench/RESULTS.md
+    .venv/bin/python bench/real_search.py score skills        # score the rows again (needs `python -m zoo real`)
+
+A target's folder holds `config.yaml` (the search's config; its held-out split is the target's test items),
+`recipe.evomerge.yaml` (the evolved merge, as `evolve export` writes it; `recipe-dfs.evomerge.yaml` for PS+DFS
+where there is one), `study.db` (the search), and `heldout.json`, which `score` writes: every row's held-out
+metrics and per-item record, the dev grid it chose its grid row from, and what each took.
+
+Rows: the base, each source, the untuned merges (linear average, task arithmetic 1/1, TIES and DARE-TIES at
+densities 0.5 and 0.7), the best one-coefficient-per-expert task-arithmetic grid point (chosen on the search's own
+dev fitness, as the search picks), and the evolved merges. Columns: the target metric (the mean accuracy over the
+target's tasks, every item weighted alike; 95% bootstrap interval over items), each task's accuracy (what each
+source's skill became in the merge), and for the evolved rows McNemar's exact test against the best other row on the
+same held-out items, pooled over the tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from evolve.baselines import correct_per_item, untuned_recipes  # noqa: E402
+from evolve.config import RunConfig, load_config  # noqa: E402
+from evolve.items import decode_items, encode_items  # noqa: E402
+from evolve.stats import mcnemar_exact, metric_intervals  # noqa: E402
+
+RESULTS = ROOT / "data" / "real_results"
+SECTION = "On a real model: evolved merges of SmolLM2 fine-tunes against every source and untuned merge (issue 24)"
+
+
+def target_config(target: str) -> RunConfig:
+    return load_config(RESULTS / target / "config.yaml")
+
+
+def accuracy_columns(cfg: RunConfig) -> list[str]:
+    return [f"{t.name}/acc" for t in cfg.evaluation.heldout_scored()]
+
+
+def pooled_correct(items: dict, columns: list[str]) -> list[float]:
+    """Every held-out item's 0/1 accuracy, task after task (the same order for every row)."""
+    out: list[float] = []
+    for column in columns:
+        values = correct_per_item(items, column)
+        if values is None:
+            raise SystemExit(f"no per-item record for {column}")
+        out += values
+    return out
+
+
+def score(target: str, grid: list[float]) -> Path:
+    """Score every row on the held-out split and write heldout.json (the grid is searched on the dev split)."""
+    from demo_bar import grid_search
+
+    from evolve.baselines import heldout_evaluators, score_checkpoint, score_recipes
+    from merge_core.recipe import load_recipe
+
+    cfg = target_config(target)
+    folder = RESULTS / target
+    evaluators = heldout_evaluators(cfg)
+    rows: list[dict[str, Any]] = []
+
+    def add(label: str, kind: str, metrics: dict, items: dict, seconds: float, recipe: str | None = None) -> None:
+        record = encode_items(items, {task: s.n for task, s in items.items()}, soft="f64")
+        rows.append(
+            {"model": label, "kind": kind, "metrics": metrics, "items": record, "seconds": round(seconds, 1)}
+            | ({"recipe": recipe} if recipe else {})
+        )
+        print(f"{label}: {json.dumps({k: round(v, 4) for k, v in metrics.items() if k.endswith('/acc')})}", flush=True)
+
+    models = [("base", "base", cfg.models.base)] + [
+        (f"source {a}", "source", s.path) for a, s in zip(cfg.models.aliases(), cfg.models.sources)
+    ]
+    for label, kind, path in models:
+        t0 = time.perf_counter()
+        metrics, items = score_checkpoint(cfg, path, device=cfg.execution.device, evaluators=evaluators)
+        add(label, kind, metrics, items, time.perf_counter() - t0)
+    recipes: dict[str, tuple[str, Any]] = {}
+    for density in (0.5, 0.7):
+        for label, recipe in untuned_recipes(cfg, density).items():
+            recipes.setdefault(label, ("untuned", recipe))
+    t0 = time.perf_counter()
+    grid_rows, n_points = grid_search(cfg, grid)
+    grid_seconds = time.perf_counter() - t0
+    label = next(k for k in grid_rows if k.startswith("best global grid"))
+    recipes[label] = ("grid", grid_rows[label])
+    for name, kind in (("recipe.evomerge.yaml", "evolved PS"), ("recipe-dfs.evomerge.yaml", "evolved PS+DFS")):
+        if (folder / name).is_file():
+            recipes[kind] = ("evolved", load_recipe((folder / name).read_text()))
+    for label, (kind, recipe) in recipes.items():
+        t0 = time.perf_counter()
+        (metrics, items) = score_recipes(cfg, {label: recipe}, evaluators)[label]
+        add(label, kind, metrics, items, time.perf_counter() - t0, recipe.to_yaml())
+    out = folder / "heldout.json"
+    record = {
+        "config": str((folder / "config.yaml").relative_to(ROOT)),
+        "split": cfg.evaluation.heldout_split,
+        "grid": {"values": grid, "points": n_points, "seconds": round(grid_seconds, 1)},
+        "rows": rows,
+    }
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    return out
+
+
+def table(target: str) -> list[str]:
+    """The target's held-out table (markdown) and its McNemar lines, from heldout.json."""
+    cfg = target_config(target)
+    record = json.loads((RESULTS / target / "heldout.json").read_text())
+    columns = accuracy_columns(cfg)
+    terms = cfg.evaluation.fitness or []
+    rows = []
+    for r in record["rows"]:
+        items = decode_items(r["items"])
+        ci = metric_intervals(items, terms)
+        mix = sum(t.weight * r["metrics"][t.metric] for t in terms)
+        rows.append({**r, "_items": items, "_ci": ci, "_mix": mix})
+    head = ["model", "target (mean acc) [95% CI]", *columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lo, hi = r["_ci"].get("fitness", (float("nan"),) * 2)
+        label = f"**{r['model']}**" if r["kind"].startswith("evolved") else r["model"]
+        cells = [label, f"{r['_mix']:.3f} [{lo:.3f}, {hi:.3f}]", *(f"{r['metrics'][c]:.3f}" for c in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
+    n = sum(len(pooled_correct(rows[0]["_items"], [c])) for c in columns)
+    lines.append("")
+    lines.append(f"Held-out: {n} items ({cfg.evaluation.heldout_split} split of {', '.join(columns)}).")
+    for evolved in (r for r in rows if r["kind"].startswith("evolved")):
+        others = [r for r in rows if not r["kind"].startswith("evolved")]
+        best = max(others, key=lambda r: r["_mix"])
+        only_e, only_o, p = mcnemar_exact(
+            pooled_correct(evolved["_items"], columns), pooled_correct(best["_items"], columns)
+        )
+        verdict = "beats it" if p < 0.05 and evolved["_mix"] > best["_mix"] else "no significant win"
+        lines.append(
+            f"- {evolved['model']} vs the best other row ({best['model']}): {evolved['_mix']:.3f} vs "
+            f"{best['_mix']:.3f} ({evolved['_mix'] - best['_mix']:+.3f}); right only for the evolved merge on "
+            f"{only_e} items, only for the other on {only_o}; McNemar exact p = {p:.3g}: {verdict}"
+        )
+    grid = record.get("grid")
+    if grid:
+        lines.append(
+            f"- grid: {grid['points']} points ({', '.join(f'{v:g}' for v in grid['values'])} per expert) on the "
+            f"dev split, {grid['seconds'] / 60:.0f} min"
+        )
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("action", nargs="?", choices=["table", "score"], default="table")
+    p.add_argument("targets", nargs="*", help="default: every folder under data/real_results with a heldout.json")
+    p.add_argument("--grid", nargs="+", type=float, default=[0.5, 1.0, 1.5])
+    p.add_argument("--write", action="store_true", help="write the tables into bench/RESULTS.md")
+    args = p.parse_args()
+    if args.action == "score":
+        for target in args.targets:
+            print(f"wrote {score(target, args.grid)}")
+        return 0
+    targets = args.targets or sorted(p.parent.name for p in RESULTS.glob("*/heldout.json"))
+    body = []
+    for target in targets:
+        body += [f"### {target}", "", *table(target), ""]
+    print("\n".join(body))
+    if args.write:
+        from results import write_section
+
+        write_section(SECTION, "\n".join(body))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
