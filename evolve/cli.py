@@ -75,6 +75,13 @@ def parse_size(text: str, what: str) -> int:
     raise EvomergeError(f"{what}: '{text}' is not a size such as 5GB or 500MB")
 
 
+def positive(value: int | None, flag: str, what: str) -> int | None:
+    """A count given on the command line: None (not given) or at least 1, else a one-line error naming the flag."""
+    if value is not None and value < 1:
+        raise EvomergeError(f"{flag}: {value} is not a positive number of {what}; give 1 or more")
+    return value
+
+
 # ---- run / resume -----------------------------------------------------------------------------
 
 
@@ -254,6 +261,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from evolve.stats import metric_intervals
     from evolve.study import best_first, best_trial, counted, load_study, rescored
 
+    positive(args.top, "--top", "trials")
     cfg = resolve_run(args.run)
     stage = args.stage or cfg.search.stages[-1]
     study = load_study(cfg, stage)
@@ -328,6 +336,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from evolve.report import write_report
     from evolve.study import load_study
 
+    positive(args.top, "--top", "trials")
     cfg = resolve_run(args.run)
     stage = args.stage or cfg.search.stages[-1]
     out = cfg.run_dir / ("report" if stage == cfg.search.stages[0] else f"report-{stage}")
@@ -344,10 +353,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from evolve.export import export_trial
+    from evolve.export import check_out, export_trial
     from evolve.study import load_study
 
     cfg = resolve_run(args.run)
+    check_out(cfg, Path(args.out))  # before the study is read
     out = export_trial(
         cfg,
         load_study(cfg, args.stage),
@@ -490,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except EvomergeError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {redact_url(' '.join(str(e).split()))}", file=sys.stderr)  # a URL a library quoted, too
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

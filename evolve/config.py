@@ -10,14 +10,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from evolve.fitness import FitnessTerm, Objective
+from evolve.fitness import FitnessTerm, Objective, unreachable_reference
 from evolve.tasks import MAX_NAME, MAX_SEED, TASK_TYPES, Task, name_chars
-from evolve.urls import expand_env, persisted_url, redact_url
+from evolve.urls import ambiguity, expand_env, persisted_url, redact_url
 from merge_core.errors import EvomergeError
 from merge_core.recipe import DTYPES
 from merge_core.yamlio import load_yaml, read_text
 
 MAX_REPEATS = 1000  # dfs repeats (the slot count is bounded again, with the layer counts, by DataFlowSpace)
+MAX_HEARTBEAT_S = 86400  # a day: Optuna keeps 3x this as a timedelta, which overflows far above
+MAX_THREADS = 4096  # torch takes a C int
 DType = Literal[DTYPES]  # type: ignore[valid-type]  # merge_core.recipe.DTYPES, as a schema type
 SamplerName = Literal["cmaes", "pycma", "tpe", "random", "nsga2", "gp"]  # evolve.samplers.make_sampler builds each
 MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "tpe", "gp", "random")  # the ones that take several objectives
@@ -253,6 +255,10 @@ class Evaluation(_Strict):
                 f"reference_point: {len(self.reference_point)} values for {len(metrics)} objectives; give one per "
                 "objective, in their order"
             )
+        for i, (o, value) in enumerate(zip(self.objectives or [], self.reference_point or [])):
+            problem = unreachable_reference(o.metric, o.direction, value)
+            if problem:
+                raise ValueError(f"reference_point[{i}]: {problem}")
         for field in ("racing", "rescore"):
             if getattr(self, field) is not None:
                 raise ValueError(
@@ -305,6 +311,7 @@ class Execution(_Strict):
     threads: int | None = Field(
         default=None,
         ge=1,
+        le=MAX_THREADS,
         description="torch CPU threads in each process that merges or scores (default: torch's, one per core); 1 "
         "for tiny models or a CPU shared with other jobs, where more threads only wait on each other",
     )
@@ -313,6 +320,7 @@ class Execution(_Strict):
     heartbeat_s: int = Field(
         default=60,
         ge=1,
+        le=MAX_HEARTBEAT_S,
         description="shared_study: each process records a heartbeat of its running trials this often; a trial "
         "whose heartbeat stopped for 3x as long (its process died) is failed and re-run by another process",
     )
@@ -362,6 +370,9 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"'{redact_url(v)}' is not an Optuna RDB URL (sqlite:///path.db or postgresql://user@host/db)"
             )
+        problem = None if v is None else ambiguity(v)
+        if problem:
+            raise ValueError(f"'{redact_url(v)}': {problem}")
         return v
 
     @model_validator(mode="after")

@@ -50,15 +50,10 @@ def export_trial(
     tokenizer source, recipes, scores, model card) is written to a temporary sibling of `out` that takes its place
     once complete; `out` must be new or empty (or `overwrite`), and neither an input model (nor inside one) nor the
     run directory (nor holding it)."""
+    check_out(cfg, out)
     use_threads(cfg)
     trial = best_trial(study, trial_number)
     recipe = trial_recipe(trial)
-    run_dir, target = cfg.run_dir.resolve(), Path(out).expanduser().resolve()
-    if target == run_dir or target in run_dir.parents:
-        raise EvomergeError(
-            f"--out {out}: {'is' if target == run_dir else 'holds'} the run directory {cfg.run_dir}; "
-            "export to another directory"
-        )
     with staged_output(out, overwrite=overwrite, inputs=models_read(cfg, recipe)) as tmp:
         if isinstance(recipe, DataFlowRecipe):  # a plain checkpoint with len(path) layers; scales folded into weights
             export_dataflow(
@@ -84,6 +79,26 @@ def export_trial(
         (tmp / SCORES_FILE).write_text(json.dumps(scores_record(trial, held), indent=2))
         model_card(cfg, study, trial, recipe, held, (tmp / MERGEKIT_FILE).is_file()).save(tmp / CARD_FILE)
     return out
+
+
+def check_out(cfg: RunConfig, out: Path) -> None:
+    """An export never writes into the run directory (its study, a hybrid's `ps_best` that the DFS stage reads), nor
+    replaces it: `out` that is, is inside, or holds the run directory is refused, with or without --overwrite."""
+    run_dir, target = cfg.run_dir.resolve(), Path(out).expanduser().resolve()
+    relation = (
+        "is"
+        if target == run_dir
+        else "is inside"
+        if run_dir in target.parents
+        else "holds"
+        if target in run_dir.parents
+        else None
+    )
+    if relation:
+        raise EvomergeError(
+            f"--out {out}: {relation} the run directory {cfg.run_dir} (also refused with --overwrite); "
+            "export to a directory outside it"
+        )
 
 
 def models_read(cfg: RunConfig, recipe: Recipe) -> list[str]:

@@ -279,6 +279,68 @@ def _seed_flag(seed: str) -> Callable[[Env], list[str]]:
     return make
 
 
+def _raw_at_in_password(verb: str) -> Callable[[Env], list[str]]:
+    """A password with an unencoded '@': the driver would split it there and quote the rest in its error."""
+
+    def make(env: Env) -> list[str]:
+        return [verb, env.write(env.config(storage=f"postgresql://alice:p@ss:{PASSWORD}@127.0.0.1:9/evo"))]
+
+    return make
+
+
+def _pickled_base(env: Env) -> Path:
+    """A copy of the base whose weights are a pickle that names a global outside torch's weights-only list."""
+    import pathlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    base = env.model_copy()
+    state: dict[str, Any] = dict(load_file(base / "model.safetensors"))
+    state["note"] = pathlib.PurePosixPath("not a tensor")
+    (base / "model.safetensors").unlink()
+    torch.save(state, base / "pytorch_model.bin")
+    return base
+
+
+def _pickle_names_a_global(env: Env) -> list[str]:
+    base = _pickled_base(env)
+    return ["check", env.write(env.config(models__base=str(base), models__allow_pickle=True))]
+
+
+def _merge_pickle_names_a_global(env: Env) -> list[str]:
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(_pickled_base(env)),
+        "models": [{"model": str(ZOO / "expert_ja"), "parameters": {"weight": 1.0}}],
+    }
+    return ["merge", env.write(recipe, "recipe.yaml"), "--out", str(env.tmp / "out"), "--allow-pickle"]
+
+
+def _objectives(reference: list[float]) -> dict[str, Any]:
+    return {
+        "evaluation__fitness": None,
+        "evaluation__objectives": [{"metric": "ja_sub/acc"}, {"metric": "ja_sub/lang_ok"}],
+        "evaluation__reference_point": reference,
+        "search__optimizer": {"sampler": "random"},
+    }
+
+
+def _status_top(top: str) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        return ["status", env.write(env.config()), "--top", top]
+
+    return make
+
+
+def _export_into_run_dir(sub: str, *flags: str) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        out = env.run_dir / sub if sub else env.run_dir
+        return ["export", env.write(env.config()), "--out", str(out), *flags]
+
+    return make
+
+
 CASES: list[Case] = [
     config_case(
         "weight_bounds_inf",
@@ -381,6 +443,28 @@ CASES: list[Case] = [
     Case("postgres_unreachable_status", _unreachable_postgres("status"), "127.0.0.1", run_too=False, fast=15.0),
     Case("postgres_unreachable_report", _unreachable_postgres("report"), "127.0.0.1", run_too=False, fast=15.0),
     Case("postgres_unreachable_export", _unreachable_postgres("export"), "127.0.0.1", run_too=False, fast=15.0),
+    # issue 25: secrets
+    Case("storage_password_raw_at", _raw_at_in_password("check"), "percent-encode", fast=5.0),
+    Case("storage_password_raw_at_status", _raw_at_in_password("status"), "percent-encode", run_too=False),
+    # issue 25: pickles that name a blocked global (nothing runs; one line naming the file)
+    Case("pickle_names_a_blocked_global", _pickle_names_a_global, "pytorch_model.bin"),
+    Case("merge_pickle_names_a_blocked_global", _merge_pickle_names_a_global, "pytorch_model.bin", run_too=False),
+    # issue 25: ranges
+    config_case("reference_point_beyond_accuracy", "reference_point[0]", **_objectives([5.0, 5.0])),
+    config_case("reference_point_at_the_top", "reference_point[1]", **_objectives([0.0, 1.0])),
+    config_case("heartbeat_s_1e15", "execution.heartbeat_s", execution__heartbeat_s=1e15),
+    config_case("threads_2_40", "execution.threads", execution__threads=2**40),
+    Case("status_top_zero", _status_top("0"), "--top", run_too=False),
+    Case("status_top_negative", _status_top("-5"), "--top", run_too=False),
+    # issue 25: an export never writes into the run directory
+    Case("export_out_inside_run_dir", _export_into_run_dir("best"), "is inside the run directory", run_too=False),
+    Case(
+        "export_out_ps_best_overwrite",
+        _export_into_run_dir("ps_best", "--overwrite"),
+        "is inside the run directory",
+        run_too=False,
+    ),
+    Case("export_out_is_run_dir", _export_into_run_dir("", "--overwrite"), "is the run directory", run_too=False),
 ]
 
 
