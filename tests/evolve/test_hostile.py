@@ -341,6 +341,87 @@ def _export_into_run_dir(sub: str, *flags: str) -> Callable[[Env], list[str]]:
     return make
 
 
+def _dfs_protocol(**protocol: Any) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        dfs = {**copy.deepcopy(DFS), "protocol": protocol}
+        return ["check", env.write(env.config(search__stages=["dfs"], search__dfs=dfs))]
+
+    return make
+
+
+def _source_tokenizer(damage: str) -> Callable[[Env], list[str]]:
+    """A source whose tokenizer is gone or unreadable: the search never uses it, the held-out table does."""
+
+    def make(env: Env) -> list[str]:
+        src = env.model_copy("expert_math")
+        if damage == "missing":
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                (src / f).unlink()
+        else:
+            text = (src / "tokenizer.json").read_text()
+            (src / "tokenizer.json").write_text(text[: len(text) // 2])
+        d = env.config(evaluation__heldout_split="test")
+        d["models"]["sources"][1]["path"] = str(src)
+        return ["check", env.write(d)]
+
+    return make
+
+
+def _eval_source_without_tokenizer(env: Env) -> list[str]:
+    src = env.model_copy("expert_math")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (src / f).unlink()
+    return ["eval", str(src), "--config", env.write(env.config()), "--split", "dev", "--device", "cpu"]
+
+
+def _saved_dataset(env: Env, damage: str) -> tuple[Path, str | None]:
+    """The zoo's ja_sub dev items as a `DatasetDict.save_to_disk` folder (split `dev`), damaged as `damage` says;
+    (folder, split)."""
+    import datasets
+
+    from evals.data import read_jsonl
+
+    rows = read_jsonl(ZOO / "tasks" / "ja_sub" / "dev.jsonl")[:20]
+    if damage == "null_prompt":
+        rows[7]["prompt"] = None
+    data = datasets.Dataset.from_list(rows)
+    folder = env.tmp / "data" / "ja_sub"
+    splits = {"dev": data, **({"empty": data.select([])} if damage == "empty_split" else {})}
+    datasets.disable_progress_bars()  # the case's stderr is the command's alone
+    try:
+        datasets.DatasetDict(splits).save_to_disk(str(folder))
+    finally:
+        datasets.enable_progress_bars()
+    arrow = next((folder / "dev").glob("*.arrow"))
+    if damage == "arrow_corrupt":
+        arrow.write_bytes(os.urandom(arrow.stat().st_size))
+    elif damage == "arrow_missing":
+        arrow.unlink()
+    elif damage == "dict_json_truncated":
+        text = (folder / "dataset_dict.json").read_text()
+        (folder / "dataset_dict.json").write_text(text[: len(text) // 2])
+    return folder, "empty" if damage == "empty_split" else "dev"
+
+
+def _dataset_task(env: Env, damage: str, slice: str | None = None, name: str = "ja_sub") -> dict[str, Any]:
+    folder, split = _saved_dataset(env, damage)
+    task = {k: v for k, v in BASE_CONFIG["evaluation"]["tasks"][0].items() if k not in ("task_dir", "split")}
+    source = {"path": str(folder), "split": split, **({"slice": slice} if slice else {})}
+    return {**task, "name": name, "dataset": source}
+
+
+def _dataset(damage: str, slice: str | None = None, group: str = "tasks") -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        if group == "tasks":
+            d = env.config(evaluation__tasks=[_dataset_task(env, damage, slice)])
+        else:
+            held = _dataset_task(env, damage, slice, name="ja_held")
+            d = env.config(evaluation__heldout_tasks=[held], evaluation__heldout_split="test")
+        return ["check", env.write(d)]
+
+    return make
+
+
 CASES: list[Case] = [
     config_case(
         "weight_bounds_inf",
@@ -465,6 +546,50 @@ CASES: list[Case] = [
         run_too=False,
     ),
     Case("export_out_is_run_dir", _export_into_run_dir("", "--overwrite"), "is the run directory", run_too=False),
+    # issue 25: `check` runs the rules the worker runs (each once failed every trial after "config OK")
+    config_case("protocol_validation_all_items", "search.protocol.validation", search__protocol={"validation": 4}),
+    config_case(
+        "protocol_batch_past_the_pool", "search.protocol.batch", search__protocol={"validation": 1, "batch": 4}
+    ),
+    config_case("protocol_batch_past_the_items", "search.protocol.batch", search__protocol={"batch": 5}),
+    Case("dfs_protocol_validation_all_items", _dfs_protocol(validation=9), "search.dfs.protocol.validation"),
+    config_case(
+        "chat_template_without_one", "evaluation.tasks[0].chat_template", evaluation__tasks=_task(chat_template=True)
+    ),
+    Case("source_tokenizer_missing", _source_tokenizer("missing"), "no tokenizer"),
+    Case("source_tokenizer_unreadable", _source_tokenizer("truncated"), "tokenizer in"),
+    Case("eval_without_tokenizer", _eval_source_without_tokenizer, "no tokenizer", run_too=False),
+    # issue 25: dataset sources (a save_to_disk folder), in tasks and in heldout_tasks
+    Case("dataset_arrow_corrupt", _dataset("arrow_corrupt"), "evaluation.tasks[0].dataset"),
+    Case("dataset_arrow_missing", _dataset("arrow_missing"), "evaluation.tasks[0].dataset"),
+    Case("dataset_dict_json_truncated", _dataset("dict_json_truncated"), "dataset_dict.json"),
+    Case("dataset_split_empty", _dataset("empty_split"), "split 'empty' has no rows"),
+    Case("dataset_slice_past_the_end", _dataset("", slice="100:200"), "evaluation.tasks[0].dataset.slice"),
+    Case("dataset_slice_stop_past_the_end", _dataset("", slice="0:25"), "evaluation.tasks[0].dataset.slice"),
+    Case("dataset_null_field", _dataset("null_prompt"), "column 'prompt' is null in row 7"),
+    Case("heldout_dataset_arrow_corrupt", _dataset("arrow_corrupt", group="held"), "heldout_tasks[0].dataset"),
+    Case("heldout_dataset_arrow_missing", _dataset("arrow_missing", group="held"), "heldout_tasks[0].dataset"),
+    Case("heldout_dataset_dict_json_truncated", _dataset("dict_json_truncated", group="held"), "dataset_dict.json"),
+    Case("heldout_dataset_split_empty", _dataset("empty_split", group="held"), "split 'empty' has no rows"),
+    Case(
+        "heldout_dataset_slice_past_the_end",
+        _dataset("", slice="-30:", group="held"),
+        "evaluation.heldout_tasks[0].dataset.slice",
+    ),
+    Case("heldout_dataset_null_field", _dataset("null_prompt", group="held"), "column 'prompt' is null in row 7"),
+    config_case(
+        "lm_eval_task_name_unknown",
+        "evaluation.tasks[0].tasks",
+        evaluation__tasks=[
+            {
+                "name": "lm",
+                "type": "lm_eval",
+                "tasks": ["zoo_no_such_task"],
+                "include_path": str(ZOO / "tasks" / "lm_eval"),
+            }
+        ],
+        evaluation__fitness=[{"metric": "lm/zoo_no_such_task/exact_match,first_word"}],
+    ),
 ]
 
 
