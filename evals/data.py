@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from evals.spec import LIMIT_MODE, LIMIT_MODES
 from merge_core.errors import EvomergeError
 
 T = TypeVar("T")
@@ -272,16 +273,20 @@ def load_dataset_items(kind: str, source: Mapping[str, Any]) -> list[GenerationI
     return (generation_items if kind == "generation" else choice_items)(rows, f"dataset {source['path']}")
 
 
-def subsample_indices(n: int, limit: int | None, seed: int) -> list[int]:
-    """Sorted indices of `limit` items drawn without replacement by `random.Random(seed)`; all when limit is None
-    or >= n."""
+def subsample_indices(n: int, limit: int | None, seed: int, mode: str = LIMIT_MODE) -> list[int]:
+    """Sorted indices of `limit` items: with mode "sample", drawn without replacement by `random.Random(seed)`; with
+    "first", the first `limit` (lm-eval's `--limit`); all when limit is None or >= n."""
+    if mode not in LIMIT_MODES:
+        raise EvomergeError(f"limit_mode: {mode!r} is not one of {', '.join(LIMIT_MODES)}")
     if limit is None or limit >= n:
         return list(range(n))
     if limit < 1:
         raise EvomergeError(f"limit must be a positive number of items, got {limit}")
+    if mode == "first":
+        return list(range(limit))
     return sorted(random.Random(seed).sample(range(n), limit))
 
 
-def subsample(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
-    """The same `limit` items for the same (limit, seed) every time, in their original order."""
-    return [items[i] for i in subsample_indices(len(items), limit, seed)]
+def subsample(items: Sequence[T], limit: int | None, seed: int, mode: str = LIMIT_MODE) -> list[T]:
+    """The same `limit` items for the same (limit, seed, mode) every time, in their original order."""
+    return [items[i] for i in subsample_indices(len(items), limit, seed, mode)]

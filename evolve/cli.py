@@ -394,9 +394,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from evolve.baselines import score_checkpoint
 
+    positive(args.limit, "--limit", "items")
     cfg = load_config(args.config)
     metrics, _ = score_checkpoint(
-        cfg, args.checkpoint, split=args.split or cfg.evaluation.heldout_split, limit=args.limit, device=args.device
+        cfg,
+        args.checkpoint,
+        split=args.split or cfg.evaluation.heldout_split,
+        limit=args.limit,
+        limit_mode=args.limit_mode,
+        device=args.device,
     )
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -482,7 +488,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="HF checkpoint directory")
     p.add_argument("--config", required=True, help="a run config whose evaluation.tasks to score")
     p.add_argument("--split", default=None, help="split to score (default: the config's held-out split)")
-    p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="items per task (default: all; else the config's heldout_limit): a random sample seeded by the "
+        "config's seed, the same items every time, unless --limit-mode first",
+    )
+    p.add_argument(
+        "--limit-mode",
+        choices=["sample", "first"],
+        default=None,
+        help="how a limit picks items: sample (seeded random, evomerge's default) or first (the first N in file "
+        "order, as lm_eval --limit does); default: each task's limit_mode (sample)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return parser

@@ -48,9 +48,16 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, model: 
 
 
 def build_evaluators(
-    tasks: Sequence[Task], *, seed: int, split: str | None = None, limit: int | None = None, heldout: bool = False
+    tasks: Sequence[Task],
+    *,
+    seed: int,
+    split: str | None = None,
+    limit: int | None = None,
+    heldout: bool = False,
+    limit_mode: str | None = None,
 ) -> Evaluators:
-    """(task name, evaluator) pairs; the held-out variant swaps the split and the sample limit."""
+    """(task name, evaluator) pairs; the held-out variant swaps the split and the limit (and, when given, how the
+    limit picks items: `limit_mode`)."""
     out = []
     for task in tasks:
         spec = task.evaluator_spec()
@@ -59,6 +66,8 @@ def build_evaluators(
             if split is not None and getattr(task, "task_dir", None) is not None:  # a dataset task keeps its split
                 spec["split"] = split
             spec["limit"] = limit
+            if limit_mode is not None:
+                spec["limit_mode"] = limit_mode
         spec.pop("name")
         out.append((task.name, build_evaluator(spec)))
     return out
