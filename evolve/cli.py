@@ -167,7 +167,7 @@ def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
         print(line)
     with _second_interrupt_exits():
         try:
-            result = run_search(cfg, progress=not args.no_progress)
+            result = run_search(cfg, progress=not args.no_progress, accept_config_change=args.accept_config_change)
             best = best_trial(result.study)
             r = rescored(result.study).get(best.number)
             if is_multi(result.study.directions):  # several objectives: the front, and its balanced member
@@ -256,6 +256,7 @@ def _fmt(v: Any) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from optuna.trial import TrialState
 
+    from evolve.config_edits import check_study_config
     from evolve.items import decode_items, items_scored, tokens_generated
     from evolve.pareto import is_multi
     from evolve.stats import metric_intervals
@@ -265,6 +266,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = resolve_run(args.run)
     stage = args.stage or cfg.search.stages[-1]
     study = load_study(cfg, stage)
+    check_study_config(cfg, study)
     trials = study.get_trials(deepcopy=False)
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
     print(
@@ -332,6 +334,7 @@ def _spending(trials: list, items_scored: Callable, tokens_generated: Callable) 
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from evolve.config_edits import check_study_config
     from evolve.pareto import is_multi
     from evolve.report import write_report
     from evolve.study import load_study
@@ -341,6 +344,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     stage = args.stage or cfg.search.stages[-1]
     out = cfg.run_dir / ("report" if stage == cfg.search.stages[0] else f"report-{stage}")
     study = load_study(cfg, stage)
+    check_study_config(cfg, study)
     heldout = None
     if is_multi(study.directions) and not args.no_heldout:  # the front members' held-out scores (kept in the study)
         from evolve.front import front_heldout
@@ -353,14 +357,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from evolve.config_edits import check_study_config
     from evolve.export import check_out, export_trial
     from evolve.study import load_study
 
     cfg = resolve_run(args.run)
     check_out(cfg, Path(args.out))  # before the study is read
+    study = load_study(cfg, args.stage)
+    check_study_config(cfg, study)
     out = export_trial(
         cfg,
-        load_study(cfg, args.stage),
+        study,
         Path(args.out),
         trial_number=args.trial,
         device=args.device,
@@ -445,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="run config YAML (or, for resume, a run directory)")
         p.add_argument("--no-progress", action="store_true", help="no live progress line")
         p.add_argument("--no-final-table", action="store_true", help="skip the held-out table at the end")
+        p.add_argument(
+            "--accept-config-change",
+            action="store_true",
+            help="continue a study under a config whose fields that decide what a trial means (models, space, "
+            "sampler, seed, tasks, fitness, protocol, racing, ...) changed since it ran; without it such a change is "
+            "refused (budget, execution, storage, output_dir and held-out settings may always change)",
+        )
     run.add_argument(
         "--seed",
         type=int,

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from evolve.backends import use_threads
 from evolve.config import Budget, Evaluation, ItemProtocol, RunConfig, dump_config
+from evolve.config_edits import check_resume_config, record_config
 from evolve.executors import Executor, check_ray_job_storage, make_executor
 from evolve.faults import fault_point
 from evolve.items import items_scored
@@ -93,10 +94,19 @@ class Progress:
 
 
 def run_search(
-    cfg: RunConfig, *, progress: bool = True, executor_factory: Callable[..., Executor] = make_executor
+    cfg: RunConfig,
+    *,
+    progress: bool = True,
+    executor_factory: Callable[..., Executor] = make_executor,
+    accept_config_change: bool = False,
 ) -> SearchResult:
-    """Run (or continue) every stage of the search until its budget is spent; the studies hold the record."""
+    """Run (or continue) every stage of the search until its budget is spent; the studies hold the record. A study
+    continues under the config it was run under, give or take the fields `config_edits.EDITABLE` lists, unless
+    `accept_config_change`."""
     check_ray_job_storage(cfg)  # inside `ray job submit`: no SQLite study in Ray's temporary working directory
+    changes = check_resume_config(cfg, accept=accept_config_change)  # before anything is written
+    for name, fields in changes.items():
+        log.warning("study '%s' continues under the new config; changed: %s", name, ", ".join(fields))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     lock = None if cfg.execution.shared_study else RunLock(cfg.run_dir)  # before writing anything
     try:
@@ -112,7 +122,7 @@ def run_search(
         for stage in cfg.search.stages:
             if stage == "dfs" and "ps" in cfg.search.stages and cfg.search.dfs.space.model_a is None:
                 export_ps_best(cfg)
-            result = run_stage(cfg, stage, progress=progress, executor_factory=executor_factory)
+            result = run_stage(cfg, stage, progress=progress, executor_factory=executor_factory, changes=changes)
         assert result is not None
         return result
     finally:
@@ -120,7 +130,14 @@ def run_search(
             lock.release()
 
 
-def run_stage(cfg: RunConfig, stage: str, *, progress: bool, executor_factory: Callable[..., Executor]) -> SearchResult:
+def run_stage(
+    cfg: RunConfig,
+    stage: str,
+    *,
+    progress: bool,
+    executor_factory: Callable[..., Executor],
+    changes: dict[str, list[str]] | None = None,
+) -> SearchResult:
     space = build_space(cfg, stage)
     _, opt, budget = cfg.search.stage(stage)
     racing = cfg.evaluation.racing
@@ -129,6 +146,7 @@ def run_stage(cfg: RunConfig, stage: str, *, progress: bool, executor_factory: C
     )
     study = open_study(cfg, space, sampler, stage)
     with storage_errors(cfg):
+        record_config(study, cfg, (changes or {}).get(study.study_name, []))
         if not study.trials:
             study.enqueue_trial(dict(zip(space.names, space.x0)), user_attrs={"x0": True})
         trials = study.get_trials(deepcopy=False)

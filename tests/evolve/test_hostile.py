@@ -79,10 +79,17 @@ class Env:
     """A case's scratch directory: where its config, models and (never created) run directory live."""
 
     tmp: Path
+    finished: Callable[[str], Path] | None = None  # a finished run of this config ("single" or "multi" objective)
 
     @property
     def run_dir(self) -> Path:
         return self.tmp / "run"
+
+    def finished_run(self, kind: str = "single") -> Path:
+        """A copy of a finished run (its study, config.yaml) as this case's run directory."""
+        assert self.finished is not None
+        shutil.copytree(self.finished(kind), self.run_dir)
+        return self.run_dir
 
     def config(self, **changes: Any) -> dict[str, Any]:
         d = copy.deepcopy(BASE_CONFIG)
@@ -422,6 +429,24 @@ def _dataset(damage: str, slice: str | None = None, group: str = "tasks") -> Cal
     return make
 
 
+def _edited_run(verb: str, kind: str = "single", **changes: Any) -> Callable[[Env], list[str]]:
+    """A finished run whose config.yaml was edited (dotted keys, `a__b`), then `verb` on its run directory."""
+
+    def make(env: Env) -> list[str]:
+        run_dir = env.finished_run(kind)
+        data = yaml.safe_load((run_dir / "config.yaml").read_text())
+        for path, value in changes.items():
+            node = data
+            *keys, last = path.split("__")
+            for k in keys:
+                node = node[int(k)] if isinstance(node, list) else node[k]
+            node[last] = value
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        return [verb, str(run_dir), *(["--out", str(env.tmp / "out")] if verb == "export" else [])]
+
+    return make
+
+
 CASES: list[Case] = [
     config_case(
         "weight_bounds_inf",
@@ -577,6 +602,50 @@ CASES: list[Case] = [
         "evaluation.heldout_tasks[0].dataset.slice",
     ),
     Case("heldout_dataset_null_field", _dataset("null_prompt", group="held"), "column 'prompt' is null in row 7"),
+    # issue 25: a study continues under the config it was run under (trials ranked together must mean the same)
+    Case(
+        "resume_after_editing_bounds",
+        _edited_run("resume", search__space__weight_bounds=[0.0, 3.0]),
+        "search.space.weight_bounds changed",
+        run_too=False,
+    ),
+    Case(
+        "resume_after_editing_a_task_limit",
+        _edited_run("resume", evaluation__tasks__0__limit=3),
+        "evaluation.tasks[0].limit changed",
+        run_too=False,
+    ),
+    Case("resume_after_editing_the_seed", _edited_run("resume", seed=7), "seed changed", run_too=False),
+    Case(
+        "resume_after_editing_the_sampler",
+        _edited_run("resume", search__optimizer__sampler="tpe"),
+        "search.optimizer.sampler changed",
+        run_too=False,
+    ),
+    Case(
+        "resume_after_editing_objectives",
+        _edited_run("resume", "multi", evaluation__objectives__1__metric="ja_sub/acc_value"),
+        "evaluation.objectives[1].metric changed",
+        run_too=False,
+    ),
+    Case(
+        "status_after_editing_a_task_limit",
+        _edited_run("status", evaluation__tasks__0__limit=3),
+        "--accept-config-change",
+        run_too=False,
+    ),
+    Case(
+        "export_after_editing_objectives",
+        _edited_run("export", "multi", evaluation__objectives__0__metric="ja_sub/acc_value"),
+        "evaluation.objectives[0].metric changed",
+        run_too=False,
+    ),
+    Case(
+        "report_after_editing_the_reference_point",
+        _edited_run("report", "multi", evaluation__reference_point=[0.1, 0.2]),
+        "evaluation.reference_point changed",
+        run_too=False,
+    ),
     config_case(
         "lm_eval_task_name_unknown",
         "evaluation.tasks[0].tasks",
@@ -600,12 +669,56 @@ def _argv_variants(case: Case, env: Env) -> list[list[str]]:
     return [argv]
 
 
+class _ValuesExecutor:
+    """Scores a recipe by its hash, as two objectives (no model loaded): a multi-objective study in a second."""
+
+    slots = 1
+
+    def __init__(self, cfg: Any, template: Any) -> None:
+        self.pending: list[tuple[int, Any]] = []
+
+    def submit(self, key: int, recipe: Any) -> None:
+        self.pending.append((key, recipe))
+
+    def wait(self) -> tuple[int, Any]:
+        from evolve.worker import Outcome
+
+        key, recipe = self.pending.pop(0)
+        a, b = int(recipe.hash()[:6], 16) / 16**6, int(recipe.hash()[6:12], 16) / 16**6
+        return key, Outcome(worker="fake", metrics={"ja_sub/acc": a, "ja_sub/lang_ok": b}, values=[a, b])
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Finished runs of the base config, scored by a stand-in (the cases edit their config and continue them)."""
+    from evolve.config import parse_config
+    from evolve.loop import run_search
+    from tests.evolve.fake_run import HashScoreExecutor
+
+    built: dict[str, Path] = {}
+
+    def finished(kind: str) -> Path:
+        if kind not in built:
+            run_dir = tmp_path_factory.mktemp(f"finished-{kind}") / "run"
+            changes = _objectives([0.0, 0.0]) if kind == "multi" else {}
+            data = Env(run_dir.parent).config(**changes)
+            executor = _ValuesExecutor if kind == "multi" else HashScoreExecutor
+            run_search(parse_config(data), progress=False, executor_factory=executor)
+            built[kind] = run_dir
+        return built[kind]
+
+    return finished
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_input_gets_one_line(
-    case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+    case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch, finished_runs
 ) -> None:
     monkeypatch.chdir(tmp_path)  # nothing may be written here either
-    env = Env(tmp_path)
+    env = Env(tmp_path, finished_runs)
     for argv in _argv_variants(case, env):
         before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
         t0 = time.perf_counter()
