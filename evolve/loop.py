@@ -31,9 +31,11 @@ from evolve.rescore import rescore_elites
 from evolve.samplers import make_sampler
 from evolve.spaces import build_space, distributions, ps_best_dir
 from evolve.study import (
+    OVER_BUDGET,
     Heartbeats,
     RunLock,
     best_trial,
+    budget_taken,
     counted,
     load_study,
     open_study,
@@ -161,7 +163,19 @@ def run_stage(
             try:
                 protocol = cfg.search.protocol_of(stage)
                 where = cfg.search.protocol_path(stage)
-                reason = _loop(budget, study, space, sampler, executor, progress, left, cfg.evaluation, protocol, where)
+                reason = _loop(
+                    budget,
+                    study,
+                    space,
+                    sampler,
+                    executor,
+                    progress,
+                    left,
+                    cfg.evaluation,
+                    protocol,
+                    where,
+                    shared=cfg.execution.shared_study,
+                )
             finally:
                 executor.close()
         protocol = cfg.search.protocol_of(stage)
@@ -200,7 +214,11 @@ def _loop(
     evaluation: Evaluation | None = None,
     protocol: ItemProtocol | None = None,
     where: str = "",
+    shared: bool = False,
 ) -> str:
+    """Ask, dispatch, tell until a stop rule holds. The budget is the study's: with `shared` (several processes on
+    one study), the trials every process finished or is running are counted before each ask, and a trial asked
+    past the budget in a race with another process is failed as `over_budget` (not counted) instead of run."""
     dists = distributions(space)
     racing = evaluation.racing if evaluation is not None else None
     cap = min(executor.slots, sampler.max_parallel) if isinstance(sampler, PycmaSampler) else executor.slots
@@ -219,9 +237,11 @@ def _loop(
             stop = state.stop_reason()
             while len(inflight) < cap and (
                 resumable
-                or (stop is None and state.done + len(inflight) < budget.max_trials and _can_ask(sampler, study))
+                or (stop is None and _budget_left(study, state, inflight, shared) and _can_ask(sampler, study))
             ):
                 trial = resume_trial(study, resumable.pop(0), dists) if resumable else study.ask(dists)
+                if shared and _over_budget(study, trial, budget.max_trials):
+                    break
                 beats.start(trial)
                 recipe = space.decode([trial.params[n] for n in space.names])
                 items = TrialItems.for_trial(protocol, trial.number, where) if protocol else None
@@ -338,6 +358,24 @@ class LoopState:
         if b.patience is not None and self.since_best >= b.patience:
             return f"patience: {self.since_best} trials without improvement"
         return None
+
+
+def _budget_left(study: optuna.Study, state: LoopState, inflight: dict, shared: bool) -> bool:
+    """Room for one more trial: this process's count (the study's at start, then its own trials), or for a shared
+    study the study's own count now, other processes' running trials included."""
+    if shared:
+        return budget_taken(study.get_trials(deepcopy=False)) < state.budget.max_trials
+    return state.done + len(inflight) < state.budget.max_trials
+
+
+def _over_budget(study: optuna.Study, trial: optuna.Trial, max_trials: int) -> bool:
+    """A shared study: two processes may both see room for the last trial and ask at once. The storage numbers
+    trials in order, so the one whose earlier trials already take the budget fails its trial as `over_budget`."""
+    if budget_taken(study.get_trials(deepcopy=False), before=trial.number) < max_trials:
+        return False
+    trial.set_user_attr(OVER_BUDGET, True)
+    study.tell(trial, state=TrialState.FAIL)
+    return True
 
 
 def _can_ask(sampler: optuna.samplers.BaseSampler, study: optuna.Study) -> bool:

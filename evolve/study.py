@@ -199,11 +199,22 @@ def missing_database(url: str) -> str | None:
     return db if db and db != ":memory:" and not Path(db).is_file() else None
 
 
+OVER_BUDGET = "over_budget"  # trial user attr: asked by a process of a shared study once its budget was taken
+
+
 def counted(t: FrozenTrial) -> bool:
     """Trials that used the budget: finished ones (complete, failed, or stopped early by racing: PRUNED), except
     those an older evomerge marked `interrupted` (it re-ran them as new trials; trials a dead process leaves RUNNING
-    now continue in place, see `resume_trial`)."""
-    return t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED) and not t.user_attrs.get("interrupted")
+    now continue in place, see `resume_trial`), those a shared study's process failed as `interrupted` (its
+    process died; `take_over_stale` re-runs them) and those it asked past the budget (`OVER_BUDGET`)."""
+    finished = t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+    return finished and not t.user_attrs.get("interrupted") and not t.user_attrs.get(OVER_BUDGET)
+
+
+def budget_taken(trials: Iterable[FrozenTrial], before: int | None = None) -> int:
+    """A shared study's budget taken, by every process: trials counted (`counted`) and trials running (each will
+    be), those numbered below `before` when given. Enqueued trials not asked yet take none."""
+    return sum((counted(t) or t.state == TrialState.RUNNING) and (before is None or t.number < before) for t in trials)
 
 
 def resume_trial(study: optuna.Study, left: FrozenTrial, dists: dict[str, FloatDistribution]) -> optuna.Trial:
