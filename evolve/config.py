@@ -29,9 +29,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every float finite
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hugging Face Hub spells a repository
+MAX_HUB_ID = 96
+
+
+def hub_id_problem(v: str) -> str | None:
+    """Why `v` is not a Hub repository id (owner/name), or None."""
+    if HUB_ID.fullmatch(v) and len(v) <= MAX_HUB_ID and "--" not in v and ".." not in v:
+        return None
+    return (
+        f"'{v}' is not a Hugging Face Hub id: owner/name, letters, digits, '-', '_' and '.', at most {MAX_HUB_ID} "
+        "characters (e.g. mistralai/Mistral-7B-v0.1)"
+    )
+
+
+def _hub_id_ok(v: str | None) -> str | None:
+    problem = None if v is None else hub_id_problem(v)
+    if problem:
+        raise ValueError(problem)
+    return v
+
+
 class SourceModel(_Strict):
     path: str = Field(min_length=1, description="local directory or hub id")
     alias: str | None = Field(default=None, max_length=MAX_NAME)
+    hub_id: str | None = Field(
+        default=None, description="the model's Hub id (owner/name): how an export names it, wherever `path` is"
+    )
+
+    @field_validator("hub_id")
+    @classmethod
+    def _hub_id_ok(cls, v: str | None) -> str | None:
+        return _hub_id_ok(v)
 
     @field_validator("alias")
     @classmethod
@@ -43,9 +72,20 @@ class SourceModel(_Strict):
 
 class Models(_Strict):
     base: str | None = None
+    base_hub_id: str | None = Field(default=None, description="the base's Hub id (owner/name), for exports")
     sources: list[SourceModel] = Field(min_length=1)
     allow_pickle: bool = False
     trust_remote_code: bool = False
+
+    @field_validator("base_hub_id")
+    @classmethod
+    def _base_hub_id_ok(cls, v: str | None) -> str | None:
+        return _hub_id_ok(v)
+
+    def hub_ids(self) -> dict[str, str]:
+        """{model string as the config gives it: its Hub id} for the models given one."""
+        ids = {self.base: self.base_hub_id} if self.base is not None and self.base_hub_id else {}
+        return ids | {s.path: s.hub_id for s in self.sources if s.hub_id}
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -54,6 +94,12 @@ class Models(_Strict):
 
     def aliases(self) -> list[str]:
         return [s.alias or Path(s.path.rstrip("/")).name.lower() for s in self.sources]
+
+    @model_validator(mode="after")
+    def _hub_id_of_a_base(self) -> Models:
+        if self.base_hub_id is not None and self.base is None:
+            raise ValueError("base_hub_id: names the base, and there is no `base`")
+        return self
 
     @model_validator(mode="after")
     def _distinct_models(self) -> Models:

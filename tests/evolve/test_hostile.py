@@ -602,6 +602,21 @@ CASES: list[Case] = [
         "evaluation.heldout_tasks[0].dataset.slice",
     ),
     Case("heldout_dataset_null_field", _dataset("null_prompt", group="held"), "column 'prompt' is null in row 7"),
+    # issue 25: Hub ids an export names the models by
+    config_case(
+        "hub_id_a_path",
+        "models.sources.1.hub_id",
+        models={
+            **BASE_CONFIG["models"],
+            "sources": [
+                *BASE_CONFIG["models"]["sources"][:1],
+                {"path": str(ZOO / "expert_math"), "hub_id": str(ZOO / "expert_math")},
+            ],
+        },
+    ),
+    config_case(
+        "base_hub_id_one_part", "models.base_hub_id", models={**BASE_CONFIG["models"], "base_hub_id": "base-model"}
+    ),
     # issue 25: a study continues under the config it was run under (trials ranked together must mean the same)
     Case(
         "resume_after_editing_bounds",
