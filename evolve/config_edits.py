@@ -21,7 +21,7 @@ import optuna
 import yaml
 
 from evolve.config import RunConfig, dump_config, parse_config
-from evolve.study import missing_database, read_storage, study_name
+from evolve.study import check_objectives, missing_database, read_storage, study_name
 from merge_core.errors import EvomergeError
 
 # Dotted paths (fnmatch patterns, list items as [N]) of the fields an edit may change under a running study.
@@ -108,7 +108,9 @@ def _refusal(cfg: RunConfig, study: optuna.Study, fields: list[str]) -> Evomerge
 
 
 def check_study_config(cfg: RunConfig, study: optuna.Study) -> None:
-    """For a reader (status, report, export): refuse a config whose meaningful fields differ from the study's."""
+    """For a reader (status, report, export): refuse a config whose meaningful fields differ from the study's (its
+    objectives first: those no flag can change)."""
+    check_objectives(study, cfg)
     stored = study.user_attrs.get("config")
     fields = changed_fields(stored, cfg) if stored else []
     if fields:
@@ -121,6 +123,8 @@ def check_resume_config(cfg: RunConfig, *, accept: bool = False) -> dict[str, li
     changes = {}
     for stage in cfg.search.stages:
         study = _existing_study(cfg, stage)
+        if study is not None:
+            check_objectives(study, cfg)  # a study's objectives never change, accepted or not
         stored = study.user_attrs.get("config") if study is not None else None
         fields = changed_fields(stored, cfg) if stored else []
         if fields and not accept:

@@ -99,7 +99,7 @@ def check_out(cfg: RunConfig, out: Path) -> None:
     if relation:
         raise EvomergeError(
             f"--out {out}: {relation} the run directory {cfg.run_dir} (also refused with --overwrite); "
-            "export to a directory outside it"
+            "export to another directory, outside it"
         )
 
 

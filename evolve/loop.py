@@ -106,12 +106,12 @@ def run_search(
     continues under the config it was run under, give or take the fields `config_edits.EDITABLE` lists, unless
     `accept_config_change`."""
     check_ray_job_storage(cfg)  # inside `ray job submit`: no SQLite study in Ray's temporary working directory
-    changes = check_resume_config(cfg, accept=accept_config_change)  # before anything is written
-    for name, fields in changes.items():
-        log.warning("study '%s' continues under the new config; changed: %s", name, ", ".join(fields))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     lock = None if cfg.execution.shared_study else RunLock(cfg.run_dir)  # before writing anything
     try:
+        changes = check_resume_config(cfg, accept=accept_config_change)  # before config.yaml is written
+        for name, fields in changes.items():
+            log.warning("study '%s' continues under the new config; changed: %s", name, ", ".join(fields))
         if has_secret(cfg.storage):
             log.warning(
                 "storage: the password in the storage URL is not written to %s nor to the study; to resume "
