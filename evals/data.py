@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from evals.spec import LIMIT_MODE, LIMIT_MODES
 from merge_core.errors import EvomergeError
 
 T = TypeVar("T")
@@ -72,9 +73,13 @@ def write_jsonl(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
 
 
 def _require(row: dict[str, Any], fields: Sequence[str], where: str) -> None:
+    """The item fields are there and not null (a null would be read as the text 'None' and scored)."""
     missing = [f for f in fields if f not in row]
     if missing:
         raise EvomergeError(f"{where}: missing field(s) {missing} (have {sorted(row)})")
+    null = [f for f in fields if row[f] is None]
+    if null:
+        raise EvomergeError(f"{where}: field(s) {null} are null; give each item a value")
 
 
 def load_generation_items(task_dir: str | Path, split: str) -> list[GenerationItem]:
@@ -137,6 +142,24 @@ def parse_slice(text: str | None) -> slice:
     return slice(*(int(g) if g is not None else None for g in m.groups()))
 
 
+def slice_positions(text: str | None, n: int, label: str) -> range:
+    """The rows a slice selects of `n`: its bounds within the rows (where Python would clip a bound past the end
+    silently, a dataset smaller than the config expects is an error) and at least one row selected."""
+    if n == 0:
+        raise EvomergeError(f"dataset.split: {label} has no rows; choose a split that has some")
+    s = parse_slice(text)
+    for bound in (s.start, s.stop):
+        if bound is not None and not -n <= bound <= n:
+            raise EvomergeError(
+                f"dataset.slice: '{text}' reaches past the end of {label}, which has {n} rows; keep its bounds "
+                f"within -{n}..{n}"
+            )
+    positions = range(n)[s]
+    if not positions:
+        raise EvomergeError(f"dataset.slice: '{text}' selects none of the {n} rows of {label}")
+    return positions
+
+
 @contextmanager
 def hub_offline() -> Iterator[None]:
     """`datasets` and `huggingface_hub` in offline mode for the block, as HF_DATASETS_OFFLINE=1 would set them:
@@ -160,7 +183,10 @@ def open_dataset(source: Mapping[str, Any], *, offline: bool = False) -> Any:
 
     path, split = str(source["path"]), source.get("split")
     if is_saved_dataset(path):
-        data = datasets.load_from_disk(str(Path(path).expanduser()))
+        try:
+            data = datasets.load_from_disk(str(Path(path).expanduser()))
+        except Exception as err:  # noqa: BLE001 - datasets/pyarrow raise many kinds on a damaged folder
+            raise EvomergeError(f"dataset.path: {path}: {unreadable_saved_dataset(Path(path), err)}") from None
         if isinstance(data, datasets.DatasetDict):
             if split not in data:
                 raise EvomergeError(f"dataset.split: {split!r} is not a split of {path} (splits: {', '.join(data)})")
@@ -184,6 +210,30 @@ def open_dataset(source: Mapping[str, Any], *, offline: bool = False) -> Any:
     return data
 
 
+def unreadable_saved_dataset(folder: Path, err: BaseException) -> str:
+    """Why `datasets.load_from_disk` could not read a save_to_disk folder, naming the damaged file where one is:
+    a JSON file that does not parse, a data file its split lists that is missing, an empty split (datasets writes
+    one with no data file and cannot read it back); else the library's own message, in one line."""
+    folder = folder.expanduser()
+    fix = "write it again with save_to_disk"
+    for meta in sorted(folder.rglob("*.json")):
+        try:
+            state = json.loads(meta.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, OSError):
+            return f"{meta.relative_to(folder)} is not valid JSON (truncated?); {fix}"
+        if meta.name != "state.json" or not isinstance(state, dict):
+            continue
+        files = [f.get("filename") for f in state.get("_data_files") or [] if isinstance(f, dict)]
+        if not files:
+            which = "it has" if meta.parent == folder else f"its split '{meta.parent.relative_to(folder)}' has"
+            return f"{which} no rows, which datasets cannot read back; remove the empty split or give it rows"
+        for name in files:
+            if isinstance(name, str) and not (meta.parent / name).is_file():
+                return f"{(meta.parent / name).relative_to(folder)} is missing; {fix}"
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"cannot be read ({type(err).__name__}: {text[:200]}; a data file damaged?); {fix}"
+
+
 def dataset_rows(kind: str, source: Mapping[str, Any], *, offline: bool = False) -> list[dict[str, Any]]:
     """The source's rows (its `slice` of them) as item-field dicts: ``fields`` maps item fields to columns;
     unmapped fields keep their name, and an unmapped `id` is the row's index in the split."""
@@ -199,8 +249,19 @@ def dataset_rows(kind: str, source: Mapping[str, Any], *, offline: bool = False)
                 f"dataset.fields.{field}: column '{column}' is not in {source['path']} "
                 f"(columns: {', '.join(data.column_names)})"
             )
-    positions = range(len(data))[parse_slice(source.get("slice"))]
-    table = data.select_columns(sorted(set(columns.values()))).select(positions).to_dict()
+    label = f"{source['path']}" + (f" split {source['split']}" if source.get("split") else "")
+    positions = slice_positions(source.get("slice"), len(data), label)
+    try:
+        table = data.select_columns(sorted(set(columns.values()))).select(positions).to_dict()
+    except Exception as err:  # noqa: BLE001 - a data file damaged past what load_from_disk reads
+        raise EvomergeError(f"dataset.path: {label}: cannot be read ({type(err).__name__}: {err}"[:300] + ")") from None
+    for field, column in columns.items():
+        null = next((n for n, value in enumerate(table[column]) if value is None), None)
+        if null is not None:
+            raise EvomergeError(
+                f"dataset.fields.{field}: column '{column}' is null in row {positions[null]} of {label} (it would be "
+                "scored as the text 'None'); fill it in, or slice the rows without it"
+            )
     return [
         {"id": i, **{field: table[column][n] for field, column in columns.items()}} for n, i in enumerate(positions)
     ]
@@ -212,16 +273,20 @@ def load_dataset_items(kind: str, source: Mapping[str, Any]) -> list[GenerationI
     return (generation_items if kind == "generation" else choice_items)(rows, f"dataset {source['path']}")
 
 
-def subsample_indices(n: int, limit: int | None, seed: int) -> list[int]:
-    """Sorted indices of `limit` items drawn without replacement by `random.Random(seed)`; all when limit is None
-    or >= n."""
+def subsample_indices(n: int, limit: int | None, seed: int, mode: str = LIMIT_MODE) -> list[int]:
+    """Sorted indices of `limit` items: with mode "sample", drawn without replacement by `random.Random(seed)`; with
+    "first", the first `limit` (lm-eval's `--limit`); all when limit is None or >= n."""
+    if mode not in LIMIT_MODES:
+        raise EvomergeError(f"limit_mode: {mode!r} is not one of {', '.join(LIMIT_MODES)}")
     if limit is None or limit >= n:
         return list(range(n))
     if limit < 1:
         raise EvomergeError(f"limit must be a positive number of items, got {limit}")
+    if mode == "first":
+        return list(range(limit))
     return sorted(random.Random(seed).sample(range(n), limit))
 
 
-def subsample(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
-    """The same `limit` items for the same (limit, seed) every time, in their original order."""
-    return [items[i] for i in subsample_indices(len(items), limit, seed)]
+def subsample(items: Sequence[T], limit: int | None, seed: int, mode: str = LIMIT_MODE) -> list[T]:
+    """The same `limit` items for the same (limit, seed, mode) every time, in their original order."""
+    return [items[i] for i in subsample_indices(len(items), limit, seed, mode)]

@@ -39,11 +39,19 @@ def check_template(template: str | None) -> str | None:
     return template
 
 
+def require_chat_template(tokenizer: PreTrainedTokenizerBase, model: str | None = None) -> None:
+    """`chat_template: true` needs a tokenizer with a chat template (checked before a search and by every call)."""
+    if not getattr(tokenizer, "chat_template", None):
+        which = f" (model '{model}')" if model else ""
+        raise EvomergeError(
+            f"chat_template: true, but the model's tokenizer has no chat template{which}; set it to false"
+        )
+
+
 def chat_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[str]:
     """Each prompt as one user turn in the tokenizer's chat template, opening the assistant's turn (a BOS the
     template writes is dropped when the tokenizer adds its own, so a prompt never starts with two)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise EvomergeError("chat_template: true, but the model's tokenizer has no chat template; set it to false")
+    require_chat_template(tokenizer)
     adds_bos = tokenizer.bos_token_id is not None and tokenizer.bos_token_id in tokenizer("")["input_ids"]
     texts = []
     for prompt in prompts:

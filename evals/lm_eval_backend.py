@@ -85,8 +85,8 @@ class LmEvalEvaluator(Evaluator):
 
     Returns every ``"<task>/<metric>,<filter>"`` (e.g. ``"ja_sub/exact_match,first_word"``) and, for each
     entry of `metrics` (task -> ``"<metric>,<filter>"`` or ``[metric, filter]``), the headline ``"<task>"``.
-    `limit` draws the same items as the native evaluators (`subsample_indices(n, limit, seed)`), not lm-eval's
-    first `limit`.
+    `limit` draws the same items as the native evaluators (`subsample_indices(n, limit, seed, limit_mode)`): a
+    seeded sample, or with `limit_mode="first"` lm-eval's first `limit`.
     """
 
     def __init__(
@@ -97,6 +97,7 @@ class LmEvalEvaluator(Evaluator):
         metrics: Mapping[str, str | Sequence[str]] | None = None,
         name: str = "lm_eval",
         limit: int | None = None,
+        limit_mode: str = spec.LIMIT_MODE,
         seed: int = 0,
         batch_size: int = spec.BATCH_SIZE,
         num_fewshot: int | None = None,
@@ -114,7 +115,7 @@ class LmEvalEvaluator(Evaluator):
         self.max_length = max_length
         self.task_dict = load_task_dict(self.tasks, build_task_manager(self.tasks, include_path))
         self._configure_tasks(num_fewshot, seed)
-        self.samples = self._sample_indices(limit, seed)
+        self.samples = self._sample_indices(limit, seed, limit_mode)
         self._lm: Any = None
         self._lm_for: tuple[int, int] | None = None
 
@@ -137,10 +138,12 @@ class LmEvalEvaluator(Evaluator):
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=seed)
 
-    def _sample_indices(self, limit: int | None, seed: int) -> dict[str, list[int]] | None:
+    def _sample_indices(self, limit: int | None, seed: int, mode: str) -> dict[str, list[int]] | None:
         if limit is None:
             return None
-        return {name: subsample_indices(len(task.eval_docs), limit, seed) for name, task in self._leaf_tasks().items()}
+        return {
+            name: subsample_indices(len(task.eval_docs), limit, seed, mode) for name, task in self._leaf_tasks().items()
+        }
 
     def lm(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Any:
         """The HFLM wrapping this live model (rebuilt only when a different model or tokenizer object arrives)."""

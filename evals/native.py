@@ -61,8 +61,8 @@ def _source_label(task_dir: Any, split: str, dataset: Mapping[str, Any] | None) 
 
 class TaskItemsEvaluator(ItemEvaluator):
     """An evaluator of items read from JSONL splits (`task_dir`, `split`) or a `datasets` source (`dataset`),
-    subsampled to `limit` by `seed`, in the run's item order; each prompt formatted by `prompt_template`, an answer
-    joined to it with `delimiter`."""
+    subsampled to `limit` by `seed` (or its first `limit` with `limit_mode="first"`), in the run's item order; each
+    prompt formatted by `prompt_template`, an answer joined to it with `delimiter`."""
 
     kind: str  # the task type: which item reader applies
 
@@ -74,12 +74,13 @@ class TaskItemsEvaluator(ItemEvaluator):
         dataset: Mapping[str, Any] | None = None,
         name: str | None = None,
         limit: int | None = None,
+        limit_mode: str = spec.LIMIT_MODE,
         seed: int = 0,
         batch_size: int = spec.BATCH_SIZE,
         prompt_template: str | None = None,
         delimiter: str = " ",
     ) -> None:
-        self.items = subsample(_load_items(self.kind, task_dir, split, dataset), limit, seed)
+        self.items = subsample(_load_items(self.kind, task_dir, split, dataset), limit, seed, limit_mode)
         if not self.items:
             raise EvomergeError(f"{self.kind} task {_source_label(task_dir, split, dataset)} has no items")
         self.order = item_order(len(self.items), seed)
@@ -248,6 +249,7 @@ class PerplexityEvaluator(ItemEvaluator):
         *,
         name: str | None = None,
         limit: int | None = None,
+        limit_mode: str = spec.LIMIT_MODE,
         seed: int = 0,
         batch_size: int = spec.BATCH_SIZE,
         max_length: int = spec.PERPLEXITY_MAX_LENGTH,
@@ -256,7 +258,7 @@ class PerplexityEvaluator(ItemEvaluator):
         if not path.is_file():
             raise EvomergeError(f"perplexity text_file not found: {path}")
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        self.documents = subsample(lines, limit, seed)
+        self.documents = subsample(lines, limit, seed, limit_mode)
         if not self.documents:
             raise EvomergeError(f"perplexity text_file {path} has no non-empty lines")
         self.order = item_order(len(self.documents), seed)

@@ -8,6 +8,10 @@ GENERATION, CHOICE, PERPLEXITY, LM_EVAL = "generation", "choice", "perplexity", 
 TASK_TYPES = (GENERATION, CHOICE, PERPLEXITY, LM_EVAL)  # evals.EVALUATOR_TYPES builds each
 
 BATCH_SIZE = 8
+# how `limit` picks a task's items: a seeded random sample (the default), or the first `limit` in file order
+# (lm-eval's `--limit`)
+LIMIT_MODES = ("sample", "first")
+LIMIT_MODE = "sample"
 MAX_NEW_TOKENS = 32
 EXTRACT = "last_number"
 GOLD_PROB = True

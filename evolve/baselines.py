@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 Scores = tuple[dict[str, float], dict[str, ItemScores]]  # metrics, and the per-item scores behind them
 
 
-def heldout_evaluators(cfg: RunConfig, split: str | None = None, limit: int | None = None) -> Evaluators:
+def heldout_evaluators(
+    cfg: RunConfig, split: str | None = None, limit: int | None = None, limit_mode: str | None = None
+) -> Evaluators:
     ev = cfg.evaluation
     return build_evaluators(
         ev.heldout_scored(),
@@ -31,6 +33,7 @@ def heldout_evaluators(cfg: RunConfig, split: str | None = None, limit: int | No
         split=split or ev.heldout_split,
         limit=limit if limit is not None else ev.heldout_limit,
         heldout=True,
+        limit_mode=limit_mode,
     )
 
 
@@ -40,12 +43,14 @@ def score_checkpoint(
     *,
     split: str | None = None,
     limit: int | None = None,
+    limit_mode: str | None = None,
     device: str = "auto",
     evaluators: Evaluators | None = None,
 ) -> Scores:
     """Load an HF checkpoint with transformers and score it on the config's held-out tasks (or `evaluators`)."""
     cfg = cfg.model_copy(update={"execution": cfg.execution.model_copy(update={"device": device})})
-    return Scorer.for_checkpoint(cfg, path, evaluators or heldout_evaluators(cfg, split, limit)).score()
+    evaluators = evaluators or heldout_evaluators(cfg, split, limit, limit_mode)
+    return Scorer.for_checkpoint(cfg, path, evaluators).score()
 
 
 MODEL_SCORES_KEY = "heldout-model:"  # + label: a study user attr, a base's or source's held-out metrics, kept

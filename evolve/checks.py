@@ -13,8 +13,11 @@ from typing import Any
 
 from evals import evaluator_class
 from evals.data import DatasetNotCached, dataset_rows, hub_offline
+from evals.lm import require_chat_template
 from evolve.config import RunConfig, SourceModel, Space
-from evolve.scoring import build_evaluators
+from evolve.cost import task_items
+from evolve.protocol import n_items, search_items
+from evolve.scoring import build_evaluators, load_tokenizer
 from evolve.spaces import build_space, dfs_shape_source, open_checkpoint
 from merge_core.dataflow import check_compatible_configs
 from merge_core.errors import EvomergeError
@@ -37,8 +40,9 @@ def validate_run(cfg: RunConfig, *, where: str | None = None, offline: bool = Fa
 
 
 def _validate_run(cfg: RunConfig, offline: bool) -> list[str]:
-    notes = _check_tasks(cfg, offline=offline)
     _check_fitness_metrics(cfg)
+    notes, counts = _check_tasks(cfg, offline=offline)
+    _check_protocols(cfg, counts)
     if "ps" in cfg.search.stages:
         _check_space_params(cfg.search.space, cfg.models.sources)
     _check_writable_dir(cfg.run_dir, "output_dir" if cfg.output_dir else "run directory")
@@ -47,6 +51,8 @@ def _validate_run(cfg: RunConfig, offline: bool) -> list[str]:
             resolve_device(cfg.execution.device)
         except EvomergeError as e:
             raise EvomergeError(f"execution.{e}") from None
+    if not offline:
+        _check_heldout_tokenizers(cfg)
     lines = []
     for stage in cfg.search.stages:
         _, opt, budget = cfg.search.stage(stage)
@@ -63,22 +69,23 @@ def _check_dataset(task: Any, where: str) -> str | None:
     source = task.dataset.model_dump()
     label = f"{source['path']}" + (f" ({source['name']})" if source["name"] else "") + f" split {source['split']}"
     try:
-        rows = dataset_rows(task.type, source, offline=True)
+        dataset_rows(task.type, source, offline=True)  # an empty split or selection, a null field: refused there
     except DatasetNotCached:
         return f"{where}.dataset: {label}: not cached; not checked (split, fields); `evolve run` downloads it"
     except EvomergeError as e:
         msg = str(e)
         raise EvomergeError(f"{where}.{msg}" if msg.startswith("dataset.") else f"{where}.dataset: {msg}") from None
-    if not rows:
-        raise EvomergeError(f"{where}.dataset.slice: '{source['slice']}' selects none of the split's rows")
     return None
 
 
-def _check_tasks(cfg: RunConfig, offline: bool) -> list[str]:
+def _check_tasks(cfg: RunConfig, offline: bool) -> tuple[list[str], dict[str, int | None]]:
     """The data files exist; dataset sources are read from disk or the local cache (never downloaded; a note for
     each not there); unless offline, the data: native evaluators are built (their data read, templates,
-    extractors and language checks parsed) for the search split and the held-out split. Returns the notes."""
+    extractors and language checks parsed) for the search split and the held-out split, and lm-eval task names
+    are looked up. Returns the notes, and each search task's item count as its evaluator has them (offline: as
+    the data files give them; None where unknown)."""
     ev = cfg.evaluation
+    counts: dict[str, int | None] = {t.name: task_items(t) for t in ev.tasks}
     notes, missing = [], set()
     for group, tasks in (("tasks", ev.tasks), ("heldout_tasks", ev.heldout_tasks)):
         for i, task in enumerate(tasks):
@@ -93,12 +100,16 @@ def _check_tasks(cfg: RunConfig, offline: bool) -> list[str]:
                     raise EvomergeError(f"evaluation.{group}[{i}].{key}: {spec[key]} does not exist")
     remote = cfg.execution.backend == "ray" and bool(cfg.execution.ray_address or os.environ.get("RAY_ADDRESS"))
     if offline or remote:  # on a Ray cluster the workers read the data, perhaps from paths only they have
-        return notes
+        return notes, counts
     with_datasets = any(getattr(t, "dataset", None) is not None for t in [*ev.tasks, *ev.heldout_tasks])
     # lm-eval's task index takes long; a dataset not cached was noted above (building would download it)
     native = lambda ts: [t for t in ts if t.type != "lm_eval" and t.name not in missing]  # noqa: E731
+
+    def search() -> None:
+        counts.update((name, n_items(e)) for name, e in build_evaluators(native(ev.tasks), seed=cfg.seed))
+
     for label, build in (
-        ("evaluation.tasks", lambda: build_evaluators(native(ev.tasks), seed=cfg.seed)),
+        ("evaluation.tasks", search),
         (
             f"evaluation.heldout_split '{ev.heldout_split}'",
             lambda: (
@@ -119,7 +130,34 @@ def _check_tasks(cfg: RunConfig, offline: bool) -> list[str]:
                 build()
         except EvomergeError as e:
             raise EvomergeError(f"{label}: {e}") from None
-    return notes
+    _check_lm_eval_names(cfg)
+    return notes, counts
+
+
+def _check_lm_eval_names(cfg: RunConfig) -> None:
+    """Every lm-eval task name is one lm-eval finds (in include_path, else among its own tasks): the lookup the
+    worker's evaluator makes, without loading the tasks' data."""
+    from evals.lm_eval_backend import build_task_manager
+
+    for group in ("tasks", "heldout_tasks"):
+        for i, task in enumerate(getattr(cfg.evaluation, group)):
+            if task.type == "lm_eval":
+                try:
+                    build_task_manager(task.tasks, task.include_path)
+                except EvomergeError as e:
+                    raise EvomergeError(f"evaluation.{group}[{i}].tasks: {e}") from None
+
+
+def _check_protocols(cfg: RunConfig, counts: dict[str, int | None]) -> None:
+    """Each stage's item protocol leaves every search task items to search and a batch that fits
+    (`protocol.search_items`, the rule the worker applies to every trial)."""
+    for stage in cfg.search.stages:
+        protocol = cfg.search.protocol_of(stage)
+        if protocol is None:
+            continue
+        for name, n in counts.items():
+            if n is not None:
+                search_items(n, protocol.validation, protocol.batch, name, cfg.search.protocol_path(stage))
 
 
 def _check_fitness_metrics(cfg: RunConfig) -> None:
@@ -175,9 +213,6 @@ def _check_writable_dir(path: Path, field: str) -> None:
         raise EvomergeError(f"{field}: {path}: no permission to write in {probe}; choose a writable {field}")
 
 
-TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tiktoken.model")
-
-
 def _check_stage(cfg: RunConfig, stage: str) -> str:
     """Open the stage's checkpoints (headers and configs only) and build its space; a summary of what was checked."""
     opts = dict(allow_pickle=cfg.models.allow_pickle, trust_remote_code=cfg.models.trust_remote_code)
@@ -187,7 +222,7 @@ def _check_stage(cfg: RunConfig, stage: str) -> str:
         ckpts = open_models(recipe, **opts)
         reference = ckpts[recipe.base_model or recipe.models[0]]
         check_recipe(recipe, reference.num_layers, where="search.space (its x0 recipe)")
-        _check_tokenizer(reference)
+        _check_tokenizer(cfg, reference, cfg.evaluation.tasks, "evaluation.tasks")
         return f"{len(ckpts)} checkpoints compatible, {space.dim} parameters"
     space = build_space(cfg, "dfs")  # opens A (the base while a hybrid's PS merge is not written yet) and B
     ca = open_checkpoint(cfg, dfs_shape_source(cfg))
@@ -202,22 +237,30 @@ def _check_stage(cfg: RunConfig, stage: str) -> str:
             f"search.dfs.space.model_b: vocab_size {vb} differs from model A's {va}; "
             "data-flow merging runs B's layers on A's embeddings and head"
         )
-    _check_tokenizer(ca)
+    _check_tokenizer(cfg, ca, cfg.evaluation.tasks, "evaluation.tasks")
     return (
         f"{space.repeats} repeats x ({space.layers_a} + {space.layers_b}) layers = {space.num_slots} slots, "
         f"{space.dim} parameters"
     )
 
 
-def _check_tokenizer(ckpt: Any) -> None:
-    """The candidates are scored with this checkpoint's tokenizer: its files must be there."""
-    vocab_files = [
-        *(ckpt.path / f for f in TOKENIZER_MODEL_FILES),
-        *ckpt.path.glob("*.model"),
-        *ckpt.path.glob("*.tiktoken"),
-    ]
-    if not any(f.is_file() for f in vocab_files):
-        raise EvomergeError(
-            f"model '{ckpt.name}': no tokenizer ({', '.join(TOKENIZER_MODEL_FILES[:4])}) in {ckpt.path}; "
-            "the search scores candidates with this model's tokenizer: add its tokenizer files"
-        )
+def _check_tokenizer(cfg: RunConfig, ckpt: Any, tasks: list[Any], field: str) -> None:
+    """The tokenizer `tasks` are scored with on this checkpoint loads, as the Scorer loads it, and has a chat
+    template where a task asks for one."""
+    tokenizer = load_tokenizer(ckpt.path, trust_remote_code=cfg.models.trust_remote_code, model=ckpt.name)
+    for i, task in enumerate(tasks):
+        if getattr(task, "chat_template", False):
+            try:
+                require_chat_template(tokenizer, ckpt.name)
+            except EvomergeError as e:
+                raise EvomergeError(f"{field}[{i}].{e}") from None
+
+
+def _check_heldout_tokenizers(cfg: RunConfig) -> None:
+    """The held-out table (and `evolve export`) scores the base and every source with its own tokenizer."""
+    ev = cfg.evaluation
+    if not (ev.heldout_split and ev.heldout_scored()):
+        return
+    for model in [cfg.models.base, *(s.path for s in cfg.models.sources)]:
+        if model is not None:
+            _check_tokenizer(cfg, open_checkpoint(cfg, model), ev.heldout_scored(), "evaluation.heldout_tasks")

@@ -75,6 +75,13 @@ def parse_size(text: str, what: str) -> int:
     raise EvomergeError(f"{what}: '{text}' is not a size such as 5GB or 500MB")
 
 
+def positive(value: int | None, flag: str, what: str) -> int | None:
+    """A count given on the command line: None (not given) or at least 1, else a one-line error naming the flag."""
+    if value is not None and value < 1:
+        raise EvomergeError(f"{flag}: {value} is not a positive number of {what}; give 1 or more")
+    return value
+
+
 # ---- run / resume -----------------------------------------------------------------------------
 
 
@@ -160,7 +167,7 @@ def _search(cfg: RunConfig, args: argparse.Namespace) -> int:
         print(line)
     with _second_interrupt_exits():
         try:
-            result = run_search(cfg, progress=not args.no_progress)
+            result = run_search(cfg, progress=not args.no_progress, accept_config_change=args.accept_config_change)
             best = best_trial(result.study)
             r = rescored(result.study).get(best.number)
             if is_multi(result.study.directions):  # several objectives: the front, and its balanced member
@@ -249,14 +256,17 @@ def _fmt(v: Any) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from optuna.trial import TrialState
 
+    from evolve.config_edits import check_study_config
     from evolve.items import decode_items, items_scored, tokens_generated
     from evolve.pareto import is_multi
     from evolve.stats import metric_intervals
     from evolve.study import best_first, best_trial, counted, load_study, rescored
 
+    positive(args.top, "--top", "trials")
     cfg = resolve_run(args.run)
     stage = args.stage or cfg.search.stages[-1]
     study = load_study(cfg, stage)
+    check_study_config(cfg, study)
     trials = study.get_trials(deepcopy=False)
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
     print(
@@ -324,14 +334,17 @@ def _spending(trials: list, items_scored: Callable, tokens_generated: Callable) 
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from evolve.config_edits import check_study_config
     from evolve.pareto import is_multi
     from evolve.report import write_report
     from evolve.study import load_study
 
+    positive(args.top, "--top", "trials")
     cfg = resolve_run(args.run)
     stage = args.stage or cfg.search.stages[-1]
     out = cfg.run_dir / ("report" if stage == cfg.search.stages[0] else f"report-{stage}")
     study = load_study(cfg, stage)
+    check_study_config(cfg, study)
     heldout = None
     if is_multi(study.directions) and not args.no_heldout:  # the front members' held-out scores (kept in the study)
         from evolve.front import front_heldout
@@ -344,13 +357,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from evolve.export import export_trial
+    from evolve.config_edits import check_study_config
+    from evolve.export import check_out, export_trial
     from evolve.study import load_study
 
     cfg = resolve_run(args.run)
+    check_out(cfg, Path(args.out))  # before the study is read
+    study = load_study(cfg, args.stage)
+    check_study_config(cfg, study)
     out = export_trial(
         cfg,
-        load_study(cfg, args.stage),
+        study,
         Path(args.out),
         trial_number=args.trial,
         device=args.device,
@@ -384,9 +401,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from evolve.baselines import score_checkpoint
 
+    positive(args.limit, "--limit", "items")
     cfg = load_config(args.config)
     metrics, _ = score_checkpoint(
-        cfg, args.checkpoint, split=args.split or cfg.evaluation.heldout_split, limit=args.limit, device=args.device
+        cfg,
+        args.checkpoint,
+        split=args.split or cfg.evaluation.heldout_split,
+        limit=args.limit,
+        limit_mode=args.limit_mode,
+        device=args.device,
     )
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -429,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="run config YAML (or, for resume, a run directory)")
         p.add_argument("--no-progress", action="store_true", help="no live progress line")
         p.add_argument("--no-final-table", action="store_true", help="skip the held-out table at the end")
+        p.add_argument(
+            "--accept-config-change",
+            action="store_true",
+            help="continue a study under a config whose fields that decide what a trial means (models, space, "
+            "sampler, seed, tasks, fitness, protocol, racing, ...) changed since it ran; without it such a change is "
+            "refused (budget, execution, storage, output_dir and held-out settings may always change)",
+        )
     run.add_argument(
         "--seed",
         type=int,
@@ -472,7 +502,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="HF checkpoint directory")
     p.add_argument("--config", required=True, help="a run config whose evaluation.tasks to score")
     p.add_argument("--split", default=None, help="split to score (default: the config's held-out split)")
-    p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="items per task (default: all; else the config's heldout_limit): a random sample seeded by the "
+        "config's seed, the same items every time, unless --limit-mode first",
+    )
+    p.add_argument(
+        "--limit-mode",
+        choices=["sample", "first"],
+        default=None,
+        help="how a limit picks items: sample (seeded random, evomerge's default) or first (the first N in file "
+        "order, as lm_eval --limit does); default: each task's limit_mode (sample)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return parser
@@ -494,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except EvomergeError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {redact_url(' '.join(str(e).split()))}", file=sys.stderr)  # a URL a library quoted, too
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -10,14 +10,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from evolve.fitness import FitnessTerm, Objective
+from evolve.fitness import FitnessTerm, Objective, unreachable_reference
 from evolve.tasks import MAX_NAME, MAX_SEED, TASK_TYPES, Task, name_chars
-from evolve.urls import expand_env, persisted_url, redact_url
+from evolve.urls import ambiguity, expand_env, persisted_url, redact_url
 from merge_core.errors import EvomergeError
 from merge_core.recipe import DTYPES
 from merge_core.yamlio import load_yaml, read_text
 
 MAX_REPEATS = 1000  # dfs repeats (the slot count is bounded again, with the layer counts, by DataFlowSpace)
+MAX_HEARTBEAT_S = 86400  # a day: Optuna keeps 3x this as a timedelta, which overflows far above
+MAX_THREADS = 4096  # torch takes a C int
 DType = Literal[DTYPES]  # type: ignore[valid-type]  # merge_core.recipe.DTYPES, as a schema type
 SamplerName = Literal["cmaes", "pycma", "tpe", "random", "nsga2", "gp"]  # evolve.samplers.make_sampler builds each
 MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "tpe", "gp", "random")  # the ones that take several objectives
@@ -27,9 +29,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every float finite
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hugging Face Hub spells a repository
+MAX_HUB_ID = 96
+
+
+def hub_id_problem(v: str) -> str | None:
+    """Why `v` is not a Hub repository id (owner/name), or None."""
+    if HUB_ID.fullmatch(v) and len(v) <= MAX_HUB_ID and "--" not in v and ".." not in v:
+        return None
+    return (
+        f"'{v}' is not a Hugging Face Hub id: owner/name, letters, digits, '-', '_' and '.', at most {MAX_HUB_ID} "
+        "characters (e.g. mistralai/Mistral-7B-v0.1)"
+    )
+
+
+def _hub_id_ok(v: str | None) -> str | None:
+    problem = None if v is None else hub_id_problem(v)
+    if problem:
+        raise ValueError(problem)
+    return v
+
+
 class SourceModel(_Strict):
     path: str = Field(min_length=1, description="local directory or hub id")
     alias: str | None = Field(default=None, max_length=MAX_NAME)
+    hub_id: str | None = Field(
+        default=None, description="the model's Hub id (owner/name): how an export names it, wherever `path` is"
+    )
+
+    @field_validator("hub_id")
+    @classmethod
+    def _hub_id_ok(cls, v: str | None) -> str | None:
+        return _hub_id_ok(v)
 
     @field_validator("alias")
     @classmethod
@@ -41,9 +72,20 @@ class SourceModel(_Strict):
 
 class Models(_Strict):
     base: str | None = None
+    base_hub_id: str | None = Field(default=None, description="the base's Hub id (owner/name), for exports")
     sources: list[SourceModel] = Field(min_length=1)
     allow_pickle: bool = False
     trust_remote_code: bool = False
+
+    @field_validator("base_hub_id")
+    @classmethod
+    def _base_hub_id_ok(cls, v: str | None) -> str | None:
+        return _hub_id_ok(v)
+
+    def hub_ids(self) -> dict[str, str]:
+        """{model string as the config gives it: its Hub id} for the models given one."""
+        ids = {self.base: self.base_hub_id} if self.base is not None and self.base_hub_id else {}
+        return ids | {s.path: s.hub_id for s in self.sources if s.hub_id}
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -52,6 +94,12 @@ class Models(_Strict):
 
     def aliases(self) -> list[str]:
         return [s.alias or Path(s.path.rstrip("/")).name.lower() for s in self.sources]
+
+    @model_validator(mode="after")
+    def _hub_id_of_a_base(self) -> Models:
+        if self.base_hub_id is not None and self.base is None:
+            raise ValueError("base_hub_id: names the base, and there is no `base`")
+        return self
 
     @model_validator(mode="after")
     def _distinct_models(self) -> Models:
@@ -253,6 +301,10 @@ class Evaluation(_Strict):
                 f"reference_point: {len(self.reference_point)} values for {len(metrics)} objectives; give one per "
                 "objective, in their order"
             )
+        for i, (o, value) in enumerate(zip(self.objectives or [], self.reference_point or [])):
+            problem = unreachable_reference(o.metric, o.direction, value)
+            if problem:
+                raise ValueError(f"reference_point[{i}]: {problem}")
         for field in ("racing", "rescore"):
             if getattr(self, field) is not None:
                 raise ValueError(
@@ -305,6 +357,7 @@ class Execution(_Strict):
     threads: int | None = Field(
         default=None,
         ge=1,
+        le=MAX_THREADS,
         description="torch CPU threads in each process that merges or scores (default: torch's, one per core); 1 "
         "for tiny models or a CPU shared with other jobs, where more threads only wait on each other",
     )
@@ -313,6 +366,7 @@ class Execution(_Strict):
     heartbeat_s: int = Field(
         default=60,
         ge=1,
+        le=MAX_HEARTBEAT_S,
         description="shared_study: each process records a heartbeat of its running trials this often; a trial "
         "whose heartbeat stopped for 3x as long (its process died) is failed and re-run by another process",
     )
@@ -362,6 +416,9 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"'{redact_url(v)}' is not an Optuna RDB URL (sqlite:///path.db or postgresql://user@host/db)"
             )
+        problem = None if v is None else ambiguity(v)
+        if problem:
+            raise ValueError(f"'{redact_url(v)}': {problem}")
         return v
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from evals.data import DatasetNotCached, dataset_rows, read_jsonl, split_path
 from evolve.config import RunConfig
+from evolve.protocol import search_items
 from evolve.study import load_study
 from merge_core.errors import EvomergeError
 
@@ -51,9 +52,7 @@ def stage_cost(cfg: RunConfig, stage: str) -> tuple[list[TaskCost], str]:
         if protocol is not None and n is None and protocol.batch is not None:
             n = protocol.batch  # the worker refuses a task with fewer search items
         elif protocol is not None and n is not None:
-            n -= protocol.validation
-            if protocol.batch is not None:
-                n = min(n, protocol.batch)
+            n = search_items(n, protocol.validation, protocol.batch, task.name, cfg.search.protocol_path(stage))
         out.append(TaskCost(task.name, n, getattr(task, "max_new_tokens", 0) if task.type == "generation" else 0))
     if protocol is not None and protocol.batch is not None:
         notes.append(f"a batch of {protocol.batch} items per task, new every {protocol.every} trials")

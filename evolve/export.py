@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from evals.base import ItemScores
 from evolve.backends import use_threads
 from evolve.baselines import correct_per_item, heldout_evaluators, heldout_model_items, score_checkpoint
-from evolve.config import RunConfig
+from evolve.config import RunConfig, hub_id_problem
 from evolve.items import items_scored
 from evolve.stats import LEVEL, Comparison, mcnemar_exact, metric_intervals
 from evolve.study import best_trial, rescored, trial_recipe
@@ -29,7 +28,7 @@ from merge_core.errors import EvomergeError
 from merge_core.merge import RECIPE_FILE, run_merge
 from merge_core.recipe import DataFlowRecipe, MergeRecipe, OutputSlice, Recipe, SliceSource
 
-MERGEKIT_FILE = "mergekit.yaml"  # the recipe for `mergekit-yaml`, model paths absolute
+MERGEKIT_FILE = "mergekit.yaml"  # the recipe for `mergekit-yaml`: models by Hub id where given, else absolute paths
 SCORES_FILE = "evomerge_scores.json"
 CARD_FILE = "README.md"
 # mergekit draws its own DARE/DELLA masks: it reproduces these recipes, not these exact weights
@@ -50,15 +49,10 @@ def export_trial(
     tokenizer source, recipes, scores, model card) is written to a temporary sibling of `out` that takes its place
     once complete; `out` must be new or empty (or `overwrite`), and neither an input model (nor inside one) nor the
     run directory (nor holding it)."""
+    check_out(cfg, out)
     use_threads(cfg)
     trial = best_trial(study, trial_number)
     recipe = trial_recipe(trial)
-    run_dir, target = cfg.run_dir.resolve(), Path(out).expanduser().resolve()
-    if target == run_dir or target in run_dir.parents:
-        raise EvomergeError(
-            f"--out {out}: {'is' if target == run_dir else 'holds'} the run directory {cfg.run_dir}; "
-            "export to another directory"
-        )
     with staged_output(out, overwrite=overwrite, inputs=models_read(cfg, recipe)) as tmp:
         if isinstance(recipe, DataFlowRecipe):  # a plain checkpoint with len(path) layers; scales folded into weights
             export_dataflow(
@@ -69,7 +63,7 @@ def export_trial(
                 allow_pickle=cfg.models.allow_pickle,
                 trust_remote_code=cfg.models.trust_remote_code,
             )
-            (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+            (tmp / RECIPE_FILE).write_text(with_hub_ids(cfg, recipe).to_yaml())
         else:  # run_merge writes RECIPE_FILE: the recipe as searched (its model strings key the DARE/DELLA masks)
             run_merge(
                 recipe,
@@ -78,12 +72,35 @@ def export_trial(
                 allow_pickle=cfg.models.allow_pickle,
                 trust_remote_code=cfg.models.trust_remote_code,
             )
-            rename_models(recipe, _absolute).save(tmp / MERGEKIT_FILE, mergekit=True)
+            ids = cfg.models.hub_ids()
+            if ids:  # the models by Hub id, so the recipe runs on another machine
+                (tmp / RECIPE_FILE).write_text(with_hub_ids(cfg, recipe).to_yaml())
+            rename_models(recipe, lambda m: ids.get(m) or _absolute(m)).save(tmp / MERGEKIT_FILE, mergekit=True)
         scored = heldout and cfg.evaluation.heldout_split and cfg.evaluation.heldout_scored()
         held = score_heldout(cfg, tmp, device) if scored else None
         (tmp / SCORES_FILE).write_text(json.dumps(scores_record(trial, held), indent=2))
         model_card(cfg, study, trial, recipe, held, (tmp / MERGEKIT_FILE).is_file()).save(tmp / CARD_FILE)
     return out
+
+
+def check_out(cfg: RunConfig, out: Path) -> None:
+    """An export never writes into the run directory (its study, a hybrid's `ps_best` that the DFS stage reads), nor
+    replaces it: `out` that is, is inside, or holds the run directory is refused, with or without --overwrite."""
+    run_dir, target = cfg.run_dir.resolve(), Path(out).expanduser().resolve()
+    relation = (
+        "is"
+        if target == run_dir
+        else "is inside"
+        if run_dir in target.parents
+        else "holds"
+        if target in run_dir.parents
+        else None
+    )
+    if relation:
+        raise EvomergeError(
+            f"--out {out}: {relation} the run directory {cfg.run_dir} (also refused with --overwrite); "
+            "export to another directory, outside it"
+        )
 
 
 def models_read(cfg: RunConfig, recipe: Recipe) -> list[str]:
@@ -100,6 +117,17 @@ def _absolute(model: str) -> str:
     """A local model directory as an absolute path; a hub id as it is."""
     path = Path(model).expanduser()
     return str(path.resolve()) if path.exists() else model
+
+
+def with_hub_ids(cfg: RunConfig, recipe: Recipe) -> Recipe:
+    """The recipe with each model the config gives a Hub id (`models.base_hub_id`, a source's `hub_id`) named by
+    it; the others as searched."""
+    ids = cfg.models.hub_ids()
+    if isinstance(recipe, DataFlowRecipe):
+        return dataclasses.replace(
+            recipe, model_a=ids.get(recipe.model_a, recipe.model_a), model_b=ids.get(recipe.model_b, recipe.model_b)
+        )
+    return rename_models(recipe, lambda m: ids.get(m, m))
 
 
 def rename_models(recipe: MergeRecipe, rename: Callable[[str], str]) -> MergeRecipe:
@@ -124,8 +152,6 @@ def rename_models(recipe: MergeRecipe, rename: Callable[[str], str]) -> MergeRec
 
 # ---- names on the Hub ----------------------------------------------------------------------------------------------
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
 
 def card_name(model: str) -> str:
     """How the card names a model (never a local path): a hub id as it is; a local directory by the hub id its
@@ -137,16 +163,19 @@ def card_name(model: str) -> str:
         recorded = json.loads((path / "config.json").read_text()).get("_name_or_path")
     except (OSError, ValueError, AttributeError):
         recorded = None
-    if isinstance(recorded, str) and _HUB_ID.fullmatch(recorded) and not Path(recorded).expanduser().exists():
+    if isinstance(recorded, str) and not hub_id_problem(recorded) and not Path(recorded).expanduser().exists():
         return recorded
     return path.resolve().name
 
 
 def card_models(cfg: RunConfig, recipe: Recipe) -> dict[str, str]:
     """{model string as the run gives it: card name} for the base, the sources, and any other model the recipe
-    reads, except a merge this run made itself (a hybrid's `ps_best`, built from the same base and sources)."""
-    names = {cfg.models.base: card_name(cfg.models.base)} if cfg.models.base else {}
-    names |= {s.path: card_name(s.path) for s in cfg.models.sources}
+    reads, except a merge this run made itself (a hybrid's `ps_best`, built from the same base and sources). A
+    model the config gives a Hub id is named by it."""
+    ids = cfg.models.hub_ids()
+    name = lambda m: ids.get(m) or card_name(m)  # noqa: E731
+    names = {cfg.models.base: name(cfg.models.base)} if cfg.models.base else {}
+    names |= {s.path: name(s.path) for s in cfg.models.sources}
     known = {_absolute(m) for m in names}
     run_dir = cfg.run_dir.resolve()
     read = [recipe.model_a, recipe.model_b] if isinstance(recipe, DataFlowRecipe) else list(recipe.models)
@@ -259,16 +288,16 @@ def model_card(
     )
     sections = [
         f"# {cfg.name} (evomerge trial {trial.number})",
-        _summary(names, recipe),
-        "## Recipe\n\n" + _recipe_text(recipe, names, mergekit),
+        _summary(names, recipe, cfg.models.hub_ids()),
+        "## Recipe\n\n" + _recipe_text(recipe, names, mergekit, bool(cfg.models.hub_ids())),
         "## How it was found\n\n" + _search_text(cfg, study, trial),
         "## Held-out results\n\n" + _heldout_text(held),
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
 
 
-def _summary(names: dict[str, str], recipe: Recipe) -> str:
-    local = [n for m, n in names.items() if Path(m).expanduser().is_dir()]
+def _summary(names: dict[str, str], recipe: Recipe, ids: dict[str, str]) -> str:
+    local = [n for m, n in names.items() if Path(m).expanduser().is_dir() and m not in ids]
     lines = [
         f"A `{recipe.merge_method}` merge of {', '.join(f'`{n}`' for n in dict.fromkeys(names.values()))}, its "
         "coefficients found by an evolutionary search with evomerge on the tasks below."
@@ -276,12 +305,13 @@ def _summary(names: dict[str, str], recipe: Recipe) -> str:
     if local:
         lines.append(
             f"\n\nLocal models are named by their config's `_name_or_path` or their directory ({', '.join(local)}); "
-            "replace these in `base_model` with their Hub ids before publishing."
+            "replace these in `base_model` with their Hub ids before publishing (or give them in the run config: "
+            "`models.base_hub_id`, a source's `hub_id`)."
         )
     return "".join(lines)
 
 
-def _recipe_text(recipe: Recipe, names: dict[str, str], mergekit: bool) -> str:
+def _recipe_text(recipe: Recipe, names: dict[str, str], mergekit: bool, hub_ids: bool = False) -> str:
     rename = lambda m: names.get(m, card_name(m))  # noqa: E731
     if isinstance(recipe, DataFlowRecipe):
         shown = dataclasses.replace(recipe, model_a=rename(recipe.model_a), model_b=rename(recipe.model_b))
@@ -292,13 +322,25 @@ def _recipe_text(recipe: Recipe, names: dict[str, str], mergekit: bool) -> str:
             "mergekit cannot express scaled layer paths, so there is no `mergekit.yaml`."
         )
     text = f"```yaml\n{rename_models(recipe, rename).to_yaml()}```\n\n"
-    text += f"Models are shown by name; `{RECIPE_FILE}` is the recipe as searched (`evolve merge {RECIPE_FILE} --out "
-    text += "OUT` from the directory the search ran in: its model strings seed the DARE/DELLA masks)."
+    stochastic = recipe.merge_method in OWN_MASKS
+    if hub_ids:
+        text += f"Models are shown by name; `{RECIPE_FILE}` names the models the run config gave Hub ids by them "
+        text += f"(`evolve merge {RECIPE_FILE} --out OUT` on any machine with Hub access)"
+        text += (
+            "; its DARE/DELLA masks are seeded by the model names, so with Hub ids in place of the search's paths it "
+            "reproduces the recipe, not these exact weights."
+            if stochastic
+            else "."
+        )
+    else:
+        text += f"Models are shown by name; `{RECIPE_FILE}` is the recipe as searched (`evolve merge {RECIPE_FILE} "
+        text += "--out OUT` from the directory the search ran in: its model strings seed the DARE/DELLA masks)."
     if mergekit:
-        text += f" With mergekit: `mergekit-yaml {MERGEKIT_FILE} OUT` (model paths absolute on the exporting machine)"
+        where = "models by Hub id where the run config gives one, else by" if hub_ids else "model"
+        text += f" With mergekit: `mergekit-yaml {MERGEKIT_FILE} OUT` ({where} paths absolute on the exporting machine)"
         text += (
             "; mergekit draws its own DARE/DELLA masks, so it reproduces the recipe, not these exact weights."
-            if recipe.merge_method in OWN_MASKS
+            if stochastic
             else "."
         )
     return text

@@ -16,6 +16,49 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from merge_core.errors import EvomergeError
 
+PROPORTIONS = ("acc", "acc_value", "lang_ok", "gold_prob", "exact_match", "acc_norm")  # values in [0, 1]
+# the values a metric can take, by its name's last part: a proportion in [0, 1], a log-probability <= 0, ...
+METRIC_RANGES = {
+    **dict.fromkeys(PROPORTIONS, (0.0, 1.0)),
+    "gold_logprob": (-math.inf, 0.0),
+    "nll": (0.0, math.inf),
+    "ppl": (1.0, math.inf),
+}
+
+
+def metric_range(metric: str) -> tuple[float, float] | None:
+    """(lowest, highest) value a metric can take, from its name (`task/acc`, `lm/task/exact_match,filter`); None
+    when the name does not say."""
+    return METRIC_RANGES.get(metric.rsplit("/", 1)[-1].split(",", 1)[0])
+
+
+def is_proportion(metric: str) -> bool:
+    """A metric whose values lie in [0, 1] (`PROPORTIONS`)."""
+    return metric_range(metric) == (0.0, 1.0)
+
+
+def unreachable_reference(metric: str, direction: str, value: float) -> str | None:
+    """Why a hypervolume reference `value` no trial can beat on this objective (every hypervolume would be 0), or
+    None: a maximized metric's reference at or above its highest possible value, a minimized one's at or below its
+    lowest."""
+    bounds = metric_range(metric)
+    if bounds is None:
+        return None
+    lo, hi = bounds
+    if direction == "max" and value >= hi:
+        worst = f"e.g. {lo:g}, its lowest" if math.isfinite(lo) else "e.g. the first trial's value"
+        return (
+            f"{value:g} for {metric}, maximized, which is at most {hi:g}: no trial can be better than the reference, "
+            f"so every hypervolume would be 0; give the worst value that should still count ({worst})"
+        )
+    if direction == "min" and value <= lo:
+        worst = f"e.g. {hi:g}, its highest" if math.isfinite(hi) else "e.g. the first trial's value"
+        return (
+            f"{value:g} for {metric}, minimized, which is at least {lo:g}: no trial can be better than the "
+            f"reference, so every hypervolume would be 0; give the worst value that should still count ({worst})"
+        )
+    return None
+
 
 class FitnessError(EvomergeError):
     """A metric the fitness needs is missing or not a finite number."""

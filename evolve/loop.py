@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from evolve.backends import use_threads
 from evolve.config import Budget, Evaluation, ItemProtocol, RunConfig, dump_config
+from evolve.config_edits import check_resume_config, record_config
 from evolve.executors import Executor, check_ray_job_storage, make_executor
 from evolve.faults import fault_point
 from evolve.items import items_scored
@@ -30,9 +31,11 @@ from evolve.rescore import rescore_elites
 from evolve.samplers import make_sampler
 from evolve.spaces import build_space, distributions, ps_best_dir
 from evolve.study import (
+    OVER_BUDGET,
     Heartbeats,
     RunLock,
     best_trial,
+    budget_taken,
     counted,
     load_study,
     open_study,
@@ -93,13 +96,22 @@ class Progress:
 
 
 def run_search(
-    cfg: RunConfig, *, progress: bool = True, executor_factory: Callable[..., Executor] = make_executor
+    cfg: RunConfig,
+    *,
+    progress: bool = True,
+    executor_factory: Callable[..., Executor] = make_executor,
+    accept_config_change: bool = False,
 ) -> SearchResult:
-    """Run (or continue) every stage of the search until its budget is spent; the studies hold the record."""
+    """Run (or continue) every stage of the search until its budget is spent; the studies hold the record. A study
+    continues under the config it was run under, give or take the fields `config_edits.EDITABLE` lists, unless
+    `accept_config_change`."""
     check_ray_job_storage(cfg)  # inside `ray job submit`: no SQLite study in Ray's temporary working directory
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     lock = None if cfg.execution.shared_study else RunLock(cfg.run_dir)  # before writing anything
     try:
+        changes = check_resume_config(cfg, accept=accept_config_change)  # before config.yaml is written
+        for name, fields in changes.items():
+            log.warning("study '%s' continues under the new config; changed: %s", name, ", ".join(fields))
         if has_secret(cfg.storage):
             log.warning(
                 "storage: the password in the storage URL is not written to %s nor to the study; to resume "
@@ -112,7 +124,7 @@ def run_search(
         for stage in cfg.search.stages:
             if stage == "dfs" and "ps" in cfg.search.stages and cfg.search.dfs.space.model_a is None:
                 export_ps_best(cfg)
-            result = run_stage(cfg, stage, progress=progress, executor_factory=executor_factory)
+            result = run_stage(cfg, stage, progress=progress, executor_factory=executor_factory, changes=changes)
         assert result is not None
         return result
     finally:
@@ -120,7 +132,14 @@ def run_search(
             lock.release()
 
 
-def run_stage(cfg: RunConfig, stage: str, *, progress: bool, executor_factory: Callable[..., Executor]) -> SearchResult:
+def run_stage(
+    cfg: RunConfig,
+    stage: str,
+    *,
+    progress: bool,
+    executor_factory: Callable[..., Executor],
+    changes: dict[str, list[str]] | None = None,
+) -> SearchResult:
     space = build_space(cfg, stage)
     _, opt, budget = cfg.search.stage(stage)
     racing = cfg.evaluation.racing
@@ -129,6 +148,7 @@ def run_stage(cfg: RunConfig, stage: str, *, progress: bool, executor_factory: C
     )
     study = open_study(cfg, space, sampler, stage)
     with storage_errors(cfg):
+        record_config(study, cfg, (changes or {}).get(study.study_name, []))
         if not study.trials:
             study.enqueue_trial(dict(zip(space.names, space.x0)), user_attrs={"x0": True})
         trials = study.get_trials(deepcopy=False)
@@ -143,7 +163,19 @@ def run_stage(cfg: RunConfig, stage: str, *, progress: bool, executor_factory: C
             try:
                 protocol = cfg.search.protocol_of(stage)
                 where = cfg.search.protocol_path(stage)
-                reason = _loop(budget, study, space, sampler, executor, progress, left, cfg.evaluation, protocol, where)
+                reason = _loop(
+                    budget,
+                    study,
+                    space,
+                    sampler,
+                    executor,
+                    progress,
+                    left,
+                    cfg.evaluation,
+                    protocol,
+                    where,
+                    shared=cfg.execution.shared_study,
+                )
             finally:
                 executor.close()
         protocol = cfg.search.protocol_of(stage)
@@ -182,7 +214,11 @@ def _loop(
     evaluation: Evaluation | None = None,
     protocol: ItemProtocol | None = None,
     where: str = "",
+    shared: bool = False,
 ) -> str:
+    """Ask, dispatch, tell until a stop rule holds. The budget is the study's: with `shared` (several processes on
+    one study), the trials every process finished or is running are counted before each ask, and a trial asked
+    past the budget in a race with another process is failed as `over_budget` (not counted) instead of run."""
     dists = distributions(space)
     racing = evaluation.racing if evaluation is not None else None
     cap = min(executor.slots, sampler.max_parallel) if isinstance(sampler, PycmaSampler) else executor.slots
@@ -201,9 +237,11 @@ def _loop(
             stop = state.stop_reason()
             while len(inflight) < cap and (
                 resumable
-                or (stop is None and state.done + len(inflight) < budget.max_trials and _can_ask(sampler, study))
+                or (stop is None and _budget_left(study, state, inflight, shared) and _can_ask(sampler, study))
             ):
                 trial = resume_trial(study, resumable.pop(0), dists) if resumable else study.ask(dists)
+                if shared and _over_budget(study, trial, budget.max_trials):
+                    break
                 beats.start(trial)
                 recipe = space.decode([trial.params[n] for n in space.names])
                 items = TrialItems.for_trial(protocol, trial.number, where) if protocol else None
@@ -320,6 +358,24 @@ class LoopState:
         if b.patience is not None and self.since_best >= b.patience:
             return f"patience: {self.since_best} trials without improvement"
         return None
+
+
+def _budget_left(study: optuna.Study, state: LoopState, inflight: dict, shared: bool) -> bool:
+    """Room for one more trial: this process's count (the study's at start, then its own trials), or for a shared
+    study the study's own count now, other processes' running trials included."""
+    if shared:
+        return budget_taken(study.get_trials(deepcopy=False)) < state.budget.max_trials
+    return state.done + len(inflight) < state.budget.max_trials
+
+
+def _over_budget(study: optuna.Study, trial: optuna.Trial, max_trials: int) -> bool:
+    """A shared study: two processes may both see room for the last trial and ask at once. The storage numbers
+    trials in order, so the one whose earlier trials already take the budget fails its trial as `over_budget`."""
+    if budget_taken(study.get_trials(deepcopy=False), before=trial.number) < max_trials:
+        return False
+    trial.set_user_attr(OVER_BUDGET, True)
+    study.tell(trial, state=TrialState.FAIL)
+    return True
 
 
 def _can_ask(sampler: optuna.samplers.BaseSampler, study: optuna.Study) -> bool:

@@ -60,6 +60,7 @@ __all__ = [
     "trial_id",
     "trials_uncached",
     "with_value",
+    "pruned_as_complete",
 ]
 
 # Private names the sampler subclasses of `evolve.samplers` override or read: class -> names (checked by the test).
@@ -157,6 +158,12 @@ def stale_trial_ids(study: optuna.Study) -> list[int]:
 def compute_hypervolume(loss: np.ndarray, reference: np.ndarray) -> float:
     """The volume the loss points (minimized) dominate up to `reference`."""
     return float(_compute_hypervolume(loss, reference))
+
+
+def pruned_as_complete(trial: FrozenTrial) -> FrozenTrial:
+    """A PRUNED trial as a COMPLETE one whose value is its last reported value (under racing, the partial fitness
+    estimate it was stopped at); a copy, the record is unchanged."""
+    return with_value(trial, trial.intermediate_values[max(trial.intermediate_values)])
 
 
 def with_value(trial: FrozenTrial, value: float, state: TrialState = TrialState.COMPLETE) -> FrozenTrial:

@@ -24,11 +24,11 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from evolve.fitness import is_proportion
 from evolve.optuna_api import compute_hypervolume
 
 REFERENCE_ATTR = "reference_point"  # study user attr: the hypervolume reference, one value per objective
 HYPERVOLUME_ATTR = "hypervolume"  # trial user attr: the study's hypervolume once this trial was told
-PROPORTIONS = ("acc", "acc_value", "lang_ok", "gold_prob", "exact_match", "acc_norm")
 
 
 def is_multi(directions: Sequence[StudyDirection]) -> bool:
@@ -79,7 +79,7 @@ def derived_reference(
     a non-proportion objective needs them and there are none."""
     ref = []
     for i, (metric, d) in enumerate(zip(metrics, directions)):
-        if metric.rsplit("/", 1)[-1].split(",", 1)[0] in PROPORTIONS:
+        if is_proportion(metric):
             ref.append(0.0 if d == StudyDirection.MAXIMIZE else 1.0)
         elif first is None:
             return None

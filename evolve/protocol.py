@@ -42,25 +42,34 @@ class TrialItems:
 
     def order(self, order: Sequence[int], n: int, task: str) -> tuple[list[int], int | None]:
         """(the trial's item order, how many of its first items to score: None for all) for a task of `n` items."""
+        search_items(n, self.validation, self.batch, task, self.where)
         pool = pool_order(order, n, self.validation, task, self.where)
         if self.batch is None:
             return pool, None
-        if self.batch > len(pool):
-            raise EvomergeError(
-                f"{self.where}.batch: {self.batch} items per trial, but task '{task}' has {len(pool)} search items "
-                f"({n} less {self.validation} for validation); lower batch"
-            )
         start = (self.index * self.batch) % len(pool)
         return pool[start:] + pool[:start], self.batch
 
 
-def pool_order(order: Sequence[int], n: int, validation: int, task: str, where: str) -> list[int]:
-    """The run's item order without the task's last `validation` items."""
+def search_items(n: int, validation: int, batch: int | None, task: str, where: str) -> int:
+    """The protocol's rule for a task of `n` items (its limit applied), as the worker applies it to every trial and
+    `evolve check` before the search: some items must be left for the search once the last `validation` are kept
+    for the pick, and a batch must fit in them. Returns how many items a trial scores."""
     if validation >= n:
         raise EvomergeError(
             f"{where}.validation: {validation} items kept for the pick, but task '{task}' has {n}; "
             "keep fewer (or give the task more items)"
         )
+    if batch is not None and batch > n - validation:
+        raise EvomergeError(
+            f"{where}.batch: {batch} items per trial, but task '{task}' has {n - validation} search items "
+            f"({n} less {validation} for validation); lower batch"
+        )
+    return n - validation if batch is None else batch
+
+
+def pool_order(order: Sequence[int], n: int, validation: int, task: str, where: str) -> list[int]:
+    """The run's item order without the task's last `validation` items."""
+    search_items(n, validation, None, task, where)
     return [i for i in order if i < n - validation]
 
 

@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from evolve.front import BALANCED_RULE, front_rows, hypervolume_line  # noqa: E402
 from evolve.items import items_scored, tokens_generated  # noqa: E402
+from evolve.optuna_api import pruned_as_complete  # noqa: E402
 from evolve.pareto import balanced, hypervolume_history, is_multi, objective_names, pareto_front, reference_point  # noqa: E402
 from evolve.study import best_first, best_trial, candidates_per_hour, rescored  # noqa: E402
 from evolve.urls import redact_url  # noqa: E402
@@ -71,8 +72,8 @@ def write_report(
         figures["best_path.png"] = plot_layer_path(best.number, recipe)
     else:
         figures["best_recipe.png"] = plot_best_recipe(best, _param_order(study, best))
-    importances, why_not = (
-        compute_importances(study, len(complete))
+    importances, note = (
+        compute_importances(study)
         if len(study.directions) == 1
         else (None, "a multi-objective study has no single value to attribute")
     )
@@ -80,7 +81,7 @@ def write_report(
         figures["importances.png"] = plot_importances(importances)
     paths = [_save(fig, out_dir / name) for name, fig in figures.items()]
     page = render_html(
-        study, trials, best, {p.name: p for p in paths}, title=title, importance_note=why_not, front=front_html
+        study, trials, best, {p.name: p for p in paths}, title=title, importance_note=note, front=front_html
     )
     html_path = out_dir / "report.html"
     html_path.write_text(page, encoding="utf-8")
@@ -235,15 +236,35 @@ def _annotate(ax: plt.Axes, grid: np.ndarray, image: Any) -> None:
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
 
 
-def compute_importances(study: optuna.Study, n_complete: int) -> tuple[dict[str, float] | None, str | None]:
-    """Optuna's default importance evaluator, given IMPORTANCE_TIMEOUT_S; returns (importances, why not)."""
-    if n_complete < MIN_TRIALS_FOR_IMPORTANCE:
-        return None, f"needs at least {MIN_TRIALS_FOR_IMPORTANCE} complete trials, the study has {n_complete}"
+def importance_trials(study: optuna.Study) -> tuple[list[FrozenTrial], int]:
+    """The trials importances are fitted on: the complete ones and, under racing, the ones stopped early, each at
+    its partial estimate (the last value it reported, what the sampler was told); and how many of them are those."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    raced = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    pruned = [pruned_as_complete(t) for t in raced if t.intermediate_values]
+    return complete + pruned, len(pruned)
+
+
+def compute_importances(study: optuna.Study) -> tuple[dict[str, float] | None, str]:
+    """Optuna's default importance evaluator over `importance_trials`, given IMPORTANCE_TIMEOUT_S; returns
+    (importances, which trials they are from) or (None, why not)."""
+    trials, n_pruned = importance_trials(study)
+    n_complete = len(trials) - n_pruned
+    raced = f" and {n_pruned} stopped early by racing, each at its partial estimate (the last value it reported)"
+    if len(trials) < MIN_TRIALS_FOR_IMPORTANCE:
+        counting = " (counting those stopped early by racing)" if n_pruned else ""
+        return None, (
+            f"needs at least {MIN_TRIALS_FOR_IMPORTANCE} complete trials{counting}, the study has {n_complete}"
+            + (raced if n_pruned else "")
+        )
+    used = f"{n_complete} complete trials" + (raced if n_pruned else "")
+    fitted = optuna.create_study(directions=study.directions)  # in memory: the record is not touched
+    fitted.add_trials(trials)
     result: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            result["value"] = optuna.importance.get_param_importances(study)
+            result["value"] = optuna.importance.get_param_importances(fitted)
         except Exception as err:  # noqa: BLE001  (a report must not fail because importances could not be fit)
             result["error"] = err
 
@@ -255,7 +276,7 @@ def compute_importances(study: optuna.Study, n_complete: int) -> tuple[dict[str,
     elif "error" in result:
         why = f"could not be computed: {result['error']}"
     else:
-        return result["value"], None
+        return result["value"], f"From {used}."
     log.warning("parameter importances skipped: %s", why)
     return None, why
 
@@ -413,7 +434,7 @@ def render_html(
     ]
     body.append("<h2>Parameter importances</h2>")
     body.append(
-        _img(images["importances.png"], "parameter importances")
+        _img(images["importances.png"], "parameter importances") + f"<p>{esc(importance_note or '')}</p>"
         if "importances.png" in images
         else f"<p>Skipped: {esc(importance_note or 'not computed')}.</p>"
     )

@@ -194,13 +194,10 @@ class ReseededGPSampler(_ReseedPerTrial, optuna.samplers.GPSampler):
     ) -> Any:
         if self._consider_pruned:
             pruned = optuna_api.trials_uncached(study, states=(TrialState.PRUNED,))
-            completed_trials = completed_trials + [_as_complete(t) for t in pruned if t.intermediate_values]
+            completed_trials = completed_trials + [
+                optuna_api.pruned_as_complete(t) for t in pruned if t.intermediate_values
+            ]
         return super()._sample_relative_impl(study, completed_trials, running_trials, *args)
-
-
-def _as_complete(trial: FrozenTrial) -> FrozenTrial:
-    """A PRUNED trial as a COMPLETE one whose value is its last reported value (a copy; the record is unchanged)."""
-    return optuna_api.with_value(trial, trial.intermediate_values[max(trial.intermediate_values)])
 
 
 def make_sampler(

@@ -5,6 +5,7 @@ The search worker, the elite re-scoring, the held-out table, export and `evolve 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from evals import build_evaluator
@@ -12,15 +13,51 @@ from evals.base import OWN_ITEMS, Evaluator, ItemEvaluator, ItemScores
 from evolve.backends import Backend, CheckpointBackend, make_backend
 from evolve.config import RunConfig
 from evolve.tasks import Task
+from merge_core.errors import EvomergeError
 from merge_core.recipe import Recipe
 
 Evaluators = list[tuple[str, Evaluator]]  # (task name, evaluator), in the config's order
 
 
+TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tiktoken.model")
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, model: str | None = None) -> Any:
+    """The tokenizer a model is scored with (the files in its directory), or a one-line error naming the model:
+    no tokenizer files, or files the installed libraries cannot read (a sentencepiece or tiktoken model without
+    its package, a corrupt tokenizer.json). The Scorer loads every tokenizer through this, and `evolve check` loads
+    each one the run will use, so a run never fails on one after its search."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    name = model or str(path)
+    vocab_files = [*(path / f for f in TOKENIZER_MODEL_FILES), *path.glob("*.model"), *path.glob("*.tiktoken")]
+    if not any(f.is_file() for f in vocab_files):
+        raise EvomergeError(
+            f"model '{name}': no tokenizer ({', '.join(TOKENIZER_MODEL_FILES[:4])}) in {path}; "
+            "the run scores this model with its own tokenizer: add its tokenizer files"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds here; all are one line for the user
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        raise EvomergeError(
+            f"model '{name}': its tokenizer in {path} cannot be loaded ({type(err).__name__}: {first[:200]}); "
+            "the run scores this model with its own tokenizer: fix or replace its tokenizer files"
+        ) from None
+
+
 def build_evaluators(
-    tasks: Sequence[Task], *, seed: int, split: str | None = None, limit: int | None = None, heldout: bool = False
+    tasks: Sequence[Task],
+    *,
+    seed: int,
+    split: str | None = None,
+    limit: int | None = None,
+    heldout: bool = False,
+    limit_mode: str | None = None,
 ) -> Evaluators:
-    """(task name, evaluator) pairs; the held-out variant swaps the split and the sample limit."""
+    """(task name, evaluator) pairs; the held-out variant swaps the split and the limit (and, when given, how the
+    limit picks items: `limit_mode`)."""
     out = []
     for task in tasks:
         spec = task.evaluator_spec()
@@ -29,6 +66,8 @@ def build_evaluators(
             if split is not None and getattr(task, "task_dir", None) is not None:  # a dataset task keeps its split
                 spec["split"] = split
             spec["limit"] = limit
+            if limit_mode is not None:
+                spec["limit_mode"] = limit_mode
         spec.pop("name")
         out.append((task.name, build_evaluator(spec)))
     return out
@@ -76,13 +115,9 @@ class Scorer:
     """A live model, its tokenizer and the evaluators: `apply` a candidate, `score` it."""
 
     def __init__(self, cfg: RunConfig, backend: Backend, evaluators: Evaluators):
-        from transformers import AutoTokenizer
-
         self.backend = backend
         self.model = backend.model
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            backend.tokenizer_path, trust_remote_code=cfg.models.trust_remote_code
-        )
+        self.tokenizer = load_tokenizer(backend.tokenizer_path, trust_remote_code=cfg.models.trust_remote_code)
         self.evaluators = evaluators
 
     @classmethod

@@ -47,9 +47,7 @@ def open_study(
     """Create or reopen a stage's study to search it; refuse one whose genome differs from this config's."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     name = study_name(cfg, stage)
-    objectives = cfg.evaluation.objectives
-    directions = [o.study_direction for o in objectives] if objectives else ["maximize"]
-    metric_names = [o.metric for o in objectives] if objectives else ["fitness"]
+    directions, metric_names = study_objectives(cfg)
     for attempt in range(3):  # two processes creating one new storage's schema at once: the loser retries
         try:
             study = optuna.create_study(
@@ -65,13 +63,7 @@ def open_study(
                 time.sleep(0.5)
                 continue
             raise cannot_open(cfg.storage_url, e) from None
-    if [d.name.lower() for d in study.directions] != directions or study.metric_names not in (None, metric_names):
-        names = study.metric_names or [f"values_{i}" for i in range(len(study.directions))]
-        made = ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(names, study.directions))
-        raise EvomergeError(
-            f"study '{name}' in {redact_url(cfg.storage_url)} was made with other objectives ({made}; this config: "
-            f"{', '.join(f'{n} ({d})' for n, d in zip(metric_names, directions))}); give the run a new name"
-        )
+    check_objectives(study, cfg)
     if study.metric_names is None:  # optuna-dashboard and trials_dataframe name the values after these
         with warnings.catch_warnings():  # experimental since Optuna 3.2, unchanged since
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -87,6 +79,28 @@ def open_study(
             f"({len(stored)} parameters, this config has {space.dim}); give the run a new name"
         )
     return study
+
+
+def study_objectives(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """(directions, metric names) a study of this config is created with: one per objective, or the fitness."""
+    objectives = cfg.evaluation.objectives
+    if objectives:
+        return [o.study_direction for o in objectives], [o.metric for o in objectives]
+    return ["maximize"], ["fitness"]
+
+
+def check_objectives(study: optuna.Study, cfg: RunConfig) -> None:
+    """A study keeps the objectives (directions and metric names) it was created with: another config's are refused,
+    whatever else is accepted (`config_edits`)."""
+    directions, metric_names = study_objectives(cfg)
+    if [d.name.lower() for d in study.directions] != directions or study.metric_names not in (None, metric_names):
+        names = study.metric_names or [f"values_{i}" for i in range(len(study.directions))]
+        made = ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(names, study.directions))
+        raise EvomergeError(
+            f"study '{study.study_name}' in {redact_url(cfg.storage_url)} was made with other objectives ({made}; "
+            f"this config: {', '.join(f'{n} ({d})' for n, d in zip(metric_names, directions))}); give the run a "
+            "new name"
+        )
 
 
 def search_storage(cfg: RunConfig) -> str | RDBStorage:
@@ -199,11 +213,22 @@ def missing_database(url: str) -> str | None:
     return db if db and db != ":memory:" and not Path(db).is_file() else None
 
 
+OVER_BUDGET = "over_budget"  # trial user attr: asked by a process of a shared study once its budget was taken
+
+
 def counted(t: FrozenTrial) -> bool:
     """Trials that used the budget: finished ones (complete, failed, or stopped early by racing: PRUNED), except
     those an older evomerge marked `interrupted` (it re-ran them as new trials; trials a dead process leaves RUNNING
-    now continue in place, see `resume_trial`)."""
-    return t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED) and not t.user_attrs.get("interrupted")
+    now continue in place, see `resume_trial`), those a shared study's process failed as `interrupted` (its
+    process died; `take_over_stale` re-runs them) and those it asked past the budget (`OVER_BUDGET`)."""
+    finished = t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+    return finished and not t.user_attrs.get("interrupted") and not t.user_attrs.get(OVER_BUDGET)
+
+
+def budget_taken(trials: Iterable[FrozenTrial], before: int | None = None) -> int:
+    """A shared study's budget taken, by every process: trials counted (`counted`) and trials running (each will
+    be), those numbered below `before` when given. Enqueued trials not asked yet take none."""
+    return sum((counted(t) or t.state == TrialState.RUNNING) and (before is None or t.number < before) for t in trials)
 
 
 def resume_trial(study: optuna.Study, left: FrozenTrial, dists: dict[str, FloatDistribution]) -> optuna.Trial:

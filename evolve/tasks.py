@@ -54,6 +54,7 @@ class _Task(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     name: str = Field(max_length=MAX_NAME)
     limit: _Count(1) | None = None
+    limit_mode: Literal[spec.LIMIT_MODES] = spec.LIMIT_MODE  # type: ignore[valid-type]  # which `limit` items
     seed: Annotated[int, Field(ge=0, lt=MAX_SEED)] = 0
     batch_size: _Count(1) = spec.BATCH_SIZE
 

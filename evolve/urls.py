@@ -89,19 +89,43 @@ def redact_text(text: str, url: str | None) -> str:
 
 
 def secrets_of(url: str) -> set[str]:
-    """The literal secrets a URL carries, as written and unescaped (empty when it has none)."""
+    """The literal secrets a URL carries, as written and unescaped (empty when it has none), and the pieces of a
+    password between raw '@' and ':' (a driver that split it there quotes a piece alone)."""
     parts = _split(url)
     if parts is None:
         return set()
     found = set()
     _, _, password, rest = parts
     if password and not _only_env_refs(password):
-        found |= {password, unquote(password)}
+        found |= {password, unquote(password), *(p for p in re.split(r"[@:]", password) if p)}
     for pair in rest.partition("?")[2].split("&"):
         key, eq, value = pair.partition("=")
         if eq and value and _SECRET_KEY.search(unquote(key)) and not _only_env_refs(unquote(value)):
             found |= {value, unquote(value)}
     return found
+
+
+def ambiguity(url: str) -> str | None:
+    """Why the URL's user name or password cannot be read one way only, or None. The drivers (SQLAlchemy's
+    `make_url`) end the password at its FIRST raw '@', the redaction here at the last: a URL on which the two
+    disagree, or that the driver cannot parse at all, would leave part of its password outside what is masked.
+    Checked before any library sees the URL (the config schema)."""
+    parts = _split(url)
+    if parts is None or parts[1] is None:  # no user info: nothing secret to misread
+        return None
+    _, user, password, _ = parts
+    fix = "percent-encode each '@', ':' and '/' in the user name and password (e.g. p@ss as p%40ss)"
+    from sqlalchemy.engine import make_url  # here: the config layer imports this module, --help stays fast
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - its message quotes pieces of the password: never shown
+        return f"cannot be parsed (a raw '@' in the password, or a port that is not a number); {fix}"
+    if password is None and parsed.password is None:
+        return None
+    if parsed.username != unquote(user) or parsed.password != (None if password is None else unquote(password)):
+        return f"the user name or password holds a raw '@', so it can be read more than one way; {fix}"
+    return None
 
 
 def has_secret(url: str | None) -> bool:

@@ -8,6 +8,7 @@ import glob
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -130,9 +131,17 @@ class _PickleShard:
 
     def __init__(self, path: Path) -> None:
         try:
-            self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-            self._tensors = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+                self._tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:  # the weights-only unpickler refused a global: nothing ran
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            named = f"names {found.group(1)}, " if found else "holds something "
+            raise EvomergeError(
+                f"{path}: its pickle {named}which is not a tensor or state dict, so it was not loaded (no code ran); "
+                "convert the checkpoint to safetensors from a source you trust"
+            ) from None
 
     def keys(self) -> list[str]:
         return list(self._tensors)

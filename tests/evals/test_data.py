@@ -44,3 +44,13 @@ def test_load_errors_name_the_problem(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "test.jsonl", [{"id": "c", "prompt": "p", "choices": ["a"], "label": 2}])
     with pytest.raises(EvomergeError, match="label 2 out of range"):
         load_choice_items(tmp_path, "test")
+
+
+def test_a_null_item_field_is_refused_not_read_as_none(tmp_path: Path) -> None:
+    """A JSONL null (as a dataset's null cell, `dataset_rows`) would be the text 'None', scored as an answer."""
+    write_jsonl(tmp_path / "dev.jsonl", [{"prompt": "a", "answer": "b"}, {"prompt": "c", "answer": None}])
+    with pytest.raises(EvomergeError, match=r"item 1: field\(s\) \['answer'\] are null"):
+        load_generation_items(tmp_path, "dev")
+    write_jsonl(tmp_path / "dev.jsonl", [{"prompt": "q", "choices": ["x", "y"], "label": None}])
+    with pytest.raises(EvomergeError, match=r"item 0: field\(s\) \['label'\] are null"):
+        load_choice_items(tmp_path, "dev")

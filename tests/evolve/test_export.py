@@ -129,3 +129,49 @@ def test_a_front_member_exports_with_its_objectives_on_the_card(tmp_path, tiny_l
     assert "objectives words/acc (max), words/gold_prob (max)" in card.text
     assert f"this trial ({member.number}): words/acc {member.values[0]:.4f}" in card.text
     assert json.loads((tmp_path / "export" / "evomerge_scores.json").read_text())["values"] == member.values
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_hub_ids_name_the_models_in_the_card_both_recipes_and_mergekit_yaml(tmp_path, world, method):
+    """`models.base_hub_id` and a source's `hub_id`: the export names those models by them (card, recipe.evomerge.yaml,
+    mergekit.yaml), so it reproduces on another machine; a source without one keeps its path."""
+    data = config_dict((Path(world["base"]), Path(world["a"]), Path(world["b"])), tmp_path / "run")
+    data["models"]["base_hub_id"] = "someorg/base-1b"
+    data["models"]["sources"][0]["hub_id"] = "someorg/ja-expert-1b"
+    data["search"]["space"]["method"] = method
+    data["evaluation"]["tasks"][0]["task_dir"] = world["task"]
+    cfg = load_config(write_config(tmp_path / "config.yaml", data))
+    study = run_search(cfg, progress=False, executor_factory=HashScoreExecutor).study
+    out = export_trial(cfg, study, tmp_path / "export", device="cpu", heldout=False)
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == ["someorg/base-1b", "someorg/ja-expert-1b", Path(world["b"]).name]
+    recipe = MergeRecipe.load(out / RECIPE_FILE)
+    assert recipe.base_model == "someorg/base-1b"
+    assert set(recipe.models) == {"someorg/base-1b", "someorg/ja-expert-1b", world["b"]}
+    mergekit = yaml.safe_load((out / MERGEKIT_FILE).read_text())
+    assert mergekit["base_model"] == "someorg/base-1b"
+    named = [m["model"] for s in mergekit.get("slices", []) for m in s["sources"]] or [
+        m["model"] for m in mergekit["models"]
+    ]
+    assert set(named) <= {"someorg/base-1b", "someorg/ja-expert-1b", str(Path(world["b"]).resolve())}
+    assert "someorg/ja-expert-1b" in named
+    for f in (RECIPE_FILE, MERGEKIT_FILE, "README.md"):
+        text = (out / f).read_text()
+        assert world["a"] not in text and str(Path(world["base"]).resolve()) not in text, f
+    assert ("not these exact weights" in card.text) == (method == "dare_ties")  # masks follow the model names
+
+
+def test_a_hub_id_must_be_owner_slash_name(tmp_path):
+    from evolve.config import parse_config
+    from merge_core.errors import EvomergeError
+
+    for bad in ("base", "a/b/c", "/abs/path", "org/" + "n" * 100):
+        data = config_dict((Path("b"), Path("a"), Path("m")), tmp_path / "run")
+        data["models"]["sources"][1]["hub_id"] = bad
+        with pytest.raises(EvomergeError, match="models.sources.1.hub_id: .* is not a Hugging Face Hub id"):
+            parse_config(data)
+    data = config_dict((Path("b"), Path("a"), Path("m")), tmp_path / "run")
+    data["models"] |= {"base": None, "base_hub_id": "org/base"}
+    with pytest.raises(EvomergeError, match="models.base_hub_id: names the base, and there is no `base`"):
+        parse_config(data)

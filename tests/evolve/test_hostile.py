@@ -79,10 +79,17 @@ class Env:
     """A case's scratch directory: where its config, models and (never created) run directory live."""
 
     tmp: Path
+    finished: Callable[[str], Path] | None = None  # a finished run of this config ("single" or "multi" objective)
 
     @property
     def run_dir(self) -> Path:
         return self.tmp / "run"
+
+    def finished_run(self, kind: str = "single") -> Path:
+        """A copy of a finished run (its study, config.yaml) as this case's run directory."""
+        assert self.finished is not None
+        shutil.copytree(self.finished(kind), self.run_dir)
+        return self.run_dir
 
     def config(self, **changes: Any) -> dict[str, Any]:
         d = copy.deepcopy(BASE_CONFIG)
@@ -279,6 +286,167 @@ def _seed_flag(seed: str) -> Callable[[Env], list[str]]:
     return make
 
 
+def _raw_at_in_password(verb: str) -> Callable[[Env], list[str]]:
+    """A password with an unencoded '@': the driver would split it there and quote the rest in its error."""
+
+    def make(env: Env) -> list[str]:
+        return [verb, env.write(env.config(storage=f"postgresql://alice:p@ss:{PASSWORD}@127.0.0.1:9/evo"))]
+
+    return make
+
+
+def _pickled_base(env: Env) -> Path:
+    """A copy of the base whose weights are a pickle that names a global outside torch's weights-only list."""
+    import pathlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    base = env.model_copy()
+    state: dict[str, Any] = dict(load_file(base / "model.safetensors"))
+    state["note"] = pathlib.PurePosixPath("not a tensor")
+    (base / "model.safetensors").unlink()
+    torch.save(state, base / "pytorch_model.bin")
+    return base
+
+
+def _pickle_names_a_global(env: Env) -> list[str]:
+    base = _pickled_base(env)
+    return ["check", env.write(env.config(models__base=str(base), models__allow_pickle=True))]
+
+
+def _merge_pickle_names_a_global(env: Env) -> list[str]:
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(_pickled_base(env)),
+        "models": [{"model": str(ZOO / "expert_ja"), "parameters": {"weight": 1.0}}],
+    }
+    return ["merge", env.write(recipe, "recipe.yaml"), "--out", str(env.tmp / "out"), "--allow-pickle"]
+
+
+def _objectives(reference: list[float]) -> dict[str, Any]:
+    return {
+        "evaluation__fitness": None,
+        "evaluation__objectives": [{"metric": "ja_sub/acc"}, {"metric": "ja_sub/lang_ok"}],
+        "evaluation__reference_point": reference,
+        "search__optimizer": {"sampler": "random"},
+    }
+
+
+def _status_top(top: str) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        return ["status", env.write(env.config()), "--top", top]
+
+    return make
+
+
+def _export_into_run_dir(sub: str, *flags: str) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        out = env.run_dir / sub if sub else env.run_dir
+        return ["export", env.write(env.config()), "--out", str(out), *flags]
+
+    return make
+
+
+def _dfs_protocol(**protocol: Any) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        dfs = {**copy.deepcopy(DFS), "protocol": protocol}
+        return ["check", env.write(env.config(search__stages=["dfs"], search__dfs=dfs))]
+
+    return make
+
+
+def _source_tokenizer(damage: str) -> Callable[[Env], list[str]]:
+    """A source whose tokenizer is gone or unreadable: the search never uses it, the held-out table does."""
+
+    def make(env: Env) -> list[str]:
+        src = env.model_copy("expert_math")
+        if damage == "missing":
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                (src / f).unlink()
+        else:
+            text = (src / "tokenizer.json").read_text()
+            (src / "tokenizer.json").write_text(text[: len(text) // 2])
+        d = env.config(evaluation__heldout_split="test")
+        d["models"]["sources"][1]["path"] = str(src)
+        return ["check", env.write(d)]
+
+    return make
+
+
+def _eval_source_without_tokenizer(env: Env) -> list[str]:
+    src = env.model_copy("expert_math")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (src / f).unlink()
+    return ["eval", str(src), "--config", env.write(env.config()), "--split", "dev", "--device", "cpu"]
+
+
+def _saved_dataset(env: Env, damage: str) -> tuple[Path, str | None]:
+    """The zoo's ja_sub dev items as a `DatasetDict.save_to_disk` folder (split `dev`), damaged as `damage` says;
+    (folder, split)."""
+    import datasets
+
+    from evals.data import read_jsonl
+
+    rows = read_jsonl(ZOO / "tasks" / "ja_sub" / "dev.jsonl")[:20]
+    if damage == "null_prompt":
+        rows[7]["prompt"] = None
+    data = datasets.Dataset.from_list(rows)
+    folder = env.tmp / "data" / "ja_sub"
+    splits = {"dev": data, **({"empty": data.select([])} if damage == "empty_split" else {})}
+    datasets.disable_progress_bars()  # the case's stderr is the command's alone
+    try:
+        datasets.DatasetDict(splits).save_to_disk(str(folder))
+    finally:
+        datasets.enable_progress_bars()
+    arrow = next((folder / "dev").glob("*.arrow"))
+    if damage == "arrow_corrupt":
+        arrow.write_bytes(os.urandom(arrow.stat().st_size))
+    elif damage == "arrow_missing":
+        arrow.unlink()
+    elif damage == "dict_json_truncated":
+        text = (folder / "dataset_dict.json").read_text()
+        (folder / "dataset_dict.json").write_text(text[: len(text) // 2])
+    return folder, "empty" if damage == "empty_split" else "dev"
+
+
+def _dataset_task(env: Env, damage: str, slice: str | None = None, name: str = "ja_sub") -> dict[str, Any]:
+    folder, split = _saved_dataset(env, damage)
+    task = {k: v for k, v in BASE_CONFIG["evaluation"]["tasks"][0].items() if k not in ("task_dir", "split")}
+    source = {"path": str(folder), "split": split, **({"slice": slice} if slice else {})}
+    return {**task, "name": name, "dataset": source}
+
+
+def _dataset(damage: str, slice: str | None = None, group: str = "tasks") -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        if group == "tasks":
+            d = env.config(evaluation__tasks=[_dataset_task(env, damage, slice)])
+        else:
+            held = _dataset_task(env, damage, slice, name="ja_held")
+            d = env.config(evaluation__heldout_tasks=[held], evaluation__heldout_split="test")
+        return ["check", env.write(d)]
+
+    return make
+
+
+def _edited_run(verb: str, kind: str = "single", **changes: Any) -> Callable[[Env], list[str]]:
+    """A finished run whose config.yaml was edited (dotted keys, `a__b`), then `verb` on its run directory."""
+
+    def make(env: Env) -> list[str]:
+        run_dir = env.finished_run(kind)
+        data = yaml.safe_load((run_dir / "config.yaml").read_text())
+        for path, value in changes.items():
+            node = data
+            *keys, last = path.split("__")
+            for k in keys:
+                node = node[int(k)] if isinstance(node, list) else node[k]
+            node[last] = value
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        return [verb, str(run_dir), *(["--out", str(env.tmp / "out")] if verb == "export" else [])]
+
+    return make
+
+
 CASES: list[Case] = [
     config_case(
         "weight_bounds_inf",
@@ -381,6 +549,131 @@ CASES: list[Case] = [
     Case("postgres_unreachable_status", _unreachable_postgres("status"), "127.0.0.1", run_too=False, fast=15.0),
     Case("postgres_unreachable_report", _unreachable_postgres("report"), "127.0.0.1", run_too=False, fast=15.0),
     Case("postgres_unreachable_export", _unreachable_postgres("export"), "127.0.0.1", run_too=False, fast=15.0),
+    # issue 25: secrets
+    Case("storage_password_raw_at", _raw_at_in_password("check"), "percent-encode", fast=5.0),
+    Case("storage_password_raw_at_status", _raw_at_in_password("status"), "percent-encode", run_too=False),
+    # issue 25: pickles that name a blocked global (nothing runs; one line naming the file)
+    Case("pickle_names_a_blocked_global", _pickle_names_a_global, "pytorch_model.bin"),
+    Case("merge_pickle_names_a_blocked_global", _merge_pickle_names_a_global, "pytorch_model.bin", run_too=False),
+    # issue 25: ranges
+    config_case("reference_point_beyond_accuracy", "reference_point[0]", **_objectives([5.0, 5.0])),
+    config_case("reference_point_at_the_top", "reference_point[1]", **_objectives([0.0, 1.0])),
+    config_case("heartbeat_s_1e15", "execution.heartbeat_s", execution__heartbeat_s=1e15),
+    config_case("threads_2_40", "execution.threads", execution__threads=2**40),
+    Case("status_top_zero", _status_top("0"), "--top", run_too=False),
+    Case("status_top_negative", _status_top("-5"), "--top", run_too=False),
+    # issue 25: an export never writes into the run directory
+    Case("export_out_inside_run_dir", _export_into_run_dir("best"), "is inside the run directory", run_too=False),
+    Case(
+        "export_out_ps_best_overwrite",
+        _export_into_run_dir("ps_best", "--overwrite"),
+        "is inside the run directory",
+        run_too=False,
+    ),
+    Case("export_out_is_run_dir", _export_into_run_dir("", "--overwrite"), "is the run directory", run_too=False),
+    # issue 25: `check` runs the rules the worker runs (each once failed every trial after "config OK")
+    config_case("protocol_validation_all_items", "search.protocol.validation", search__protocol={"validation": 4}),
+    config_case(
+        "protocol_batch_past_the_pool", "search.protocol.batch", search__protocol={"validation": 1, "batch": 4}
+    ),
+    config_case("protocol_batch_past_the_items", "search.protocol.batch", search__protocol={"batch": 5}),
+    Case("dfs_protocol_validation_all_items", _dfs_protocol(validation=9), "search.dfs.protocol.validation"),
+    config_case(
+        "chat_template_without_one", "evaluation.tasks[0].chat_template", evaluation__tasks=_task(chat_template=True)
+    ),
+    Case("source_tokenizer_missing", _source_tokenizer("missing"), "no tokenizer"),
+    Case("source_tokenizer_unreadable", _source_tokenizer("truncated"), "tokenizer in"),
+    Case("eval_without_tokenizer", _eval_source_without_tokenizer, "no tokenizer", run_too=False),
+    # issue 25: dataset sources (a save_to_disk folder), in tasks and in heldout_tasks
+    Case("dataset_arrow_corrupt", _dataset("arrow_corrupt"), "evaluation.tasks[0].dataset"),
+    Case("dataset_arrow_missing", _dataset("arrow_missing"), "evaluation.tasks[0].dataset"),
+    Case("dataset_dict_json_truncated", _dataset("dict_json_truncated"), "dataset_dict.json"),
+    Case("dataset_split_empty", _dataset("empty_split"), "split 'empty' has no rows"),
+    Case("dataset_slice_past_the_end", _dataset("", slice="100:200"), "evaluation.tasks[0].dataset.slice"),
+    Case("dataset_slice_stop_past_the_end", _dataset("", slice="0:25"), "evaluation.tasks[0].dataset.slice"),
+    Case("dataset_null_field", _dataset("null_prompt"), "column 'prompt' is null in row 7"),
+    Case("heldout_dataset_arrow_corrupt", _dataset("arrow_corrupt", group="held"), "heldout_tasks[0].dataset"),
+    Case("heldout_dataset_arrow_missing", _dataset("arrow_missing", group="held"), "heldout_tasks[0].dataset"),
+    Case("heldout_dataset_dict_json_truncated", _dataset("dict_json_truncated", group="held"), "dataset_dict.json"),
+    Case("heldout_dataset_split_empty", _dataset("empty_split", group="held"), "split 'empty' has no rows"),
+    Case(
+        "heldout_dataset_slice_past_the_end",
+        _dataset("", slice="-30:", group="held"),
+        "evaluation.heldout_tasks[0].dataset.slice",
+    ),
+    Case("heldout_dataset_null_field", _dataset("null_prompt", group="held"), "column 'prompt' is null in row 7"),
+    # issue 25: Hub ids an export names the models by
+    config_case(
+        "hub_id_a_path",
+        "models.sources.1.hub_id",
+        models={
+            **BASE_CONFIG["models"],
+            "sources": [
+                *BASE_CONFIG["models"]["sources"][:1],
+                {"path": str(ZOO / "expert_math"), "hub_id": str(ZOO / "expert_math")},
+            ],
+        },
+    ),
+    config_case(
+        "base_hub_id_one_part", "models.base_hub_id", models={**BASE_CONFIG["models"], "base_hub_id": "base-model"}
+    ),
+    # issue 25: a study continues under the config it was run under (trials ranked together must mean the same)
+    Case(
+        "resume_after_editing_bounds",
+        _edited_run("resume", search__space__weight_bounds=[0.0, 3.0]),
+        "search.space.weight_bounds changed",
+        run_too=False,
+    ),
+    Case(
+        "resume_after_editing_a_task_limit",
+        _edited_run("resume", evaluation__tasks__0__limit=3),
+        "evaluation.tasks[0].limit changed",
+        run_too=False,
+    ),
+    Case("resume_after_editing_the_seed", _edited_run("resume", seed=7), "seed changed", run_too=False),
+    Case(
+        "resume_after_editing_the_sampler",
+        _edited_run("resume", search__optimizer__sampler="tpe"),
+        "search.optimizer.sampler changed",
+        run_too=False,
+    ),
+    Case(
+        "resume_after_editing_objectives",
+        _edited_run("resume", "multi", evaluation__objectives__1__metric="ja_sub/acc_value"),
+        "was made with other objectives",
+        run_too=False,
+    ),
+    Case(
+        "status_after_editing_a_task_limit",
+        _edited_run("status", evaluation__tasks__0__limit=3),
+        "--accept-config-change",
+        run_too=False,
+    ),
+    Case(
+        "export_after_editing_objectives",
+        _edited_run("export", "multi", evaluation__objectives__0__metric="ja_sub/acc_value"),
+        "was made with other objectives",
+        run_too=False,
+    ),
+    Case(
+        "report_after_editing_the_reference_point",
+        _edited_run("report", "multi", evaluation__reference_point=[0.1, 0.2]),
+        "evaluation.reference_point changed",
+        run_too=False,
+    ),
+    config_case(
+        "lm_eval_task_name_unknown",
+        "evaluation.tasks[0].tasks",
+        evaluation__tasks=[
+            {
+                "name": "lm",
+                "type": "lm_eval",
+                "tasks": ["zoo_no_such_task"],
+                "include_path": str(ZOO / "tasks" / "lm_eval"),
+            }
+        ],
+        evaluation__fitness=[{"metric": "lm/zoo_no_such_task/exact_match,first_word"}],
+    ),
 ]
 
 
@@ -391,12 +684,56 @@ def _argv_variants(case: Case, env: Env) -> list[list[str]]:
     return [argv]
 
 
+class _ValuesExecutor:
+    """Scores a recipe by its hash, as two objectives (no model loaded): a multi-objective study in a second."""
+
+    slots = 1
+
+    def __init__(self, cfg: Any, template: Any) -> None:
+        self.pending: list[tuple[int, Any]] = []
+
+    def submit(self, key: int, recipe: Any) -> None:
+        self.pending.append((key, recipe))
+
+    def wait(self) -> tuple[int, Any]:
+        from evolve.worker import Outcome
+
+        key, recipe = self.pending.pop(0)
+        a, b = int(recipe.hash()[:6], 16) / 16**6, int(recipe.hash()[6:12], 16) / 16**6
+        return key, Outcome(worker="fake", metrics={"ja_sub/acc": a, "ja_sub/lang_ok": b}, values=[a, b])
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Finished runs of the base config, scored by a stand-in (the cases edit their config and continue them)."""
+    from evolve.config import parse_config
+    from evolve.loop import run_search
+    from tests.evolve.fake_run import HashScoreExecutor
+
+    built: dict[str, Path] = {}
+
+    def finished(kind: str) -> Path:
+        if kind not in built:
+            run_dir = tmp_path_factory.mktemp(f"finished-{kind}") / "run"
+            changes = _objectives([0.0, 0.0]) if kind == "multi" else {}
+            data = Env(run_dir.parent).config(**changes)
+            executor = _ValuesExecutor if kind == "multi" else HashScoreExecutor
+            run_search(parse_config(data), progress=False, executor_factory=executor)
+            built[kind] = run_dir
+        return built[kind]
+
+    return finished
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_input_gets_one_line(
-    case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+    case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch, finished_runs
 ) -> None:
     monkeypatch.chdir(tmp_path)  # nothing may be written here either
-    env = Env(tmp_path)
+    env = Env(tmp_path, finished_runs)
     for argv in _argv_variants(case, env):
         before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
         t0 = time.perf_counter()

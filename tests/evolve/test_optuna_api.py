@@ -87,6 +87,8 @@ def test_a_trial_copy_with_another_state_and_value() -> None:
     pruned = study.trials[0]
     copy = optuna_api.with_value(pruned, 0.25)
     assert (copy.state, copy.value, pruned.state) == (TrialState.COMPLETE, 0.25, TrialState.PRUNED)
+    estimate = optuna_api.pruned_as_complete(pruned)
+    assert (estimate.state, estimate.value, pruned.state) == (TrialState.COMPLETE, 0.25, TrialState.PRUNED)
 
 
 def test_sampler_internals_exist_with_the_signatures_the_subclasses_use() -> None:

@@ -164,3 +164,42 @@ def test_empty_study_is_an_error(tmp_path):
     study = make_study(None, n_trials=1, fail_at=0)
     with pytest.raises(EvomergeError, match="^study 'ps-test' has no complete trial yet: nothing to report$"):
         write_report(study, tmp_path / "report")
+
+
+def test_importances_of_a_raced_study_count_the_trials_racing_stopped(tmp_path, monkeypatch):
+    """Racing stops most trials early (the demo: 141 of 150): importances are fitted on the complete trials and the
+    stopped ones at their partial estimate (the last value each reported), and the report says so."""
+    study = optuna.create_study(study_name="raced", direction="maximize")
+    study.set_user_attr("space_names", NAMES)
+    dists = {n: FloatDistribution(0.0, 1.0) for n in NAMES}
+    rng = np.random.default_rng(1)
+    trials = []
+    for i in range(24):
+        params = {n: float(v) for n, v in zip(NAMES, rng.uniform(size=len(NAMES)))}
+        estimate = float(np.mean([v for k, v in params.items() if k.endswith("ja.weight")]))
+        if i % 8 == 0:  # 3 trials scored on every item
+            trials.append(create_trial(value=estimate, params=params, distributions=dists))
+        else:  # stopped after 40 items at this estimate
+            trials.append(
+                create_trial(
+                    state=TrialState.PRUNED, params=params, distributions=dists, intermediate_values={40: estimate}
+                )
+            )
+    study.add_trials(trials)
+    paths = write_report(study, tmp_path / "report")
+    assert "importances.png" in [p.name for p in paths]
+    page = paths[-1].read_text(encoding="utf-8")
+    assert "From 3 complete trials and 21 stopped early by racing, each at its partial estimate" in page
+    fitted = []  # what the importance evaluator is given: every trial, each stopped one at its estimate
+    monkeypatch.setattr(optuna.importance, "get_param_importances", lambda s: fitted.append(s) or {NAMES[0]: 1.0})
+    report.compute_importances(study)
+    (seen,) = fitted
+    assert sorted((t.params[NAMES[0]], t.value) for t in seen.trials) == sorted(
+        (t.params[NAMES[0]], t.value if t.value is not None else t.intermediate_values[40]) for t in trials
+    )
+    assert {t.state for t in seen.trials} == {TrialState.COMPLETE}
+    assert sum(t.state == TrialState.PRUNED for t in study.trials) == 21  # the record is unchanged
+    few = optuna.create_study(direction="maximize")
+    few.add_trials(trials[:9])
+    _, why = report.compute_importances(few)
+    assert why.startswith("needs at least 10 complete trials (counting those stopped early by racing), the study has 2")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import optuna
 import pytest
@@ -135,3 +136,26 @@ def test_report_redacts_a_password_an_older_study_kept(tmp_path):
     write_report(study, tmp_path)
     html = (tmp_path / "report.html").read_text()
     assert "OldSecret99" not in html and "postgresql://evo:***@db/evo" in html
+
+
+def test_a_raw_at_in_a_password_is_refused_before_any_driver_reads_it():
+    """SQLAlchemy ends a password at its first raw '@', the redaction at the last: such a URL is refused at config
+    load (the message masks the password), and a driver's message quoting a piece of the password is redacted."""
+    from evolve.urls import ambiguity
+
+    url = "postgresql://alice:p@ss:SECRET99@127.0.0.1:9/evo"
+    assert "percent-encode" in ambiguity(url)
+    assert "percent-encode" in ambiguity("postgresql://evo:p@ss@db/evo")
+    for fine in (
+        "postgresql://evo:p%40ss%3Aw@db:5432/evo",
+        "postgresql://evo:pa:ss@db/evo",
+        "postgresql://evo:${EVOMERGE_DB_PASSWORD}@db/evo",
+        "postgresql://db/evo?application_name=a@b",
+        "sqlite:////abs/path/study.db",
+    ):
+        assert ambiguity(fine) is None, fine
+    with pytest.raises(EvomergeError) as err:
+        parse_config(config_dict((Path("b"), Path("a"), Path("m")), Path("/tmp/run"), storage=url))
+    assert "storage" in str(err.value) and "percent-encode" in str(err.value) and "SECRET99" not in str(err.value)
+    quoted = "ValueError: invalid literal for int() with base 10: 'SECRET99@127.0.0.1:9'"
+    assert "SECRET99" not in redact_text(quoted, url)

@@ -4,6 +4,9 @@ re-run by the next process, so the study ends with its full budget of finished t
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import optuna
@@ -11,7 +14,7 @@ from optuna.trial import TrialState
 
 from evolve.config import load_config
 from evolve.study import counted, load_study
-from tests.evolve.harness import QUIET, evolve_cli, run_killed, write_config
+from tests.evolve.harness import QUIET, ROOT, evolve_cli, run_killed, write_config
 
 SHARED = {"execution.shared_study": True, "execution.heartbeat_s": 1, "search.budget.max_trials": 6}
 
@@ -61,3 +64,26 @@ def test_a_trial_has_its_first_heartbeat_before_it_goes_to_a_worker(tmp_path):
 
         assert models.TrialHeartbeatModel.where_trial_id(trial._trial_id, session) is not None
     beats.threads.clear()
+
+
+def test_two_processes_share_the_studys_budget(tmp_path, world):
+    """Two `evolve run` processes at once on one shared study: together they finish exactly max_trials trials (each
+    counts the study's trials, the other's running ones included, before it asks), not max_trials each."""
+    budget = 40
+    cfg_path = write_config(tmp_path, world, **{**SHARED, "search.budget.max_trials": budget})
+    command = [sys.executable, "-m", "evolve.cli", "run", str(cfg_path), *QUIET]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    runs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    runs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [r.communicate(timeout=600) for r in runs]
+    for r, (out, err) in zip(runs, outputs):
+        assert r.returncode == 0, err[-2000:]
+        assert "stopped: budget: max_trials reached" in out, out
+    trials = load_study(load_config(cfg_path)).get_trials(deepcopy=False)
+    assert sum(counted(t) for t in trials) == budget
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
+    # the two processes did run at once: some trials were running at the same time (one slot per process)
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials if t.datetime_complete)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), "the processes never overlapped"
+    status = evolve_cli("status", str(cfg_path))
+    assert status.returncode == 0 and f": {budget}/{budget} trials;" in status.stdout, status.stdout
