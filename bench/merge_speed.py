@@ -58,7 +58,7 @@ from results import RESULTS, write_section  # noqa: E402  (bench/ is on sys.path
 
 from merge_core.materialize import Materializer  # noqa: E402
 from merge_core.recipe import MergeRecipe  # noqa: E402
-from merge_core.synthetic import make_tiny_checkpoint  # noqa: E402
+from zoo.synthetic import make_tiny_checkpoint  # noqa: E402
 
 SECTION = "Merge speed"
 INMEM_SECTION = "In-memory re-merge (Materializer.apply)"

@@ -22,7 +22,7 @@ from merge_core.checkpoint import (
     validate_compatible,
 )
 from merge_core.errors import EvomergeError, IncompatibleModelsError
-from merge_core.synthetic import DEFAULT_WORDS, TEST_SIZES, make_tiny_checkpoint
+from zoo.synthetic import DEFAULT_WORDS, TEST_SIZES, make_tiny_checkpoint
 
 DROPPED = "model.layers.1.mlp.up_proj.weight"
 

@@ -13,7 +13,7 @@ from merge_core.checkpoint import Checkpoint
 from merge_core.dataflow import CACHE_NAME, DataFlowModel, check_compatible_configs, export_dataflow
 from merge_core.errors import EvomergeError
 from merge_core.recipe import LayerPath
-from merge_core.synthetic import make_tiny_checkpoint
+from zoo.synthetic import make_tiny_checkpoint
 
 torch.set_num_threads(1)
 

@@ -16,7 +16,7 @@ from merge_core.checkpoint import Checkpoint
 from merge_core.materialize import Materializer
 from merge_core.merge import run_merge
 from merge_core.recipe import MergeRecipe
-from merge_core.synthetic import make_tiny_checkpoint
+from zoo.synthetic import make_tiny_checkpoint
 
 TENSOR = "model.layers.1.mlp.up_proj.weight"
 
