@@ -21,10 +21,10 @@ from evolve.config import RunConfig
 from evolve.items import items_scored
 from evolve.stats import LEVEL, Comparison, mcnemar_exact, metric_intervals
 from evolve.study import best_trial, rescored, trial_recipe
-from merge_core.checkpoint import staged_output
 from merge_core.errors import EvomergeError
 from merge_core.merge import RECIPE_FILE, run_merge
 from merge_core.recipe import DataFlowRecipe, MergeRecipe, OutputSlice, Recipe, SliceSource
+from merge_core.writer import staged_output
 
 MERGEKIT_FILE = "mergekit.yaml"  # the recipe for `mergekit-yaml`, model paths absolute
 SCORES_FILE = "evomerge_scores.json"

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import torch
 
 from merge_core import methods
-from merge_core.checkpoint import Checkpoint, ShardedWriter, copy_model_files, staged_output, validate_compatible
+from merge_core.checkpoint import Checkpoint, validate_compatible
 from merge_core.errors import EvomergeError
 from merge_core.recipe import DTYPES, MergeRecipe, locate, resolve_parameter, validate_layout
+from merge_core.writer import ShardedWriter, copy_model_files, staged_output
 
 if TYPE_CHECKING:
     from merge_core.fused import FusedMerge
