@@ -26,7 +26,7 @@ from pydantic_core import PydanticCustomError
 from evolve.fitness import FitnessTerm, Objective
 from evolve.urls import expand_env, persisted_url, redact_url
 from merge_core.errors import EvomergeError
-from merge_core.recipe import DTYPES, _freeze_params
+from merge_core.recipe import DTYPES, freeze_params
 from merge_core.yamlio import load_yaml, read_text
 from search_spaces.ps import ps_method
 
@@ -837,17 +837,17 @@ def _check_fitness_metrics(cfg: RunConfig) -> None:
 
 def _check_space_params(space: Space, sources: list[SourceModel]) -> None:
     """search.space: a method the PS space can search, and fixed `params` that are its parameters with valid values."""
-    from merge_core.merge import _setting_values
     from merge_core.methods import check_parameter
+    from merge_core.plan import setting_values
 
     spec = ps_method(space.method, len(sources))
     known = set(spec.global_params) | set(spec.tensor_params)
-    for key, setting in _freeze_params(dict(space.params), "search.space.params"):
+    for key, setting in freeze_params(dict(space.params), "search.space.params"):
         if key not in known:
             raise EvomergeError(
                 f"search.space.params.{key}: not a parameter of {spec.name} (known: {', '.join(sorted(known))})"
             )
-        for value in _setting_values(setting):
+        for value in setting_values(setting):
             problem = check_parameter(key, value)
             if problem:
                 raise EvomergeError(f"search.space.params.{key}: {problem}")
@@ -876,7 +876,8 @@ def _check_stage(cfg: RunConfig, stage: str) -> str:
     from evolve.loop import build_space, dfs_model_a
     from merge_core.checkpoint import Checkpoint
     from merge_core.dataflow import check_compatible_configs
-    from merge_core.merge import check_recipe, open_models
+    from merge_core.merge import open_models
+    from merge_core.plan import check_recipe
 
     opts = dict(allow_pickle=cfg.models.allow_pickle, trust_remote_code=cfg.models.trust_remote_code)
     if stage == "ps":

@@ -20,17 +20,15 @@ from merge_core.checkpoint import Checkpoint
 from merge_core.errors import EvomergeError
 from merge_core.merge import (
     TORCH_DTYPES,
-    check_recipe,
     compute_tensor,
     load_as_float32,
     map_tensors,
-    method_spec,
     open_models,
     output_dtype,
-    plan_tensor,
     resolve_device,
     tensor_workers,
 )
+from merge_core.plan import check_recipe, method_spec, plan_tensor
 from merge_core.recipe import MergeRecipe
 
 log = logging.getLogger(__name__)
@@ -236,7 +234,7 @@ class Materializer:
             plan = plan_tensor(recipe, name, self.num_layers)
             param = params[name]
             with torch.no_grad():  # grad mode is per thread
-                merged = compute_tensor(recipe, plan, self, self.device, local.workspace, self.fused, param)
+                merged = compute_tensor(plan, self, self.device, local.workspace, self.fused, param)
                 if merged is not param:  # a compiled kernel wrote param itself
                     param.copy_(merged)  # before the next merge reuses the workspace
 

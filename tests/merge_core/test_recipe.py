@@ -6,15 +6,8 @@ import math
 import pytest
 
 from merge_core.errors import EvomergeError
-from merge_core.recipe import (
-    DataFlowRecipe,
-    LayerPath,
-    MergeRecipe,
-    load_recipe,
-    locate,
-    resolve_parameter,
-    validate_layout,
-)
+from merge_core.plan import locate, resolve_parameter, validate_layout
+from merge_core.recipe import DataFlowRecipe, LayerPath, MergeRecipe, load_recipe
 
 MERGEKIT_YAML = """
 merge_method: dare_ties
