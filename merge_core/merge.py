@@ -20,6 +20,7 @@ from merge_core.checkpoint import Checkpoint, validate_compatible
 from merge_core.errors import EvomergeError
 from merge_core.plan import TensorPlan, check_recipe, plan_tensor
 from merge_core.recipe import DTYPES, MergeRecipe
+from merge_core.sparsify import dare_generator
 from merge_core.writer import ShardedWriter, copy_model_files, staged_output
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class TensorInputs(Protocol):
     def delta(self, model: str, name: str) -> torch.Tensor:
         """The task vector (model - base), float32, on the compute device."""
 
-    # Optional: ``precomputed(model, name, spec, seed) -> methods.Precomputed | None``, candidate-independent
+    # Optional: ``precomputed(model, name, spec, seed) -> sparsify.Precomputed | None``, candidate-independent
     # sparsification inputs a worker caches across candidates (the Materializer has it; checkpoints do not).
 
 
@@ -65,9 +66,7 @@ def compute_tensor(
         deltas=[inputs.delta(m, name) for m in contributors] if gta else None,
         params=dict(plan.params),
         tensor_params=[plan.model_params[m] for m in contributors],
-        generators=[methods.dare_generator(plan.seed, name, m, device) for m in contributors]
-        if spec.stochastic
-        else None,
+        generators=[dare_generator(plan.seed, name, m, device) for m in contributors] if spec.stochastic else None,
         precomputed=[cache(m, name, spec, plan.seed) for m in contributors] if cache is not None else None,
         workspace=workspace,
         fused=fused,

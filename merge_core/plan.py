@@ -39,7 +39,7 @@ class TensorPlan:
     spec: methods.MethodSpec
     base: str | None  # the base the method merges onto (None for linear, whose base is one of the contributors)
     contributors: tuple[str, ...]  # the models whose tensors (linear, slerp, model_stock) or task vectors it merges
-    seed: int  # DARE / DELLA masks: methods.dare_generator(seed, tensor name, model)
+    seed: int  # DARE / DELLA masks: sparsify.dare_generator(seed, tensor name, model)
     params: Mapping[str, Any]
     model_params: Mapping[str, Mapping[str, Any]]  # model -> resolved per-model parameters
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from merge_core import fused, methods
+from merge_core import fused, methods, sparsify
 from merge_core.materialize import Materializer
 from merge_core.recipe import MergeRecipe
 from tests.merge_core.test_merge import recipe, run_merge, trio
 
-N = 2 * methods.KEYED_MIN + 3  # keyed magnitude masks; odd, so no vector width divides it
+N = 2 * sparsify.KEYED_MIN + 3  # keyed magnitude masks; odd, so no vector width divides it
 
 
 def task_vectors(count: int, seed: int) -> list[torch.Tensor]:
@@ -30,10 +30,12 @@ def task_vectors(count: int, seed: int) -> list[torch.Tensor]:
     return deltas
 
 
-def cached(deltas: list[torch.Tensor], seed: int) -> list[methods.Precomputed]:
+def cached(deltas: list[torch.Tensor], seed: int) -> list[sparsify.Precomputed]:
     g = torch.Generator().manual_seed(seed + 100)
     return [
-        methods.Precomputed(keys=methods.magnitude_keys(d), uniform=torch.rand(N, generator=g), l1=methods.l1_norm(d))
+        sparsify.Precomputed(
+            keys=sparsify.magnitude_keys(d), uniform=torch.rand(N, generator=g), l1=sparsify.l1_norm(d)
+        )
         for d in deltas
     ]
 
@@ -89,16 +91,16 @@ def test_magnitude_threshold_reproduces_the_keyed_mask() -> None:
     many_ties = torch.where(torch.rand(N, generator=g) < 0.6, 0.25, torch.randn(N, generator=g))
     cases = [task_vectors(1, seed=5)[0], many_ties]
     for delta in cases:
-        keys = methods.magnitude_keys(delta)
+        keys = sparsify.magnitude_keys(delta)
         index = torch.arange(N)
-        ordered = methods.MagnitudeKeys(keys.keys, keys.low, keys.at_least, methods.key_order(keys))
+        ordered = sparsify.MagnitudeKeys(keys.keys, keys.low, keys.at_least, sparsify.key_order(keys))
         assert torch.equal(keys.keys.reshape(-1)[ordered.order.long()].diff() >= 0, torch.ones(N - 1, dtype=torch.bool))
         for density in (0.0, 1e-5, 0.2, 0.5, 0.61, 0.999, 1.0):
             found = fused.magnitude_threshold(delta, keys, density)
             assert found is not None and fused.magnitude_threshold(delta, ordered, density) == found  # no scan
             v, cut = found
             mask = (delta.abs() > v) | ((delta.abs() == v) & (index < cut))
-            assert torch.equal(mask, methods.magnitude_mask(delta, density, keys)), density
+            assert torch.equal(mask, sparsify.magnitude_mask(delta, density, keys)), density
 
 
 def test_unsupported_cases_stay_eager() -> None:

@@ -10,17 +10,19 @@ import torch
 from merge_core.errors import EvomergeError
 from merge_core.methods import (
     METHODS,
-    bernoulli_mask,
-    dare_generator,
     generalized_task_arithmetic,
     linear,
-    magnitude_mask,
-    magnitude_outliers_mask,
     merge_tensor,
     model_stock,
-    rank_magnitude_sample,
     sign_consensus,
     slerp,
+)
+from merge_core.sparsify import (
+    bernoulli_mask,
+    dare_generator,
+    magnitude_mask,
+    magnitude_outliers_mask,
+    rank_magnitude_sample,
 )
 
 
