@@ -6,10 +6,12 @@ torch.compile (inductor: C++ on CPU, Triton on GPU) fuses them into one loop tha
 (and its 2-byte magnitude key or 4-byte DARE draw inside the mask) and writes the output dtype straight into the
 live model's parameter.
 
-Results are bit for bit those of ``methods.generalized_task_arithmetic`` followed by the cast to the parameter's
-dtype: every operation is the eager one, in the eager order (the weighted products are exact, as m is 0 or 1;
-sums run source by source as eager adds them; the divisor's zero fix, the division, λ, the base and the cast
-follow). Two pieces are computed outside the kernel so that nothing is reordered:
+``FusedMerge.write`` merges one tensor into its parameter (merge_core.merge.compute_tensor calls it where a worker
+has kernels): by a compiled kernel, or, where the kernels decline, by the eager merge. Results are bit for bit those
+of ``methods.generalized_task_arithmetic`` followed by the cast to the parameter's dtype: every operation is the
+eager one, in the eager order (the weighted products are exact, as m is 0 or 1; sums run source by source as eager
+adds them; the divisor's zero fix, the division, λ, the base and the cast follow). Two pieces are computed outside
+the kernel so that nothing is reordered:
 
 - a magnitude mask is "the k largest |δ|, ties to the lower index": from the cached ``sparsify.MagnitudeKeys``
   the threshold value v (the k-th largest |δ|) and the index cut among the elements equal to v are found on the
@@ -32,6 +34,7 @@ separate multiplies and adds differs in the last bit (measured).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -39,11 +42,12 @@ import threading
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from merge_core import sparsify
+from merge_core import methods, sparsify
 from merge_core.methods import Consensus, Workspace
 from merge_core.sparsify import Precomputed, Sparsification
 
@@ -97,7 +101,47 @@ class FusedMerge:
     def supports(self, sparsification: str | None, count: int) -> bool:
         return (sparsification is None or sparsification in sparsify.FUSED) and count > 0
 
-    def merge(
+    def write(
+        self,
+        base: Tensor,
+        deltas: Sequence[Tensor],
+        weights: Sequence[float],
+        densities: Sequence[float] | None = None,
+        *,
+        out: Tensor,
+        sparsification: str | None,
+        consensus: str | None,
+        normalize: bool,
+        rescale: bool,
+        lambda_: float = 1.0,
+        precomputed: Sequence[Precomputed | None] | None = None,
+        workspace: Workspace | None = None,
+        **eager_only: Any,
+    ) -> Tensor:
+        """methods.generalized_task_arithmetic's merge, with its arguments (``eager_only``: gammas, epsilons,
+        generators, which only the sparsifications left to the eager merge read), cast into ``out`` (e.g. a live
+        model's parameter), which is returned: written by a compiled kernel, or, where the kernels decline, by the
+        eager merge in fresh buffers, one such merge at a time under the lock (the memory plan of a fused worker
+        counts one). The same bits as the eager float32 result copied into ``out``."""
+        count = len(deltas)
+        weights = methods.per_source(weights, count, None, "weights")
+        densities = methods.per_source(densities, count, 1.0, "densities")
+        precomputed = methods.per_source(precomputed, count, None, "precomputed")
+        eager = functools.partial(
+            methods.generalized_task_arithmetic, base, deltas, weights, densities, sparsification=sparsification,
+            consensus=consensus, normalize=normalize, rescale=rescale, lambda_=lambda_, precomputed=precomputed,
+            **eager_only,
+        )  # fmt: skip
+        if self._compiled(
+            base, deltas, weights, densities, sparsification=sparsification, consensus=consensus,
+            normalize=normalize, rescale=rescale, lambda_=lambda_, precomputed=precomputed, out=out, eager=eager,
+            workspace=workspace,
+        ):  # fmt: skip
+            return out
+        with self.lock:  # one eager merge at a time beside the kernels, in fresh buffers: what the memory plan counts
+            return out.copy_(eager())
+
+    def _compiled(
         self,
         base: Tensor,
         deltas: Sequence[Tensor],

@@ -1,6 +1,6 @@
 """Merge tensor by tensor: ``compute_tensor`` computes one tensor from its plan (merge_core.plan), the one compute
 step shared by the on-disk merge (``run_merge``: checkpoints in, a sharded checkpoint out) and the in-memory
-Materializer.
+Materializer; it is also where the way a tensor is computed is chosen (eager methods, or compiled kernels).
 """
 
 from __future__ import annotations
@@ -53,25 +53,28 @@ def compute_tensor(
     fused: FusedMerge | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The merged tensor (float32) for one plan: gather the method's inputs, then methods.merge_tensor (with a
-    workspace, the result may be a view of its buffers: use it before the workspace's next merge; with fused and
-    out, it may be ``out`` itself, already holding the result in out's dtype)."""
+    """The merged tensor (float32) for one plan: gather the method's inputs, then compute it. With fused kernels
+    and ``out`` (the tensor the result goes to), a GTA merge is written into ``out`` by FusedMerge.write (a compiled
+    kernel, else the eager merge) and ``out`` is returned, in its dtype; otherwise methods.merge_tensor computes it
+    eagerly (with a workspace, the result may be a view of its buffers: use it before the workspace's next merge)."""
     spec, name, contributors = plan.spec, plan.name, plan.contributors
     gta = spec.kind == "gta"
     cache = getattr(inputs, "precomputed", None) if gta and spec.sparsification else None
+    base = inputs.tensor(plan.base, name) if plan.base is not None else None
+    tensors = [] if gta else [inputs.tensor(m, name) for m in contributors]
+    deltas = [inputs.delta(m, name) for m in contributors] if gta else None
+    tensor_params = [plan.model_params[m] for m in contributors]
+    generators = [dare_generator(plan.seed, name, m, device) for m in contributors] if spec.stochastic else None
+    precomputed = [cache(m, name, spec, plan.seed) for m in contributors] if cache is not None else None
+    if gta and fused is not None and out is not None and base is not None and deltas is not None:
+        return fused.write(
+            base, deltas, **methods.gta_arguments(spec, dict(plan.params), tensor_params), generators=generators,
+            precomputed=precomputed, workspace=workspace, out=out,
+        )  # fmt: skip
     return methods.merge_tensor(
-        spec,
-        base=inputs.tensor(plan.base, name) if plan.base is not None else None,
-        tensors=[] if gta else [inputs.tensor(m, name) for m in contributors],
-        deltas=[inputs.delta(m, name) for m in contributors] if gta else None,
-        params=dict(plan.params),
-        tensor_params=[plan.model_params[m] for m in contributors],
-        generators=[dare_generator(plan.seed, name, m, device) for m in contributors] if spec.stochastic else None,
-        precomputed=[cache(m, name, spec, plan.seed) for m in contributors] if cache is not None else None,
-        workspace=workspace,
-        fused=fused,
-        out=out,
-    )
+        spec, base=base, tensors=tensors, deltas=deltas, params=dict(plan.params), tensor_params=tensor_params,
+        generators=generators, precomputed=precomputed, workspace=workspace,
+    )  # fmt: skip
 
 
 T = TypeVar("T")

@@ -2,7 +2,8 @@
 
 Every function upcasts its inputs to float32, computes in float32 and returns float32; the caller
 casts to the storage dtype. Randomness (DARE, DELLA) comes only from explicit `torch.Generator`s
-(merge_core.sparsify.dare_generator). No I/O.
+(merge_core.sparsify.dare_generator). No I/O, no recipes: the merge plan (merge_core.plan) resolves a recipe's
+parameters per tensor and merge_core.merge calls these functions (or a compiled kernel of merge_core.fused).
 
 Conventions shared with mergekit 0.1.5 (read from its source, not paraphrased from memory):
 - task vectors are sparsified as merge_core.sparsify does (masks, rescale);
@@ -16,7 +17,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -36,9 +37,6 @@ from merge_core.sparsify import (
     rescale_factor,
     sparsify,
 )
-
-if TYPE_CHECKING:
-    from merge_core.fused import FusedMerge
 
 
 class Consensus(str, Enum):
@@ -201,7 +199,7 @@ def sign_consensus(weighted_deltas: Sequence[Tensor], method: str = "sum") -> li
     return [_agrees(delta, majority) for delta in weighted_deltas]
 
 
-def _per_source(values: Sequence[Any] | None, count: int, default: Any, name: str) -> list[Any]:
+def per_source(values: Sequence[Any] | None, count: int, default: Any, name: str) -> list[Any]:
     """values as a list of length count, or [default] * count when None."""
     if values is None:
         return [default] * count
@@ -226,40 +224,21 @@ def generalized_task_arithmetic(
     generators: Sequence[torch.Generator | None] | None = None,
     precomputed: Sequence[Precomputed | None] | None = None,
     workspace: Workspace | None = None,
-    fused: FusedMerge | None = None,
-    out: Tensor | None = None,
 ) -> Tensor:
     """base + λ·(Σ_i m_i w_i s(δ_i)) / (Σ_i m_i w_i if normalize), s = sparsify, m = sign consensus (or 1).
 
     Every temporary is one of count + 3 float32 buffers (w_i s(δ_i) in buffer i, then the sign, a scratch and the
-    divisor), taken from ``workspace`` when given (the result is then a view of buffer 0) or from a fresh one.
-    With ``fused`` and ``out`` (the tensor the result goes to, e.g. a live model's parameter), the result, cast to
-    out's dtype, is written into ``out``, which is returned: by a compiled kernel (merge_core.fused), or, where it
-    declines, by this function in fresh buffers, one such merge at a time (the memory plan of a fused worker counts
-    one). The same bits as this function's float32 result copied into ``out``."""
+    divisor), taken from ``workspace`` when given (the result is then a view of buffer 0) or from a fresh one:
+    buffer reuse only, the result is the same."""
     count = len(deltas)
     if count == 0:
         return f32(base)
-    weights = _per_source(weights, count, None, "weights")
-    densities = _per_source(densities, count, 1.0, "densities")
-    gammas = _per_source(gammas, count, DEFAULT_GAMMA, "gammas")
-    epsilons = _per_source(epsilons, count, DEFAULT_EPSILON, "epsilons")
-    generators = _per_source(generators, count, None, "generators")
-    precomputed = _per_source(precomputed, count, None, "precomputed")
-    if fused is not None and out is not None:
-        eager = lambda: generalized_task_arithmetic(  # noqa: E731 (checks a compiled variant's first tensor)
-            base, deltas, weights, densities, sparsification=sparsification, consensus=consensus,
-            normalize=normalize, rescale=rescale, lambda_=lambda_, gammas=gammas, epsilons=epsilons,
-            generators=generators, precomputed=precomputed,
-        )  # fmt: skip
-        if fused.merge(
-            base, deltas, weights, densities, sparsification=sparsification, consensus=consensus,
-            normalize=normalize, rescale=rescale, lambda_=lambda_, precomputed=precomputed, out=out, eager=eager,
-            workspace=workspace,
-        ):  # fmt: skip
-            return out
-        with fused.lock:  # one eager merge at a time beside the kernels, in fresh buffers: what the memory plan counts
-            return out.copy_(eager())
+    weights = per_source(weights, count, None, "weights")
+    densities = per_source(densities, count, 1.0, "densities")
+    gammas = per_source(gammas, count, DEFAULT_GAMMA, "gammas")
+    epsilons = per_source(epsilons, count, DEFAULT_EPSILON, "epsilons")
+    generators = per_source(generators, count, None, "generators")
+    precomputed = per_source(precomputed, count, None, "precomputed")
     workspace = workspace if workspace is not None else Workspace()
     weighted = (
         _weighted_sparse(
@@ -458,6 +437,19 @@ def _resolved(defaults: dict[str, Any], given: dict[str, Any], method: str) -> d
     return values
 
 
+def gta_arguments(spec: MethodSpec, params: dict[str, Any], tensor_params: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """generalized_task_arithmetic's method arguments (weights, densities, sparsification, consensus, normalize,
+    rescale, λ, gammas, epsilons) for a GTA spec and one tensor's global and per-source parameters."""
+    glob = _resolved(spec.global_params, params, spec.name)
+    per = [_resolved(spec.tensor_params, p, spec.name) for p in tensor_params]
+    return dict(
+        weights=[p["weight"] for p in per], densities=[p["density"] for p in per],
+        sparsification=spec.sparsification, consensus=spec.consensus, normalize=bool(glob["normalize"]),
+        rescale=bool(glob["rescale"]), lambda_=float(glob["lambda"]),
+        gammas=[p.get("gamma", DEFAULT_GAMMA) for p in per], epsilons=[p.get("epsilon", DEFAULT_EPSILON) for p in per],
+    )  # fmt: skip
+
+
 def merge_tensor(
     spec: MethodSpec,
     *,
@@ -469,13 +461,10 @@ def merge_tensor(
     generators: Sequence[torch.Generator | None] | None = None,
     precomputed: Sequence[Precomputed | None] | None = None,
     workspace: Workspace | None = None,
-    fused: FusedMerge | None = None,
-    out: Tensor | None = None,
 ) -> Tensor:
     """spec's method on one tensor; tensors: non-base sources (linear: every listed input); deltas: source - base;
     precomputed: per source, cached candidate-independent sparsification inputs (GTA methods; results unchanged);
-    workspace: reused float32 buffers (GTA methods; the result may then be a view of one of them); fused and out:
-    compiled GTA kernels and the tensor the result is for (GTA methods: the result may be ``out`` itself)."""
+    workspace: reused float32 buffers (GTA methods; the result may then be a view of one of them)."""
     glob = _resolved(spec.global_params, params, spec.name)
     per = [_resolved(spec.tensor_params, p, spec.name) for p in tensor_params]
     if spec.needs_base and base is None:
@@ -491,9 +480,6 @@ def merge_tensor(
     if deltas is None:
         raise EvomergeError(f"merge method {spec.name!r} needs task vectors (source - base)")
     return generalized_task_arithmetic(
-        base, deltas, [p["weight"] for p in per], [p["density"] for p in per],
-        sparsification=spec.sparsification, consensus=spec.consensus, normalize=bool(glob["normalize"]),
-        rescale=bool(glob["rescale"]), lambda_=float(glob["lambda"]),
-        gammas=[p.get("gamma", DEFAULT_GAMMA) for p in per], epsilons=[p.get("epsilon", DEFAULT_EPSILON) for p in per],
-        generators=generators, precomputed=precomputed, workspace=workspace, fused=fused, out=out,
+        base, deltas, **gta_arguments(spec, glob, per), generators=generators, precomputed=precomputed,
+        workspace=workspace,
     )  # fmt: skip
