@@ -194,16 +194,6 @@ class Materializer:
                 release_free_memory(self.device)
         return pre
 
-    @property
-    def cache_bytes(self) -> int:
-        """Bytes held by the precomputed ranks / uniforms / norms so far (filled during the first apply)."""
-        return sum(
-            t.numel() * t.element_size()
-            for pre, _ in self._precomputed.values()
-            for t in (*((pre.keys.keys, pre.keys.at_least, pre.keys.order) if pre.keys else ()), pre.uniform, pre.l1)
-            if t is not None
-        )
-
     # ---- the live model -------------------------------------------------------------------------
     def new_model(self, dtype: torch.dtype | None = None) -> PreTrainedModel:
         """The worker's live model: the reference checkpoint's architecture and weights, on device, in

@@ -159,11 +159,6 @@ def _buffer(workspace: Workspace | None, i: int, like: Tensor) -> Tensor:
     return workspace.buffer(i, like)
 
 
-def _majority_positive(weighted_deltas: Sequence[Tensor], method: str) -> Tensor:
-    """Elected sign is + where sum_i d_i ≥ 0 ("sum") or sum_i sign(d_i) ≥ 0 ("count")."""
-    return _majority_sign(weighted_deltas, method) > 0
-
-
 def _majority_sign(weighted_deltas: Sequence[Tensor], method: str, out: Tensor | None = None) -> Tensor:
     """The elected sign as float32 ±1 (into ``out`` when given): +1 where sum_i d_i ≥ 0 ("sum") or
     sum_i sign(d_i) ≥ 0 ("count").
@@ -186,17 +181,6 @@ def _majority_sign(weighted_deltas: Sequence[Tensor], method: str, out: Tensor |
             total.add_(torch.sign(delta))
         total.add_(0.0)  # -0 (no votes) elects +, as sum_i sign(d_i) ≥ 0 does
     return torch.copysign(_scalar(1.0, total), total, out=out)
-
-
-def _agrees(delta: Tensor, majority_positive: Tensor) -> Tensor:
-    """sign(d) == elected sign (sign(0) never agrees)."""
-    return ((delta > 0) == majority_positive) & (delta != 0)
-
-
-def sign_consensus(weighted_deltas: Sequence[Tensor], method: str = "sum") -> list[Tensor]:
-    """m_i = [sign(d_i) == sign-election(d)], per element; sign(0) never agrees."""
-    majority = _majority_positive(weighted_deltas, method)
-    return [_agrees(delta, majority) for delta in weighted_deltas]
 
 
 def per_source(values: Sequence[Any] | None, count: int, default: Any, name: str) -> list[Any]:

@@ -163,11 +163,6 @@ class LayerPath:
             if not math.isfinite(scale):
                 raise EvomergeError(f"layer path: hop {t} has non-finite scale {scale}")
 
-    @classmethod
-    def identity(cls, num_layers: int) -> LayerPath:
-        """A's own layers in order, every scale 1: the path that reproduces A."""
-        return cls(tuple((0, i) for i in range(num_layers)), (1.0,) * num_layers)
-
     def __len__(self) -> int:
         return len(self.hops)
 
