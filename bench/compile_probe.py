@@ -5,7 +5,7 @@ In-memory re-merge); this measures what one fused kernel for the step after the 
     .venv/bin/python bench/compile_probe.py [--threads 1] [--repeats 5]
 
 On one task-vector pair of bench/merge_speed.py's checkpoints (ft_a - base, ft_b - base; an MLP up_proj and the
-embedding), the masked weighted task vectors come from merge_core.methods (magnitude keys); then the TIES step
+embedding), the masked weighted task vectors come from merge_core.sparsify (magnitude keys); then the TIES step
 (sign election, agreement, masked sum, divisor with zero -> 1, division, + bf16 base, cast to bf16) runs
 (a) in methods.generalized_task_arithmetic as evomerge runs it (masks included, through a Workspace, then the
 bf16 cast), and (b) as one torch.compile'd function of the weighted vectors, weights passed as 0-dim tensors.
@@ -31,7 +31,7 @@ from mask_cost import task_vector  # noqa: E402  (bench/ is on sys.path: scripts
 from merge_speed import ensure_checkpoints  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from merge_core import methods  # noqa: E402
+from merge_core import methods, sparsify  # noqa: E402
 
 TENSORS = {"MLP up_proj": "model.layers.0.mlp.up_proj.weight", "embedding": "model.embed_tokens.weight"}
 CASES = [((0.6, 0.4), (0.5, 0.5)), ((0.3, 0.7), (0.4, 0.6)), ((1.0, -1.0), (0.7, 0.3))]
@@ -77,7 +77,7 @@ def main() -> None:
 
 def probe(label, base, deltas, weights, densities, compiled, repeats: int) -> None:
     """One weight/density set on one tensor: eager GTA vs the compiled step after the masks (printed)."""
-    pre = [methods.Precomputed(keys=methods.magnitude_keys(d)) for d in deltas]
+    pre = [sparsify.Precomputed(keys=sparsify.magnitude_keys(d)) for d in deltas]
     workspace = methods.Workspace()
 
     def eager():

@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from evals.data import load_generation_items, write_jsonl  # noqa: E402
 from evals.lm_eval_backend import LmEvalEvaluator, jsonl_task_config, write_task_yaml  # noqa: E402
 from evals.native import GenerationEvaluator  # noqa: E402
-from merge_core.synthetic import tiny_model, word_tokenizer  # noqa: E402
+from zoo.synthetic import tiny_model, word_tokenizer  # noqa: E402
 
 log = logging.getLogger("bench.eval_speed")
 ROOT = Path(__file__).resolve().parents[1]

@@ -45,7 +45,7 @@ from evals.native import GenerationEvaluator  # noqa: E402
 from merge_core import fused  # noqa: E402
 from merge_core.materialize import Materializer  # noqa: E402
 from merge_core.recipe import MergeRecipe  # noqa: E402
-from merge_core.synthetic import MISTRAL_7B, SPECIAL_TOKENS, word_tokenizer  # noqa: E402
+from zoo.synthetic import MISTRAL_7B, SPECIAL_TOKENS, word_tokenizer  # noqa: E402
 
 SECTION = "GPU check (issue 15): 7B-shaped merge and evaluator"
 SHAPES = {

@@ -11,7 +11,7 @@ and an MLP matrix, 2816x1024), k = int(density n), three ways to the float32 0/1
   a selection among those, then the bool mask converted for the product;
 - magnitude keys into float32 (now): the same, written straight into the float32 buffer the product reads.
 
-The keys' one-time cost is methods.magnitude_keys (one pass and an int16 histogram), 2 bytes per element. Every
+The keys' one-time cost is sparsify.magnitude_keys (one pass and an int16 histogram), 2 bytes per element. Every
 mask is checked equal to the rank mask. Best of --repeats, one process, so the ratios are measured under one load.
 """
 
@@ -33,7 +33,7 @@ from merge_speed import ensure_checkpoints  # noqa: E402
 from results import write_section  # noqa: E402  (bench/ is on sys.path: scripts run from it)
 from safetensors import safe_open  # noqa: E402
 
-from merge_core import methods  # noqa: E402
+from merge_core import sparsify  # noqa: E402
 
 SECTION = "TIES mask cost per candidate (magnitude keys vs int32 ranks)"
 TENSORS = {"embedding": "model.embed_tokens.weight", "MLP up_proj": "model.layers.0.mlp.up_proj.weight"}
@@ -67,15 +67,15 @@ def measure(what: str, delta: torch.Tensor, density: float, repeats: int) -> tup
     rank[order] = torch.arange(n, dtype=torch.int32)
     rank_build = time.perf_counter() - t0
     del order
-    keys_build = best_ms(lambda: methods.magnitude_keys(delta), repeats)
-    keys = methods.magnitude_keys(delta)
+    keys_build = best_ms(lambda: sparsify.magnitude_keys(delta), repeats)
+    keys = sparsify.magnitude_keys(delta)
     out = torch.empty(delta.shape, dtype=torch.float32)
     expected = (rank < k).reshape(delta.shape)
-    assert torch.equal(methods.magnitude_mask(delta, density, keys), expected)
-    assert torch.equal(methods.magnitude_mask(delta, density, keys, out=out), expected.float())
+    assert torch.equal(sparsify.magnitude_mask(delta, density, keys), expected)
+    assert torch.equal(sparsify.magnitude_mask(delta, density, keys, out=out), expected.float())
     ranked = best_ms(lambda: torch.lt(rank, k, out=out.view(-1)), repeats)
-    keyed_bool = best_ms(lambda: methods.magnitude_mask(delta, density, keys).float(), repeats)
-    keyed_f32 = best_ms(lambda: methods.magnitude_mask(delta, density, keys, out=out), repeats)
+    keyed_bool = best_ms(lambda: sparsify.magnitude_mask(delta, density, keys).float(), repeats)
+    keyed_f32 = best_ms(lambda: sparsify.magnitude_mask(delta, density, keys, out=out), repeats)
     threshold_key = keys.keys.reshape(-1)[expected.reshape(-1)].min()
     boundary = int(torch.count_nonzero(keys.keys == threshold_key))
     label = f"{what} {'x'.join(map(str, delta.shape))}"

@@ -58,7 +58,7 @@ from results import RESULTS, write_section  # noqa: E402  (bench/ is on sys.path
 
 from merge_core.materialize import Materializer  # noqa: E402
 from merge_core.recipe import MergeRecipe  # noqa: E402
-from merge_core.synthetic import make_tiny_checkpoint  # noqa: E402
+from zoo.synthetic import make_tiny_checkpoint  # noqa: E402
 
 SECTION = "Merge speed"
 INMEM_SECTION = "In-memory re-merge (Materializer.apply)"
@@ -355,6 +355,15 @@ def kernels_used(mat: Materializer) -> str:
     return describe(mat.fused)
 
 
+def cache_bytes(mat: Materializer) -> int:
+    """Bytes held by the Materializer's cache (magnitude keys, their histograms and key orders, DARE draws, norms)."""
+    total = 0
+    for pre, _ in getattr(mat, "_precomputed", {}).values():
+        keys = (pre.keys.keys, pre.keys.at_least, getattr(pre.keys, "order", None)) if pre.keys else ()
+        total += sum(t.numel() * t.element_size() for t in (*keys, pre.uniform, pre.l1) if t is not None)
+    return total
+
+
 def cache_read_per_candidate(mat: Materializer) -> int:
     """Cache bytes a candidate reads: DARE draws and magnitude keys, but not the keys where a key order makes the
     threshold a slice (the key order itself is read only there)."""
@@ -393,7 +402,7 @@ def in_memory_worker(method: str, models: dict[str, Path], repeats: int, out: Pa
                 first_apply_s=times[0],
                 second_apply_s=times[1],
                 apply_s=times[len(CANDIDATES) :],
-                cache_bytes=mat.cache_bytes,
+                cache_bytes=cache_bytes(mat),
                 read_cache_bytes=cache_read_per_candidate(mat),
                 plan_bytes=mat.plan.total,
                 plan_line=mat.plan.line(),

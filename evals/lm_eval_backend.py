@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from evals import spec
+import evals.spec as spec
 from evals.base import Evaluator, ItemScores
 from evals.data import split_path, subsample_indices
 from evals.extract import FIRST_WORD_PATTERN, NUMBER_PATTERN

@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from evals import spec
+import evals.spec as spec
 from evals.base import ItemEvaluator, ItemScores, item_order
 from evals.data import GenerationItem, load_choice_items, load_dataset_items, load_generation_items, subsample
 from evals.extract import Extractor, answers_match, make_extractor

@@ -16,7 +16,8 @@ from evolve.scoring import Evaluators, Scorer, build_evaluators
 from evolve.stats import Comparison, mcnemar_exact, metric_intervals
 from evolve.study import best_trial, load_study, trial_recipe
 from merge_core.errors import EvomergeError
-from merge_core.merge import method_spec, resolve_device
+from merge_core.merge import resolve_device
+from merge_core.plan import method_spec
 from merge_core.recipe import DataFlowRecipe, MergeRecipe, OutputSlice, Recipe, SliceSource
 
 log = logging.getLogger(__name__)

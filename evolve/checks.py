@@ -21,9 +21,10 @@ from evolve.scoring import build_evaluators, load_tokenizer
 from evolve.spaces import build_space, dfs_shape_source, open_checkpoint
 from merge_core.dataflow import check_compatible_configs
 from merge_core.errors import EvomergeError
-from merge_core.merge import _setting_values, check_recipe, open_models, resolve_device
+from merge_core.merge import open_models, resolve_device
 from merge_core.methods import check_parameter
-from merge_core.recipe import _freeze_params
+from merge_core.plan import check_recipe, setting_values
+from merge_core.recipe import freeze_params
 from search_spaces.ps import ps_method
 
 
@@ -187,12 +188,12 @@ def _check_space_params(space: Space, sources: list[SourceModel]) -> None:
     """search.space: a method the PS space can search, and fixed `params` that are its parameters with valid values."""
     spec = ps_method(space.method, len(sources))
     known = set(spec.global_params) | set(spec.tensor_params)
-    for key, setting in _freeze_params(dict(space.params), "search.space.params"):
+    for key, setting in freeze_params(dict(space.params), "search.space.params"):
         if key not in known:
             raise EvomergeError(
                 f"search.space.params.{key}: not a parameter of {spec.name} (known: {', '.join(sorted(known))})"
             )
-        for value in _setting_values(setting):
+        for value in setting_values(setting):
             problem = check_parameter(key, value)
             if problem:
                 raise EvomergeError(f"search.space.params.{key}: {problem}")

@@ -22,11 +22,11 @@ from evolve.config import RunConfig, hub_id_problem
 from evolve.items import items_scored
 from evolve.stats import LEVEL, Comparison, mcnemar_exact, metric_intervals
 from evolve.study import best_trial, rescored, trial_recipe
-from merge_core.checkpoint import staged_output
 from merge_core.dataflow import export_dataflow
 from merge_core.errors import EvomergeError
 from merge_core.merge import RECIPE_FILE, run_merge
 from merge_core.recipe import DataFlowRecipe, MergeRecipe, OutputSlice, Recipe, SliceSource
+from merge_core.writer import staged_output
 
 MERGEKIT_FILE = "mergekit.yaml"  # the recipe for `mergekit-yaml`: models by Hub id where given, else absolute paths
 SCORES_FILE = "evomerge_scores.json"

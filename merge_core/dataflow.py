@@ -27,9 +27,10 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from merge_core.checkpoint import Checkpoint, ShardedWriter, copy_model_files, layer_index, module_kind
+from merge_core.checkpoint import Checkpoint, layer_index, module_kind
 from merge_core.errors import EvomergeError
 from merge_core.recipe import LayerPath
+from merge_core.writer import ShardedWriter, copy_model_files
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 _MASK_FUNCTIONS = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}

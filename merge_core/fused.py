@@ -6,16 +6,18 @@ torch.compile (inductor: C++ on CPU, Triton on GPU) fuses them into one loop tha
 (and its 2-byte magnitude key or 4-byte DARE draw inside the mask) and writes the output dtype straight into the
 live model's parameter.
 
-Results are bit for bit those of ``methods.generalized_task_arithmetic`` followed by the cast to the parameter's
-dtype: every operation is the eager one, in the eager order (the weighted products are exact, as m is 0 or 1;
-sums run source by source as eager adds them; the divisor's zero fix, the division, λ, the base and the cast
-follow). Two pieces are computed outside the kernel so that nothing is reordered:
+``FusedMerge.write`` merges one tensor into its parameter (merge_core.merge.compute_tensor calls it where a worker
+has kernels): by a compiled kernel, or, where the kernels decline, by the eager merge. Results are bit for bit those
+of ``methods.generalized_task_arithmetic`` followed by the cast to the parameter's dtype: every operation is the
+eager one, in the eager order (the weighted products are exact, as m is 0 or 1; sums run source by source as eager
+adds them; the divisor's zero fix, the division, λ, the base and the cast follow). Two pieces are computed outside
+the kernel so that nothing is reordered:
 
-- a magnitude mask is "the k largest |δ|, ties to the lower index": from the cached ``methods.MagnitudeKeys``
+- a magnitude mask is "the k largest |δ|, ties to the lower index": from the cached ``sparsify.MagnitudeKeys``
   the threshold value v (the k-th largest |δ|) and the index cut among the elements equal to v are found on the
   few elements sharing v's key; in the kernel the mask is |δ| > v or (|δ| = v and index < cut);
 - with rescale, ||δ ⊙ m||_1 is summed by the eager ``sum`` over |δ ⊙ m| written by a first compiled kernel, as
-  ``methods.l1_norm`` sums it (a compiled reduction would order the sum differently).
+  ``sparsify.l1_norm`` sums it (a compiled reduction would order the sum differently).
 
 Each variant (sources, sparsification, consensus, normalize, rescale, λ, dtypes, device) compiles once per process
 (dynamic shapes: every tensor is passed flat, so one graph serves every length) and is checked on its first tensor
@@ -32,6 +34,7 @@ separate multiplies and adds differs in the last bit (measured).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -39,15 +42,17 @@ import threading
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from merge_core import memplan, methods
+from merge_core import methods, sparsify
+from merge_core.methods import Consensus, Workspace
+from merge_core.sparsify import Precomputed, Sparsification
 
 log = logging.getLogger(__name__)
 
-FUSED_SPARSIFICATIONS = (None, *memplan.FUSED)
 ENV = "EVOMERGE_FUSED"  # "0" turns the fused path off, "1" on, whatever the Materializer was asked
 AUTO_MIN_ELEMENTS = 50_000_000  # "auto": fuse when a model has at least this many elements (the compile pays back)
 
@@ -94,9 +99,49 @@ class FusedMerge:
         self.fused_tensors = 0  # tensors merged by a compiled kernel (for logs and tests)
 
     def supports(self, sparsification: str | None, count: int) -> bool:
-        return sparsification in FUSED_SPARSIFICATIONS and count > 0
+        return (sparsification is None or sparsification in sparsify.FUSED) and count > 0
 
-    def merge(
+    def write(
+        self,
+        base: Tensor,
+        deltas: Sequence[Tensor],
+        weights: Sequence[float],
+        densities: Sequence[float] | None = None,
+        *,
+        out: Tensor,
+        sparsification: str | None,
+        consensus: str | None,
+        normalize: bool,
+        rescale: bool,
+        lambda_: float = 1.0,
+        precomputed: Sequence[Precomputed | None] | None = None,
+        workspace: Workspace | None = None,
+        **eager_only: Any,
+    ) -> Tensor:
+        """methods.generalized_task_arithmetic's merge, with its arguments (``eager_only``: gammas, epsilons,
+        generators, which only the sparsifications left to the eager merge read), cast into ``out`` (e.g. a live
+        model's parameter), which is returned: written by a compiled kernel, or, where the kernels decline, by the
+        eager merge in fresh buffers, one such merge at a time under the lock (the memory plan of a fused worker
+        counts one). The same bits as the eager float32 result copied into ``out``."""
+        count = len(deltas)
+        weights = methods.per_source(weights, count, None, "weights")
+        densities = methods.per_source(densities, count, 1.0, "densities")
+        precomputed = methods.per_source(precomputed, count, None, "precomputed")
+        eager = functools.partial(
+            methods.generalized_task_arithmetic, base, deltas, weights, densities, sparsification=sparsification,
+            consensus=consensus, normalize=normalize, rescale=rescale, lambda_=lambda_, precomputed=precomputed,
+            **eager_only,
+        )  # fmt: skip
+        if self._compiled(
+            base, deltas, weights, densities, sparsification=sparsification, consensus=consensus,
+            normalize=normalize, rescale=rescale, lambda_=lambda_, precomputed=precomputed, out=out, eager=eager,
+            workspace=workspace,
+        ):  # fmt: skip
+            return out
+        with self.lock:  # one eager merge at a time beside the kernels, in fresh buffers: what the memory plan counts
+            return out.copy_(eager())
+
+    def _compiled(
         self,
         base: Tensor,
         deltas: Sequence[Tensor],
@@ -108,10 +153,10 @@ class FusedMerge:
         normalize: bool,
         rescale: bool,
         lambda_: float,
-        precomputed: Sequence[methods.Precomputed | None],
+        precomputed: Sequence[Precomputed | None],
         out: Tensor,
         eager: Callable[[], Tensor],
-        workspace: methods.Workspace | None = None,
+        workspace: Workspace | None = None,
     ) -> bool:
         """Write the merge into ``out`` with a compiled kernel and return True, or return False (nothing written)
         when this case stays eager. ``eager()`` computes the same merge eagerly (float32): it checks a variant's
@@ -132,7 +177,7 @@ class FusedMerge:
         per_source, total = inputs
         scalars = _scalar_tensors(per_source, total, lambda_, out.device)
         flat = [d.reshape(-1) for d in deltas]
-        draws = [p.uniform.reshape(-1) for p in precomputed] if sparsification == "random" else []  # type: ignore[union-attr]
+        draws = [p.uniform.reshape(-1) for p in precomputed] if sparsification == Sparsification.RANDOM else []  # type: ignore[union-attr]
 
         def run(main: Callable, norms: Callable | None) -> None:
             if rescale:
@@ -242,7 +287,7 @@ def _runtime_inputs(
     sparsification: str | None,
     normalize: bool,
     rescale: bool,
-    precomputed: Sequence[methods.Precomputed | None],
+    precomputed: Sequence[Precomputed | None],
 ) -> tuple[list[_Source], float] | None:
     """Per source the candidate's scalars, and Σw (plain sum's divisor), or None where the eager path must run."""
     sources = []
@@ -253,15 +298,15 @@ def _runtime_inputs(
         if sparsification is not None and rescale:
             if density >= 1:
                 return None  # eager: no mask, no rescale
-            l1 = pre.l1 if pre is not None and pre.l1 is not None else methods.l1_norm(delta)
-        if sparsification == "magnitude":
+            l1 = pre.l1 if pre is not None and pre.l1 is not None else sparsify.l1_norm(delta)
+        if sparsification == Sparsification.MAGNITUDE:
             if pre is None or pre.keys is None:
                 return None
             found = magnitude_threshold(delta, pre.keys, density)
             if found is None:
                 return None
             sources.append(_Source(float(weight), threshold=found[0], cut=found[1], l1=l1))
-        elif sparsification == "random":
+        elif sparsification == Sparsification.RANDOM:
             if pre is None or pre.uniform is None:
                 return None
             # density >= 1 keeps everything (u < 1 always); <= 0 nothing (u >= 0): the eager mask, as it is
@@ -272,7 +317,7 @@ def _runtime_inputs(
     return sources, (1.0 if abs(total) < 1e-8 else total)
 
 
-def magnitude_threshold(delta: Tensor, keys: methods.MagnitudeKeys, density: float) -> tuple[float, int] | None:
+def magnitude_threshold(delta: Tensor, keys: sparsify.MagnitudeKeys, density: float) -> tuple[float, int] | None:
     """(v, cut) with magnitude_mask(delta, density) = |δ| > v or (|δ| = v and flat index < cut); None when no such
     pair exists (a NaN at the threshold)."""
     n = delta.numel()
@@ -281,7 +326,7 @@ def magnitude_threshold(delta: Tensor, keys: methods.MagnitudeKeys, density: flo
         return float("-inf"), 0
     if k <= 0:
         return float("inf"), 0
-    _, above, boundary = methods.boundary_elements(keys, k)  # ascending flat indices
+    _, above, boundary = sparsify.boundary_elements(keys, k)  # ascending flat indices
     values = delta.reshape(-1).index_select(0, boundary).abs()
     need = k - above  # taken among the boundary elements, 1 <= need <= len(boundary)
     threshold = torch.kthvalue(values, values.numel() - need + 1).values
@@ -318,8 +363,8 @@ def _rescale_factors(
     sources: list[_Source],
     scratch: Tensor,
 ) -> Tensor:
-    """Per source ||δ||_1 / ||δ ⊙ m||_1 (1 when either is below methods.RESCALE_EPS), the second summed by eager
-    ``sum`` over |δ ⊙ m| from a compiled kernel: the very sum methods._rescale_factor takes."""
+    """Per source ||δ||_1 / ||δ ⊙ m||_1 (sparsify.l1_ratio), the second summed by eager ``sum`` over |δ ⊙ m| from a
+    compiled kernel: the very sum sparsify.rescale_factor takes."""
     assert norms is not None
     factors = []
     for i, delta in enumerate(flat):
@@ -327,17 +372,17 @@ def _rescale_factors(
         norms(delta, draw, scalars["threshold"][i], scalars["cut"][i], scalars["density"][i], scratch)
         before, after = sources[i].l1, scratch.sum()
         assert before is not None
-        degenerate = (before < methods.RESCALE_EPS) | (after < methods.RESCALE_EPS)
-        factors.append(torch.where(degenerate, torch.ones_like(before), before / after))
+        factors.append(sparsify.l1_ratio(before, after))
     return torch.stack(factors)
 
 
 # ----------------------------------------------------------------------------- the kernels (traced per variant)
 
 
-def _mask(variant: Variant, delta: Tensor, draw: Tensor, threshold: Tensor, cut: Tensor, density: Tensor) -> Tensor:
-    """The source's 0/1 float32 mask, as methods computes it (threshold, cut, density: its 0-dim scalars)."""
-    if variant.sparsification == "magnitude":
+def _mask(by_magnitude: bool, delta: Tensor, draw: Tensor, threshold: Tensor, cut: Tensor, density: Tensor) -> Tensor:
+    """The source's 0/1 float32 mask, magnitude or random, as sparsify computes it (threshold, cut, density: its
+    0-dim scalars)."""
+    if by_magnitude:
         magnitude = delta.abs()
         index = torch.arange(delta.shape[0], device=delta.device)
         keep = (magnitude > threshold) | ((magnitude == threshold) & (index < cut))
@@ -346,13 +391,15 @@ def _mask(variant: Variant, delta: Tensor, draw: Tensor, threshold: Tensor, cut:
     return keep.to(torch.float32)
 
 
-def _source_mask(variant: Variant, delta: Tensor, draw: Tensor, scalars: dict[str, Tensor], i: int) -> Tensor:
-    return _mask(variant, delta, draw, scalars["threshold"][i], scalars["cut"][i], scalars["density"][i])
+def _source_mask(by_magnitude: bool, delta: Tensor, draw: Tensor, scalars: dict[str, Tensor], i: int) -> Tensor:
+    return _mask(by_magnitude, delta, draw, scalars["threshold"][i], scalars["cut"][i], scalars["density"][i])
 
 
 def _abs_masked_kernel(variant: Variant) -> Callable:
+    by_magnitude = variant.sparsification == Sparsification.MAGNITUDE
+
     def abs_masked(delta: Tensor, draw: Tensor, threshold: Tensor, cut: Tensor, density: Tensor, out: Tensor) -> None:
-        out.copy_((delta * _mask(variant, delta, draw, threshold, cut, density)).abs())
+        out.copy_((delta * _mask(by_magnitude, delta, draw, threshold, cut, density)).abs())
 
     return abs_masked
 
@@ -360,6 +407,8 @@ def _abs_masked_kernel(variant: Variant) -> Callable:
 def _main_kernel(variant: Variant) -> Callable:
     """base + λ·(Σ m_i w_i s(δ_i)) / (Σ m_i w_i if normalize), cast into out: methods.generalized_task_arithmetic's
     operations in its order."""
+    by_magnitude = variant.sparsification == Sparsification.MAGNITUDE  # read here, not in the traced code
+    sum_votes = variant.consensus == Consensus.SUM
 
     def main(deltas: list[Tensor], draws: list[Tensor], scalars: dict[str, Tensor], base: Tensor, out: Tensor) -> None:
         weight = scalars["weight"]
@@ -368,10 +417,10 @@ def _main_kernel(variant: Variant) -> Callable:
             if variant.sparsification is None:
                 weighted.append(delta * weight[i])
             elif variant.rescale:  # (δ·m)·factor·w
-                mask = _source_mask(variant, delta, draws[i] if draws else delta, scalars, i)
+                mask = _source_mask(by_magnitude, delta, draws[i] if draws else delta, scalars, i)
                 weighted.append(((delta * mask) * scalars["factor"][i]) * weight[i])
             else:  # -0 + (w·m)·δ
-                mask = _source_mask(variant, delta, draws[i] if draws else delta, scalars, i)
+                mask = _source_mask(by_magnitude, delta, draws[i] if draws else delta, scalars, i)
                 weighted.append(-0.0 + (weight[i] * mask) * delta)
         if variant.consensus is None:
             mixed = weighted[0]
@@ -382,7 +431,7 @@ def _main_kernel(variant: Variant) -> Callable:
             elif variant.normalize:
                 mixed = mixed / scalars["total"][0]
         else:
-            if variant.consensus == "sum":
+            if sum_votes:
                 total = weighted[0]
                 for w in weighted[1:]:
                     total = total + w

@@ -15,28 +15,26 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from merge_core import fused, memplan, methods
+from merge_core import fused, memplan, methods, sparsify
 from merge_core.checkpoint import Checkpoint
 from merge_core.errors import EvomergeError
 from merge_core.merge import (
     TORCH_DTYPES,
-    check_recipe,
     compute_tensor,
     load_as_float32,
     map_tensors,
-    method_spec,
     open_models,
     output_dtype,
-    plan_tensor,
     resolve_device,
     tensor_workers,
 )
+from merge_core.plan import check_recipe, method_spec, plan_tensor
 from merge_core.recipe import MergeRecipe
+from merge_core.sparsify import CACHEABLE, FUSED, KEYED, Sparsification
 
 log = logging.getLogger(__name__)
 
 Resident = memplan.Resident
-_CACHEABLE = ("magnitude", "magnitude_outliers", "random")  # sparsifications with a candidate-independent part
 
 
 class Materializer:
@@ -137,11 +135,11 @@ class Materializer:
         self.resident_bytes = sum(
             t.numel() * t.element_size() for t in (*self._tensors.values(), *self._deltas.values())
         )
-        self._precomputed: dict[tuple[str, str], tuple[methods.Precomputed, int | None]] = {}  # (cache, its DARE seed)
+        self._precomputed: dict[tuple[str, str], tuple[sparsify.Precomputed, int | None]] = {}  # (cache, its DARE seed)
         self._applies = 0
-        self.precompute = self.plan.cache and self.spec.sparsification in _CACHEABLE
+        self.precompute = self.plan.cache and self.spec.sparsification in CACHEABLE
         sparsification = self.spec.sparsification  # fused where the plan counted it (memplan.plan_memory)
-        fusable = sparsification is None or (self.plan.cache and sparsification in memplan.FUSED)
+        fusable = sparsification is None or (self.plan.cache and sparsification in FUSED)
         self.fused = fused.FusedMerge() if fuse_gta and fusable and self.plan.resident == "task_vectors" else None
         self.build_seconds = time.perf_counter() - t0
         log.info(
@@ -166,45 +164,35 @@ class Materializer:
         assert self.template.base_model is not None
         return self.tensor(model, name).float() - self.tensor(self.template.base_model, name).float()
 
-    def precomputed(self, model: str, name: str, spec: methods.MethodSpec, seed: int) -> methods.Precomputed | None:
+    def precomputed(self, model: str, name: str, spec: methods.MethodSpec, seed: int) -> sparsify.Precomputed | None:
         """The cached magnitude keys / DARE uniforms of a task vector, and its L1 norm for a method that rescales by
         default (computed on first use; a recipe that turns rescale on elsewhere computes the norm per candidate),
         or None when off."""
-        if not self.precompute or spec.sparsification not in _CACHEABLE:
+        if not self.precompute or spec.sparsification not in CACHEABLE:
             return None
         key = (model, name)
-        pre, pre_seed = self._precomputed.get(key, (methods.Precomputed(), None))
-        needs_keys = spec.sparsification in ("magnitude", "magnitude_outliers") and pre.keys is None
-        needs_uniform = spec.sparsification == "random" and (pre.uniform is None or pre_seed != seed)
+        pre, pre_seed = self._precomputed.get(key, (sparsify.Precomputed(), None))
+        needs_keys = spec.sparsification in KEYED and pre.keys is None
+        needs_uniform = spec.sparsification == Sparsification.RANDOM and (pre.uniform is None or pre_seed != seed)
         needs_l1 = pre.l1 is None and spec.global_params.get("rescale") is True  # rescaling by default (DARE)
         if needs_keys or needs_uniform or needs_l1:
             delta = self.delta(model, name)
-            keys = methods.magnitude_keys(delta) if needs_keys and delta.numel() else pre.keys
+            keys = sparsify.magnitude_keys(delta) if needs_keys and delta.numel() else pre.keys
             if needs_uniform:
-                generator = methods.dare_generator(seed, name, model, self.device)
-                uniform, pre_seed = methods.dare_uniform(delta.shape, generator, self.device), seed
+                generator = sparsify.dare_generator(seed, name, model, self.device)
+                uniform, pre_seed = sparsify.dare_uniform(delta.shape, generator, self.device), seed
             else:
                 uniform = pre.uniform
-            pre = methods.Precomputed(keys=keys, uniform=uniform, l1=methods.l1_norm(delta) if needs_l1 else pre.l1)
+            pre = sparsify.Precomputed(keys=keys, uniform=uniform, l1=sparsify.l1_norm(delta) if needs_l1 else pre.l1)
             self._precomputed[key] = (pre, pre_seed)
             release_free_memory(self.device)  # the fill's temporaries, between cache tensors: no resident holes
         elif self.plan.index and self._applies and pre.keys is not None and pre.keys.order is None:
             # the key order, on the apply after the keys' (the first apply stays as fast as without it)
             if pre.keys.keys.numel() < 2**31:
-                pre = dataclasses.replace(pre, keys=dataclasses.replace(pre.keys, order=methods.key_order(pre.keys)))
+                pre = dataclasses.replace(pre, keys=dataclasses.replace(pre.keys, order=sparsify.key_order(pre.keys)))
                 self._precomputed[key] = (pre, pre_seed)
                 release_free_memory(self.device)
         return pre
-
-    @property
-    def cache_bytes(self) -> int:
-        """Bytes held by the precomputed ranks / uniforms / norms so far (filled during the first apply)."""
-        return sum(
-            t.numel() * t.element_size()
-            for pre, _ in self._precomputed.values()
-            for t in (*((pre.keys.keys, pre.keys.at_least, pre.keys.order) if pre.keys else ()), pre.uniform, pre.l1)
-            if t is not None
-        )
 
     # ---- the live model -------------------------------------------------------------------------
     def new_model(self, dtype: torch.dtype | None = None) -> PreTrainedModel:
@@ -236,7 +224,7 @@ class Materializer:
             plan = plan_tensor(recipe, name, self.num_layers)
             param = params[name]
             with torch.no_grad():  # grad mode is per thread
-                merged = compute_tensor(recipe, plan, self, self.device, local.workspace, self.fused, param)
+                merged = compute_tensor(plan, self, self.device, local.workspace, self.fused, param)
                 if merged is not param:  # a compiled kernel wrote param itself
                     param.copy_(merged)  # before the next merge reuses the workspace
 

@@ -28,14 +28,15 @@ from typing import Any, Literal
 import torch
 
 from merge_core.errors import EvomergeError
+from merge_core.sparsify import CACHEABLE, FUSED, Sparsification
 
 Resident = Literal["auto", "task_vectors", "sources"]
 HEADROOM = 0.9  # the plan may use this fraction of the available memory (allocator slack, the runtime itself)
 PROMPT_TOKENS = 512  # assumed prompt length of one evaluation sequence when sizing the evaluator's KV cache
-KEY_BYTES = 2  # int16 magnitude key per task-vector element (methods.magnitude_keys)
-HISTOGRAM_BINS = 2**15  # at most this many int64 counts per task vector (methods.MagnitudeKeys)
+KEY_BYTES = 2  # int16 magnitude key per task-vector element (sparsify.magnitude_keys)
+HISTOGRAM_BINS = 2**15  # at most this many int64 counts per task vector (sparsify.MagnitudeKeys)
 UNIFORM_BYTES = 4  # float32 DARE draw per task-vector element
-INDEX_BYTES = 4  # int32 key order per task-vector element (methods.key_order; fused magnitude masks)
+INDEX_BYTES = 4  # int32 key order per task-vector element (sparsify.key_order; fused magnitude masks)
 SORT_BYTES = 10  # per element of the tensor whose key order is being built: int64 indices + int16 sorted keys
 # float32 buffers of one tensor's GTA merge (methods.generalized_task_arithmetic): one per source (its weighted,
 # sparsified task vector, the mask first), + WORK_BUFFERS (elected sign, scratch, divisor), + one per model when
@@ -77,9 +78,6 @@ class MemoryPlan:
         )
 
 
-FUSED = ("magnitude", "random")  # sparsifications merge_core.fused compiles (besides none)
-
-
 def plan_memory(
     shapes: Mapping[str, Sequence[int]],
     *,
@@ -107,7 +105,7 @@ def plan_memory(
     raises EvomergeError when nothing fits."""
     numels = [math.prod(s) for s in shapes.values()]
     params = sum(numels)
-    cacheable = n_sources > 0 and sparsification in ("magnitude", "magnitude_outliers", "random")
+    cacheable = n_sources > 0 and sparsification in CACHEABLE
     layouts = ("task_vectors", "sources") if n_sources > 0 else ("sources",)
     if resident != "auto":
         if resident == "task_vectors" and n_sources == 0:
@@ -119,7 +117,7 @@ def plan_memory(
         (layout, cache, index)
         for layout in layouts
         for cache in caches
-        for index in ((True, False) if fused and cache and sparsification == "magnitude" else (False,))
+        for index in ((True, False) if fused and cache and sparsification == Sparsification.MAGNITUDE else (False,))
         if not index or layout == "task_vectors"
     ]
     for layout, cache, index in combos:
@@ -129,7 +127,7 @@ def plan_memory(
             parts.append((f"{n_sources} float32 task vectors", n_sources * params * 4))
         else:
             parts.append((f"{n_models} sources ({_name(load_dtype)})", n_models * params * load_dtype.itemsize))
-        if cache and sparsification == "random":
+        if cache and sparsification == Sparsification.RANDOM:
             parts.append(("DARE draw cache (float32)", n_sources * params * UNIFORM_BYTES))
         elif cache:
             histograms = sum(8 * min(HISTOGRAM_BINS, n + 1) for n in numels)
@@ -143,13 +141,13 @@ def plan_memory(
         else:
             sources_f32 = n_models if layout == "sources" else 0  # each input upcast while a tensor is merged
             per_tensor = 4 * (WORK_BUFFERS + n_sources + sources_f32)
-            per_tensor += DELLA_BYTES if sparsification == "della_magprune" else 0
+            per_tensor += DELLA_BYTES if sparsification == Sparsification.DELLA_MAGPRUNE else 0
         largest = sorted(numels, reverse=True)[: max(1, workers)]
         fusable = sparsification is None or (cache and sparsification in FUSED)
         if fused and layout == "task_vectors" and fusable:
             # per element and worker: the boundary mask of a magnitude threshold; the rescale scratch, and
             # |δ| for ||δ||_1 where no method default caches it
-            scratch = (1 if sparsification == "magnitude" else 0) + (4 if rescale else 0)
+            scratch = (1 if sparsification == Sparsification.MAGNITUDE else 0) + (4 if rescale else 0)
             scratch += 4 if rescale and not rescale_default else 0
             scratch += SORT_BYTES if index else 0  # building a key order (once, in a worker's apply)
             workspace = per_tensor * largest[0] + scratch * largest[0] * max(1, workers)

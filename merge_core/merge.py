@@ -1,5 +1,6 @@
-"""Apply a MergeRecipe tensor by tensor: one planning step and one compute step shared by the on-disk merge and
-the in-memory Materializer.
+"""Merge tensor by tensor: ``compute_tensor`` computes one tensor from its plan (merge_core.plan), the one compute
+step shared by the on-disk merge (``run_merge``: checkpoints in, a sharded checkpoint out) and the in-memory
+Materializer; it is also where the way a tensor is computed is chosen (eager methods, or compiled kernels).
 """
 
 from __future__ import annotations
@@ -9,16 +10,18 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import torch
 
 from merge_core import methods
-from merge_core.checkpoint import Checkpoint, ShardedWriter, copy_model_files, staged_output, validate_compatible
+from merge_core.checkpoint import Checkpoint, validate_compatible
 from merge_core.errors import EvomergeError
-from merge_core.recipe import DTYPES, MergeRecipe, locate, resolve_parameter, validate_layout
+from merge_core.plan import TensorPlan, check_recipe, plan_tensor
+from merge_core.recipe import DTYPES, MergeRecipe
+from merge_core.sparsify import dare_generator
+from merge_core.writer import ShardedWriter, copy_model_files, staged_output
 
 if TYPE_CHECKING:
     from merge_core.fused import FusedMerge
@@ -27,15 +30,6 @@ log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 RECIPE_FILE = "recipe.evomerge.yaml"  # the recipe a merged checkpoint was made with, written next to its weights
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    """Everything needed to compute one output tensor: resolved global and per-model parameters."""
-
-    name: str
-    params: Mapping[str, Any]
-    model_params: Mapping[str, Mapping[str, Any]]  # model -> resolved per-model parameters
 
 
 class TensorInputs(Protocol):
@@ -47,85 +41,11 @@ class TensorInputs(Protocol):
     def delta(self, model: str, name: str) -> torch.Tensor:
         """The task vector (model - base), float32, on the compute device."""
 
-    # Optional: ``precomputed(model, name, spec, seed) -> methods.Precomputed | None``, candidate-independent
+    # Optional: ``precomputed(model, name, spec, seed) -> sparsify.Precomputed | None``, candidate-independent
     # sparsification inputs a worker caches across candidates (the Materializer has it; checkpoints do not).
 
 
-def method_spec(recipe: MergeRecipe) -> methods.MethodSpec:
-    return methods.get_method(recipe.merge_method)
-
-
-def check_recipe(recipe: MergeRecipe, num_layers: int, where: str = "recipe") -> None:
-    """Structural checks that need no tensors: method, base, models, parameter names, slice layout."""
-    spec = method_spec(recipe)
-    validate_layout(recipe, num_layers, where)
-    if spec.needs_base and recipe.base_model is None:
-        raise EvomergeError(f"{where}: base_model: required by {spec.name}")
-    if spec.kind == "slerp" and (len(recipe.models) != 2 or recipe.base_model not in recipe.models):
-        raise EvomergeError(
-            f"{where}: slerp merges exactly two models, one of them the base_model (got {len(recipe.models)})"
-        )
-    if spec.kind == "model_stock" and len(recipe.sources) < 2:
-        raise EvomergeError(f"{where}: model_stock needs a base_model and at least two other models")
-    if spec.kind == "gta" and not recipe.sources:
-        raise EvomergeError(f"{where}: {spec.name} needs at least one model besides the base_model")
-    known = set(spec.global_params) | set(spec.tensor_params)
-    for where_p, params in _all_param_sets(recipe, where):
-        for key, setting in params:
-            if key not in known:
-                raise EvomergeError(
-                    f"{where_p}.{key}: not a parameter of {spec.name} (known: {', '.join(sorted(known))})"
-                )
-            for value in _setting_values(setting):
-                problem = methods.check_parameter(key, value)
-                if problem:
-                    raise EvomergeError(f"{where_p}.{key}: {problem}")
-
-
-def _setting_values(setting: Any) -> Iterable[Any]:
-    """Every value a parameter setting can resolve to: the scalar, each gradient point, each filter's value."""
-    if isinstance(setting, tuple):
-        for item in setting:
-            yield from _setting_values(getattr(item, "value", item))
-    else:
-        yield setting
-
-
-def _all_param_sets(recipe: MergeRecipe, where: str) -> Iterable[tuple[str, Any]]:
-    yield f"{where}: parameters", recipe.parameters
-    for i, sl in enumerate(recipe.slices):
-        yield f"{where}: slices[{i}].parameters", sl.parameters
-        for j, s in enumerate(sl.sources):
-            yield f"{where}: {'models' if recipe.models_form else f'slices[{i}].sources'}[{j}].parameters", s.parameters
-
-
-def plan_tensor(recipe: MergeRecipe, name: str, num_layers: int) -> TensorPlan:
-    """Resolve every parameter the method needs for this tensor (defaults filled, required ones checked)."""
-    spec = method_spec(recipe)
-    site = locate(recipe, name, num_layers)
-    params = {}
-    for key, default in spec.global_params.items():
-        value = resolve_parameter(recipe, site, name, key, None)
-        params[key] = default if value is None else value
-    model_params: dict[str, dict[str, Any]] = {}
-    for model in recipe.models:
-        mp = {}
-        for key, default in spec.tensor_params.items():
-            value = resolve_parameter(recipe, site, name, key, model)
-            if value is None and default is None and _needs(spec, model, recipe):
-                raise EvomergeError(f"recipe: parameter '{key}' is required for model '{model}' (tensor {name})")
-            mp[key] = default if value is None else value
-        model_params[model] = mp
-    return TensorPlan(name=name, params=params, model_params=model_params)
-
-
-def _needs(spec: methods.MethodSpec, model: str, recipe: MergeRecipe) -> bool:
-    """Per-model parameters are required for every model that contributes a weight (not the GTA/slerp base)."""
-    return spec.kind == "linear" or (spec.kind == "gta" and model != recipe.base_model)
-
-
 def compute_tensor(
-    recipe: MergeRecipe,
     plan: TensorPlan,
     inputs: TensorInputs,
     device: torch.device,
@@ -133,34 +53,28 @@ def compute_tensor(
     fused: FusedMerge | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The merged tensor (float32) for one plan: gather the method's inputs, then methods.merge_tensor (with a
-    workspace, the result may be a view of its buffers: use it before the workspace's next merge; with fused and
-    out, it may be ``out`` itself, already holding the result in out's dtype)."""
-    spec = method_spec(recipe)
-    name, base = plan.name, recipe.base_model
-    if spec.kind == "linear":
-        contributors = recipe.models
-    elif spec.kind == "slerp":
-        contributors = tuple(m for m in recipe.models if m != base)
-    else:
-        contributors = recipe.sources
+    """The merged tensor (float32) for one plan: gather the method's inputs, then compute it. With fused kernels
+    and ``out`` (the tensor the result goes to), a GTA merge is written into ``out`` by FusedMerge.write (a compiled
+    kernel, else the eager merge) and ``out`` is returned, in its dtype; otherwise methods.merge_tensor computes it
+    eagerly (with a workspace, the result may be a view of its buffers: use it before the workspace's next merge)."""
+    spec, name, contributors = plan.spec, plan.name, plan.contributors
     gta = spec.kind == "gta"
     cache = getattr(inputs, "precomputed", None) if gta and spec.sparsification else None
+    base = inputs.tensor(plan.base, name) if plan.base is not None else None
+    tensors = [] if gta else [inputs.tensor(m, name) for m in contributors]
+    deltas = [inputs.delta(m, name) for m in contributors] if gta else None
+    tensor_params = [plan.model_params[m] for m in contributors]
+    generators = [dare_generator(plan.seed, name, m, device) for m in contributors] if spec.stochastic else None
+    precomputed = [cache(m, name, spec, plan.seed) for m in contributors] if cache is not None else None
+    if gta and fused is not None and out is not None and base is not None and deltas is not None:
+        return fused.write(
+            base, deltas, **methods.gta_arguments(spec, dict(plan.params), tensor_params), generators=generators,
+            precomputed=precomputed, workspace=workspace, out=out,
+        )  # fmt: skip
     return methods.merge_tensor(
-        spec,
-        base=inputs.tensor(base, name) if base is not None and spec.kind != "linear" else None,
-        tensors=[] if gta else [inputs.tensor(m, name) for m in contributors],
-        deltas=[inputs.delta(m, name) for m in contributors] if gta else None,
-        params=dict(plan.params),
-        tensor_params=[plan.model_params[m] for m in contributors],
-        generators=[methods.dare_generator(recipe.seed, name, m, device) for m in contributors]
-        if spec.stochastic
-        else None,
-        precomputed=[cache(m, name, spec, recipe.seed) for m in contributors] if cache is not None else None,
-        workspace=workspace,
-        fused=fused,
-        out=out,
-    )
+        spec, base=base, tensors=tensors, deltas=deltas, params=dict(plan.params), tensor_params=tensor_params,
+        generators=generators, precomputed=precomputed, workspace=workspace,
+    )  # fmt: skip
 
 
 T = TypeVar("T")
@@ -282,7 +196,7 @@ def run_merge(
 
     def merged(name: str) -> torch.Tensor:
         inputs = CheckpointInputs(ckpts, recipe.base_model, load_dtype, dev)  # one per tensor: threads share none
-        return compute_tensor(recipe, plans[name], inputs, dev).to(out_dtype).cpu()
+        return compute_tensor(plans[name], inputs, dev).to(out_dtype).cpu()
 
     with staged_output(out_dir, overwrite=overwrite, inputs=read) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes)

@@ -1,95 +1,55 @@
 """Merge methods as pure functions over one tensor name's tensors, with mergekit 0.1.5's semantics.
 
 Every function upcasts its inputs to float32, computes in float32 and returns float32; the caller
-casts to the storage dtype. Randomness (DARE, DELLA) comes only from explicit `torch.Generator`s,
-seeded per (seed, tensor name, model) by `dare_generator`. No I/O.
+casts to the storage dtype. Randomness (DARE, DELLA) comes only from explicit `torch.Generator`s
+(merge_core.sparsify.dare_generator). No I/O, no recipes: the merge plan (merge_core.plan) resolves a recipe's
+parameters per tensor and merge_core.merge calls these functions (or a compiled kernel of merge_core.fused).
 
 Conventions shared with mergekit 0.1.5 (read from its source, not paraphrased from memory):
-- `rescale=True` multiplies a sparsified task vector by ||delta||_1 / ||masked||_1 for every
-  sparsification (magnitude, random/DARE, magnitude_outliers, della); skipped when either norm < 1e-7.
-- a magnitude mask keeps k = max(1, int(density * n)) elements; density <= 0 keeps none, >= 1 all.
+- task vectors are sparsified as merge_core.sparsify does (masks, rescale);
 - `lambda` scales the merged task vector after the optional normalization, for every GTA method.
 - `int8_mask` is accepted for YAML compatibility; it only sets mergekit's mask storage dtype.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from enum import Enum
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from merge_core.errors import EvomergeError
-
-if TYPE_CHECKING:
-    from merge_core.fused import FusedMerge
-
-SPARSIFICATIONS: tuple[str, ...] = ("magnitude", "random", "magnitude_outliers", "della_magprune")
-CONSENSUS_METHODS: tuple[str, ...] = ("sum", "count")
-KEYED_MIN = 2**16  # from this many elements, magnitude masks select through magnitude_keys, not kthvalue (faster)
-RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale when either L1 norm is below this
-
-
-@dataclass(frozen=True)
-class MagnitudeKeys:
-    """A task vector's magnitude keys: key_j = float32 bits of |delta_j| >> 16 (its bfloat16 truncation, as int16),
-    monotone in |delta_j| (equal magnitudes share a key), and at_least[i] = #{j : key_j >= low + i}.
-
-    The k largest |delta| are then every element with key > b plus a selection among the few with key == b, where
-    b is the smallest key with at_least >= k: one pass over 2 bytes per element instead of a sort or a selection
-    over all of them (see _top_k_mask_keyed)."""
-
-    keys: Tensor
-    low: int
-    at_least: Tensor
-    order: Tensor | None = None  # key_order(keys): flat indices by ascending key, ascending within a key (int32)
+from merge_core.sparsify import (
+    DEFAULT_EPSILON,
+    DEFAULT_GAMMA,
+    SPARSIFICATIONS,
+    STOCHASTIC,
+    Precomputed,
+    Sparsification,
+    bernoulli_mask,
+    f32,
+    magnitude_mask,
+    magnitude_outliers_mask,
+    rescale_factor,
+    sparsify,
+)
 
 
-@dataclass(frozen=True)
-class Precomputed:
-    """Candidate-independent inputs of one task vector's sparsification, cached by a worker across candidates.
+class Consensus(str, Enum):
+    """A sign consensus (mergekit's ConsensusMethod): how the sign each element keeps is elected."""
 
-    keys: magnitude_keys(delta) (magnitude masks select from them; see MagnitudeKeys);
-    uniform: the U[0, 1) draws of its DARE generator (the random mask becomes uniform < density);
-    l1: ||delta||_1. Each gives bit-identical results to computing it afresh.
-    """
+    SUM = "sum"  # the sign of sum_i d_i (TIES)
+    COUNT = "count"  # the sign of sum_i sign(d_i)
 
-    keys: MagnitudeKeys | None = None
-    uniform: Tensor | None = None
-    l1: Tensor | None = None
+    def __str__(self) -> str:
+        return self.value
 
 
-def magnitude_keys(delta: Tensor) -> MagnitudeKeys:
-    """MagnitudeKeys of a non-empty task vector: one pass reading the high halves of the float32 words (sign
-    cleared) into int16, and one histogram of those; no sort."""
-    if _LITTLE_ENDIAN:  # the high 16 bits of a float32 are the odd int16 of its two
-        high_halves = _f32(delta).contiguous().view(torch.int16).reshape(-1, 2)[:, 1]
-        keys = torch.bitwise_and(high_halves, 0x7FFF)  # |delta| bits >> 16
-    else:
-        keys = _f32(delta).abs().view(torch.int32).bitwise_right_shift(16).to(torch.int16).reshape(-1)
-    counts = torch.bincount(keys)  # length max key + 1
-    low = int(torch.count_nonzero(torch.cumsum(counts, 0) == 0))  # the smallest key present
-    at_least = counts[low:].flip(0).cumsum(0).flip(0)
-    return MagnitudeKeys(keys=keys.reshape(delta.shape), low=low, at_least=at_least)
-
-
-def key_order(keys: MagnitudeKeys) -> Tensor:
-    """The flat indices of a task vector's elements sorted by key, stably (int32): the elements of key b are then
-    one slice, ascending, so a magnitude threshold needs no scan of the keys (merge_core.fused)."""
-    return torch.sort(keys.keys.reshape(-1), stable=True).indices.to(torch.int32)
-
-
-_LITTLE_ENDIAN = sys.byteorder == "little"
-
-
-def _f32(tensor: Tensor) -> Tensor:
-    """x -> float32(x) (no copy when already float32; never modify the result in place)."""
-    return tensor.to(torch.float32)
+CONSENSUS_METHODS: frozenset[str] = frozenset(Consensus)  # membership for plain names too
 
 
 # ----------------------------------------------------------------------------- linear, slerp
@@ -104,7 +64,7 @@ def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool 
         raise EvomergeError(f"linear with normalize=true needs weights that do not sum to 0; got {list(weights)}")
     merged = torch.zeros_like(tensors[0], dtype=torch.float32)
     for tensor, weight in zip(tensors, weights):
-        merged.add_(_f32(tensor), alpha=float(weight))
+        merged.add_(f32(tensor), alpha=float(weight))
     return merged.div_(total) if normalize else merged
 
 
@@ -112,7 +72,7 @@ def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: 
     """sin((1-t)θ)/sinθ·v0 + sin(tθ)/sinθ·v1, cosθ = <v0/|v0|, v1/|v1|>; lerp when |cosθ| > dot_threshold."""
     if v0.shape != v1.shape:
         raise EvomergeError(f"slerp needs tensors of one shape; got {tuple(v0.shape)} and {tuple(v1.shape)}")
-    a, b = _f32(v0), _f32(v1)
+    a, b = f32(v0), f32(v1)
     norm_a, norm_b = a.norm().item(), b.norm().item()
     norm_a, norm_b = (norm_a if norm_a > eps else 1.0), (norm_b if norm_b > eps else 1.0)
     dot = 0.0 if a.numel() == 0 else (a.reshape(-1) @ b.reshape(-1)).item() / (norm_a * norm_b)
@@ -125,189 +85,7 @@ def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: 
     return a.mul(coef_a).add_(b, alpha=coef_b)
 
 
-# ----------------------------------------------------------------------------- sparsification masks
-
-
-def _top_k_mask(magnitudes: Tensor, k: int) -> Tensor:
-    """Bool mask of the first k entries of a stable descending sort of `magnitudes` (ties: lower flat index wins)."""
-    flat = magnitudes.reshape(-1)
-    n = flat.numel()
-    if k <= 0:
-        return torch.zeros(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
-    if k >= n:
-        return torch.ones(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
-    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest value
-    keep = flat > threshold
-    missing = k - int(torch.count_nonzero(keep))
-    ties = torch.nonzero(flat == threshold).squeeze(1)
-    keep[ties[:missing]] = True
-    return keep.reshape(magnitudes.shape)
-
-
-def _top_k_mask_keyed(delta: Tensor, keys: MagnitudeKeys, k: int, out: Tensor | None = None) -> Tensor:
-    """_top_k_mask(|delta|, k) from magnitude_keys(delta): key > b, plus the top of the elements with key == b.
-    Written into ``out`` (delta's shape, bool or float32 0/1) when given."""
-    n = delta.numel()
-    if k <= 0 or k >= n:
-        if out is not None:
-            return out.fill_(k > 0)
-        return torch.full(delta.shape, k > 0, dtype=torch.bool, device=delta.device)
-    b, above, boundary = boundary_elements(keys, k)  # ascending indices: ties keep the lower index
-    keep = torch.gt(keys.keys.reshape(-1), b, out=None if out is None else out.view(-1))
-    chosen = _top_k_mask(_f32(delta.reshape(-1).index_select(0, boundary)).abs(), k - above)
-    keep.index_fill_(0, boundary[chosen], True)  # index_select / index_fill_: cheaper than advanced indexing
-    return keep.reshape(delta.shape)
-
-
-def boundary_elements(keys: MagnitudeKeys, k: int) -> tuple[int, int, Tensor]:
-    """For the k largest |delta| (0 < k < n): the key b of the k-th largest, how many elements have a key above b,
-    and the flat indices, ascending, of those whose key is b (a slice of ``keys.order`` when kept, else a scan)."""
-    at_least = keys.at_least
-    j = int(torch.count_nonzero(at_least >= k)) - 1  # at_least falls with the key: b = low + j
-    above = int(at_least[j + 1]) if j + 1 < at_least.numel() else 0
-    if keys.order is not None:  # key < b before the slice, > b after it
-        n = keys.keys.numel()
-        return keys.low + j, above, keys.order[n - int(at_least[j]) : n - above].to(torch.int64)
-    return keys.low + j, above, torch.nonzero(keys.keys.reshape(-1) == keys.low + j).squeeze(1)
-
-
-def magnitude_mask(
-    delta: Tensor, density: float, keys: MagnitudeKeys | None = None, out: Tensor | None = None
-) -> Tensor:
-    """Keep the k = max(1, int(density·n)) largest |delta| (ties: lower index); density ≤ 0 keeps none, ≥ 1 all.
-    With ``keys`` (magnitude_keys(delta), made here for a large tensor) the selection reads 2 bytes per element
-    and selects among the few that share the threshold's key. Bool, or written into ``out`` (e.g. float32 0/1)."""
-    if density >= 1 or density <= 0 or delta.numel() == 0:
-        keep_all = density >= 1
-        if out is not None:
-            return out.fill_(keep_all)
-        return torch.full(delta.shape, keep_all, dtype=torch.bool, device=delta.device)
-    k = max(1, int(density * delta.numel()))
-    keys = keys if keys is not None or delta.numel() < KEYED_MIN else magnitude_keys(delta)
-    if keys is not None:
-        return _top_k_mask_keyed(delta, keys, k, out)
-    mask = _top_k_mask(_f32(delta).abs(), k)
-    return mask if out is None else out.copy_(mask)
-
-
-def magnitude_outliers_mask(
-    delta: Tensor, density: float, gamma: float = 0.01, keys: MagnitudeKeys | None = None
-) -> Tensor:
-    """Drop the top min(int(γ·n), n - int(density·n)) |delta|, keep the next int(density·n) (breadcrumbs)."""
-    if density >= 1:
-        return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
-    n = delta.numel()
-    target = int(density * n)
-    if target <= 0:
-        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
-    outliers = min(int(gamma * n), n - target)
-    keys = keys if keys is not None or n < KEYED_MIN else magnitude_keys(delta)
-    if keys is not None:
-        return _top_k_mask_keyed(delta, keys, outliers + target) & ~_top_k_mask_keyed(delta, keys, outliers)
-    magnitudes = _f32(delta).abs()
-    return _top_k_mask(magnitudes, outliers + target) & ~_top_k_mask(magnitudes, outliers)
-
-
-def bernoulli_mask(
-    shape: Sequence[int],
-    density: float,
-    generator: torch.Generator | None,
-    device: torch.device | str = "cpu",
-    uniform: Tensor | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """m_j = [u_j < density], u_j ~ U[0, 1) (drawn from ``generator``, or the given draws), as float32 0/1
-    (into ``out`` when given; the draws then go there first)."""
-    if uniform is None:
-        uniform = dare_uniform(shape, generator, device, out=out)
-    return torch.lt(uniform, density, out=torch.empty_like(uniform) if out is None else out)  # one pass
-
-
-def dare_uniform(
-    shape: Sequence[int],
-    generator: torch.Generator | None,
-    device: torch.device | str = "cpu",
-    out: Tensor | None = None,
-) -> Tensor:
-    """The U[0, 1) draws bernoulli_mask makes from ``generator`` (cacheable while the generator's seed is fixed)."""
-    return torch.rand(tuple(shape), generator=generator, dtype=torch.float32, device=device, out=out)
-
-
-def rescaled(delta: Tensor, mask: Tensor, rescale: bool, l1: Tensor | None = None) -> Tensor:
-    """delta ⊙ m, times ||delta||_1 / ||delta ⊙ m||_1 when rescale (unless either norm < 1e-7)."""
-    masked = _f32(delta) * (mask if mask.dtype == torch.float32 else mask.to(torch.float32))  # a bool operand is slower
-    return masked.mul_(_rescale_factor(delta, masked, l1)) if rescale else masked
-
-
-def _rescale_factor(delta: Tensor, masked: Tensor, l1: Tensor | None, scratch: Tensor | None = None) -> Tensor:
-    """||delta||_1 / ||masked||_1, or 1 when either is below 1e-7 (a 0-dim tensor: no host sync). The norms are
-    abs then sum (``scratch`` holds the absolute values when given), as everywhere a norm is cached."""
-    before = l1 if l1 is not None else l1_norm(delta, scratch)
-    after = l1_norm(masked, scratch)
-    degenerate = (before < RESCALE_EPS) | (after < RESCALE_EPS)
-    return torch.where(degenerate, torch.ones_like(before), before / after)
-
-
-def l1_norm(x: Tensor, scratch: Tensor | None = None) -> Tensor:
-    """sum_j |x_j| in float32 (the one way every L1 norm of a task vector is computed, cached or not)."""
-    return torch.abs(_f32(x), out=scratch).sum()
-
-
-def _della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
-    """p = density - ε + 2ε·(rank - 1)/(n - 1), rank ascending in |delta| along dim 1 (1-D: one row)."""
-    rows = _f32(delta).abs()
-    rows = rows.unsqueeze(0) if rows.dim() < 2 else rows
-    n = rows.shape[1]
-    order = torch.sort(rows, dim=1, descending=True, stable=True).indices  # ties: lower index ranks higher
-    position = torch.arange(n, dtype=torch.float32, device=rows.device).reshape(1, n, *[1] * (rows.dim() - 2))
-    rank_norm = torch.empty_like(rows).scatter_(1, order, (1.0 - position / max(n - 1, 1)).expand_as(rows))
-    if n == 1:  # mergekit divides 0 by 0 here and fails; one element per row gets the mid probability
-        rank_norm.fill_(0.5)
-    return rank_norm.mul_(2 * epsilon).add_(density - epsilon).reshape(delta.shape)
-
-
-def rank_magnitude_sample(
-    delta: Tensor, density: float, epsilon: float, generator: torch.Generator | None, rescale: bool
-) -> Tensor:
-    """DELLA: delta ⊙ Bernoulli(p), p ∈ [density-ε, density+ε] rising with |delta|'s rank in its row (dim 1)."""
-    if density >= 1:
-        return _f32(delta)
-    if density <= 0:
-        return torch.zeros_like(delta, dtype=torch.float32)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise EvomergeError(
-            f"della epsilon must keep density ± epsilon inside (0, 1); got density={density}, epsilon={epsilon}"
-        )
-    mask = torch.bernoulli(_della_probabilities(delta, density, epsilon), generator=generator)
-    return rescaled(delta, mask, rescale)
-
-
-def sparsify(
-    delta: Tensor,
-    density: float,
-    method: str | None,
-    *,
-    rescale: bool = False,
-    gamma: float = 0.01,
-    epsilon: float = 0.15,
-    generator: torch.Generator | None = None,
-    precomputed: Precomputed | None = None,
-) -> Tensor:
-    """delta ⊙ mask(method, density) (optionally L1-rescaled); density ≥ 1 or no method returns delta unchanged."""
-    if method is None or (density >= 1 and method in SPARSIFICATIONS):
-        return _f32(delta)
-    pre = precomputed or Precomputed()
-    if method == "magnitude":
-        return rescaled(delta, magnitude_mask(delta, density, pre.keys), rescale, pre.l1)
-    if method == "random":
-        return rescaled(
-            delta, bernoulli_mask(delta.shape, density, generator, delta.device, pre.uniform), rescale, pre.l1
-        )
-    if method == "magnitude_outliers":
-        return rescaled(delta, magnitude_outliers_mask(delta, density, gamma, pre.keys), rescale, pre.l1)
-    if method == "della_magprune":
-        return rank_magnitude_sample(delta, density, epsilon, generator, rescale)
-    raise EvomergeError(f"unknown sparsification {method!r}; use one of {', '.join(SPARSIFICATIONS)}")
+# ----------------------------------------------------------------------------- generalized task arithmetic
 
 
 def _weighted_sparse(
@@ -330,11 +108,11 @@ def _weighted_sparse(
     if method is None or (density >= 1 and method in SPARSIFICATIONS):
         return torch.mul(delta, float(weight), out=out)
     pre = precomputed or Precomputed()
-    if method == "magnitude":
+    if method == Sparsification.MAGNITUDE:
         mask = magnitude_mask(delta, density, pre.keys, out=out)
-    elif method == "random":
+    elif method == Sparsification.RANDOM:
         mask = bernoulli_mask(delta.shape, density, generator, delta.device, pre.uniform, out=out)
-    elif method == "magnitude_outliers":
+    elif method == Sparsification.MAGNITUDE_OUTLIERS:
         mask = out.copy_(magnitude_outliers_mask(delta, density, gamma, pre.keys))
     else:  # della_magprune, unknown names: the plain path
         return _weighted(sparsify(delta, density, method, rescale=rescale, gamma=gamma, epsilon=epsilon,
@@ -342,7 +120,7 @@ def _weighted_sparse(
     if not rescale:
         return torch.addcmul(_scalar(-0.0, out), mask, delta, value=float(weight), out=mask)
     masked = torch.mul(delta, mask, out=mask)
-    masked.mul_(_rescale_factor(delta, masked, pre.l1, scratch))
+    masked.mul_(rescale_factor(delta, masked, pre.l1, scratch))
     return masked.mul_(float(weight))
 
 
@@ -381,14 +159,6 @@ def _buffer(workspace: Workspace | None, i: int, like: Tensor) -> Tensor:
     return workspace.buffer(i, like)
 
 
-# ----------------------------------------------------------------------------- sign consensus, GTA
-
-
-def _majority_positive(weighted_deltas: Sequence[Tensor], method: str) -> Tensor:
-    """Elected sign is + where sum_i d_i ≥ 0 ("sum") or sum_i sign(d_i) ≥ 0 ("count")."""
-    return _majority_sign(weighted_deltas, method) > 0
-
-
 def _majority_sign(weighted_deltas: Sequence[Tensor], method: str, out: Tensor | None = None) -> Tensor:
     """The elected sign as float32 ±1 (into ``out`` when given): +1 where sum_i d_i ≥ 0 ("sum") or
     sum_i sign(d_i) ≥ 0 ("count").
@@ -396,11 +166,11 @@ def _majority_sign(weighted_deltas: Sequence[Tensor], method: str, out: Tensor |
     "sum" adds the deltas without a +0 start: the total is -0 only where every d_i is ±0, and those elements
     agree with no sign, so electing - there (copysign(1, -0) = -1) changes nothing."""
     if method not in CONSENSUS_METHODS:
-        raise EvomergeError(f"unknown consensus {method!r}; use one of {', '.join(CONSENSUS_METHODS)}")
+        raise EvomergeError(f"unknown consensus {method!r}; use one of {', '.join(Consensus)}")
     first = weighted_deltas[0]
-    if method == "sum":
+    if method == Consensus.SUM:
         if len(weighted_deltas) == 1:
-            total = _f32(first)
+            total = f32(first)
         else:
             total = torch.add(first, weighted_deltas[1], out=out)
         for delta in weighted_deltas[2:]:
@@ -413,18 +183,7 @@ def _majority_sign(weighted_deltas: Sequence[Tensor], method: str, out: Tensor |
     return torch.copysign(_scalar(1.0, total), total, out=out)
 
 
-def _agrees(delta: Tensor, majority_positive: Tensor) -> Tensor:
-    """sign(d) == elected sign (sign(0) never agrees)."""
-    return ((delta > 0) == majority_positive) & (delta != 0)
-
-
-def sign_consensus(weighted_deltas: Sequence[Tensor], method: str = "sum") -> list[Tensor]:
-    """m_i = [sign(d_i) == sign-election(d)], per element; sign(0) never agrees."""
-    majority = _majority_positive(weighted_deltas, method)
-    return [_agrees(delta, majority) for delta in weighted_deltas]
-
-
-def _per_source(values: Sequence[Any] | None, count: int, default: Any, name: str) -> list[Any]:
+def per_source(values: Sequence[Any] | None, count: int, default: Any, name: str) -> list[Any]:
     """values as a list of length count, or [default] * count when None."""
     if values is None:
         return [default] * count
@@ -449,40 +208,21 @@ def generalized_task_arithmetic(
     generators: Sequence[torch.Generator | None] | None = None,
     precomputed: Sequence[Precomputed | None] | None = None,
     workspace: Workspace | None = None,
-    fused: FusedMerge | None = None,
-    out: Tensor | None = None,
 ) -> Tensor:
     """base + λ·(Σ_i m_i w_i s(δ_i)) / (Σ_i m_i w_i if normalize), s = sparsify, m = sign consensus (or 1).
 
     Every temporary is one of count + 3 float32 buffers (w_i s(δ_i) in buffer i, then the sign, a scratch and the
-    divisor), taken from ``workspace`` when given (the result is then a view of buffer 0) or from a fresh one.
-    With ``fused`` and ``out`` (the tensor the result goes to, e.g. a live model's parameter), the result, cast to
-    out's dtype, is written into ``out``, which is returned: by a compiled kernel (merge_core.fused), or, where it
-    declines, by this function in fresh buffers, one such merge at a time (the memory plan of a fused worker counts
-    one). The same bits as this function's float32 result copied into ``out``."""
+    divisor), taken from ``workspace`` when given (the result is then a view of buffer 0) or from a fresh one:
+    buffer reuse only, the result is the same."""
     count = len(deltas)
     if count == 0:
-        return _f32(base)
-    weights = _per_source(weights, count, None, "weights")
-    densities = _per_source(densities, count, 1.0, "densities")
-    gammas = _per_source(gammas, count, 0.01, "gammas")
-    epsilons = _per_source(epsilons, count, 0.15, "epsilons")
-    generators = _per_source(generators, count, None, "generators")
-    precomputed = _per_source(precomputed, count, None, "precomputed")
-    if fused is not None and out is not None:
-        eager = lambda: generalized_task_arithmetic(  # noqa: E731 (checks a compiled variant's first tensor)
-            base, deltas, weights, densities, sparsification=sparsification, consensus=consensus,
-            normalize=normalize, rescale=rescale, lambda_=lambda_, gammas=gammas, epsilons=epsilons,
-            generators=generators, precomputed=precomputed,
-        )  # fmt: skip
-        if fused.merge(
-            base, deltas, weights, densities, sparsification=sparsification, consensus=consensus,
-            normalize=normalize, rescale=rescale, lambda_=lambda_, precomputed=precomputed, out=out, eager=eager,
-            workspace=workspace,
-        ):  # fmt: skip
-            return out
-        with fused.lock:  # one eager merge at a time beside the kernels, in fresh buffers: what the memory plan counts
-            return out.copy_(eager())
+        return f32(base)
+    weights = per_source(weights, count, None, "weights")
+    densities = per_source(densities, count, 1.0, "densities")
+    gammas = per_source(gammas, count, DEFAULT_GAMMA, "gammas")
+    epsilons = per_source(epsilons, count, DEFAULT_EPSILON, "epsilons")
+    generators = per_source(generators, count, None, "generators")
+    precomputed = per_source(precomputed, count, None, "precomputed")
     workspace = workspace if workspace is not None else Workspace()
     weighted = (
         _weighted_sparse(
@@ -501,7 +241,7 @@ def generalized_task_arithmetic(
         mixed.div_(divisor)
     if lambda_ != 1:
         mixed.mul_(lambda_)
-    return mixed.add_(base if base.dtype in _EXACT_IN_F32 else _f32(base))  # bf16 + float32: upcast on the fly
+    return mixed.add_(base if base.dtype in _EXACT_IN_F32 else f32(base))  # bf16 + float32: upcast on the fly
 
 
 _EXACT_IN_F32 = (torch.float32, torch.bfloat16, torch.float16)  # float32 holds every value of these exactly
@@ -562,9 +302,9 @@ def model_stock(base: Tensor, tensors: Sequence[Tensor], filter_wise: bool = Fal
     """t·mean(w_i) + (1-t)·w_0, t = N·cos/(1+(N-1)cos) (0 if singular), cos = mean pairwise cos(w_i - w_0)."""
     if len(tensors) < 2:
         raise EvomergeError(f"model_stock needs a base and at least 2 other models; got {len(tensors)} besides it")
-    w0 = _f32(base)
+    w0 = f32(base)
     rows = (lambda x: x.unsqueeze(0) if x.dim() == 1 else x) if filter_wise else (lambda x: x.reshape(-1))
-    offsets = [rows(_f32(w)) - rows(w0) for w in tensors]
+    offsets = [rows(f32(w)) - rows(w0) for w in tensors]
     cosines = [_cosine(a, b) for i, a in enumerate(offsets) for b in offsets[i + 1 :]]
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     n = len(tensors)
@@ -572,7 +312,7 @@ def model_stock(base: Tensor, tensors: Sequence[Tensor], filter_wise: bool = Fal
     singular = denominator.abs() < 1e-6
     safe_denominator = torch.where(singular, torch.ones_like(cos), denominator)
     t = torch.where(singular, torch.zeros_like(cos), n * cos / safe_denominator)
-    average = sum(rows(_f32(w)) for w in tensors) / n
+    average = sum(rows(f32(w)) for w in tensors) / n
     return (t * average + (1 - t) * rows(w0)).reshape(base.shape)
 
 
@@ -581,26 +321,14 @@ def _cosine(a: Tensor, b: Tensor) -> Tensor:
     return ((a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-6)).clamp(-1, 1)
 
 
-# ----------------------------------------------------------------------------- determinism
-
-
-def dare_generator(seed: int, tensor_name: str, model: str, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded with sha256(seed, tensor name, model) (stable across processes, unlike hash())."""
-    digest = hashlib.sha256(f"{int(seed)}\x00{tensor_name}\x00{model}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-# ----------------------------------------------------------------------------- registry and dispatch
-
-
 @dataclass(frozen=True)
 class MethodSpec:
     """A merge method as mergekit 0.1.5 declares it: its kind, its parameters and their defaults (None = required)."""
 
     name: str
     kind: Literal["linear", "slerp", "gta", "model_stock"]
-    sparsification: str | None = None
-    consensus: str | None = None
+    sparsification: Sparsification | None = None
+    consensus: Consensus | None = None
     needs_base: bool = True
     global_params: dict[str, Any] = field(default_factory=dict)
     tensor_params: dict[str, Any] = field(default_factory=dict)
@@ -608,7 +336,7 @@ class MethodSpec:
     @property
     def stochastic(self) -> bool:
         """Whether the method draws random masks (DARE, DELLA): pass it one `dare_generator` per source."""
-        return self.sparsification in ("random", "della_magprune")
+        return self.sparsification in STOCHASTIC
 
 
 def check_parameter(name: str, value: Any) -> str | None:
@@ -640,10 +368,13 @@ _NUMBER_RANGES: dict[str, tuple[float, float, bool, bool, str]] = {  # low, high
 
 
 def _gta_spec(
-    name: str, sparsification: str | None, consensus: str | None, normalize: bool, rescale: bool
+    name: str, sparsification: Sparsification | None, consensus: Consensus | None, normalize: bool, rescale: bool
 ) -> MethodSpec:
     """A GTA method's spec with mergekit's shared and per-model parameters."""
-    extra = {"magnitude_outliers": {"gamma": 0.01}, "della_magprune": {"epsilon": 0.15}}.get(sparsification or "", {})
+    extra = {
+        Sparsification.MAGNITUDE_OUTLIERS: {"gamma": DEFAULT_GAMMA},
+        Sparsification.DELLA_MAGPRUNE: {"epsilon": DEFAULT_EPSILON},
+    }.get(sparsification, {})
     return MethodSpec(
         name=name,
         kind="gta",
@@ -663,13 +394,13 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("slerp", "slerp", global_params={"t": None}),
         MethodSpec("model_stock", "model_stock", global_params={"filter_wise": False}),
         _gta_spec("task_arithmetic", None, None, normalize=False, rescale=False),
-        _gta_spec("ties", "magnitude", "sum", normalize=True, rescale=False),
-        _gta_spec("dare_ties", "random", "sum", normalize=False, rescale=True),
-        _gta_spec("dare_linear", "random", None, normalize=False, rescale=True),
-        _gta_spec("breadcrumbs", "magnitude_outliers", None, normalize=False, rescale=False),
-        _gta_spec("breadcrumbs_ties", "magnitude_outliers", "sum", normalize=False, rescale=False),
-        _gta_spec("della", "della_magprune", "sum", normalize=True, rescale=True),
-        _gta_spec("della_linear", "della_magprune", None, normalize=False, rescale=True),
+        _gta_spec("ties", Sparsification.MAGNITUDE, Consensus.SUM, normalize=True, rescale=False),
+        _gta_spec("dare_ties", Sparsification.RANDOM, Consensus.SUM, normalize=False, rescale=True),
+        _gta_spec("dare_linear", Sparsification.RANDOM, None, normalize=False, rescale=True),
+        _gta_spec("breadcrumbs", Sparsification.MAGNITUDE_OUTLIERS, None, normalize=False, rescale=False),
+        _gta_spec("breadcrumbs_ties", Sparsification.MAGNITUDE_OUTLIERS, Consensus.SUM, normalize=False, rescale=False),
+        _gta_spec("della", Sparsification.DELLA_MAGPRUNE, Consensus.SUM, normalize=True, rescale=True),
+        _gta_spec("della_linear", Sparsification.DELLA_MAGPRUNE, None, normalize=False, rescale=True),
     )
 }
 
@@ -690,6 +421,19 @@ def _resolved(defaults: dict[str, Any], given: dict[str, Any], method: str) -> d
     return values
 
 
+def gta_arguments(spec: MethodSpec, params: dict[str, Any], tensor_params: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """generalized_task_arithmetic's method arguments (weights, densities, sparsification, consensus, normalize,
+    rescale, λ, gammas, epsilons) for a GTA spec and one tensor's global and per-source parameters."""
+    glob = _resolved(spec.global_params, params, spec.name)
+    per = [_resolved(spec.tensor_params, p, spec.name) for p in tensor_params]
+    return dict(
+        weights=[p["weight"] for p in per], densities=[p["density"] for p in per],
+        sparsification=spec.sparsification, consensus=spec.consensus, normalize=bool(glob["normalize"]),
+        rescale=bool(glob["rescale"]), lambda_=float(glob["lambda"]),
+        gammas=[p.get("gamma", DEFAULT_GAMMA) for p in per], epsilons=[p.get("epsilon", DEFAULT_EPSILON) for p in per],
+    )  # fmt: skip
+
+
 def merge_tensor(
     spec: MethodSpec,
     *,
@@ -701,13 +445,10 @@ def merge_tensor(
     generators: Sequence[torch.Generator | None] | None = None,
     precomputed: Sequence[Precomputed | None] | None = None,
     workspace: Workspace | None = None,
-    fused: FusedMerge | None = None,
-    out: Tensor | None = None,
 ) -> Tensor:
     """spec's method on one tensor; tensors: non-base sources (linear: every listed input); deltas: source - base;
     precomputed: per source, cached candidate-independent sparsification inputs (GTA methods; results unchanged);
-    workspace: reused float32 buffers (GTA methods; the result may then be a view of one of them); fused and out:
-    compiled GTA kernels and the tensor the result is for (GTA methods: the result may be ``out`` itself)."""
+    workspace: reused float32 buffers (GTA methods; the result may then be a view of one of them)."""
     glob = _resolved(spec.global_params, params, spec.name)
     per = [_resolved(spec.tensor_params, p, spec.name) for p in tensor_params]
     if spec.needs_base and base is None:
@@ -723,9 +464,6 @@ def merge_tensor(
     if deltas is None:
         raise EvomergeError(f"merge method {spec.name!r} needs task vectors (source - base)")
     return generalized_task_arithmetic(
-        base, deltas, [p["weight"] for p in per], [p["density"] for p in per],
-        sparsification=spec.sparsification, consensus=spec.consensus, normalize=bool(glob["normalize"]),
-        rescale=bool(glob["rescale"]), lambda_=float(glob["lambda"]), gammas=[p.get("gamma", 0.01) for p in per],
-        epsilons=[p.get("epsilon", 0.15) for p in per], generators=generators, precomputed=precomputed,
-        workspace=workspace, fused=fused, out=out,
+        base, deltas, **gta_arguments(spec, glob, per), generators=generators, precomputed=precomputed,
+        workspace=workspace,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Recipes: plain, hashable merges as data, and per-tensor parameter resolution.
+"""Recipes: plain, hashable merges as data (read from YAML, written back, hashed); nothing here interprets them.
 
 ``Recipe`` is one of two kinds, read from YAML by ``load_recipe`` (``merge_method: dataflow`` selects the second):
 
@@ -7,19 +7,7 @@
 
 A MergeRecipe is mergekit's configuration (``merge_method``, ``base_model``, ``models`` or ``slices``,
 ``parameters`` with filters and gradient lists, ``dtype``...) plus one evomerge field, ``seed``
-(DARE / DELLA masks). Parameters resolve per tensor exactly as mergekit does:
-
-* precedence: the model's entry in its slice (or ``models``) > the slice's ``parameters`` > global ``parameters``;
-* a list of numbers is a gradient over the layers of a slice: ``t = i / (n - 1)`` for the i-th of n layers,
-  ``scaled = t * (len - 1)``, ``i0 = int(scaled)``, linear interpolation between entries i0 and i0 + 1;
-* a list of ``{filter, value}`` conditions takes the first whose filter is a substring of the tensor name
-  (``None`` or ``"*"`` matches everything); no match falls through to the next level;
-* tensors outside the layers are read at t = 0 (a gradient gives them its first entry): the embedding with the
-  first slice's parameters, the final norm and the head with the last slice's. This is mergekit 0.1.5's planner
-  (``plan.py``, ``MergePlanner.plan_module``: one ``ConfigReader(t=0)`` for ``pre_weights`` with
-  ``for_out_slice(slices[0])`` and for ``post_weights`` with ``for_out_slice(slices[-1])``; only the layers get
-  ``with_t(i / (n - 1))``, ``t = 1`` for a one-layer slice). In the ``models:`` form there is one slice, so all
-  three use the ``models`` entries' first gradient value.
+(DARE / DELLA masks). How its parameters resolve per tensor is the merge plan's business (merge_core.plan).
 """
 
 from __future__ import annotations
@@ -175,11 +163,6 @@ class LayerPath:
             if not math.isfinite(scale):
                 raise EvomergeError(f"layer path: hop {t} has non-finite scale {scale}")
 
-    @classmethod
-    def identity(cls, num_layers: int) -> LayerPath:
-        """A's own layers in order, every scale 1: the path that reproduces A."""
-        return cls(tuple((0, i) for i in range(num_layers)), (1.0,) * num_layers)
-
     def __len__(self) -> int:
         return len(self.hops)
 
@@ -260,96 +243,6 @@ def load_recipe(text: str, where: str = "recipe") -> Recipe:
     return _recipe_from_dict(d, where)
 
 
-# ---- resolution -------------------------------------------------------------------------------
-
-
-def evaluate_setting(tensor_name: str, setting: Setting, t: float) -> Any:
-    """mergekit's evaluate_setting: scalar, gradient over t, or first matching filter (None: no match)."""
-    if isinstance(setting, (bool, int, float, str)):
-        return setting
-    if isinstance(setting, tuple):
-        if setting and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
-            scaled = t * (len(setting) - 1)
-            i0 = int(scaled)
-            i1 = min(len(setting) - 1, i0 + 1)
-            frac = scaled - i0
-            return (1 - frac) * setting[i0] + frac * setting[i1]
-        if setting and all(isinstance(e, (bool, int, float, str)) for e in setting):
-            return setting[int(t * (len(setting) - 1))]
-        for cond in setting:
-            if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
-                return evaluate_setting(tensor_name, cond.value, t)
-        return None
-    raise EvomergeError(f"unexpected parameter setting {setting!r}")
-
-
-@dataclass(frozen=True)
-class TensorSite:
-    """Where a tensor sits in the output: which slice, and its t."""
-
-    slice_index: int
-    t: float
-
-
-def locate(recipe: MergeRecipe, tensor_name: str, num_layers: int) -> TensorSite:
-    """Place an output tensor: the slice holding its layer and t (outside the layers: t = 0, see the module doc)."""
-    from merge_core.checkpoint import layer_index
-
-    layer = layer_index(tensor_name)
-    if layer is None:
-        i = 0 if "embed" in tensor_name else len(recipe.slices) - 1
-        return TensorSite(i, 0.0)
-    start = 0
-    for i, sl in enumerate(recipe.slices):
-        n = _slice_len(sl, num_layers)
-        if start <= layer < start + n:
-            idx = layer - start
-            return TensorSite(i, idx / (n - 1) if n > 1 else 1.0)
-        start += n
-    raise EvomergeError(f"tensor {tensor_name}: layer {layer} is not covered by the recipe's slices ({start} layers)")
-
-
-def resolve_parameter(recipe: MergeRecipe, site: TensorSite, tensor_name: str, name: str, model: str | None) -> Any:
-    """One parameter for one tensor (and model, for per-model parameters), None when unset anywhere."""
-    sl = recipe.slices[site.slice_index]
-    levels: list[Params] = []
-    if model is not None:
-        levels += [s.parameters for s in sl.sources if s.model == model]
-    levels += [sl.parameters, recipe.parameters]
-    for params in levels:
-        for key, setting in params:
-            if key == name:
-                value = evaluate_setting(tensor_name, setting, site.t)
-                if value is not None:
-                    return value
-    return None
-
-
-def validate_layout(recipe: MergeRecipe, num_layers: int, where: str = "recipe") -> None:
-    """Slices must cover the layers in order, each source using the same layers it outputs (no rearranging)."""
-    total = 0
-    for i, sl in enumerate(recipe.slices):
-        n = _slice_len(sl, num_layers)
-        for j, s in enumerate(sl.sources):
-            if s.layer_range is None:
-                continue
-            lo, hi = s.layer_range
-            if hi - lo != n:
-                raise EvomergeError(
-                    f"{where}: slices[{i}].sources[{j}].layer_range: all sources of a slice must have the same length"
-                )
-            if lo != total:
-                raise EvomergeError(
-                    f"{where}: slices[{i}].sources[{j}].layer_range {list(s.layer_range)} rearranges layers "
-                    f"(output position {total}); layer stacking is data-flow merging, not a parameter merge"
-                )
-        if {s.model for s in sl.sources} != {s.model for s in recipe.slices[0].sources}:
-            raise EvomergeError(f"{where}: slices[{i}]: every slice must draw on the same models")
-        total += n
-    if total != num_layers:
-        raise EvomergeError(f"{where}: slices cover {total} layers but the models have {num_layers}")
-
-
 # ---- dict <-> frozen data ----------------------------------------------------------------------
 
 
@@ -411,7 +304,7 @@ def _recipe_from_dict(d: Mapping[str, Any], where: str) -> MergeRecipe:
         merge_method=method,
         slices=slices,
         base_model=d.get("base_model"),
-        parameters=_freeze_params(d.get("parameters"), f"{where}: parameters"),
+        parameters=freeze_params(d.get("parameters"), f"{where}: parameters"),
         dtype=d.get("dtype"),
         out_dtype=d.get("out_dtype"),
         tokenizer_source=d.get("tokenizer_source"),
@@ -431,7 +324,7 @@ def _slice(d: Any, where: str) -> OutputSlice:
         _source(s, f"{where}.sources[{i}]", with_range=True)
         for i, s in enumerate(_as_list(d["sources"], f"{where}.sources"))
     )
-    return OutputSlice(sources=sources, parameters=_freeze_params(d.get("parameters"), f"{where}.parameters"))
+    return OutputSlice(sources=sources, parameters=freeze_params(d.get("parameters"), f"{where}.parameters"))
 
 
 def _source(d: Any, where: str, with_range: bool) -> SliceSource:
@@ -447,7 +340,7 @@ def _source(d: Any, where: str, with_range: bool) -> SliceSource:
             raise EvomergeError(f"{where}.layer_range: must be [start, end) with start < end, got {lr!r}")
         layer_range = (lr[0], lr[1])
     return SliceSource(
-        model=d["model"], layer_range=layer_range, parameters=_freeze_params(d.get("parameters"), f"{where}.parameters")
+        model=d["model"], layer_range=layer_range, parameters=freeze_params(d.get("parameters"), f"{where}.parameters")
     )
 
 
@@ -459,7 +352,8 @@ def _refuse_unknown(d: Mapping[str, Any], known: tuple[str, ...], where: str) ->
         raise EvomergeError(f"{where}: unsupported key '{unknown[0]}' (supported here: {', '.join(known)})")
 
 
-def _freeze_params(p: Any, where: str) -> Params:
+def freeze_params(p: Any, where: str) -> Params:
+    """A parameters mapping as sorted (name, setting) pairs, frozen and checked (one-line errors name ``where``)."""
     if p is None:
         return ()
     if not isinstance(p, dict):
@@ -525,11 +419,6 @@ def _slice_dict(s: OutputSlice) -> dict[str, Any]:
     if s.parameters:
         d["parameters"] = _thaw_params(s.parameters)
     return d
-
-
-def _slice_len(sl: OutputSlice, num_layers: int) -> int:
-    lr = sl.sources[0].layer_range
-    return num_layers if lr is None else lr[1] - lr[0]
 
 
 def _as_list(v: Any, where: str) -> list:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from merge_core.errors import EvomergeError
-from merge_core.recipe import Cond, MergeRecipe, OutputSlice, SliceSource, locate, resolve_parameter
+from merge_core.recipe import Cond, MergeRecipe, OutputSlice, SliceSource
 
 if TYPE_CHECKING:
     from merge_core.methods import MethodSpec
@@ -174,6 +174,8 @@ class ParameterSpace:
         )
 
     def encode(self, recipe: MergeRecipe) -> list[float]:
+        from merge_core.plan import locate, resolve_parameter  # torch: the space's names parse without it (config)
+
         x = []
         for c in self.coords:
             name = c.group.probe()

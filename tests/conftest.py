@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from merge_core.synthetic import TEST_SIZES, make_tiny_checkpoint, make_tiny_trio
+from zoo.synthetic import TEST_SIZES, make_tiny_checkpoint, make_tiny_trio
 
 torch.set_num_threads(1)
 

@@ -27,7 +27,7 @@ from transformers.utils import logging as hf_logging
 from evals.data import write_jsonl
 from evals.lm_eval_backend import write_jsonl_task_group
 from merge_core.errors import EvomergeError
-from merge_core.synthetic import word_tokenizer
+from zoo.synthetic import word_tokenizer
 from zoo.train import TrainSchedule, new_model, train
 from zoo.world import (
     TASKS,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from merge_core.synthetic import tiny_model
+from zoo.synthetic import tiny_model
 from zoo.world import Doc, Mixture
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from tokenizers.processors import TemplateProcessing
 
 from evals.lm import chat_prompts
 from merge_core.errors import EvomergeError
-from merge_core.synthetic import word_tokenizer
+from zoo.synthetic import word_tokenizer
 
 TEMPLATE = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %} kotae"
 

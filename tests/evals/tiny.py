@@ -6,7 +6,7 @@ import random
 
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from merge_core.synthetic import tiny_model, word_tokenizer
+from zoo.synthetic import tiny_model, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(40)] + [".", "kotae"] + [f"j{i}" for i in range(19)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from evals.data import write_jsonl
-from merge_core.synthetic import DEFAULT_WORDS, make_tiny_trio
+from zoo.synthetic import DEFAULT_WORDS, make_tiny_trio
 
 
 @pytest.fixture(scope="session")

@@ -227,7 +227,7 @@ def _unreachable_postgres(verb: str) -> Callable[[Env], list[str]]:
 
 def _dfs_other_architecture(env: Env) -> list[str]:
     """Model B with another MLP width: its layers cannot run inside A (the worker's rule, checked up front)."""
-    from merge_core.synthetic import make_tiny_checkpoint
+    from zoo.synthetic import make_tiny_checkpoint
 
     b = make_tiny_checkpoint(env.tmp / "models/b", hidden_size=128, intermediate_size=256, num_layers=2)
     return _dfs(model_b=str(b))(env)

@@ -13,16 +13,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from merge_core.checkpoint import (
-    Checkpoint,
-    ShardedWriter,
-    copy_model_files,
-    layer_index,
-    module_kind,
-    validate_compatible,
-)
+from merge_core.checkpoint import Checkpoint, layer_index, module_kind, validate_compatible
 from merge_core.errors import EvomergeError, IncompatibleModelsError
-from merge_core.synthetic import DEFAULT_WORDS, TEST_SIZES, make_tiny_checkpoint
+from merge_core.writer import ShardedWriter, copy_model_files
+from zoo.synthetic import DEFAULT_WORDS, TEST_SIZES, make_tiny_checkpoint
 
 DROPPED = "model.layers.1.mlp.up_proj.weight"
 
@@ -329,7 +323,7 @@ def test_staged_output_removes_what_killed_writers_left_and_nothing_else(tmp_pat
     import subprocess
     import sys
 
-    from merge_core.checkpoint import STALE_PARTIAL_S, staged_output
+    from merge_core.writer import STALE_PARTIAL_S, staged_output
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from merge_core import fused, methods
+from merge_core import fused, methods, sparsify
 from merge_core.materialize import Materializer
 from merge_core.recipe import MergeRecipe
 from tests.merge_core.test_merge import recipe, run_merge, trio
 
-N = 2 * methods.KEYED_MIN + 3  # keyed magnitude masks; odd, so no vector width divides it
+N = 2 * sparsify.KEYED_MIN + 3  # keyed magnitude masks; odd, so no vector width divides it
 
 
 def task_vectors(count: int, seed: int) -> list[torch.Tensor]:
@@ -30,10 +30,12 @@ def task_vectors(count: int, seed: int) -> list[torch.Tensor]:
     return deltas
 
 
-def cached(deltas: list[torch.Tensor], seed: int) -> list[methods.Precomputed]:
+def cached(deltas: list[torch.Tensor], seed: int) -> list[sparsify.Precomputed]:
     g = torch.Generator().manual_seed(seed + 100)
     return [
-        methods.Precomputed(keys=methods.magnitude_keys(d), uniform=torch.rand(N, generator=g), l1=methods.l1_norm(d))
+        sparsify.Precomputed(
+            keys=sparsify.magnitude_keys(d), uniform=torch.rand(N, generator=g), l1=sparsify.l1_norm(d)
+        )
         for d in deltas
     ]
 
@@ -76,9 +78,7 @@ def test_compiled_kernel_writes_the_eager_merge_bit_for_bit(variant: str) -> Non
             expected = methods.generalized_task_arithmetic(base, deltas, weights, densities, precomputed=pre, **spec)
             out = torch.full((N,), float("nan"), dtype=dtype)
             before = kernels.fused_tensors
-            got = methods.generalized_task_arithmetic(
-                base, deltas, weights, densities, precomputed=pre, fused=kernels, out=out, **spec
-            )
+            got = kernels.write(base, deltas, weights, densities, precomputed=pre, out=out, **spec)
             assert got is out and kernels.fused_tensors == before + 1, (kernels.broken, kernels._off)
             assert torch.equal(bits(out), bits(expected.to(dtype))), (variant, dtype, weights, densities)
     assert kernels.broken is None and not kernels._off
@@ -89,26 +89,25 @@ def test_magnitude_threshold_reproduces_the_keyed_mask() -> None:
     many_ties = torch.where(torch.rand(N, generator=g) < 0.6, 0.25, torch.randn(N, generator=g))
     cases = [task_vectors(1, seed=5)[0], many_ties]
     for delta in cases:
-        keys = methods.magnitude_keys(delta)
+        keys = sparsify.magnitude_keys(delta)
         index = torch.arange(N)
-        ordered = methods.MagnitudeKeys(keys.keys, keys.low, keys.at_least, methods.key_order(keys))
+        ordered = sparsify.MagnitudeKeys(keys.keys, keys.low, keys.at_least, sparsify.key_order(keys))
         assert torch.equal(keys.keys.reshape(-1)[ordered.order.long()].diff() >= 0, torch.ones(N - 1, dtype=torch.bool))
         for density in (0.0, 1e-5, 0.2, 0.5, 0.61, 0.999, 1.0):
             found = fused.magnitude_threshold(delta, keys, density)
             assert found is not None and fused.magnitude_threshold(delta, ordered, density) == found  # no scan
             v, cut = found
             mask = (delta.abs() > v) | ((delta.abs() == v) & (index < cut))
-            assert torch.equal(mask, methods.magnitude_mask(delta, density, keys)), density
+            assert torch.equal(mask, sparsify.magnitude_mask(delta, density, keys)), density
 
 
 def test_unsupported_cases_stay_eager() -> None:
     deltas = task_vectors(2, seed=1)
     base, out = torch.zeros(N), torch.empty(N)
     kernels = fused.FusedMerge()
-    args = dict(consensus="sum", normalize=True, rescale=False, fused=kernels, out=out)
-    no_keys = methods.generalized_task_arithmetic(base, deltas, [0.5, 0.5], [0.5, 0.5], sparsification="magnitude",
-                                                  **args)  # fmt: skip
-    outliers = methods.generalized_task_arithmetic(
+    args = dict(consensus="sum", normalize=True, rescale=False, out=out)
+    no_keys = kernels.write(base, deltas, [0.5, 0.5], [0.5, 0.5], sparsification="magnitude", **args)
+    outliers = kernels.write(
         base, deltas, [0.5, 0.5], [0.5, 0.5], sparsification="magnitude_outliers", precomputed=cached(deltas, 1), **args
     )
     expected = methods.generalized_task_arithmetic(
@@ -136,7 +135,7 @@ def test_a_compiler_that_fails_leaves_the_eager_merge(monkeypatch, caplog) -> No
     pre = cached(deltas, 2)
     spec = dict(sparsification="magnitude", consensus="sum", normalize=True, rescale=False, precomputed=pre)
     with caplog.at_level(logging.WARNING, logger="merge_core.fused"):
-        got = methods.generalized_task_arithmetic(base, deltas, [0.6, 0.4], [0.5, 0.5], fused=kernels, out=out, **spec)
+        got = kernels.write(base, deltas, [0.6, 0.4], [0.5, 0.5], out=out, **spec)
     expected = methods.generalized_task_arithmetic(base, deltas, [0.6, 0.4], [0.5, 0.5], **spec)
     assert got is out and torch.equal(bits(out), bits(expected)) and kernels.fused_tensors == 0  # eager wrote it
     assert kernels.broken == "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
@@ -157,9 +156,9 @@ def test_out_of_memory_in_a_kernel_is_raised(monkeypatch) -> None:
     monkeypatch.setattr(fused, "_compiler", oom)
     deltas = task_vectors(2, seed=2)
     with pytest.raises(torch.OutOfMemoryError):
-        methods.generalized_task_arithmetic(
+        fused.FusedMerge().write(
             torch.zeros(N), deltas, [0.6, 0.4], sparsification=None, consensus=None, normalize=False, rescale=False,
-            fused=fused.FusedMerge(), out=torch.zeros(N),
+            out=torch.zeros(N),
         )  # fmt: skip
 
 
@@ -170,14 +169,14 @@ def test_rescale_without_sparsification_and_nan_thresholds_give_the_eager_merge(
     base, kernels = torch.zeros(N), fused.FusedMerge()
     plain = dict(sparsification=None, consensus="sum", normalize=True, rescale=True)
     out = torch.empty(N)
-    got = methods.generalized_task_arithmetic(base, deltas, [0.6, 0.4], fused=kernels, out=out, **plain)
+    got = kernels.write(base, deltas, [0.6, 0.4], out=out, **plain)
     expected = methods.generalized_task_arithmetic(base, deltas, [0.6, 0.4], **plain)
     assert got is out and torch.equal(bits(out), bits(expected)) and kernels.fused_tensors == 1
     nan = [d.clone() for d in deltas]
     nan[0][: N // 2] = float("nan")
     pre = cached(nan, 6)
     ties = dict(sparsification="magnitude", consensus="sum", normalize=True, rescale=False, precomputed=pre)
-    got = methods.generalized_task_arithmetic(base, nan, [0.6, 0.4], [0.3, 0.5], fused=kernels, out=out, **ties)
+    got = kernels.write(base, nan, [0.6, 0.4], [0.3, 0.5], out=out, **ties)
     expected = methods.generalized_task_arithmetic(base, nan, [0.6, 0.4], [0.3, 0.5], **ties)
     assert got is out and torch.equal(bits(out), bits(expected)) and expected.isnan().any()
     assert kernels.fused_tensors == 1 and not kernels._off
@@ -196,11 +195,11 @@ def test_a_kernel_that_differs_is_turned_off_and_the_eager_result_kept(monkeypat
     kernels = fused.FusedMerge()
     spec = dict(sparsification=None, consensus=None, normalize=False, rescale=False)
     with caplog.at_level(logging.WARNING, logger="merge_core.fused"):
-        got = methods.generalized_task_arithmetic(base, deltas, [0.6, 0.4], fused=kernels, out=out, **spec)
+        got = kernels.write(base, deltas, [0.6, 0.4], out=out, **spec)
     expected = methods.generalized_task_arithmetic(base, deltas, [0.6, 0.4], **spec)
     assert got is out and torch.equal(bits(out), bits(expected)) and len(kernels._off) == 1
     assert "differs from the eager merge" in caplog.text
-    again = methods.generalized_task_arithmetic(base, deltas, [0.3, 0.7], fused=kernels, out=out, **spec)
+    again = kernels.write(base, deltas, [0.3, 0.7], out=out, **spec)
     expected = methods.generalized_task_arithmetic(base, deltas, [0.3, 0.7], **spec)
     assert again is out and torch.equal(bits(out), bits(expected))  # that variant is eager from now on
     assert kernels.fused_tensors == 0

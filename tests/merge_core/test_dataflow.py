@@ -13,7 +13,8 @@ from merge_core.checkpoint import Checkpoint
 from merge_core.dataflow import CACHE_NAME, DataFlowModel, check_compatible_configs, export_dataflow
 from merge_core.errors import EvomergeError
 from merge_core.recipe import LayerPath
-from merge_core.synthetic import make_tiny_checkpoint
+from tests.merge_core.test_recipe import identity_path
+from zoo.synthetic import make_tiny_checkpoint
 
 torch.set_num_threads(1)
 
@@ -113,7 +114,7 @@ def test_export_layout(pair: Pair) -> None:
 
 def test_identity_path_reproduces_model_a(pair: Pair) -> None:
     dataflow = DataFlowModel(pair.model_a, pair.model_b, PATH).eval()
-    dataflow.set_path(LayerPath.identity(pair.model_a.config.num_hidden_layers))
+    dataflow.set_path(identity_path(pair.model_a.config.num_hidden_layers))
     ids, mask = _left_padded(PROMPTS)
     with torch.inference_mode():
         torch.testing.assert_close(

@@ -4,7 +4,7 @@ source from sign agreement, a zero-started sum of the masked weighted deltas and
 import pytest
 import torch
 
-from merge_core import methods
+from merge_core import methods, sparsify
 
 
 def plain_consensus_merge(base, deltas, weights, consensus, normalize):
@@ -82,7 +82,7 @@ def test_sparsified_gta_through_a_workspace_is_bit_identical_to_the_plain_formul
     spec = methods.METHODS[method]
     g = torch.Generator().manual_seed(5)
     workspace = methods.Workspace()
-    for n in (methods.KEYED_MIN + 1000, 3000, methods.KEYED_MIN + 1000):
+    for n in (sparsify.KEYED_MIN + 1000, 3000, sparsify.KEYED_MIN + 1000):
         base = torch.randn(n, generator=g)
         base[::97] = -0.0
         base = base.to(torch.bfloat16)
@@ -93,17 +93,17 @@ def test_sparsified_gta_through_a_workspace_is_bit_identical_to_the_plain_formul
             deltas.append(d)
         uniforms = [torch.rand(n, generator=g) for _ in deltas]
         pre = [
-            methods.Precomputed(keys=methods.magnitude_keys(d), uniform=u, l1=d.abs().sum())
+            sparsify.Precomputed(keys=sparsify.magnitude_keys(d), uniform=u, l1=d.abs().sum())
             for d, u in zip(deltas, uniforms)
         ]
         expected_weighted = []
         for d, w, p, u in zip(deltas, weights, densities, uniforms):
             if spec.sparsification == "magnitude":
-                mask = methods.magnitude_mask(d, p)
+                mask = sparsify.magnitude_mask(d, p)
             elif spec.sparsification == "random":
                 mask = u < p
             else:
-                mask = methods.magnitude_outliers_mask(d, p, 0.01)
+                mask = sparsify.magnitude_outliers_mask(d, p, 0.01)
             masked = d * mask.to(torch.float32)
             if spec.global_params["rescale"]:
                 after = masked.abs().sum()
@@ -122,7 +122,7 @@ def test_sparsified_gta_through_a_workspace_is_bit_identical_to_the_plain_formul
 def test_magnitude_keys_read_the_high_half_of_each_float():
     """int16 keys from the high halves of the float32 words equal |delta|'s bits >> 16 (signed zeros, inf, nan)."""
     d = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 3.0, -3.0, float("inf"), float("nan"), 0.25, -0.2500001])
-    keys = methods.magnitude_keys(d)
+    keys = sparsify.magnitude_keys(d)
     expected = d.abs().view(torch.int32).bitwise_right_shift(16)
     assert keys.keys.dtype == torch.int16 and torch.equal(keys.keys.to(torch.int32), expected)
     assert keys.low == int(expected.min())

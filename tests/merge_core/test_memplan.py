@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM, MistralConfig
 from merge_core import memplan
 from merge_core.errors import EvomergeError
 from merge_core.materialize import Materializer
-from merge_core.synthetic import MISTRAL_7B as MISTRAL_7B_SHAPE
 from tests.merge_core.test_merge import recipe, trio
+from zoo.synthetic import MISTRAL_7B as MISTRAL_7B_SHAPE
 
 GIB = 2**30
 MISTRAL_7B = MistralConfig(**MISTRAL_7B_SHAPE)

@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from evolve.cli import main
-from merge_core import methods
+from merge_core import methods, sparsify
 from merge_core.checkpoint import Checkpoint
 from merge_core.materialize import Materializer
 from merge_core.merge import run_merge
 from merge_core.recipe import MergeRecipe
-from merge_core.synthetic import make_tiny_checkpoint
+from zoo.synthetic import make_tiny_checkpoint
 
 TENSOR = "model.layers.1.mlp.up_proj.weight"
 
@@ -170,24 +170,25 @@ def test_cached_keys_and_uniforms_give_the_on_disk_merge_for_later_candidates(tm
 
 def test_magnitude_keys_select_like_the_selection_with_ties_by_index():
     delta = torch.tensor([[0.5, -0.5, 0.1], [0.5, 0.0, -0.9]])
-    keys = methods.magnitude_keys(delta)
+    keys = sparsify.magnitude_keys(delta)
     assert keys.at_least.tolist()[-1] == 1 and int(keys.at_least[0]) == 6  # -0.9 alone in the top key
-    assert methods.magnitude_mask(delta, 0.34, keys).tolist() == [[True, False, False], [False, False, True]]
+    assert sparsify.magnitude_mask(delta, 0.34, keys).tolist() == [[True, False, False], [False, False, True]]
     g = torch.Generator().manual_seed(0)
     cases = [delta, torch.randn(257, generator=g), torch.randn(64, 9, generator=g).to(torch.bfloat16).float()]
     cases.append(torch.where(torch.rand(300, generator=g) < 0.4, 0.25, torch.randn(300, generator=g)))  # many ties
     cases.append(torch.tensor([0.0, -0.0, 1e-30, -1e-30, 3.0, float("inf")]))
     for d in cases:
-        keys = methods.magnitude_keys(d)
+        keys = sparsify.magnitude_keys(d)
         for density in (0.01, 0.2, 0.34, 0.5, 0.67, 0.9, 0.999):
-            assert torch.equal(methods.magnitude_mask(d, density, keys), methods.magnitude_mask(d, density))
+            assert torch.equal(sparsify.magnitude_mask(d, density, keys), sparsify.magnitude_mask(d, density))
             assert torch.equal(
-                methods.magnitude_outliers_mask(d, density, 0.2, keys), methods.magnitude_outliers_mask(d, density, 0.2)
+                sparsify.magnitude_outliers_mask(d, density, 0.2, keys),
+                sparsify.magnitude_outliers_mask(d, density, 0.2),
             )
-    large = torch.randn(methods.KEYED_MIN + 5, generator=g).to(torch.bfloat16).float()  # keys made on the fly
+    large = torch.randn(sparsify.KEYED_MIN + 5, generator=g).to(torch.bfloat16).float()  # keys made on the fly
     for density in (0.1, 0.5, 0.9):
         k = max(1, int(density * large.numel()))
-        assert torch.equal(methods.magnitude_mask(large, density), methods._top_k_mask(large.abs(), k))
+        assert torch.equal(sparsify.magnitude_mask(large, density), sparsify._top_k_mask(large.abs(), k))
 
 
 def test_materializer_rewrites_in_place_and_task_vector_mode_matches_source_mode(llama):

@@ -8,20 +8,23 @@ import pytest
 import torch
 
 from merge_core.errors import EvomergeError
-from merge_core.methods import (
-    METHODS,
+from merge_core.methods import METHODS, generalized_task_arithmetic, linear, merge_tensor, model_stock, slerp
+from merge_core.sparsify import (
     bernoulli_mask,
     dare_generator,
-    generalized_task_arithmetic,
-    linear,
     magnitude_mask,
     magnitude_outliers_mask,
-    merge_tensor,
-    model_stock,
     rank_magnitude_sample,
-    sign_consensus,
-    slerp,
 )
+
+
+def sign_consensus(weighted_deltas, method="sum"):
+    """m_i = [sign(d_i) == sign-election(d)], per element; sign(0) never agrees (the elected sign is + where
+    sum_i d_i >= 0 ("sum") or sum_i sign(d_i) >= 0 ("count"))."""
+    stacked = torch.stack(list(weighted_deltas))
+    votes = stacked.sum(0) if method == "sum" else torch.sign(stacked).sum(0)
+    majority_positive = votes >= 0
+    return [((delta > 0) == majority_positive) & (delta != 0) for delta in weighted_deltas]
 
 
 def gta(name: str, base, deltas, weights, densities=None, *, gammas=None, epsilons=None, generators=None, **params):

@@ -6,15 +6,14 @@ import math
 import pytest
 
 from merge_core.errors import EvomergeError
-from merge_core.recipe import (
-    DataFlowRecipe,
-    LayerPath,
-    MergeRecipe,
-    load_recipe,
-    locate,
-    resolve_parameter,
-    validate_layout,
-)
+from merge_core.plan import locate, resolve_parameter, validate_layout
+from merge_core.recipe import DataFlowRecipe, LayerPath, MergeRecipe, load_recipe
+
+
+def identity_path(num_layers: int) -> LayerPath:
+    """A's own layers in order, every scale 1: the path that reproduces A."""
+    return LayerPath(tuple((0, i) for i in range(num_layers)), (1.0,) * num_layers)
+
 
 MERGEKIT_YAML = """
 merge_method: dare_ties
@@ -304,7 +303,7 @@ def test_layer_path_round_trip_and_description() -> None:
     assert again == path
     assert hash(again) == hash(path)
     assert path.describe() == "A0(x0.7) B1(x1.3) A1 A1(x0.9) B0(x1.1) A2(x1.2)"
-    assert LayerPath.identity(2) == LayerPath(((0, 0), (0, 1)), (1, 1))
+    assert identity_path(2) == LayerPath(((0, 0), (0, 1)), (1, 1))
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from merge_core.dataflow import DataFlowModel, export_dataflow
 from merge_core.recipe import LayerPath
+from tests.merge_core.test_recipe import identity_path
 from tests.real.chat import CHAT, chat_batch, greedy
 from zoo.real import RealModels
 
@@ -30,7 +31,7 @@ def expert(real_models: RealModels):
 
 def test_identity_path_reproduces_smollm2(real_base, expert) -> None:
     model = real_base.model
-    dataflow = DataFlowModel(model, expert, LayerPath.identity(30)).eval()
+    dataflow = DataFlowModel(model, expert, identity_path(30)).eval()
     batch = chat_batch(real_base.tokenizer, [q for q, _ in CHAT])
     with torch.inference_mode():
         torch.testing.assert_close(dataflow(**batch).logits, model(**batch).logits, rtol=0, atol=0)

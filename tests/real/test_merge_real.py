@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from merge_core import methods
 from merge_core.materialize import Materializer
-from merge_core.merge import CheckpointInputs, compute_tensor, open_models, plan_tensor, run_merge
+from merge_core.merge import CheckpointInputs, compute_tensor, open_models, run_merge
+from merge_core.plan import plan_tensor
 from merge_core.recipe import MergeRecipe
 from tests.real.chat import CHAT, assert_talks
 from zoo.real import WEIGHTS, RealModels
@@ -48,8 +49,8 @@ def test_every_method_on_real_tensors_in_memory_equals_on_disk(real_models: Real
     live = Materializer(recipe, device="cpu", precompute=False)
     for name in TENSORS:
         plan = plan_tensor(recipe, name, 30)
-        expected = compute_tensor(recipe, plan, disk, torch.device("cpu"))
-        got = compute_tensor(recipe, plan, live, torch.device("cpu"))
+        expected = compute_tensor(plan, disk, torch.device("cpu"))
+        got = compute_tensor(plan, live, torch.device("cpu"))
         assert torch.equal(got, expected), name
         base = disk.tensor(str(real_models.base), name)
         assert got.shape == base.shape and torch.isfinite(got).all()
@@ -108,7 +109,7 @@ def test_compiled_kernels_on_the_real_model_equal_on_disk(real_models: RealModel
     for recipe in (first, later):
         materializer.apply(recipe, live)
         for name in [*TENSORS, "model.embed_tokens.weight"]:
-            expected = compute_tensor(recipe, plan_tensor(recipe, name, 30), disk, torch.device("cpu"))
+            expected = compute_tensor(plan_tensor(recipe, name, 30), disk, torch.device("cpu"))
             assert torch.equal(params[name].detach().view(torch.int32), expected.view(torch.int32)), name  # bits
             disk.clear()
     assert materializer.fused.broken is None and materializer.fused.fused_tensors == 2 * len(params)

@@ -3,7 +3,8 @@
 import pytest
 
 from merge_core.errors import EvomergeError
-from merge_core.recipe import MergeRecipe, locate, resolve_parameter
+from merge_core.plan import locate, resolve_parameter
+from merge_core.recipe import MergeRecipe
 from search_spaces.ps import ParameterSpace
 
 
