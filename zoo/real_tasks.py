@@ -25,78 +25,79 @@ from pathlib import Path
 # ---------------------------------------------------------------- arithmetic problems (English and French)
 
 NAMES = [
-    ("Tom", "he"),
-    ("Anna", "she"),
-    ("Lucas", "he"),
-    ("Emma", "she"),
-    ("Hugo", "he"),
-    ("Léa", "she"),
-    ("Paul", "he"),
-    ("Chloé", "she"),
-    ("Louis", "he"),
-    ("Julie", "she"),
-    ("Nina", "she"),
-    ("Marc", "he"),
-]
+    ("Tom", "he"), ("Anna", "she"), ("Lucas", "he"), ("Emma", "she"), ("Hugo", "he"), ("Léa", "she"),
+    ("Paul", "he"), ("Chloé", "she"), ("Louis", "he"), ("Julie", "she"), ("Nina", "she"), ("Marc", "he"),
+]  # fmt: skip
 # (English plural, French plural, French gender of the noun)
 OBJECTS = [
-    ("apples", "pommes", "f"),
-    ("pencils", "crayons", "m"),
-    ("marbles", "billes", "f"),
-    ("books", "livres", "m"),
-    ("candies", "bonbons", "m"),
-    ("flowers", "fleurs", "f"),
-    ("cards", "cartes", "f"),
-    ("cookies", "biscuits", "m"),
-    ("stamps", "timbres", "m"),
-    ("shells", "coquillages", "m"),
-    ("stickers", "autocollants", "m"),
+    ("apples", "pommes", "f"), ("pencils", "crayons", "m"), ("marbles", "billes", "f"), ("books", "livres", "m"),
+    ("candies", "bonbons", "m"), ("flowers", "fleurs", "f"), ("cards", "cartes", "f"), ("cookies", "biscuits", "m"),
+    ("stamps", "timbres", "m"), ("shells", "coquillages", "m"), ("stickers", "autocollants", "m"),
     ("balloons", "ballons", "m"),
-]
+]  # fmt: skip
 FR_PRONOUN = {"he": "il", "she": "elle"}
 
 Problem = tuple[str, str, str, int]  # (English question, English worked answer, French question, answer)
+
+
+PROBLEMS = {  # kind: (English question, English working, French question), over the numbers `_numbers` draws
+    "add": (
+        "{name} has {a} {obj} and gets {b} more. How many {obj} does {pron} have now?",
+        "{name} has {a} {obj} and gets {b} more, so {a} + {b} = {c}.",
+        "{name} a {a} {obj_fr} et en reçoit {b} de plus. Combien de {obj_fr} a-t-{il} maintenant ?",
+    ),
+    "sub": (
+        "{name} had {a} {obj} and gave away {b}. How many {obj} does {pron} have left?",
+        "{name} had {a} {obj} and gave away {b}, so {a} - {b} = {c}.",
+        "{name} avait {a} {obj_fr} et en a donné {b}. Combien de {obj_fr} lui reste-t-il ?",
+    ),
+    "mul": (
+        "There are {a} boxes with {b} {obj} in each box. How many {obj} are there in total?",
+        "There are {a} boxes of {b} {obj}, so {a} * {b} = {c}.",
+        "Il y a {a} boîtes avec {b} {obj_fr} dans chaque boîte. Combien de {obj_fr} y a-t-il en tout ?",
+    ),
+    "div": (
+        "{name} shares {b} {obj} equally among {a} friends. How many {obj} does each friend get?",
+        "{name} shares {b} {obj} among {a} friends, so {b} / {a} = {c}.",
+        "{name} partage {b} {obj_fr} entre {a} amis. Combien de {obj_fr} chaque ami reçoit-il ?",
+    ),
+    "two": (
+        "{name} buys {a} packs of {b} {obj} and then uses {d} of them. How many {obj} are left?",
+        "{name} buys {a} packs of {b}, so {a} * {b} = {ab}. Then {ab} - {d} = {c}.",
+        "{name} achète {a} paquets de {b} {obj_fr} et en utilise {d}. Combien de {obj_fr} reste-t-il ?",
+    ),
+}
+
+
+def _numbers(kind: str, rng: random.Random) -> dict[str, int]:
+    """The problem's numbers, `c` its answer (drawn in this order: the committed task files depend on it)."""
+    if kind == "add":
+        a, b = rng.randint(11, 89), rng.randint(11, 89)
+        return {"a": a, "b": b, "c": a + b}
+    if kind == "sub":
+        a = rng.randint(30, 99)
+        b = rng.randint(5, a - 5)
+        return {"a": a, "b": b, "c": a - b}
+    if kind == "mul":
+        a, b = rng.randint(2, 9), rng.randint(3, 12)
+        return {"a": a, "b": b, "c": a * b}
+    if kind == "div":
+        a, c = rng.randint(2, 9), rng.randint(2, 12)
+        return {"a": a, "b": a * c, "c": c}
+    a, b = rng.randint(2, 6), rng.randint(3, 10)
+    d = rng.randint(1, a * b - 1)
+    return {"a": a, "b": b, "d": d, "ab": a * b, "c": a * b - d}
 
 
 def _problem(rng: random.Random) -> Problem:
     """One arithmetic word problem in both languages: add, subtract, multiply, divide, or two steps."""
     name, pron = rng.choice(NAMES)
     obj, obj_fr, _ = rng.choice(OBJECTS)
-    il = FR_PRONOUN[pron]
-    kind = rng.choice(["add", "sub", "mul", "div", "two"])
-    if kind == "add":
-        a, b = rng.randint(11, 89), rng.randint(11, 89)
-        c = a + b
-        en = f"{name} has {a} {obj} and gets {b} more. How many {obj} does {pron} have now?"
-        work = f"{name} has {a} {obj} and gets {b} more, so {a} + {b} = {c}."
-        fr = f"{name} a {a} {obj_fr} et en reçoit {b} de plus. Combien de {obj_fr} a-t-{il} maintenant ?"
-    elif kind == "sub":
-        a = rng.randint(30, 99)
-        b = rng.randint(5, a - 5)
-        c = a - b
-        en = f"{name} had {a} {obj} and gave away {b}. How many {obj} does {pron} have left?"
-        work = f"{name} had {a} {obj} and gave away {b}, so {a} - {b} = {c}."
-        fr = f"{name} avait {a} {obj_fr} et en a donné {b}. Combien de {obj_fr} lui reste-t-il ?"
-    elif kind == "mul":
-        a, b = rng.randint(2, 9), rng.randint(3, 12)
-        c = a * b
-        en = f"There are {a} boxes with {b} {obj} in each box. How many {obj} are there in total?"
-        work = f"There are {a} boxes of {b} {obj}, so {a} * {b} = {c}."
-        fr = f"Il y a {a} boîtes avec {b} {obj_fr} dans chaque boîte. Combien de {obj_fr} y a-t-il en tout ?"
-    elif kind == "div":
-        a, c = rng.randint(2, 9), rng.randint(2, 12)
-        b = a * c
-        en = f"{name} shares {b} {obj} equally among {a} friends. How many {obj} does each friend get?"
-        work = f"{name} shares {b} {obj} among {a} friends, so {b} / {a} = {c}."
-        fr = f"{name} partage {b} {obj_fr} entre {a} amis. Combien de {obj_fr} chaque ami reçoit-il ?"
-    else:
-        a, b = rng.randint(2, 6), rng.randint(3, 10)
-        d = rng.randint(1, a * b - 1)
-        c = a * b - d
-        en = f"{name} buys {a} packs of {b} {obj} and then uses {d} of them. How many {obj} are left?"
-        work = f"{name} buys {a} packs of {b}, so {a} * {b} = {a * b}. Then {a * b} - {d} = {c}."
-        fr = f"{name} achète {a} paquets de {b} {obj_fr} et en utilise {d}. Combien de {obj_fr} reste-t-il ?"
-    return en, f"{work} The answer is {c}.", fr, c
+    kind = rng.choice(list(PROBLEMS))
+    values = _numbers(kind, rng)
+    fields = {"name": name, "pron": pron, "il": FR_PRONOUN[pron], "obj": obj, "obj_fr": obj_fr, **values}
+    en, work, fr = (template.format(**fields) for template in PROBLEMS[kind])
+    return en, f"{work} The answer is {values['c']}.", fr, values["c"]
 
 
 def math_en_pairs(n: int, seed: int) -> list[tuple[str, str]]:
