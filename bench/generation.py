@@ -1,5 +1,7 @@
-"""Generation throughput on the real-model tasks: HF `generate` on whole prompts against the native path
-(`evals.lm.generate_greedy`, which computes the prompts' shared prefix once), in one run, same model, same prompts.
+"""Generation throughput on the real-model tasks: the native evaluator's previous generation (HF `generate` on whole
+prompts, stop strings as a stopping criterion: commit ec16943, kept here as `hf_generate`) against the native path
+of today (`evals.lm.generate_greedy`: the prompts' shared prefix computed once, rows leave the batch when they end),
+in one run, same model, same prompts.
 
     .venv/bin/python bench/generation.py [--threads 1] [--repeats 2] [--model data/real/smollm2-135m]
 
@@ -24,8 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import evals.lm as lm_calls  # noqa: E402
-from evals.lm import chat_prompts, format_prompt, generate_greedy  # noqa: E402
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList  # noqa: E402
+
+from evals import lm  # noqa: E402
 
 TASKS = {  # name: (prompt files, prompt template, new tokens, stop strings)
     "skills (192 short answers)": (
@@ -41,18 +44,54 @@ TASKS = {  # name: (prompt files, prompt template, new tokens, stop strings)
         ["<|im_end|>", "\n\n"],
     ),
 }
-MODES = {"HF generate, whole prompts": 10**9, "native, shared prefix once": lm_calls.MIN_SHARED_PREFIX}
 
 
-def run(
-    model, tokenizer, prompts: list[str], new_tokens: int, stop: list[str], minimum: int
-) -> tuple[float, int, list]:
-    lm_calls.MIN_SHARED_PREFIX = minimum
+class StopOnStrings(StoppingCriteria):
+    """(ec16943) Marks a row done once its generated tail contains a stop string."""
+
+    def __init__(self, tokenizer, stop, prompt_width):
+        self.tokenizer, self.stop, self.prompt_width = tokenizer, [s for s in stop if s], prompt_width
+        self.lookback = 2 + max(len(tokenizer.encode(s, add_special_tokens=False)) for s in self.stop)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        start = max(self.prompt_width, input_ids.shape[1] - self.lookback)
+        tails = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in tails], dtype=torch.bool)
+
+
+def hf_generate(model, tokenizer, prompts, *, batch_size, max_new_tokens, stop, token_counts):
+    """The native evaluator's generation as of ec16943: HF generate per length-sorted batch of whole prompts."""
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    pad_id = lm.pad_token_id(tokenizer)
+    stop_ids, stop_texts = lm.split_stops(tokenizer, stop)
+    end_ids = lm.eos_token_ids(model, tokenizer)
+    end_ids += [i for i in stop_ids if i not in end_ids]
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=end_ids
+    )
+    responses, counts = [""] * len(prompts), [0] * len(prompts)
+    with torch.inference_mode():
+        for batch in lm.length_batches([len(e) for e in encoded], batch_size):
+            ids, mask = lm.pad_batch([encoded[i] for i in batch], pad_id, side="left")
+            criteria = [StopOnStrings(tokenizer, stop_texts, ids.shape[1])] if stop_texts else []
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config,
+                stopping_criteria=StoppingCriteriaList(criteria),
+            )  # fmt: skip
+            for i, row in zip(batch, out[:, ids.shape[1] :].tolist()):
+                responses[i] = lm.decode_until(tokenizer, row, end_ids, stop_texts)
+                counts[i] = lm.generated_length(row, end_ids, pad_id)
+    token_counts[:] = counts
+    return responses
+
+
+MODES = {"HF generate, whole prompts (ec16943)": hf_generate, "native: prefix once, rows leave": lm.generate_greedy}
+
+
+def run(model, tokenizer, prompts: list[str], new_tokens: int, stop: list[str], generate) -> tuple[float, int, list]:
     counts: list[int] = []
     t0 = time.perf_counter()
-    out = generate_greedy(
-        model, tokenizer, prompts, batch_size=32, max_new_tokens=new_tokens, stop=stop, token_counts=counts
-    )
+    out = generate(model, tokenizer, prompts, batch_size=32, max_new_tokens=new_tokens, stop=stop, token_counts=counts)
     return time.perf_counter() - t0, sum(counts), out
 
 
@@ -72,12 +111,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, (files, template, new_tokens, stop) in TASKS.items():
         rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
-        prompts = chat_prompts(tokenizer, [format_prompt(template, r["prompt"]) for r in rows])
+        prompts = lm.chat_prompts(tokenizer, [lm.format_prompt(template, r["prompt"]) for r in rows])
         seconds: dict[str, list[float]] = {m: [] for m in MODES}
         tokens, outputs = {}, {}
         for _ in range(args.repeats):
-            for mode, minimum in MODES.items():
-                s, n, out = run(model, tokenizer, prompts, new_tokens, stop, minimum)
+            for mode, generate in MODES.items():
+                s, n, out = run(model, tokenizer, prompts, new_tokens, stop, generate)
                 seconds[mode].append(s)
                 tokens[mode], outputs[mode] = n, out
         reference = outputs[next(iter(MODES))]

@@ -9,17 +9,11 @@ tokens (as lm-eval's HFLM does), so both backends see the same ids.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers import (
-    GenerationConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from merge_core.dataflow import CACHE_NAME
 from merge_core.errors import EvomergeError
@@ -106,22 +100,6 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     return ids
 
 
-class StopOnStrings(StoppingCriteria):
-    """Marks a row done once its generated tail contains a stop string (decodes only the last tokens)."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str], prompt_width: int) -> None:
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.prompt_width = prompt_width
-        self.lookback = 2 + max(len(tokenizer.encode(s, add_special_tokens=False)) for s in self.stop)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        start = max(self.prompt_width, input_ids.shape[1] - self.lookback)
-        tails = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
-        done = [any(s in tail for s in self.stop) for tail in tails]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
 # ---------------------------------------------------------------- generation and scoring
 
 
@@ -183,18 +161,16 @@ def generate_greedy(
     Batches are sorted by length; the prompts' shared leading tokens (`shared_prefix_length`: a chat template's
     system turn, a preamble) are computed once per call and their KV cache copied into each batch, whose rows hold
     the prefix, then left padding, then each prompt's own tokens (the attention mask skips the padding and the
-    positions continue the prefix's). A row ends at EOS or a stop string; a batch ends when every row has ended or
-    after `max_new_tokens`. When `token_counts` is given, it receives the number of tokens generated for each
-    prompt (up to its end).
+    positions continue the prefix's). Each batch is decoded by `greedy_rows`: a row leaves the batch as soon as it
+    ends (EOS or a stop string), so the others go on without it, up to `max_new_tokens`. When `token_counts` is
+    given, it receives the number of tokens generated for each prompt (up to its end).
     """
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     pad_id = pad_token_id(tokenizer)
     stop_ids, stop_texts = split_stops(tokenizer, stop)
     eos_ids = eos_token_ids(model, tokenizer)
     end_ids = eos_ids + [i for i in stop_ids if i not in eos_ids]
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=end_ids
-    )
+    ended = RowEnd(tokenizer, end_ids, stop_texts)
     responses = [""] * len(prompts)
     counts = [0] * len(prompts)
     shared = shared_prefix_length(encoded)
@@ -203,25 +179,81 @@ def generate_greedy(
         cache = prefix_cache(model, encoded[0][:shared]) if shared else None
         for batch in length_batches([len(e) for e in encoded], batch_size):
             ids, mask = pad_batch([encoded[i][shared:] for i in batch], pad_id, side="left")
-            extra = {}
+            rows_cache = None
             if cache is not None:  # the prefix, then the left-padded rest of each prompt
                 prefix = torch.tensor([encoded[batch[0]][:shared]] * len(batch), dtype=ids.dtype)
                 ids, mask = torch.cat([prefix, ids], dim=1), torch.cat([torch.ones_like(prefix), mask], dim=1)
-                extra[CACHE_NAME] = batch_cache(cache, len(batch))
-            criteria = [StopOnStrings(tokenizer, stop_texts, ids.shape[1])] if stop_texts else []
-            out = model.generate(
-                input_ids=ids.to(model.device),
-                attention_mask=mask.to(model.device),
-                generation_config=config,
-                stopping_criteria=StoppingCriteriaList(criteria),
-                **extra,
-            )
-            for i, row in zip(batch, out[:, ids.shape[1] :].tolist()):
+                rows_cache = batch_cache(cache, len(batch))
+            rows = greedy_rows(model, ids.to(model.device), mask.to(model.device), rows_cache, max_new_tokens, ended)
+            for i, row in zip(batch, rows):
                 responses[i] = decode_until(tokenizer, row, end_ids, stop_texts)
                 counts[i] = generated_length(row, end_ids, pad_id)
     if token_counts is not None:
         token_counts[:] = counts
     return responses
+
+
+class RowEnd:
+    """Whether a row's generated tokens end it: its last token is an end id (EOS, a special stop token), or its
+    tail decodes to text holding a stop string (only the last few tokens are decoded)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, end_ids: Sequence[int], stop: Sequence[str]) -> None:
+        self.tokenizer, self.end_ids, self.stop = tokenizer, set(end_ids), [s for s in stop if s]
+        self.lookback = 2 + max((len(tokenizer.encode(s, add_special_tokens=False)) for s in self.stop), default=0)
+
+    def __call__(self, row: Sequence[int]) -> bool:
+        if row[-1] in self.end_ids:
+            return True
+        if not self.stop:
+            return False
+        tail = self.tokenizer.decode(row[-self.lookback :], skip_special_tokens=True)
+        return any(s in tail for s in self.stop)
+
+
+def greedy_rows(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    cache: Any,
+    max_new_tokens: int,
+    ended: Callable[[Sequence[int]], bool],
+) -> list[list[int]]:
+    """Greedy decoding of one left-padded batch (the first `cache.get_seq_length()` columns already in `cache`):
+    each row's new tokens, up to and including the one that ends it. Positions count the attended tokens, as
+    transformers' generate does; a row that has ended leaves the batch (its rows of the cache are dropped), so a
+    long answer no longer keeps finished rows computing."""
+    rows: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    active = list(range(ids.shape[0]))
+    positions = mask.long().cumsum(-1) - 1
+    positions.masked_fill_(mask == 0, 1)
+    past = cache.get_seq_length() if cache is not None else 0
+    inputs, step_positions = ids[:, past:], positions[:, past:]
+    for step in range(max_new_tokens):
+        out = model(
+            input_ids=inputs,
+            attention_mask=mask,
+            position_ids=step_positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{CACHE_NAME: cache},
+        )
+        cache = getattr(out, CACHE_NAME)
+        tokens = out.logits[:, -1, :].argmax(dim=-1)
+        keep = []
+        for j, (r, token) in enumerate(zip(active, tokens.tolist())):
+            rows[r].append(token)
+            if not ended(rows[r]):
+                keep.append(j)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=ids.device)
+            cache.batch_select_indices(index)
+            mask, tokens, step_positions = mask[index], tokens[index], step_positions[index]
+            active = [active[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        inputs, step_positions = tokens[:, None], step_positions[:, -1:] + 1
+    return rows
 
 
 def generated_length(row: Sequence[int], end_ids: Sequence[int], pad_id: int) -> int:
