@@ -221,8 +221,9 @@ def train_experts(
     return records
 
 
-def apply_adapter(base_dir: Path, adapter: Path, out_dir: Path) -> Path:
-    """A full checkpoint: base + B @ A (float32) on each adapted matrix; config and tokenizer copied."""
+def apply_adapter(base_dir: Path, adapter: Path, out_dir: Path, dtype: torch.dtype | None = None) -> Path:
+    """A full checkpoint: base + B @ A (float32) on each adapted matrix, stored as `dtype` (default: float32; the
+    tests' smoke runs store bfloat16, half the disk); config and tokenizer copied."""
     from zoo.real import write_like
 
     tensors = load_file(base_dir / "model.safetensors")
@@ -235,6 +236,8 @@ def apply_adapter(base_dir: Path, adapter: Path, out_dir: Path) -> Path:
                 raise EvomergeError(f"{adapter}: {prefix} does not match the base model's tensors")
             delta = f.get_tensor(f"{prefix}.lora_b").float() @ f.get_tensor(key).float()
             tensors[weight] = (tensors[weight] + delta).contiguous()
+    if dtype is not None:
+        tensors = {name: t.to(dtype) for name, t in tensors.items()}
     return write_like(base_dir, tensors, out_dir)
 
 
