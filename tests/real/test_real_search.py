@@ -1,8 +1,9 @@
 """The issue-24 searches on real weights, reduced: each expert of the multi-skill and composition targets does its
-own skill and not the others' (8 dev items per task), and `configs/smollm2_skills.yaml` and
-`configs/smollm2_fr_sum.yaml` each run 2 candidates through the real CLI. The experts are built from their
-committed adapters into a temporary folder, stored as bfloat16 (half the disk of float32: 0.27 GB each), and
-removed afterwards; the full searches and their held-out tables are `bench/real_search.py`'s."""
+own skill and not the others' (8 dev items per task), and `configs/smollm2_skills.yaml` and the composition configs
+(`configs/smollm2_fr_sum.yaml`, its DARE-TIES and its data-flow variants) each run 2 candidates through the real
+CLI. The experts are built from their committed adapters into a temporary folder, stored as bfloat16 (half the disk
+of float32: 0.27 GB each), and removed afterwards; the full searches and their held-out tables are
+`bench/real_search.py`'s."""
 
 from __future__ import annotations
 
@@ -58,7 +59,13 @@ def test_each_expert_does_its_skill_and_not_the_others(experts, real_base) -> No
 
 
 @pytest.mark.parametrize(
-    ("config", "sources"), [("smollm2_skills", ("arith", "units", "rev")), ("smollm2_fr_sum", ("arith", "fr_num"))]
+    ("config", "sources"),
+    [
+        ("smollm2_skills", ("arith", "units", "rev")),
+        ("smollm2_fr_sum", ("arith", "fr_num")),
+        ("smollm2_fr_sum_dare", ("arith", "fr_num")),
+        ("smollm2_fr_sum_dfs", ("arith", "fr_num")),
+    ],
 )
 def test_the_real_search_configs_run(config, sources, experts, real_models, tmp_path, capsys) -> None:
     data = yaml.safe_load((ROOT / "configs" / f"{config}.yaml").read_text())
@@ -68,7 +75,10 @@ def test_the_real_search_configs_run(config, sources, experts, real_models, tmp_
     for task in data["evaluation"]["tasks"]:
         task["task_dir"] = str(ROOT / task["task_dir"])
         task["limit"] = 12
-    data["search"]["budget"]["max_trials"] = 2
+    for stage in ("ps", "dfs"):  # the stage's budget: search.budget (PS), search.dfs.budget (DFS)
+        if stage in data["search"].get("stages", ["ps"]):
+            section = data["search"] if stage == "ps" else data["search"]["dfs"]
+            section.setdefault("budget", {})["max_trials"] = 2
     data["output_dir"] = str(tmp_path / "run")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
     assert main(["run", str(tmp_path / "config.yaml"), "--no-progress", "--no-final-table"]) == 0
