@@ -2,7 +2,11 @@
 
     .venv/bin/python bench/real_search.py                     # print every target's table from the committed results
     .venv/bin/python bench/real_search.py --write             # ... and write them into bench/RESULTS.md
-    .venv/bin/python bench/real_search.py score skills        # score the rows again (needs `python -m zoo real`)
+    .venv/bin/python bench/real_search.py skills fr_sum       # ... of these targets only
+    .venv/bin/python bench/real_search.py score skills --grid 0.25 0.5 0.75 1   # score every row again (needs
+                                                              # `python -m zoo real`; 31 min here for skills)
+    .venv/bin/python bench/real_search.py score skills_ties --reuse skills  # score only the evolved rows, the
+                                                              # others taken from a target of the same sources/tasks
 
 A target's folder holds `config.yaml` (the search's config; its held-out split is the target's test items),
 `recipe.evomerge.yaml` (the evolved merge, as `evolve export` writes it; `recipe-dfs.evomerge.yaml` for PS+DFS
@@ -58,25 +62,39 @@ def pooled_correct(items: dict, columns: list[str]) -> list[float]:
     return out
 
 
-def score(target: str, grid: list[float]) -> Path:
-    """Score every row on the held-out split and write heldout.json (the grid is searched on the dev split)."""
+def same_rows(cfg: RunConfig, other: RunConfig) -> bool:
+    """Whether `other`'s base, source and grid rows are this config's too: the same models and held-out tasks, the
+    same dev tasks and fitness (the grid's pick)."""
+    ev, oe = cfg.evaluation, other.evaluation
+    return (
+        cfg.models.base == other.models.base
+        and [s.path for s in cfg.models.sources] == [s.path for s in other.models.sources]
+        and ev.heldout_split == oe.heldout_split
+        and [t.model_dump() for t in ev.tasks] == [t.model_dump() for t in oe.tasks]
+        and ev.fitness == oe.fitness
+    )
+
+
+def score(target: str, grid: list[float], reuse: str | None = None) -> Path:
+    """Score every row on the held-out split and write heldout.json (the grid is searched on the dev split). With
+    `reuse`, another target of the same sources, tasks and fitness, its rows but the evolved ones are taken as they
+    are and only this target's evolved rows are scored."""
     from demo_bar import grid_search
 
     from evolve.baselines import heldout_evaluators, score_checkpoint, score_recipes
-    from merge_core.recipe import load_recipe
 
     cfg = target_config(target)
     folder = RESULTS / target
     evaluators = heldout_evaluators(cfg)
     rows: list[dict[str, Any]] = []
-
-    def add(label: str, kind: str, metrics: dict, items: dict, seconds: float, recipe: str | None = None) -> None:
-        record = encode_items(items, {task: s.n for task, s in items.items()}, soft="f64")
-        rows.append(
-            {"model": label, "kind": kind, "metrics": metrics, "items": record, "seconds": round(seconds, 1)}
-            | ({"recipe": recipe} if recipe else {})
-        )
-        print(f"{label}: {json.dumps({k: round(v, 4) for k, v in metrics.items() if k.endswith('/acc')})}", flush=True)
+    if reuse is not None:
+        if not same_rows(cfg, target_config(reuse)):
+            raise SystemExit(f"--reuse {reuse}: its sources, tasks or fitness differ from {target}'s")
+        old = json.loads((RESULTS / reuse / "heldout.json").read_text())
+        rows = [r for r in old["rows"] if not r["kind"].startswith("evolved")]
+        record = {"config": str((folder / "config.yaml").relative_to(ROOT)), "split": old["split"]}
+        record |= {"grid": old["grid"], "rows_from": reuse} if "grid" in old else {"rows_from": reuse}
+        return write_evolved(cfg, folder, evaluators, rows, record)
 
     models = [("base", "base", cfg.models.base)] + [
         (f"source {a}", "source", s.path) for a, s in zip(cfg.models.aliases(), cfg.models.sources)
@@ -84,7 +102,7 @@ def score(target: str, grid: list[float]) -> Path:
     for label, kind, path in models:
         t0 = time.perf_counter()
         metrics, items = score_checkpoint(cfg, path, device=cfg.execution.device, evaluators=evaluators)
-        add(label, kind, metrics, items, time.perf_counter() - t0)
+        rows.append(row(label, kind, metrics, items, time.perf_counter() - t0))
     recipes: dict[str, tuple[str, Any]] = {}
     for density in (0.5, 0.7):
         for label, recipe in untuned_recipes(cfg, density).items():
@@ -94,21 +112,44 @@ def score(target: str, grid: list[float]) -> Path:
     grid_seconds = time.perf_counter() - t0
     label = next(k for k in grid_rows if k.startswith("best global grid"))
     recipes[label] = ("grid", grid_rows[label])
-    for name, kind in (("recipe.evomerge.yaml", "evolved PS"), ("recipe-dfs.evomerge.yaml", "evolved PS+DFS")):
-        if (folder / name).is_file():
-            recipes[kind] = ("evolved", load_recipe((folder / name).read_text()))
     for label, (kind, recipe) in recipes.items():
         t0 = time.perf_counter()
         (metrics, items) = score_recipes(cfg, {label: recipe}, evaluators)[label]
-        add(label, kind, metrics, items, time.perf_counter() - t0, recipe.to_yaml())
-    out = folder / "heldout.json"
+        rows.append(row(label, kind, metrics, items, time.perf_counter() - t0, recipe.to_yaml()))
     record = {
         "config": str((folder / "config.yaml").relative_to(ROOT)),
         "split": cfg.evaluation.heldout_split,
         "grid": {"values": grid, "points": n_points, "seconds": round(grid_seconds, 1)},
-        "rows": rows,
     }
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    return write_evolved(cfg, folder, evaluators, rows, record)
+
+
+def row(label: str, kind: str, metrics: dict, items: dict, seconds: float, recipe: str | None = None) -> dict:
+    """One row of heldout.json (its per-item record encoded), printed as it is scored."""
+    print(f"{label}: {json.dumps({k: round(v, 4) for k, v in metrics.items() if k.endswith('/acc')})}", flush=True)
+    record = encode_items(items, {task: s.n for task, s in items.items()}, soft="f64")
+    return {"model": label, "kind": kind, "metrics": metrics, "items": record, "seconds": round(seconds, 1)} | (
+        {"recipe": recipe} if recipe else {}
+    )
+
+
+def write_evolved(cfg: RunConfig, folder: Path, evaluators: Any, rows: list[dict], record: dict) -> Path:
+    """Score the target's evolved recipes (`recipe.evomerge.yaml`: its search's pick, PS or DFS by its kind;
+    `recipe-dfs.evomerge.yaml`: the PS+DFS pick) after `rows` and write them all to heldout.json."""
+    from evolve.baselines import score_recipes
+    from merge_core.recipe import DataFlowRecipe, load_recipe
+
+    for name in ("recipe.evomerge.yaml", "recipe-dfs.evomerge.yaml"):
+        if not (folder / name).is_file():
+            continue
+        recipe = load_recipe((folder / name).read_text())
+        dfs = isinstance(recipe, DataFlowRecipe)
+        label = "evolved PS+DFS" if name.startswith("recipe-dfs") else "evolved DFS" if dfs else "evolved PS"
+        t0 = time.perf_counter()
+        (metrics, items) = score_recipes(cfg, {label: recipe}, evaluators)[label]
+        rows.append(row(label, "evolved", metrics, items, time.perf_counter() - t0, recipe.to_yaml()))
+    out = folder / "heldout.json"
+    out.write_text(json.dumps(record | {"rows": rows}, indent=1) + "\n")
     return out
 
 
@@ -160,11 +201,15 @@ def main() -> int:
     p.add_argument("action", nargs="?", choices=["table", "score"], default="table")
     p.add_argument("targets", nargs="*", help="default: every folder under data/real_results with a heldout.json")
     p.add_argument("--grid", nargs="+", type=float, default=[0.5, 1.0, 1.5])
+    p.add_argument("--reuse", metavar="TARGET", help="score: take every row but the evolved ones from TARGET's table")
     p.add_argument("--write", action="store_true", help="write the tables into bench/RESULTS.md")
-    args = p.parse_args()
+    argv = sys.argv[1:]
+    args = p.parse_args(
+        argv if not argv or argv[0] in ("table", "score") or argv[0].startswith("-") else ["table", *argv]
+    )
     if args.action == "score":
         for target in args.targets:
-            print(f"wrote {score(target, args.grid)}")
+            print(f"wrote {score(target, args.grid, args.reuse)}")
         return 0
     targets = args.targets or sorted(p.parent.name for p in RESULTS.glob("*/heldout.json"))
     body = []
