@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from evolve.baselines import correct_per_item, untuned_recipes  # noqa: E402
 from evolve.config import RunConfig, load_config  # noqa: E402
-from evolve.items import decode_items, encode_items  # noqa: E402
+from evolve.fitness import FitnessTerm  # noqa: E402
+from evolve.items import decode_items, encode_items, items_scored  # noqa: E402
 from evolve.stats import mcnemar_exact, metric_intervals  # noqa: E402
 
 RESULTS = ROOT / "data" / "real_results"
@@ -153,12 +154,43 @@ def write_evolved(cfg: RunConfig, folder: Path, evaluators: Any, rows: list[dict
     return out
 
 
+def design(cfg: RunConfig) -> str:
+    """What the search was: the leading comment of its config under configs/ (`<name>.yaml`)."""
+    path = ROOT / "configs" / f"{cfg.name}.yaml"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    comment = [
+        line.lstrip("# ").rstrip()
+        for line in lines[: next(i for i, x in enumerate(lines + [""]) if not x.startswith("#"))]
+    ]
+    return " ".join(x for x in comment if x and not x.startswith("Relative paths"))
+
+
+def search_cost(target: str, cfg: RunConfig) -> str:
+    """The search's cost from its committed study: candidates, how many racing stopped, items, minutes of trials."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    parts = []
+    for study in optuna.get_all_study_summaries(f"sqlite:///{RESULTS / target / 'study.db'}"):
+        trials = optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{RESULTS / target / 'study.db'}")
+        done = [t for t in trials.get_trials(deepcopy=False) if t.datetime_complete is not None]
+        pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in done)
+        items = sum(items_scored(t.user_attrs.get("items")) for t in done)
+        minutes = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / 60
+        parts.append(
+            f"{study.study_name}: {len(done)} candidates ({pruned} stopped early by racing), {items:,} dev items "
+            f"scored, {minutes:.0f} min of trials"
+        )
+    return "; ".join(parts)
+
+
 def table(target: str) -> list[str]:
     """The target's held-out table (markdown) and its McNemar lines, from heldout.json."""
     cfg = target_config(target)
     record = json.loads((RESULTS / target / "heldout.json").read_text())
     columns = accuracy_columns(cfg)
-    terms = cfg.evaluation.fitness or []
+    # the target: mean accuracy over the target's tasks (the search's fitness may add a soft term, as fr_sum's does)
+    terms = [FitnessTerm(metric=c, weight=1 / len(columns)) for c in columns]
     rows = []
     for r in record["rows"]:
         items = decode_items(r["items"])
@@ -166,7 +198,8 @@ def table(target: str) -> list[str]:
         mix = sum(t.weight * r["metrics"][t.metric] for t in terms)
         rows.append({**r, "_items": items, "_ci": ci, "_mix": mix})
     head = ["model", "target (mean acc) [95% CI]", *columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [design(cfg), "", f"Search ({target}/study.db): {search_cost(target, cfg)}.", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lo, hi = r["_ci"].get("fitness", (float("nan"),) * 2)
         label = f"**{r['model']}**" if r["kind"].startswith("evolved") else r["model"]
@@ -187,6 +220,8 @@ def table(target: str) -> list[str]:
             f"{best['_mix']:.3f} ({evolved['_mix'] - best['_mix']:+.3f}); right only for the evolved merge on "
             f"{only_e} items, only for the other on {only_o}; McNemar exact p = {p:.3g}: {verdict}"
         )
+    if "rows_from" in record:
+        lines.append(f"- every row but the evolved ones: {record['rows_from']}'s (the same sources, items and fitness)")
     grid = record.get("grid")
     if grid:
         lines.append(

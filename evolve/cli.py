@@ -322,9 +322,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _spending(trials: list, items_scored: Callable, tokens_generated: Callable) -> str:
+    """Items scored, tokens generated and candidates per hour over the study's finished trials."""
     from evolve.study import candidates_per_hour
 
-    """Items scored, tokens generated and candidates per hour over the study's finished trials."""
     done = [t for t in trials if t.datetime_complete is not None]
     items = sum(items_scored(t.user_attrs.get("items")) for t in done)
     tokens = sum(tokens_generated(t.user_attrs.get("items")) for t in done)

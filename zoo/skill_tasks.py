@@ -24,8 +24,9 @@ from pathlib import Path
 
 SKILLS = ("arith", "units", "rev")
 TRAIN_EXAMPLES, TRAIN_SEED = 2000, 0
-TASK_SEEDS = {"dev": 101, "test": 202}  # never the training seed
-TASK_SIZES = {"dev": 64, "test": 200}  # per skill: the target's test split holds 600 items
+TASK_SEEDS = {"dev": 101, "test": 202, "val": 303}  # never the training seed
+# per skill: the target's test split holds 600 items; `val` (multi-skill only) is for re-scoring a search's elites
+TASK_SIZES = {"dev": 64, "test": 200, "val": 200}
 
 WORDS = (
     "apple", "river", "chair", "cloud", "tiger", "lamp", "bread", "stone", "garden", "music", "paper", "horse",
@@ -99,16 +100,18 @@ def skill_items(skill: str, n: int, seed: int, exclude: frozenset[str] = frozens
 
 
 def write_skill_tasks(root: str | Path) -> dict[str, Path]:
-    """data/real_tasks/skills/<skill>/{dev,test}.jsonl (deterministic; what the multi-skill configs read); no test
-    item is a dev item."""
+    """data/real_tasks/skills/<skill>/{dev,test,val}.jsonl (deterministic; what the multi-skill configs read): the
+    three splits share no prompt, and none is a training prompt."""
     from evals.data import write_jsonl
 
     root = Path(root)
     out = {}
     for skill in SKILLS:
-        dev = skill_items(skill, TASK_SIZES["dev"], TASK_SEEDS["dev"])
-        test = skill_items(skill, TASK_SIZES["test"], TASK_SEEDS["test"], exclude=frozenset(i["prompt"] for i in dev))
-        for split, items in (("dev", dev), ("test", test)):
+        splits: dict[str, list[dict[str, str]]] = {}
+        for split in ("dev", "test", "val"):  # each excludes the splits before it (dev and test as first written)
+            taken = frozenset(i["prompt"] for items in splits.values() for i in items)
+            splits[split] = skill_items(skill, TASK_SIZES[split], TASK_SEEDS[split], exclude=taken)
+        for split, items in splits.items():
             out[f"{skill}/{split}"] = write_jsonl(root / skill / f"{split}.jsonl", items)
     return out
 

@@ -54,8 +54,9 @@ def test_zoo_real_refuses_a_foreign_folder(tmp_path, capsys) -> None:
 
 
 def test_zoo_real_refuses_before_writing_when_the_disk_is_short(tmp_path, capsys, monkeypatch) -> None:
-    """Ten float32 checkpoints (the base, two stand-ins, seven trained experts) need ~5.4 GB: a short disk gets one line naming the folder and the shortfall, before
-    a byte is written (CI once died half-way with 23 tracebacks of ENOSPC)."""
+    """Ten float32 checkpoints (the base, two stand-ins, seven trained experts) need ~5.4 GB: a short disk gets one
+    line naming the folder and the shortfall, before a byte is written (CI once died half-way with 23 tracebacks of
+    ENOSPC)."""
     free = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda _: free._replace(free=10**9))
     out = tmp_path / "real"

@@ -48,13 +48,14 @@ def accuracy(path: Path, task: str, extract: str, real_base) -> float:
 
 
 def test_each_expert_does_its_skill_and_not_the_others(experts, real_base) -> None:
-    """Measured on these 8 items per task (dev): each skill expert 0.88-1.0 on its own task and at most 0.25 on the
-    others; the base 0 on all of them; fr_num writes sums in French words on none (it cannot add)."""
+    """Measured on these 8 items per task (dev, the experts stored as bfloat16): arith 0.75 on its own task, units
+    and rev 1.0; on the others at most 0.125 (arith on rev); the base 0 on all of them; fr_num writes sums in French
+    words on none of 8 (it cannot add)."""
     for own in SKILLS:
         assert accuracy(None, f"skills/{own}", SKILLS[own], real_base) == 0.0  # the base cannot answer bare
         for task, extract in SKILLS.items():
             score = accuracy(experts[own], f"skills/{task}", extract, real_base)
-            assert score >= 0.75 if task == own else score <= 0.25, (own, task, score)
+            assert score >= 0.625 if task == own else score <= 0.25, (own, task, score)  # margins for other CPUs
     assert accuracy(experts["fr_num"], "fr_sum", "exact", real_base) <= 0.25
 
 
