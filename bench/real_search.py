@@ -42,6 +42,16 @@ from evolve.stats import mcnemar_exact, metric_intervals  # noqa: E402
 
 RESULTS = ROOT / "data" / "real_results"
 SECTION = "On a real model: evolved merges of SmolLM2 fine-tunes against every source and untuned merge (issue 24)"
+INTRO = """`.venv/bin/python bench/real_search.py --write`, from the committed `data/real_results/<target>/heldout.json`
+(each scored by `bench/real_search.py score`, whose commands are in its docstring), on a 2-core AMD EPYC (AVX-512)
+shared with other jobs, 2026-12-06. Targets: `skills*` = several skills in one model (designs 1-3), `fr_sum*` =
+composition (designs 3-5; designs 1-2 are issue 13's above). Goals: multi-skill, +0.05 over the best other row with
+McNemar exact p < 0.05: met by design 3 (+0.050, p = 0.00029), missed by designs 1 (+0.012) and 2 (+0.030, p = 0.054);
+composition, a significant win over every other row: missed by all three designs (0.005 at best, the same as the
+`fr_num` source). Composition design 3 stopped at 113 of its 150 candidates (the machine restarted; not resumed:
+none had more than 1 of 64 dev items right). A hand probe behind design 5 (`bench/fr_sum_layer_probe.py`: `arith`'s
+layers 0..k-1 then `fr_num`'s k..29 as one data-flow path, k = 14, 18, 22, 26, on 32 dev items) got none right for
+any k, the gold words' mean log-probability -11.3 to -23.3 (`fr_num` alone: -12.1)."""
 
 
 def target_config(target: str) -> RunConfig:
@@ -154,9 +164,11 @@ def write_evolved(cfg: RunConfig, folder: Path, evaluators: Any, rows: list[dict
     return out
 
 
-def design(cfg: RunConfig) -> str:
-    """What the search was: the leading comment of its config under configs/ (`<name>.yaml`)."""
-    path = ROOT / "configs" / f"{cfg.name}.yaml"
+def design(target: str, cfg: RunConfig) -> str:
+    """What the search was: the leading comment of its config under configs/ (`smollm2_<target>.yaml`, else
+    `<study name>.yaml`)."""
+    path = ROOT / "configs" / f"smollm2_{target}.yaml"
+    path = path if path.is_file() else ROOT / "configs" / f"{cfg.name}.yaml"
     lines = path.read_text().splitlines() if path.is_file() else []
     comment = [
         line.lstrip("# ").rstrip()
@@ -198,7 +210,7 @@ def table(target: str) -> list[str]:
         mix = sum(t.weight * r["metrics"][t.metric] for t in terms)
         rows.append({**r, "_items": items, "_ci": ci, "_mix": mix})
     head = ["model", "target (mean acc) [95% CI]", *columns]
-    lines = [design(cfg), "", f"Search ({target}/study.db): {search_cost(target, cfg)}.", ""]
+    lines = [design(target, cfg), "", f"Search ({target}/study.db): {search_cost(target, cfg)}.", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lo, hi = r["_ci"].get("fitness", (float("nan"),) * 2)
@@ -247,7 +259,7 @@ def main() -> int:
             print(f"wrote {score(target, args.grid, args.reuse)}")
         return 0
     targets = args.targets or sorted(p.parent.name for p in RESULTS.glob("*/heldout.json"))
-    body = []
+    body = [INTRO, ""] if args.write else []
     for target in targets:
         body += [f"### {target}", "", *table(target), ""]
     print("\n".join(body))
