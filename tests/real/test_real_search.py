@@ -1,9 +1,9 @@
-"""The issue-24 searches on real weights, reduced: each expert of the multi-skill and composition targets does its
-own skill and not the others' (8 dev items per task), and `configs/smollm2_skills.yaml` and the composition configs
-(`configs/smollm2_fr_sum.yaml`, its DARE-TIES and its data-flow variants) each run 2 candidates through the real
-CLI. The experts are built from their committed adapters into a temporary folder, stored as bfloat16 (half the disk
-of float32: 0.27 GB each), and removed afterwards; the full searches and their held-out tables are
-`bench/real_search.py`'s."""
+"""The issue-24 searches on real weights, reduced: each expert of the multi-skill and composition targets does its own
+skill and not the others' (8 dev items per task), and each search config of the multi-skill target
+(`configs/smollm2_skills*.yaml`, designs 1-3) and of the composition target (`configs/smollm2_fr_sum*.yaml`, designs
+3-5) runs 2 candidates through the real CLI. The experts are built from their committed adapters into a temporary
+folder, stored as bfloat16 (half the disk of float32: 0.27 GB each), and removed afterwards; the full searches and
+their held-out tables are `bench/real_search.py`'s."""
 
 from __future__ import annotations
 
@@ -63,6 +63,8 @@ def test_each_expert_does_its_skill_and_not_the_others(experts, real_base) -> No
     ("config", "sources"),
     [
         ("smollm2_skills", ("arith", "units", "rev")),
+        ("smollm2_skills_ties", ("arith", "units", "rev")),
+        ("smollm2_skills_ties_rescore", ("arith", "units", "rev")),
         ("smollm2_fr_sum", ("arith", "fr_num")),
         ("smollm2_fr_sum_dare", ("arith", "fr_num")),
         ("smollm2_fr_sum_dfs", ("arith", "fr_num")),
@@ -76,6 +78,8 @@ def test_the_real_search_configs_run(config, sources, experts, real_models, tmp_
     for task in data["evaluation"]["tasks"]:
         task["task_dir"] = str(ROOT / task["task_dir"])
         task["limit"] = 12
+    if data["evaluation"].get("rescore"):  # the elites re-scored on 12 val items per task, not all 600
+        data["evaluation"]["rescore"]["limit"] = 12
     for stage in ("ps", "dfs"):  # the stage's budget: search.budget (PS), search.dfs.budget (DFS)
         if stage in data["search"].get("stages", ["ps"]):
             section = data["search"] if stage == "ps" else data["search"]["dfs"]
