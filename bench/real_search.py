@@ -24,6 +24,7 @@ same held-out items, pooled over the tasks.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -103,8 +104,8 @@ def score(target: str, grid: list[float], reuse: str | None = None) -> Path:
             raise SystemExit(f"--reuse {reuse}: its sources, tasks or fitness differ from {target}'s")
         old = json.loads((RESULTS / reuse / "heldout.json").read_text())
         rows = [r for r in old["rows"] if not r["kind"].startswith("evolved")]
-        record = {"config": str((folder / "config.yaml").relative_to(ROOT)), "split": old["split"]}
-        record |= {"grid": old["grid"], "rows_from": reuse} if "grid" in old else {"rows_from": reuse}
+        record = {"config": str((folder / "config.yaml").relative_to(ROOT)), "split": old["split"], "rows_from": reuse}
+        record |= {"grid": old["grid"]} if "grid" in old else {}
         return write_evolved(cfg, folder, evaluators, rows, record)
 
     models = [("base", "base", cfg.models.base)] + [
@@ -170,10 +171,7 @@ def design(target: str, cfg: RunConfig) -> str:
     path = ROOT / "configs" / f"smollm2_{target}.yaml"
     path = path if path.is_file() else ROOT / "configs" / f"{cfg.name}.yaml"
     lines = path.read_text().splitlines() if path.is_file() else []
-    comment = [
-        line.lstrip("# ").rstrip()
-        for line in lines[: next(i for i, x in enumerate(lines + [""]) if not x.startswith("#"))]
-    ]
+    comment = [line.lstrip("# ").rstrip() for line in itertools.takewhile(lambda x: x.startswith("#"), lines)]
     return " ".join(x for x in comment if x and not x.startswith("Relative paths"))
 
 
@@ -182,18 +180,15 @@ def search_cost(target: str, cfg: RunConfig) -> str:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    parts = []
-    for study in optuna.get_all_study_summaries(f"sqlite:///{RESULTS / target / 'study.db'}"):
-        trials = optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{RESULTS / target / 'study.db'}")
-        done = [t for t in trials.get_trials(deepcopy=False) if t.datetime_complete is not None]
-        pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in done)
-        items = sum(items_scored(t.user_attrs.get("items")) for t in done)
-        minutes = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / 60
-        parts.append(
-            f"{study.study_name}: {len(done)} candidates ({pruned} stopped early by racing), {items:,} dev items "
-            f"scored, {minutes:.0f} min of trials"
-        )
-    return "; ".join(parts)
+    study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{RESULTS / target / 'study.db'}")
+    done = [t for t in study.get_trials(deepcopy=False) if t.datetime_complete is not None]
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in done)
+    items = sum(items_scored(t.user_attrs.get("items")) for t in done)
+    minutes = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / 60
+    return (
+        f"{cfg.name}: {len(done)} candidates ({pruned} stopped early by racing), {items:,} dev items scored, "
+        f"{minutes:.0f} min of trials"
+    )
 
 
 def table(target: str) -> list[str]:
