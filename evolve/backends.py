@@ -3,9 +3,12 @@ A and B with a data-flow path swapped per candidate; and a checkpoint loaded as 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from evolve.config import RunConfig
+from evolve.engines import engine_reserve
 from evolve.spaces import open_checkpoint
 from merge_core.dataflow import DataFlowModel
 from merge_core.errors import EvomergeError
@@ -54,6 +57,7 @@ class MergeBackend:
             trust_remote_code=cfg.models.trust_remote_code,
             live_dtype=TORCH_DTYPES[cfg.execution.dtype],
             evaluator_batch=evaluator_batch(cfg),
+            engine_reserve=partial(engine_reserve, cfg),
         )
         self.model = self.materializer.new_model(dtype=TORCH_DTYPES[cfg.execution.dtype])
         self.tokenizer_path = str(self.materializer.reference.path)

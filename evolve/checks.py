@@ -42,6 +42,7 @@ def validate_run(cfg: RunConfig, *, where: str | None = None, offline: bool = Fa
 
 def _validate_run(cfg: RunConfig, offline: bool) -> list[str]:
     _check_fitness_metrics(cfg)
+    _check_engine(cfg)
     notes, counts = _check_tasks(cfg, offline=offline)
     _check_protocols(cfg, counts)
     if "ps" in cfg.search.stages:
@@ -62,6 +63,15 @@ def _validate_run(cfg: RunConfig, offline: bool) -> list[str]:
             f"{stage}: {run} (checkpoints not opened)" if offline else f"{stage}: {_check_stage(cfg, stage)}, {run}"
         )
     return lines + [f"note: {n}" for n in notes]
+
+
+def _check_engine(cfg: RunConfig) -> None:
+    """`execution.engine: vllm` needs vLLM importable here (its extra, in its own environment)."""
+    if cfg.execution.engine == "vllm":
+        from evals.vllm_engine import INSTALL_HINT, vllm_available
+
+        if not vllm_available():
+            raise EvomergeError(f"execution.engine: vllm: vLLM is not installed in this environment; {INSTALL_HINT}")
 
 
 def _check_dataset(task: Any, where: str) -> str | None:

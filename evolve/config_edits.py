@@ -37,6 +37,9 @@ EDITABLE = (
     "execution.threads",
     "execution.shared_study",
     "execution.heartbeat_s",
+    "execution.vllm.kv_cache_gib",  # the engine's memory, caches and logs (the engine itself is not editable: its
+    "execution.vllm.cache_dir",  # greedy answers can differ from the native path's on a few items)
+    "execution.vllm.log_level",
     "storage",  # where the study is (found by its name there)
     "output_dir",  # where the run directory is
     "models.allow_pickle",  # permissions, not models

@@ -4,17 +4,21 @@ The search worker, the elite re-scoring, the held-out table, export and `evolve 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from evals import build_evaluator
 from evals.base import OWN_ITEMS, Evaluator, ItemEvaluator, ItemScores
-from evolve.backends import Backend, CheckpointBackend, make_backend
+from evolve.backends import Backend, CheckpointBackend, DataFlowBackend, make_backend
 from evolve.config import RunConfig
+from evolve.engines import start_engine
 from evolve.tasks import Task
 from merge_core.errors import EvomergeError
 from merge_core.recipe import Recipe
+
+log = logging.getLogger("evomerge")
 
 Evaluators = list[tuple[str, Evaluator]]  # (task name, evaluator), in the config's order
 
@@ -112,13 +116,24 @@ def item_totals(evaluators: Evaluators) -> dict[str, int]:
 
 
 class Scorer:
-    """A live model, its tokenizer and the evaluators: `apply` a candidate, `score` it."""
+    """A live model, its tokenizer and the evaluators: `apply` a candidate, `score` it. With `execution.engine:
+    vllm`, a vLLM engine beside the live model generates for the generation and choice tasks; each applied
+    candidate is written into it (`evolve.engines`)."""
 
     def __init__(self, cfg: RunConfig, backend: Backend, evaluators: Evaluators):
         self.backend = backend
         self.model = backend.model
         self.tokenizer = load_tokenizer(backend.tokenizer_path, trust_remote_code=cfg.models.trust_remote_code)
         self.evaluators = evaluators
+        self.engine = None
+        if isinstance(backend, DataFlowBackend):
+            if cfg.execution.engine == "vllm":
+                log.warning(
+                    "execution.engine: vllm: data-flow candidates are scored by the native path "
+                    "(a vLLM engine holds one ordinary model, not a layer path over two)"
+                )
+        else:
+            self.engine = start_engine(cfg, self.model, backend.tokenizer_path, self.tokenizer, evaluators)
 
     @classmethod
     def for_recipes(cls, cfg: RunConfig, template: Recipe, evaluators: Evaluators) -> Scorer:
@@ -130,8 +145,15 @@ class Scorer:
         """One checkpoint, loaded as it is."""
         return cls(cfg, CheckpointBackend(cfg, path), evaluators)
 
+    @property
+    def engine_name(self) -> str:
+        """What generates: "native", or "vllm <version>"."""
+        return "native" if self.engine is None else self.engine.name
+
     def apply(self, recipe: Recipe) -> None:
         self.backend.apply(recipe)
+        if self.engine is not None:
+            self.engine.load(self.model)
 
     def score(
         self, upto: dict[str, int] | None = None, scored: dict[str, ItemScores] | None = None

@@ -39,7 +39,7 @@ def metric_attrs(metrics: dict[str, float]) -> dict[str, float]:
 def tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, evaluation: Evaluation | None = None) -> None:
     """Record `outcome` on the trial (its attrs in one transaction, a race's estimates as intermediate values) and
     tell the study: the fitness, the objectives, PRUNED for a race stopped early, or FAIL."""
-    attrs = {key: getattr(outcome, key) for key in ("metrics", "merge_seconds", "eval_seconds", "worker")}
+    attrs = {key: getattr(outcome, key) for key in ("metrics", "merge_seconds", "eval_seconds", "worker", "engine")}
     attrs |= metric_attrs(outcome.metrics)
     if outcome.scores:  # items scored and tokens generated are in it (`items_scored`, `tokens_generated`)
         attrs["items"] = encode_items(outcome.scores, outcome.totals)

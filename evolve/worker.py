@@ -43,6 +43,7 @@ class Outcome:
     totals: dict[str, int] = field(default_factory=dict)
     steps: list[tuple[int, float]] = field(default_factory=list)
     stopped: str | None = None
+    engine: str = "native"  # what generated: "native", or "vllm <version>" (merge_seconds includes its weight swap)
 
     @property
     def ok(self) -> bool:
@@ -66,7 +67,7 @@ class Worker:
     def evaluate(self, recipe_yaml: str, race: Race | None = None, items: TrialItems | None = None) -> Outcome:
         """Score one recipe: every item, or chunk by chunk against the incumbent in `race` (stopped early when it
         cannot plausibly beat it: `evolve.racing`); under a stage protocol, the trial's `items` only."""
-        out = Outcome(worker=self.worker_id)
+        out = Outcome(worker=self.worker_id, engine=self.scorer.engine_name)
         try:
             t0 = time.perf_counter()
             self.scorer.apply(load_recipe(recipe_yaml))

@@ -10,7 +10,8 @@ import logging
 import math
 import threading
 import time
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -54,7 +55,8 @@ class Materializer:
     Where the plan has room (``plan.index``), fused TIES also keeps each task vector's key order (int32), built
     during the second ``apply``: a mask's threshold is then found without scanning the keys.
     The plan counts the live model (``live_dtype``, default the output dtype) and the evaluator's KV cache and
-    activations for ``evaluator_batch`` = (sequences, tokens each) beside it.
+    activations for ``evaluator_batch`` = (sequences, tokens each) beside it, and a generation engine's bytes,
+    ``engine_reserve(config, parameters, itemsize)`` (a vLLM engine's copy of the weights and its KV cache).
 
     With ``fuse`` (default "auto": models of 50M+ elements; the EVOMERGE_FUSED environment variable, 0 or 1,
     overrides), task arithmetic, TIES and DARE candidates are written by one compiled kernel per tensor
@@ -74,6 +76,7 @@ class Materializer:
         live_dtype: torch.dtype | None = None,
         evaluator_batch: tuple[int, int] | None = None,
         fuse: bool | Literal["auto"] = "auto",
+        engine_reserve: Callable[[Any, int, int], int] | None = None,
     ):
         t0 = time.perf_counter()
         self.template = template
@@ -114,6 +117,9 @@ class Materializer:
             fused=fuse_gta,
             rescale=rescale_default or _sets_rescale(template),
             rescale_default=rescale_default,
+            engine_bytes=engine_reserve(ref.config, total, (live_dtype or self.out_dtype).itemsize)
+            if engine_reserve
+            else 0,
         )
         log.info(self.plan.line())
         keep_deltas = self.plan.resident == "task_vectors"

@@ -89,6 +89,7 @@ def plan_memory(
     live_dtype: torch.dtype | None,
     sparsification: str | None = None,
     evaluator_bytes: int = 0,
+    engine_bytes: int = 0,
     resident: Resident = "auto",
     precompute: bool | Literal["auto"] = "auto",
     workers: int = 1,
@@ -155,6 +156,7 @@ def plan_memory(
             workspace = per_tensor * sum(largest)
         parts.append(("merge workspace", workspace))
         parts.append(("evaluator reserve", int(evaluator_bytes)))
+        parts.append(("generation engine (weights, KV cache)", int(engine_bytes)))
         options.append(
             MemoryPlan(
                 device=device, available=int(available), resident=layout, cache=cache, parts=tuple(parts), index=index

@@ -73,6 +73,7 @@ def test_end_to_end_run_status_export_report(whole_run):
     for t in trials:
         if t.state == TrialState.COMPLETE:
             assert {"recipe", "recipe_hash", "metrics", "fitness", "worker", "items"} <= set(t.user_attrs)
+            assert t.user_attrs["engine"] == "native"
     # per-item records: every item of the task, in one order shared by all trials, whose means are the metrics
     evaluated = [t for t in trials if t.state == TrialState.COMPLETE and "cached_from" not in t.user_attrs]
     for t in evaluated:

@@ -1,0 +1,131 @@
+"""The generation engine of a worker (`execution.engine`): the native path (transformers, on the live model itself)
+or a vLLM engine started beside the live model, which every candidate is written into after it is applied.
+
+The vLLM engine serves the generation and choice tasks (greedy generation, gold-answer and choice log-likelihoods);
+perplexity and lm_eval tasks stay on the live model. A data-flow worker has no engine: vLLM holds one ordinary
+model, not a layer path over two, so data-flow candidates are scored by the native path (logged once per worker).
+Its KV cache is sized here and counted in the worker's memory plan with the engine's own copy of the weights."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from evals.base import Evaluator
+from evolve.config import RunConfig, VllmOptions
+from merge_core.memplan import GIB, PROMPT_TOKENS
+
+log = logging.getLogger("evomerge")
+
+DEFAULT_MAX_MODEL_LEN = 4096  # when no task is known yet: capped by the model's own max_position_embeddings
+
+
+def engine_options(cfg: RunConfig) -> VllmOptions | None:
+    """The vLLM options of a config that asks for the engine (defaults where it gives none), else None."""
+    if cfg.execution.engine != "vllm":
+        return None
+    return cfg.execution.vllm or VllmOptions()
+
+
+def cache_dir(options: VllmOptions) -> Path:
+    """Where vLLM may write: the configured folder, else $XDG_CACHE_HOME (or ~/.cache)/evomerge/vllm."""
+    if options.cache_dir:
+        return Path(options.cache_dir).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "evomerge" / "vllm"
+
+
+def kv_bytes_per_token(config: Any, itemsize: int) -> int:
+    """Bytes of K and V for one token in every layer (2 · layers · kv_heads · head_dim · dtype size)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    return 2 * int(text.num_hidden_layers) * kv_heads * head_dim * itemsize
+
+
+def max_position(config: Any) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN)
+
+
+def kv_cache_bytes(cfg: RunConfig, options: VllmOptions, config: Any, itemsize: int, max_model_len: int) -> int:
+    """The engine's KV cache: `kv_cache_gib`, else `max_num_seqs` sequences of an assumed prompt plus the largest
+    `max_new_tokens` of the tasks, and at least one `max_model_len` sequence."""
+    if options.kv_cache_gib is not None:
+        return int(options.kv_cache_gib * GIB)
+    new_tokens = max((getattr(t, "max_new_tokens", 0) for t in cfg.evaluation.tasks), default=0)
+    tokens = max(options.max_num_seqs * (PROMPT_TOKENS + new_tokens), max_model_len)
+    return tokens * kv_bytes_per_token(config, itemsize)
+
+
+def engine_reserve(cfg: RunConfig, config: Any, params: int, itemsize: int) -> int:
+    """Bytes the engine takes beside the live model (its copy of the weights and its KV cache), for the memory plan;
+    0 without an engine."""
+    options = engine_options(cfg)
+    if options is None:
+        return 0
+    max_len = options.max_model_len or min(max_position(config), DEFAULT_MAX_MODEL_LEN)
+    return params * itemsize + kv_cache_bytes(cfg, options, config, itemsize, max_len)
+
+
+def engine_users(evaluators: Sequence[tuple[str, Evaluator]]) -> list[Any]:
+    """The evaluators an engine serves (generation and choice tasks)."""
+    from evals.native import TaskItemsEvaluator
+
+    return [ev for _, ev in evaluators if isinstance(ev, TaskItemsEvaluator)]
+
+
+def start_engine(
+    cfg: RunConfig, model: Any, model_dir: str, tokenizer: Any, evaluators: Sequence[tuple[str, Evaluator]]
+) -> Any:
+    """A vLLM engine for `model` (its architecture and tokenizer in `model_dir`), holding `model`'s weights and
+    attached to the evaluators it serves; None for the native engine or when no evaluator needs it."""
+    options = engine_options(cfg)
+    users = engine_users(evaluators)
+    if options is None or not users:
+        if options is not None:
+            log.info("execution.engine: vllm: no generation or choice task; the live model scores them all")
+        return None
+    from evals.vllm_engine import EngineSettings, VllmEngine
+    from merge_core.merge import resolve_device
+
+    config = model.config
+    itemsize = next(model.parameters()).element_size()
+    needed = max(ev.engine_tokens(tokenizer) for ev in users)
+    max_len = options.max_model_len or min(max_position(config), 16 * math.ceil(max(needed, 64) / 16))
+    if needed > max_len:
+        raise_long(needed, max_len)
+    settings = EngineSettings(
+        kv_cache_bytes=kv_cache_bytes(cfg, options, config, itemsize, max_len),
+        max_model_len=max_len,
+        max_num_seqs=options.max_num_seqs,
+        device=resolve_device(cfg.execution.device).type,
+        dtype=cfg.execution.dtype,
+        cache_dir=cache_dir(options),
+        threads=cfg.execution.threads,
+        compile=options.compile,
+        log_level=options.log_level,
+        seed=cfg.seed,
+    )
+    engine = VllmEngine(model_dir, settings, tied=bool(getattr(config, "tie_word_embeddings", False)))
+    log.info(
+        "vLLM engine started in %.1f s: max_model_len %d, %d sequences at once, KV cache %.2f GiB",
+        engine.start_seconds, max_len, options.max_num_seqs, settings.kv_cache_bytes / GIB,
+    )  # fmt: skip
+    engine.load(model)
+    for ev in users:
+        ev.engine = engine
+    return engine
+
+
+def raise_long(needed: int, max_len: int) -> None:
+    from merge_core.errors import EvomergeError
+
+    raise EvomergeError(
+        f"execution.vllm.max_model_len: a task needs {needed} tokens (its longest prompt and answer), more than "
+        f"{max_len}; raise max_model_len (at most the model's max_position_embeddings) or shorten the prompts"
+    )
