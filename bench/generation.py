@@ -8,8 +8,9 @@ each path.
     .venv/bin/python bench/generation.py [--threads 1] [--repeats 2] [--model data/real/smollm2-135m]
     .venv-vllm/bin/python bench/generation.py      # the three paths (README, "Generation engines")
 
-Tasks: the multi-skill dev set (192 short-answer prompts with the chat template, 12 new tokens at most) and the
-GSM-style chain-of-thought dev set (`data/real_tasks/gsm_mini`, 64 new tokens at most). Each mode runs `--repeats`
+Tasks: the multi-skill dev set (192 short-answer prompts with the chat template, 12 new tokens at most), the French
+word problems of issue 13 (`data/real_tasks/fr_math` dev, 48 prompts, 64 new tokens at most: decoding dominates) and
+the GSM-style chain-of-thought dev set (`data/real_tasks/gsm_mini`, 64 new tokens at most). Each mode runs `--repeats`
 times, alternating, so a change in the machine's load falls on both; the table gives the best run of each (the
 least disturbed) and checks that both modes generate the same responses. Candidates/hour: a search candidate
 scores the task once (plus its merge, not counted here).
@@ -40,6 +41,7 @@ TASKS = {  # name: (prompt files, prompt template, new tokens, stop strings)
         12,
         ["<|im_end|>", "\n"],
     ),
+    "fr_math (48 French word problems)": ([ROOT / "data/real_tasks/fr_math/dev.jsonl"], None, 64, ["<|im_end|>"]),
     "gsm_mini (8 chain-of-thought)": (
         [ROOT / "data/real_tasks/gsm_mini/dev.jsonl"],
         "{prompt} Give the final answer as a number.",
@@ -113,10 +115,14 @@ def vllm_mode(model, model_dir: str, threads: int):
     return generate
 
 
-def run(model, tokenizer, prompts: list[str], new_tokens: int, stop: list[str], generate) -> tuple[float, int, list]:
+def run(
+    model, tokenizer, prompts: list[str], new_tokens: int, stop: list[str], generate, batch: int = 32
+) -> tuple[float, int, list]:
     counts: list[int] = []
     t0 = time.perf_counter()
-    out = generate(model, tokenizer, prompts, batch_size=32, max_new_tokens=new_tokens, stop=stop, token_counts=counts)
+    out = generate(
+        model, tokenizer, prompts, batch_size=batch, max_new_tokens=new_tokens, stop=stop, token_counts=counts
+    )
     return time.perf_counter() - t0, sum(counts), out
 
 
@@ -125,6 +131,10 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "data/real/smollm2-135m"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32, help="batch size of the two native modes")
+    parser.add_argument(
+        "--batch-sweep", default="", help="comma-separated batch sizes: the native path alone at each (e.g. 8,32,64)"
+    )
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,7 +159,7 @@ def main() -> None:
         tokens, outputs = {}, {}
         for _ in range(args.repeats):
             for mode, generate in modes.items():
-                s, n, out = run(model, tokenizer, prompts, new_tokens, stop, generate)
+                s, n, out = run(model, tokenizer, prompts, new_tokens, stop, generate, args.batch)
                 seconds[mode].append(s)
                 tokens[mode], outputs[mode] = n, out
         reference = outputs[next(iter(modes))]
@@ -163,6 +173,24 @@ def main() -> None:
 
     if engine_generate is not None:
         engine_extras(engine_generate.engine, model, tokenizer, args.repeats)
+    if args.batch_sweep:
+        batch_sweep(model, tokenizer, [int(b) for b in args.batch_sweep.split(",")], args.repeats)
+
+
+def batch_sweep(model, tokenizer, batches: list[int], repeats: int) -> None:
+    """The native path alone at each batch size, every task (best of `repeats`, alternating)."""
+    print("\n| task | native batch size | seconds | generated tokens/s |")
+    print("|---|---|---|---|")
+    for name, (files, template, new_tokens, stop) in TASKS.items():
+        rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+        prompts = lm.chat_prompts(tokenizer, [lm.format_prompt(template, r["prompt"]) for r in rows])
+        best: dict[int, tuple[float, int]] = {}
+        for _ in range(repeats):
+            for b in batches:
+                s, n, _ = run(model, tokenizer, prompts, new_tokens, stop, lm.generate_greedy, b)
+                best[b] = min(best.get(b, (s, n)), (s, n))
+        for b in batches:
+            print(f"| {name} | {b} | {best[b][0]:.1f} | {best[b][1] / best[b][0]:.1f} |")
 
 
 def engine_extras(engine, model, tokenizer, repeats: int) -> None:

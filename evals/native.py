@@ -79,7 +79,7 @@ class TaskItemsEvaluator(ItemEvaluator):
         limit: int | None = None,
         limit_mode: str = spec.LIMIT_MODE,
         seed: int = 0,
-        batch_size: int = spec.BATCH_SIZE,
+        batch_size: int | str = spec.BATCH_SIZE,
         prompt_template: str | None = None,
         delimiter: str = " ",
     ) -> None:
@@ -92,10 +92,19 @@ class TaskItemsEvaluator(ItemEvaluator):
         self.prompt_template = check_template(prompt_template)
         self.delimiter = delimiter
 
-    def engine_tokens(self, tokenizer: PreTrainedTokenizerBase) -> int:
-        """The longest sequence (prompt and what is generated or scored after it) an engine must hold for these
-        items."""
+    def longest_sequence(self, tokenizer: PreTrainedTokenizerBase) -> int:
+        """The longest sequence (prompt and what is generated or scored after it) of these items, in tokens: what
+        an engine must hold, and what an automatic batch is sized for."""
         raise NotImplementedError
+
+    def batch(self) -> int:
+        """The batch size (`batch_size: auto` is decided by the scorer from the worker's memory plan)."""
+        if self.batch_size == spec.AUTO_BATCH:
+            raise EvomergeError(
+                f"task {self.name}: batch_size auto is decided by the scorer from the memory plan; "
+                "give a number to score with the evaluator alone"
+            )
+        return int(self.batch_size)
 
 
 class GenerationEvaluator(TaskItemsEvaluator):
@@ -170,7 +179,7 @@ class GenerationEvaluator(TaskItemsEvaluator):
             model,
             tokenizer,
             self.model_prompts(tokenizer, indices),
-            batch_size=self.batch_size,
+            batch_size=self.batch(),
             max_new_tokens=self.max_new_tokens,
             stop=self.stop,
             token_counts=token_counts,
@@ -205,9 +214,9 @@ class GenerationEvaluator(TaskItemsEvaluator):
         pairs = [(p, with_delimiter(p, item.answer, self.delimiter)) for p, item in zip(prompts, items)]
         if self.engine is not None:
             return self.engine.continuation_logprobs(tokenizer, pairs)
-        return continuation_logprobs(model, tokenizer, pairs, batch_size=self.batch_size)
+        return continuation_logprobs(model, tokenizer, pairs, batch_size=self.batch())
 
-    def engine_tokens(self, tokenizer: PreTrainedTokenizerBase) -> int:
+    def longest_sequence(self, tokenizer: PreTrainedTokenizerBase) -> int:
         """The longest prompt plus `max_new_tokens`, or plus its gold answer when `gold_prob` scores a longer one."""
         longest = 0
         for prompt, item in zip(self.model_prompts(tokenizer), self.items):
@@ -257,7 +266,7 @@ class ChoiceEvaluator(TaskItemsEvaluator):
         if self.engine is not None:
             logprobs = iter(self.engine.continuation_logprobs(tokenizer, pairs))
         else:
-            logprobs = iter(continuation_logprobs(model, tokenizer, pairs, batch_size=self.batch_size))
+            logprobs = iter(continuation_logprobs(model, tokenizer, pairs, batch_size=self.batch()))
         values: dict[str, list[float]] = {"acc": [], "acc_norm": []}
         for item in items:
             scores = [next(logprobs) for _ in item.choices]
@@ -266,7 +275,7 @@ class ChoiceEvaluator(TaskItemsEvaluator):
             values["acc_norm"].append(float(max(range(len(normed)), key=normed.__getitem__) == item.label))
         return _in_order(self.order, start, indices, values)
 
-    def engine_tokens(self, tokenizer: PreTrainedTokenizerBase) -> int:
+    def longest_sequence(self, tokenizer: PreTrainedTokenizerBase) -> int:
         """The longest prompt with its delimiter and longest choice."""
         longest = 0
         for item in self.items:

@@ -8,6 +8,10 @@ GENERATION, CHOICE, PERPLEXITY, LM_EVAL = "generation", "choice", "perplexity", 
 TASK_TYPES = (GENERATION, CHOICE, PERPLEXITY, LM_EVAL)  # evals.EVALUATOR_TYPES builds each
 
 BATCH_SIZE = 8
+AUTO_BATCH = "auto"  # a generation or choice task's batch_size decided from the worker's memory plan
+AUTO_BATCH_CAP = (
+    64  # the most sequences an automatic batch holds (on CPU larger batches gain little: bench/generation.py)
+)
 # how `limit` picks a task's items: a seeded random sample (the default), or the first `limit` in file order
 # (lm-eval's `--limit`)
 LIMIT_MODES = ("sample", "first")

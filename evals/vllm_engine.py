@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,19 +133,25 @@ class VllmEngine:
             set_threads(settings.threads or threads)
         self.start_seconds = time.perf_counter() - start
         self.loads = 0
+        self._owner: weakref.ref | None = None  # who loaded the weights it holds
         import vllm
 
         self.name = f"vllm {vllm.__version__}"
 
-    def load(self, model: PreTrainedModel) -> float:
+    def load(self, model: PreTrainedModel, owner: Any = None) -> float:
         """Write `model`'s weights into the engine (by reference, in this process), reset the prefix cache; seconds
-        taken."""
+        taken. `owner` (whoever shares the engine: a scorer) is recorded, so a sharer knows when to load again."""
         start = time.perf_counter()
         weights = iter(list(model.state_dict().items()))
         self.llm.collective_rpc(_reload, args=(weights, self.tied))
         self.llm.reset_prefix_cache()
         self.loads += 1
+        self._owner = weakref.ref(owner) if owner is not None else None  # weak: a finished scorer is freed
         return time.perf_counter() - start
+
+    def holds(self, owner: Any) -> bool:
+        """Whether the weights in the engine are the ones `owner` loaded last."""
+        return self._owner is not None and self._owner() is owner
 
     def _run(self, prompts: Sequence[Sequence[int]], params: Any) -> list[Any]:
         from vllm.inputs import TokensPrompt

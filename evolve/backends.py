@@ -7,6 +7,7 @@ from functools import partial
 
 import torch
 
+from evals.spec import AUTO_BATCH
 from evolve.config import RunConfig
 from evolve.engines import engine_reserve
 from evolve.spaces import open_checkpoint
@@ -28,7 +29,10 @@ def evaluator_batch(cfg: RunConfig) -> tuple[int, int]:
     """(sequences, tokens each) of the configured task with the largest batch: what the memory plan reserves for
     the evaluator (a generation task: an assumed prompt plus max_new_tokens; perplexity: max_length)."""
     sizes = [
-        (task.batch_size, getattr(task, "max_length", None) or PROMPT_TOKENS + getattr(task, "max_new_tokens", 0))
+        (
+            1 if task.batch_size == AUTO_BATCH else task.batch_size,  # an automatic batch takes what the plan leaves
+            getattr(task, "max_length", None) or PROMPT_TOKENS + getattr(task, "max_new_tokens", 0),
+        )
         for task in cfg.evaluation.tasks
     ]
     return max(sizes, key=lambda s: s[0] * s[1], default=(0, 0))

@@ -8,8 +8,9 @@ Its KV cache is sized here and counted in the worker's memory plan with the engi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,11 +80,33 @@ def engine_users(evaluators: Sequence[tuple[str, Evaluator]]) -> list[Any]:
     return [ev for _, ev in evaluators if isinstance(ev, TaskItemsEvaluator)]
 
 
+_ENGINES: dict[str, Any] = {}  # one engine per architecture, tokenizer and settings, shared by a process's scorers
+# the files vLLM's own tokenizer reads (it detokenizes for stop strings; prompts arrive as our token ids)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json")
+CONFIG_NAMES = ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash")  # not the architecture
+
+
+def engine_key(config: Any, model_dir: str, settings: Any) -> str:
+    """What an engine is for: the model config (all but its names), the tokenizer files, the settings. Scorers of
+    checkpoints with the same key (the sources, the base, the merges of one run) share one engine and load their
+    weights into it in turn."""
+    arch = {k: v for k, v in config.to_dict().items() if k not in CONFIG_NAMES}
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
+    for name in TOKENIZER_FILES:
+        path = Path(model_dir) / name
+        if path.is_file():
+            digest.update(name.encode() + path.read_bytes())
+    digest.update(repr(settings).encode())
+    return digest.hexdigest()
+
+
 def start_engine(
     cfg: RunConfig, model: Any, model_dir: str, tokenizer: Any, evaluators: Sequence[tuple[str, Evaluator]]
 ) -> Any:
-    """A vLLM engine for `model` (its architecture and tokenizer in `model_dir`), holding `model`'s weights and
-    attached to the evaluators it serves; None for the native engine or when no evaluator needs it."""
+    """A vLLM engine for `model` (its architecture and tokenizer in `model_dir`), attached to the evaluators it
+    serves, or None for the native engine or when no evaluator needs it. The process's engine for the same
+    architecture, tokenizer and settings is reused (the caller loads its weights: `Scorer` does, and loads them
+    again whenever another scorer has loaded since)."""
     options = engine_options(cfg)
     users = engine_users(evaluators)
     if options is None or not users:
@@ -95,8 +118,8 @@ def start_engine(
 
     config = model.config
     itemsize = next(model.parameters()).element_size()
-    needed = max(ev.engine_tokens(tokenizer) for ev in users)
-    max_len = options.max_model_len or min(max_position(config), 16 * math.ceil(max(needed, 64) / 16))
+    max_len = options.max_model_len or min(max_position(config), DEFAULT_MAX_MODEL_LEN)
+    needed = max(ev.longest_sequence(tokenizer) for ev in users)
     if needed > max_len:
         raise_long(needed, max_len)
     settings = EngineSettings(
@@ -111,15 +134,61 @@ def start_engine(
         log_level=options.log_level,
         seed=cfg.seed,
     )
-    engine = VllmEngine(model_dir, settings, tied=bool(getattr(config, "tie_word_embeddings", False)))
-    log.info(
-        "vLLM engine started in %.1f s: max_model_len %d, %d sequences at once, KV cache %.2f GiB",
-        engine.start_seconds, max_len, options.max_num_seqs, settings.kv_cache_bytes / GIB,
-    )  # fmt: skip
-    engine.load(model)
+    key = engine_key(config, model_dir, settings)
+    engine = _ENGINES.get(key)
+    if engine is None:
+        engine = VllmEngine(model_dir, settings, tied=bool(getattr(config, "tie_word_embeddings", False)))
+        _ENGINES[key] = engine
+        log.info(
+            "vLLM engine started in %.1f s: max_model_len %d, %d sequences at once, KV cache %.2f GiB",
+            engine.start_seconds, max_len, options.max_num_seqs, settings.kv_cache_bytes / GIB,
+        )  # fmt: skip
     for ev in users:
         ev.engine = engine
     return engine
+
+
+def free_for_scoring(backend: Any, model: Any) -> int:
+    """Bytes the live model's scoring may use: what the worker's memory plan leaves beside its other parts (its
+    evaluator reserve included), else (a checkpoint or data-flow scorer, its models loaded) 90% of what the
+    device has free now."""
+    from merge_core.memplan import HEADROOM, available_bytes
+
+    plan = getattr(getattr(backend, "materializer", None), "plan", None)
+    if plan is not None:
+        return plan.budget - plan.total + plan.part("evaluator reserve")
+    return int(HEADROOM * available_bytes(next(model.parameters()).device))
+
+
+def fit_batches(backend: Any, model: Any, tokenizer: Any, evaluators: Sequence[tuple[str, Evaluator]]) -> None:
+    """Each generation or choice task with `batch_size: auto` gets the most sequences of its longest prompt +
+    answer (at most AUTO_BATCH_CAP) that the memory left for scoring holds (logged), or a one-line error when not
+    even one does."""
+    from evals.spec import AUTO_BATCH, AUTO_BATCH_CAP
+    from merge_core.errors import EvomergeError
+    from merge_core.memplan import fit_batch
+
+    auto = [(name, ev) for name, ev in evaluators if getattr(ev, "batch_size", None) == AUTO_BATCH]
+    if not auto:
+        return
+    free = free_for_scoring(backend, model)
+    dtype = next(model.parameters()).dtype
+    for name, ev in auto:
+        tokens = ev.longest_sequence(tokenizer)
+        batch = fit_batch(model.config, tokens, dtype, free, AUTO_BATCH_CAP)
+        if not batch:
+            raise EvomergeError(
+                f"task {name}: batch_size auto: one sequence of {tokens} tokens needs more than the "
+                f"{max(free, 0) / GIB:.2f} GiB the memory plan leaves for scoring; shorten the prompts or free memory"
+            )
+        ev.batch_size = batch
+        log.info(
+            "task %s: batch_size auto = %d (sequences of up to %d tokens, %.2f GiB free)",
+            name,
+            batch,
+            tokens,
+            free / GIB,
+        )
 
 
 def raise_long(needed: int, max_len: int) -> None:

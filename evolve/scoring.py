@@ -13,7 +13,7 @@ from evals import build_evaluator
 from evals.base import OWN_ITEMS, Evaluator, ItemEvaluator, ItemScores
 from evolve.backends import Backend, CheckpointBackend, DataFlowBackend, make_backend
 from evolve.config import RunConfig
-from evolve.engines import start_engine
+from evolve.engines import fit_batches, start_engine
 from evolve.tasks import Task
 from merge_core.errors import EvomergeError
 from merge_core.recipe import Recipe
@@ -134,6 +134,9 @@ class Scorer:
                 )
         else:
             self.engine = start_engine(cfg, self.model, backend.tokenizer_path, self.tokenizer, evaluators)
+            if self.engine is not None:
+                self.engine.load(self.model, owner=self)
+        fit_batches(backend, self.model, self.tokenizer, evaluators)
 
     @classmethod
     def for_recipes(cls, cfg: RunConfig, template: Recipe, evaluators: Evaluators) -> Scorer:
@@ -153,12 +156,15 @@ class Scorer:
     def apply(self, recipe: Recipe) -> None:
         self.backend.apply(recipe)
         if self.engine is not None:
-            self.engine.load(self.model)
+            self.engine.load(self.model, owner=self)
 
     def score(
         self, upto: dict[str, int] | None = None, scored: dict[str, ItemScores] | None = None
     ) -> tuple[dict[str, float], dict[str, ItemScores]]:
-        """`score_items` of the live model (see there for `upto` and `scored`)."""
+        """`score_items` of the live model (see there for `upto` and `scored`); a shared engine that another scorer
+        has loaded since gets this scorer's weights back first."""
+        if self.engine is not None and not self.engine.holds(self):
+            self.engine.load(self.model, owner=self)
         return score_items(self.evaluators, self.model, self.tokenizer, upto, scored)
 
     def totals(self) -> dict[str, int]:

@@ -161,6 +161,9 @@ class _ItemsTask(_Task):
     split: str = "dev"
     prompt_template: str | None = None
     delimiter: str = " "
+    # "auto": the most sequences of the task's longest prompt + answer that the worker's memory plan leaves room for
+    # (at most AUTO_BATCH_CAP), decided when the worker starts
+    batch_size: _Count(1) | Literal[spec.AUTO_BATCH] = spec.BATCH_SIZE  # type: ignore[valid-type]
 
     @model_validator(mode="after")
     def _one_source(self) -> _ItemsTask:

@@ -196,6 +196,13 @@ def evaluator_reserve(config: Any, batch: int, tokens: int, dtype: torch.dtype) 
     return kv + logits + mlp
 
 
+def fit_batch(config: Any, tokens: int, dtype: torch.dtype, free: int, cap: int) -> int:
+    """The most sequences of `tokens` (at most `cap`) whose evaluator reserve fits in `free` bytes; 0 when not even
+    one does."""
+    fits = [b for b in range(1, cap + 1) if evaluator_reserve(config, b, tokens, dtype) <= free]
+    return fits[-1] if fits else 0
+
+
 def available_bytes(device: torch.device) -> int:
     """Free CUDA memory (torch.cuda.mem_get_info), or MemAvailable from /proc/meminfo on CPU."""
     if device.type == "cuda":

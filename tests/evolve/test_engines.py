@@ -7,8 +7,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 import yaml
 
+from evals.spec import AUTO_BATCH_CAP
 from evals.vllm_engine import vllm_available
 from evolve.config import load_config, parse_config
 from evolve.config_edits import editable
@@ -101,3 +103,67 @@ def test_data_flow_candidates_are_scored_by_the_native_path_under_the_vllm_engin
         r.getMessage() for r in caplog.records if "data-flow candidates are scored by the native" in r.getMessage()
     ]
     assert len(warned) == 1  # only under engine: vllm
+
+
+def test_an_automatic_batch_is_sized_from_the_memory_plan_and_scores_the_same(tmp_path, world, caplog):
+    data = yaml.safe_load(write_config(tmp_path, world).read_text())
+    fixed = parse_config(data)
+    task = {**data["evaluation"]["tasks"][0], "batch_size": "auto"}
+    auto = parse_config({**data, "evaluation": {**data["evaluation"], "tasks": [task]}})
+    from evolve.spaces import build_ps_space
+
+    recipe = build_ps_space(fixed).decode(build_ps_space(fixed).x0)
+    results = []
+    for cfg in (fixed, auto):
+        with caplog.at_level(logging.INFO, logger="evomerge"):
+            scorer = Scorer.for_recipes(cfg, recipe, build_evaluators(cfg.evaluation.tasks, seed=cfg.seed))
+        scorer.apply(recipe)
+        results.append((scorer.evaluators[0][1].batch_size, scorer.score()[0]))
+    assert results[0][0] == 20 and results[1][0] == AUTO_BATCH_CAP  # a tiny model: the cap binds
+    assert results[0][1] == results[1][1]  # scores do not depend on the batch size
+    assert any("batch_size auto = 64" in r.getMessage() for r in caplog.records)
+
+
+def test_fit_batch_takes_the_most_sequences_that_fit():
+    from transformers import LlamaConfig
+
+    from merge_core.memplan import evaluator_reserve, fit_batch
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=500
+    )
+    one = evaluator_reserve(config, 1, 100, torch.float32)
+    assert fit_batch(config, 100, torch.float32, 5 * one, 64) == 5
+    assert fit_batch(config, 100, torch.float32, 5 * one - 1, 64) == 4
+    assert fit_batch(config, 100, torch.float32, 10**12, 64) == 64
+    assert fit_batch(config, 100, torch.float32, one - 1, 64) == 0
+
+
+def test_an_automatic_batch_that_cannot_hold_one_sequence_is_one_line(tmp_path, world, monkeypatch):
+    data = yaml.safe_load(write_config(tmp_path, world).read_text())
+    task = {**data["evaluation"]["tasks"][0], "batch_size": "auto"}
+    cfg = parse_config({**data, "evaluation": {**data["evaluation"], "tasks": [task]}})
+    from evolve import engines
+    from evolve.spaces import build_ps_space
+
+    monkeypatch.setattr(engines, "free_for_scoring", lambda backend, model: 1000)
+    recipe = build_ps_space(cfg).decode(build_ps_space(cfg).x0)
+    with pytest.raises(EvomergeError, match=r"^task words: batch_size auto: one sequence of \d+ tokens needs more"):
+        Scorer.for_recipes(cfg, recipe, build_evaluators(cfg.evaluation.tasks, seed=cfg.seed))
+
+
+def test_batch_size_auto_is_for_generation_and_choice_tasks(tmp_path, world):
+    text = tmp_path / "t.txt"
+    text.write_text("a b c\n")
+    path = write_config(
+        tmp_path, world,
+        **{"evaluation.tasks": [{"name": "p", "type": "perplexity", "text_file": str(text), "batch_size": "auto"}],
+           "evaluation.fitness": [{"metric": "p/nll", "weight": -1}]},
+    )  # fmt: skip
+    with pytest.raises(EvomergeError, match=r"batch_size"):
+        load_config(path)
+    from evals.native import GenerationEvaluator
+
+    ev = GenerationEvaluator(world["task"], batch_size="auto")
+    with pytest.raises(EvomergeError, match="batch_size auto is decided by the scorer"):
+        ev.batch()

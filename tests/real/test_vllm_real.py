@@ -188,14 +188,15 @@ def test_the_engine_agrees_with_the_native_path_on_the_skills_task(real_models, 
 
 
 def test_evolve_run_with_the_vllm_engine(real_models, tmp_path):
-    """`evolve run` of a real-model config with `engine: vllm`: two candidates, scored through the engine."""
+    """`evolve run` of a real-model config with `engine: vllm`: two candidates scored through the engine, then the
+    held-out table (the base, the sources, untuned merges and the pick, sharing the process's engine)."""
     import yaml
 
     from tests.evolve.harness import evolve_cli
 
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(skills_config(tmp_path, real_models, "vllm", 16)))
-    out = evolve_cli("run", str(path), "--no-progress", "--no-final-table", timeout=900)
+    out = evolve_cli("run", str(path), "--no-progress", timeout=900)  # with the held-out table
     assert out.returncode == 0, out.stderr[-3000:]
     import optuna
 
@@ -204,3 +205,34 @@ def test_evolve_run_with_the_vllm_engine(real_models, tmp_path):
     assert len(trials) == 2 and all(t.value is not None for t in trials)
     assert all(t.user_attrs["engine"].startswith("vllm ") for t in trials)
     assert "Traceback" not in out.stderr
+    assert "held-out" in out.stdout.lower() and "evolved" in out.stdout, out.stdout[-2000:]
+
+
+def test_scorers_share_one_engine_and_never_score_anothers_weights(real_models, tmp_path):
+    """Scorers of checkpoints with one architecture share the process's engine; each scores its own weights,
+    whoever loaded last (a scorer loads its weights again when another has loaded since)."""
+    from evolve.config import parse_config
+    from evolve.scoring import Scorer, build_evaluators
+
+    cfg = parse_config(skills_config(tmp_path, real_models, "vllm", 16))
+    scorers = [
+        Scorer.for_checkpoint(cfg, str(path), build_evaluators(cfg.evaluation.tasks, seed=cfg.seed))
+        for path in (real_models.expert_a, real_models.expert_b)
+    ]
+    assert scorers[0].engine is scorers[1].engine is not None
+    first = [s.score()[1] for s in scorers]
+    again = [scorers[1].score()[1], scorers[0].score()[1]][::-1]
+    values = lambda scores: {k: v.values for k, v in scores.items()}  # noqa: E731
+    assert [values(s) for s in again] == [values(s) for s in first]
+    assert values(first[0]) != values(first[1])
+    for s in scorers:  # and each equals the native path's scores of its checkpoint on these items
+        for _, ev in s.evaluators:
+            ev.engine = None
+    native = [values(s.score()[1]) for s in scorers]
+    agree = sum(
+        a == b
+        for got, want in zip(first, native)
+        for task in want
+        for a, b in zip(values(got)[task]["acc"], want[task]["acc"])
+    )
+    assert agree >= 0.95 * sum(len(want[t]["acc"]) for want in native for t in want)
