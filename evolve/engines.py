@@ -65,9 +65,9 @@ def kv_cache_bytes(cfg: RunConfig, options: VllmOptions, config: Any, itemsize: 
 
 def engine_reserve(cfg: RunConfig, config: Any, params: int, itemsize: int) -> int:
     """Bytes the engine takes beside the live model (its copy of the weights and its KV cache), for the memory plan;
-    0 without an engine."""
+    0 without an engine, or when this process already runs one (the scorers share it)."""
     options = engine_options(cfg)
-    if options is None:
+    if options is None or _ENGINES:  # an engine running in this process is shared: its memory is already taken
         return 0
     max_len = options.max_model_len or min(max_position(config), DEFAULT_MAX_MODEL_LEN)
     return params * itemsize + kv_cache_bytes(cfg, options, config, itemsize, max_len)
@@ -146,6 +146,13 @@ def start_engine(
     for ev in users:
         ev.engine = engine
     return engine
+
+
+def close_engines() -> None:
+    """Shut down this process's engines (their weights and KV caches are freed; a later scorer starts a new one)."""
+    while _ENGINES:
+        _, engine = _ENGINES.popitem()
+        engine.close()
 
 
 def free_for_scoring(backend: Any, model: Any) -> int:

@@ -36,7 +36,7 @@ def name_chars(v: str, purpose: str = "") -> str:
 
 _Count = lambda minimum: Annotated[int, Field(ge=minimum)]  # noqa: E731
 _Paths = str | list[str]
-_ERROR_LOC_NOISE = ("function-", "list[", "dict[", "str", "int", "bool", "nullable")
+_ERROR_LOC_NOISE = ("function-", "list[", "dict[", "str", "int", "bool", "nullable", "constrained-", "literal[")
 
 
 def _nested_fields(model: type[BaseModel], loc: tuple) -> list[str]:

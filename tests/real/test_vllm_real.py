@@ -29,6 +29,16 @@ ROOT = Path(__file__).resolve().parents[2]
 STOP = ["<|im_end|>", "\n"]
 
 
+@pytest.fixture(autouse=True)
+def no_engine_left():
+    """Each test's engines shut down after it: a search process and this one on one 24 GB machine."""
+    yield
+    from evolve.engines import close_engines
+
+    close_engines()
+    gc.collect()
+
+
 def skill_prompts(tokenizer, per_skill: int, shots: int = 0) -> list[str]:
     """The first `per_skill` dev prompts of each skill, each after `shots` solved test items of its skill (one
     preamble per skill, so the prompts of a skill share their first blocks in the engine's prefix cache)."""
@@ -63,7 +73,7 @@ def ties(real_models, weight_a: float, weight_b: float, density: float) -> Merge
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def candidates(real_models):
     """Three TIES candidates (each changes every tensor, the tied embedding included), written one after another
     into one live model by the Materializer, as a search worker does; each candidate's weights kept apart."""
@@ -128,7 +138,7 @@ def skills_config(tmp_path: Path, real_models, engine: str, per_skill: int) -> d
     ]
     execution = {"backend": "local", "device": "cpu", "threads": 2, "engine": engine}
     if engine == "vllm":
-        execution["vllm"] = {"cache_dir": str(tmp_path / "vllm-cache"), "max_num_seqs": 64}
+        execution["vllm"] = {"cache_dir": str(tmp_path / "vllm-cache"), "max_num_seqs": 64, "kv_cache_gib": 0.25}
     return {
         "name": f"skills-{engine}",
         "seed": 0,
@@ -155,7 +165,7 @@ def skills_config(tmp_path: Path, real_models, engine: str, per_skill: int) -> d
     }
 
 
-def test_the_engine_agrees_with_the_native_path_on_the_skills_task(real_models, candidates, tmp_path):
+def test_the_engine_agrees_with_the_native_path_on_the_skills_task(real_models, tmp_path):
     """192 dev items (64 per skill) of a TIES candidate: the engine's greedy responses equal the native path's on
     at least 95% of items, each skill's accuracy within one item, the gold-answer log-probabilities within 1e-3."""
     from evolve.config import parse_config
