@@ -359,7 +359,8 @@ class VllmOptions(_Strict):
     max_model_len: int | None = Field(
         default=None,
         ge=16,
-        description="the longest sequence (prompt and answer) the engine takes; default: the longest the tasks need",
+        description="the longest sequence (prompt and answer) the engine takes; default: min(4096, the model's "
+        "max_position_embeddings); every task's longest prompt + answer must fit (checked when the engine starts)",
     )
     max_num_seqs: int = Field(default=64, ge=1, le=4096, description="sequences the engine decodes at once")
     compile: bool = Field(default=False, description="torch.compile the model: slower start, faster steps")
