@@ -18,7 +18,7 @@ from typing import Any
 
 from evals.base import Evaluator
 from evolve.config import RunConfig, VllmOptions
-from merge_core.memplan import GIB, PROMPT_TOKENS
+from merge_core.memplan import GIB, PROMPT_TOKENS, kv_bytes_per_token
 
 log = logging.getLogger("evomerge")
 
@@ -37,15 +37,6 @@ def cache_dir(options: VllmOptions) -> Path:
     if options.cache_dir:
         return Path(options.cache_dir).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "evomerge" / "vllm"
-
-
-def kv_bytes_per_token(config: Any, itemsize: int) -> int:
-    """Bytes of K and V for one token in every layer (2 · layers · kv_heads · head_dim · dtype size)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = int(text.num_attention_heads)
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
-    return 2 * int(text.num_hidden_layers) * kv_heads * head_dim * itemsize
 
 
 def max_position(config: Any) -> int:

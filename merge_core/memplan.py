@@ -180,17 +180,22 @@ def plan_memory(
     )
 
 
+def kv_bytes_per_token(config: Any, itemsize: int) -> int:
+    """Bytes of K and V for one token in every layer (2 · layers · kv_heads · head_dim · dtype size)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    return 2 * int(text.num_hidden_layers) * kv_heads * head_dim * itemsize
+
+
 def evaluator_reserve(config: Any, batch: int, tokens: int, dtype: torch.dtype) -> int:
     """Bytes the evaluator needs beside the weights for `batch` sequences of `tokens`: the KV cache
     (2·layers·kv_heads·head_dim per token), float32 logits for every position, and the MLP's activations."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = int(text.num_hidden_layers)
-    heads = int(text.num_attention_heads)
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
     intermediate = int(getattr(text, "intermediate_size", None) or 4 * text.hidden_size)
     positions = batch * tokens
-    kv = 2 * layers * kv_heads * head_dim * positions * dtype.itemsize
+    kv = kv_bytes_per_token(config, dtype.itemsize) * positions
     logits = positions * int(text.vocab_size) * 4
     mlp = 3 * positions * intermediate * dtype.itemsize
     return kv + logits + mlp

@@ -14,11 +14,11 @@ from evals.spec import AUTO_BATCH_CAP
 from evals.vllm_engine import vllm_available
 from evolve.config import load_config, parse_config
 from evolve.config_edits import editable
-from evolve.engines import DEFAULT_MAX_MODEL_LEN, engine_reserve, kv_bytes_per_token
+from evolve.engines import DEFAULT_MAX_MODEL_LEN, engine_reserve
 from evolve.scoring import Scorer, build_evaluators
 from evolve.spaces import build_dfs_space
 from merge_core.errors import EvomergeError
-from merge_core.memplan import GIB, PROMPT_TOKENS
+from merge_core.memplan import GIB, PROMPT_TOKENS, kv_bytes_per_token
 from tests.evolve.harness import evolve_cli, write_config
 
 DFS = {
